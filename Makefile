@@ -1,0 +1,30 @@
+# The two set-up commands of the README. Each creates .venv on first use and installs the package.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-slow benchmarks coverage clean
+
+$(BIN)/timm-exits: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[demo,dev]'
+	touch $@
+
+demo: $(BIN)/timm-exits
+	$(BIN)/timm-exits demo
+
+test: $(BIN)/timm-exits
+	$(BIN)/python -m pytest -q
+
+test-slow: $(BIN)/timm-exits
+	$(BIN)/python -m pytest -q -m slow
+
+benchmarks: $(BIN)/timm-exits
+	$(BIN)/python benchmarks/overhead.py
+
+coverage: $(BIN)/timm-exits
+	$(BIN)/python benchmarks/coverage.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,247 @@
+"""MultiExitModel: the backbone's graph cut into segments, an exit head after each cut."""
+from __future__ import annotations
+
+import re
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .heads import create_head
+from .surgery import ExitPlan, plan_exits
+
+__all__ = ["MultiExitModel", "ExitOutputs", "wrap"]
+
+EVAL_OUTPUTS = ("all", "final", "ensemble")
+
+
+class ExitOutputs(NamedTuple):
+    """Per-exit logits and pooled features, shallow to deep (the last is the backbone's head)."""
+
+    logits: list[torch.Tensor]
+    features: list[torch.Tensor]
+
+
+def _bind(graph: fx.Graph, backbone: nn.Module) -> fx.GraphModule:
+    """A GraphModule for `graph` whose only child is the live backbone.
+
+    The segment's code reads ``self.backbone.<path>`` at every call, so it always sees the
+    backbone's current modules, parameters and buffers (after ``.to()``, ``load_state_dict``,
+    ``deepcopy``), and owns nothing itself.
+    """
+    holder = nn.Module()
+    holder.backbone = backbone
+    gm = fx.GraphModule(holder, graph, class_name="Segment")
+    gm.backbone = backbone  # replace the partial copy of the hierarchy fx made by the real one
+    return gm
+
+
+class MultiExitModel(nn.Module):
+    """A backbone with exit heads; ``model(x)`` returns one ``(B, num_classes)`` logits per exit.
+
+    Build it with `timm_exits.wrap`. Exits are ordered shallow to deep; the last one is the
+    backbone's own classifier, so in eval mode ``model(x)[-1]`` equals ``model.backbone(x)``.
+    ``model.backbone`` is the original module (a plain checkpoint loads into it) and
+    ``model.exits`` holds the heads; the segments that run the backbone piece by piece hold no
+    parameters of their own.
+
+    Args (of ``forward``):
+        x: the input batch, as the backbone takes it.
+        return_features: also return each exit's pooled feature (the last exit's is the
+            backbone's pre-logits feature), as an `ExitOutputs`.
+
+    In eval mode, ``eval_output="final"`` or ``"ensemble"`` (mean of the exits' logits) makes
+    ``forward`` return one tensor, for code that expects a plain classifier (timm's validate).
+    """
+
+    def __init__(self, backbone: nn.Module, plan: ExitPlan, exits: nn.ModuleList, eval_output: str = "all"):
+        super().__init__()
+        if eval_output not in EVAL_OUTPUTS:
+            raise ValueError(f"eval_output must be one of {EVAL_OUTPUTS}, got {eval_output!r}")
+        self.backbone = backbone
+        self.exits = exits
+        self.eval_output = eval_output
+        self.stages = list(plan.stage_names)
+        self.input_size = plan.input_size
+        self.grad_checkpointing = False
+        self._plan = plan
+        self._bound: tuple | None = None
+        self._bind()
+
+    # -- segments ---------------------------------------------------------------------------------
+
+    def _bind(self) -> None:
+        eval_gms = [_bind(g, self.backbone) for g in self._plan.eval_segments]
+        train_code = [gm.code for gm in (_bind(g, self.backbone) for g in self._plan.train_segments)]
+        same = train_code == [gm.code for gm in eval_gms]  # most models trace alike in both modes
+        train_gms = eval_gms if same else [_bind(g, self.backbone) for g in self._plan.train_segments]
+        self._bound = (self.backbone, train_gms, eval_gms)
+
+    def segments(self) -> list[fx.GraphModule]:
+        """The backbone cut at the exits: segment k runs from exit k-1 to exit k (for the current mode)."""
+        if self._bound is None or self._bound[0] is not self.backbone:
+            self._bind()
+        return self._bound[1] if self.training else self._bound[2]
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_bound"] = None  # GraphModules are rebuilt against the copied backbone
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._bind()
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exits) + 1
+
+    def _run(self, segment: fx.GraphModule, state: tuple):
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(segment, *state, use_reentrant=False)
+        return segment(*state)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        segments = self.segments()
+        state: tuple = (x,)
+        logits, features = [], []
+        for segment, head in zip(segments, self.exits):
+            feature, state = self._run(segment, state)
+            if return_features:
+                z, f = head(feature, return_features=True)
+                features.append(f)
+            else:
+                z = head(feature)
+            logits.append(z)
+        out, pre_logits = self._run(segments[-1], state)
+        # auxiliary outputs some backbones add in training (inception's aux logits): keep the main one
+        logits.append(out if isinstance(out, torch.Tensor) else out[0])
+        if return_features:
+            if pre_logits is None:
+                raise ValueError(f"return_features=True needs the input of {type(self.backbone).__name__}'s classifier, which wrap() could not find in its graph")
+            features.append(pre_logits)
+            return ExitOutputs(logits, features)
+        if not self.training and self.eval_output != "all":
+            return logits[-1] if self.eval_output == "final" else torch.stack(logits).mean(0)
+        return logits
+
+    # -- what trainers ask a timm model for --------------------------------------------------------
+
+    @property
+    def num_classes(self) -> int:
+        return self._plan.num_classes
+
+    @property
+    def pretrained_cfg(self):
+        return getattr(self.backbone, "pretrained_cfg", None)
+
+    @property
+    def default_cfg(self):
+        return self.pretrained_cfg
+
+    def get_classifier(self) -> nn.Module:
+        return self.backbone.get_classifier()
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        inner = getattr(self.backbone, "no_weight_decay", None)
+        names = inner() if callable(inner) else set()
+        return {f"backbone.{n}" for n in names}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """The backbone's parameter groups (for layer-wise lr decay), re-rooted under ``backbone.``.
+
+        Exit heads match no group, so timm's grouping puts them with the last (head) group.
+        """
+        inner = getattr(self.backbone, "group_matcher", None)
+        if not callable(inner):
+            raise AttributeError(f"{type(self.backbone).__name__} has no group_matcher")
+
+        def reroot(pattern):
+            if isinstance(pattern, str):
+                return r"^backbone\.(?:" + pattern.lstrip("^") + ")"
+            if isinstance(pattern, (list, tuple)):
+                return [(reroot(p), *rest) if isinstance(p, str) else reroot(p) for p, *rest in pattern] if all(isinstance(p, (list, tuple)) for p in pattern) else [reroot(p) for p in pattern]
+            return pattern
+
+        return {k: reroot(v) for k, v in inner(coarse=coarse).items()}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each segment in the backward pass instead of storing its activations.
+
+        The backbone's own switch is baked into the traced graph at ``wrap()`` time, so the
+        wrapper checkpoints at segment granularity: only the values carried between exits stay.
+        """
+        self.grad_checkpointing = bool(enable)
+        inner = getattr(self.backbone, "set_grad_checkpointing", None)
+        if callable(inner):
+            inner(enable)
+
+    def extra_repr(self) -> str:
+        return f"stages={self.stages}, num_exits={self.num_exits}, eval_output={self.eval_output!r}"
+
+
+def wrap(
+    model: nn.Module,
+    stages: Sequence[int | str],
+    head="linear",
+    num_classes: int | None = None,
+    *,
+    head_kwargs: dict | None = None,
+    eval_output: str = "all",
+    input_size: Sequence[int] | None = None,
+    leaf_modules: Sequence[type] = (),
+    autowrap_functions: Sequence = (),
+) -> MultiExitModel:
+    """Attach exit classifiers to `model` after each of `stages`; returns a `MultiExitModel`.
+
+    Args:
+        model: a timm or torchvision classifier (any module torch.fx can trace that returns
+            ``(B, num_classes)`` logits).
+        stages: where to attach exits, shallow to deep: indices into the model's stage table
+            (timm's ``feature_info``: for resnet50, 1=layer1, 2=layer2, 3=layer3; negative
+            indices count from the end), module names (``"layer2"``, ``"blocks.5"``) or graph
+            node names. `timm_exits.list_stages(model)` prints the table. The final stage cannot
+            be one: the backbone's own head is always the last exit.
+        head: a head name (``"linear"``, ``"sdn"``, ``"conv"``, ``"bottleneck"``, ``"replica"``),
+            a callable ``(channels, num_classes, layout) -> nn.Module``, or a list of those,
+            one per exit.
+        num_classes: optional check; it must equal the backbone's output width.
+        head_kwargs: extra keyword arguments for the head constructor.
+        eval_output: ``"all"`` (a list in eval too), ``"final"`` or ``"ensemble"`` (one tensor in eval).
+        input_size: ``(C, H, W)`` of the dummy input used to learn the features' shapes;
+            defaults to the model's own (its patch embedding's, its pretrained_cfg's, or 3x224x224).
+        leaf_modules, autowrap_functions: extra modules / functions fx should not trace into.
+
+    Example::
+
+        >>> import timm, torch, timm_exits
+        >>> model = timm_exits.wrap(timm.create_model("resnet18", num_classes=10), stages=[1, 2, 3])
+        >>> [tuple(z.shape) for z in model(torch.randn(2, 3, 64, 64))]
+        [(2, 10), (2, 10), (2, 10), (2, 10)]
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, MultiExitModel):
+        raise TypeError("model is already a MultiExitModel; wrap its .backbone instead")
+    plan = plan_exits(model, stages, input_size, leaf_modules, autowrap_functions)
+    if num_classes is not None and num_classes != plan.num_classes:
+        raise ValueError(
+            f"num_classes={num_classes} disagrees with the backbone, whose head outputs {plan.num_classes} classes; "
+            f"create the backbone with num_classes={num_classes} (timm: create_model(name, num_classes={num_classes}); "
+            "or reset_classifier) or leave num_classes out"
+        )
+    heads = list(head) if isinstance(head, (list, tuple)) else [head] * len(plan.sites)
+    if len(heads) != len(plan.sites):
+        raise ValueError(f"head has {len(heads)} entries but there are {len(plan.sites)} stages {plan.stage_names}; give one head or one per stage")
+    exits = nn.ModuleList([create_head(h, site, plan.num_classes, **(head_kwargs or {})) for h, site in zip(heads, plan.sites)])
+    ref = next(iter(model.parameters()), None)
+    if ref is not None:
+        exits.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    return MultiExitModel(model, plan, exits, eval_output=eval_output)
