@@ -223,6 +223,8 @@ class ReplicaHead(_Head):
 
     @classmethod
     def from_site(cls, site: ExitSite, num_classes: int):
+        if site.replicate is None:
+            raise ValueError("the replica head copies blocks out of the traced graph; this model could not be traced with torch.fx")
         blocks, channels, layout = site.replicate()
         return cls(blocks, channels, num_classes, layout)
 

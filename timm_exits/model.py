@@ -73,6 +73,9 @@ class MultiExitModel(nn.Module):
     # -- segments ---------------------------------------------------------------------------------
 
     def _bind(self) -> None:
+        if self._plan.feature_indices is not None:
+            self._bound = (self.backbone, [], [])
+            return
         eval_gms = [_bind(g, self.backbone) for g in self._plan.eval_segments]
         train_code = [gm.code for gm in (_bind(g, self.backbone) for g in self._plan.train_segments)]
         same = train_code == [gm.code for gm in eval_gms]  # most models trace alike in both modes
@@ -105,19 +108,31 @@ class MultiExitModel(nn.Module):
             return checkpoint(segment, *state, use_reentrant=False)
         return segment(*state)
 
-    def forward(self, x: torch.Tensor, return_features: bool = False):
+    def _features_and_final(self, x: torch.Tensor):
+        """Each exit's backbone feature, then the backbone's logits and pre-logits feature."""
+        if self._plan.feature_indices is not None:  # fx could not trace it: timm's own API
+            final, feats = self.backbone.forward_intermediates(x, indices=self._plan.feature_indices, intermediates_only=False)
+            yield from feats
+            yield self.backbone.forward_head(final), self.backbone.forward_head(final, pre_logits=True)
+            return
         segments = self.segments()
         state: tuple = (x,)
-        logits, features = [], []
-        for segment, head in zip(segments, self.exits):
+        for segment in segments[:-1]:
             feature, state = self._run(segment, state)
+            yield feature
+        yield self._run(segments[-1], state)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        steps = self._features_and_final(x)
+        logits, features = [], []
+        for head, feature in zip(self.exits, steps):  # exits first: zip must not pull the final step
             if return_features:
                 z, f = head(feature, return_features=True)
                 features.append(f)
             else:
                 z = head(feature)
             logits.append(z)
-        out, pre_logits = self._run(segments[-1], state)
+        out, pre_logits = next(steps)
         # auxiliary outputs some backbones add in training (inception's aux logits): keep the main one
         logits.append(out if isinstance(out, torch.Tensor) else out[0])
         if return_features:

@@ -21,6 +21,7 @@ import copy
 import functools
 import inspect
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -118,6 +119,7 @@ class ExitPlan:
     num_classes: int
     input_size: tuple[int, ...]
     has_pre_logits: bool
+    feature_indices: list[int] | None = None  # set when the model runs through forward_intermediates
 
 
 # ----------------------------------------------------------------------------------------------
@@ -605,8 +607,14 @@ def plan_exits(model: nn.Module, stages, input_size=None, leaf_modules=(), autow
     if len(stages) == 0:
         raise ValueError("stages is empty: give at least one stage to attach an exit to, e.g. stages=[1, 2, 3]; see timm_exits.list_stages(model)")
     size = _check_input_size(input_size, model)
-    eval_traced = trace(model, False, leaf_modules, autowrap_functions)
-    train_traced = trace(model, True, leaf_modules, autowrap_functions)
+    try:
+        eval_traced = trace(model, False, leaf_modules, autowrap_functions)
+        train_traced = trace(model, True, leaf_modules, autowrap_functions)
+    except TraceError as err:
+        if not all(callable(getattr(model, a, None)) for a in ("forward_intermediates", "forward_head")) or not getattr(model, "feature_info", None):
+            raise
+        warnings.warn(f"{err} Falling back to {type(model).__name__}.forward_intermediates: every exit is computed on every call, so early exits save no compute.", stacklevel=3)
+        return _plan_from_intermediates(model, stages, size)
     shapes, out = run_shapes(model, eval_traced, _dummy_input(model, size))
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ValueError(f"the backbone must return logits of shape (B, num_classes) in eval mode; {type(model).__name__} returned {_shape_of(out)}")
@@ -673,6 +681,42 @@ def plan_exits(model: nn.Module, stages, input_size=None, leaf_modules=(), autow
         input_size=size,
         has_pre_logits=pre_logits_ok,
     )
+
+
+def _plan_from_intermediates(model: nn.Module, stages, size) -> ExitPlan:
+    """The plan for a model fx cannot trace: timm's forward_intermediates gives every exit's feature."""
+    infos = [i if isinstance(i, dict) else vars(i) for i in model.feature_info]
+    names = [i["module"] for i in infos]
+    table = [Stage(k, n, int(i["num_chs"]), i.get("reduction"), "NCHW", final=k == len(infos) - 1) for k, (n, i) in enumerate(zip(names, infos))]
+    indices = []
+    for spec in stages:
+        if isinstance(spec, str) and spec in names:
+            indices.append(names.index(spec))
+        elif isinstance(spec, int) and not isinstance(spec, bool) and -len(names) <= spec < len(names):
+            indices.append(spec % len(names))
+        else:
+            raise ValueError(f"stage {spec!r} is not one of this model's feature_info stages (it is run through forward_intermediates, so only these work):\n{_describe(table)}")
+    for a, b in zip(indices, indices[1:]):
+        if b <= a:
+            raise ValueError(f"stages must be distinct and ordered shallow to deep, got {list(stages)!r}")
+    if indices[-1] >= len(names) - 1:
+        raise ValueError(f"stage {stages[-1]!r} is the final stage: its output feeds the backbone's own head, which is already the last exit. Choose an earlier stage:\n{_describe(table)}")
+    x = _dummy_input(model, size)
+    old = _set_training(model, False)
+    try:
+        with torch.no_grad():
+            final, feats = model.forward_intermediates(x, indices=indices, intermediates_only=False)
+            logits, pre_logits, reference = model.forward_head(final), model.forward_head(final, pre_logits=True), model(x)
+    finally:
+        _set_training(model, old)
+    if not torch.allclose(logits, reference, rtol=1e-4, atol=1e-5):
+        raise TraceError(f"torch.fx could not trace {type(model).__name__}, and its forward_intermediates + forward_head do not reproduce its forward; it cannot be wrapped")
+    sites = [
+        ExitSite(stage=names[i], channels=int(f.shape[1]), layout=FeatureLayout("NCHW"), shape=tuple(f.shape), reduction=table[i].reduction,
+                 final_channels=int(pre_logits.shape[-1]), final_reduction=table[-1].reduction)
+        for i, f in zip(indices, feats)
+    ]
+    return ExitPlan([], [], sites, [names[i] for i in indices], int(logits.shape[1]), size, pre_logits.dim() == 2, feature_indices=indices)
 
 
 def _shape_of(value) -> str:

@@ -1,0 +1,73 @@
+"""The ``timm-exits`` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(model_name=args.model, stages=tuple(args.stages), head=args.head, epochs=args.epochs, seed=args.seed)
+    return 0
+
+
+def _stages(args: argparse.Namespace) -> int:
+    from .surgery import list_stages
+
+    model = _build(args.model, args.num_classes)
+    for s in list_stages(model, input_size=args.input_size):
+        where = f"1/{s.reduction}" if s.reduction else "tokens"
+        print(f"{s.index:>3}  {s.name:<40} {s.channels:>6} ch  {where:<7} {s.layout}" + ("  (final: feeds the head)" if s.final else ""))
+    return 0
+
+
+def _build(name: str, num_classes: int):
+    """A timm model, or ``torchvision:NAME``, without pretrained weights (nothing is downloaded)."""
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        tv_name = name.split(":", 1)[1]
+        available = torchvision.models.list_models(module=torchvision.models)
+        if tv_name not in available:
+            import difflib
+
+            close = difflib.get_close_matches(tv_name, available, n=5)
+            raise SystemExit(f"unknown torchvision model {tv_name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        return torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes)
+    import timm
+
+    if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=5)
+        raise SystemExit(f"unknown timm model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="timm-exits", description="Multi-exit networks from timm and torchvision classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train a multi-exit resnet10t on scikit-learn's digits (CPU, ~1 minute) and print each exit's accuracy")
+    demo.add_argument("--model", default="resnet10t", help="timm model name (default: resnet10t)")
+    demo.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], help="stage indices to attach exits to (default: 1 2 3)")
+    demo.add_argument("--head", default="linear", help="exit head: linear, sdn, conv, bottleneck, replica (default: linear)")
+    demo.add_argument("--epochs", type=int, default=6, help="training epochs (default: 6)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed for the split and the weights (default: 0)")
+    demo.set_defaults(run=_demo)
+
+    stages = sub.add_parser("stages", help="list the stages of a model that exits can attach to")
+    stages.add_argument("model", help="timm model name, or torchvision:NAME")
+    stages.add_argument("--num-classes", type=int, default=1000, help="classes of the backbone's head (default: 1000)")
+    stages.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"), help="dummy input size (default: the model's own)")
+    stages.set_defaults(run=_stages)
+
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
