@@ -259,4 +259,5 @@ def wrap(
     ref = next(iter(model.parameters()), None)
     if ref is not None:
         exits.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    plan.sites = []  # the heads are built; drop the traced graphs the sites refer to
     return MultiExitModel(model, plan, exits, eval_output=eval_output)

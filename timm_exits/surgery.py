@@ -121,6 +121,9 @@ class ExitPlan:
     has_pre_logits: bool
     feature_indices: list[int] | None = None  # set when the model runs through forward_intermediates
 
+    def __deepcopy__(self, memo):
+        return self  # never changed after wrap(); copies of a model share it (and its graphs)
+
 
 # ----------------------------------------------------------------------------------------------
 # tracing
@@ -606,6 +609,8 @@ def plan_exits(model: nn.Module, stages, input_size=None, leaf_modules=(), autow
         raise TypeError(f"stages must be a list of stage indices or names, got {type(stages).__name__}")
     if len(stages) == 0:
         raise ValueError("stages is empty: give at least one stage to attach an exit to, e.g. stages=[1, 2, 3]; see timm_exits.list_stages(model)")
+    if getattr(model, "num_classes", None) == 0:
+        raise ValueError(f"{type(model).__name__} has no classifier (num_classes=0); create it with the number of classes, e.g. timm.create_model(name, num_classes=10)")
     size = _check_input_size(input_size, model)
     try:
         eval_traced = trace(model, False, leaf_modules, autowrap_functions)
@@ -722,4 +727,8 @@ def _plan_from_intermediates(model: nn.Module, stages, size) -> ExitPlan:
 def _shape_of(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, dict):
+        return "a dict"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}"
     return f"a {type(value).__name__}"

@@ -1,0 +1,40 @@
+import timm
+import torch
+import torchvision
+import pytest
+
+tv = torchvision.models
+
+# The matrix of the issue: small inputs, few classes. Each entry builds a fresh backbone.
+FAMILIES = {
+    "timm/resnet18": lambda: timm.create_model("resnet18", num_classes=5),
+    "timm/resnet50": lambda: timm.create_model("resnet50", num_classes=5),
+    "timm/resnext26ts": lambda: timm.create_model("resnext26ts", num_classes=5),
+    "timm/wide_resnet50_2": lambda: timm.create_model("wide_resnet50_2", num_classes=5),
+    "timm/vgg11": lambda: timm.create_model("vgg11", num_classes=5),
+    "timm/mobilenetv3_small_050": lambda: timm.create_model("mobilenetv3_small_050", num_classes=5),
+    "timm/efficientnet_b0": lambda: timm.create_model("efficientnet_b0", num_classes=5),
+    "timm/convnext_atto": lambda: timm.create_model("convnext_atto", num_classes=5),
+    "timm/regnetx_002": lambda: timm.create_model("regnetx_002", num_classes=5),
+    "timm/densenet121": lambda: timm.create_model("densenet121", num_classes=5),
+    "timm/vit_tiny": lambda: timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32),
+    "timm/deit_tiny_distilled": lambda: timm.create_model("deit_tiny_distilled_patch16_224", num_classes=5, img_size=32),
+    "timm/swin_tiny": lambda: timm.create_model("swin_tiny_patch4_window7_224", num_classes=5, img_size=32, window_size=2),
+    "torchvision/resnet18": lambda: tv.resnet18(num_classes=5),
+    "torchvision/mobilenet_v3_small": lambda: tv.mobilenet_v3_small(num_classes=5),
+    "torchvision/efficientnet_b0": lambda: tv.efficientnet_b0(num_classes=5),
+    "torchvision/convnext_tiny": lambda: tv.convnext_tiny(num_classes=5),
+    "torchvision/densenet121": lambda: tv.densenet121(num_classes=5),
+    "torchvision/vit_b_16": lambda: tv.vit_b_16(num_classes=5, image_size=32),
+    "torchvision/swin_t": lambda: tv.swin_t(num_classes=5),
+}
+
+
+def small_input(name: str, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def resnet18():
+    torch.manual_seed(0)
+    return timm.create_model("resnet18", num_classes=5)
