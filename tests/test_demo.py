@@ -1,4 +1,4 @@
-"""The main job runs end to end and learns something (one short epoch)."""
+"""The main job runs end to end and learns something (two short epochs)."""
 from timm_exits.cli import main
 from timm_exits.demo import load_digits_32, run_demo
 
@@ -11,9 +11,9 @@ def test_digits_split_is_fixed_and_32x32():
 
 def test_demo_trains_and_reports_every_exit():
     lines = []
-    result = run_demo(epochs=1, log=lines.append)
+    result = run_demo(epochs=2, log=lines.append)
     assert len(result["accuracy"]) == 4
-    assert result["accuracy"][-1] > 0.3  # well above chance (0.1) after one epoch
+    assert result["accuracy"][-1] > 0.3  # well above chance (0.1) after two short epochs (0.51 when written)
     assert any(line.strip().startswith("4  head (backbone)") for line in lines)
 
 
