@@ -1,0 +1,99 @@
+"""Forward-time overhead of a wrapped model (all exits, linear heads) over the plain model.
+
+For each model, the plain and the wrapped forward are timed alternately in one process (so drift
+on a shared machine hits both alike) and the ratio of their medians is compared with what the
+FLOPs predict: 1 + (heads' FLOPs / backbone FLOPs), counted with fvcore. Also times wrap().
+
+    python benchmarks/overhead.py [--batch 32] [--size 224] [--repeats 7]
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+import warnings
+
+import timm
+import torch
+from fvcore.nn import FlopCountAnalysis
+
+import timm_exits
+
+CASES = {
+    "resnet50, exits after layer1-3": ("resnet50", [1, 2, 3]),
+    "vit_small_patch16_224, exits after blocks 3, 6, 9": ("vit_small_patch16_224", [3, 6, 9]),
+}
+
+
+def flops(module, *inputs) -> float:
+    analysis = FlopCountAnalysis(module, inputs)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return float(analysis.total())
+
+
+def head_flops(model: timm_exits.MultiExitModel, x: torch.Tensor) -> float:
+    """FLOPs of the exit heads on the features they read (the backbone's part is not counted)."""
+    total, steps = 0.0, model._features_and_final(x)
+    for head, feature in zip(model.exits, steps):
+        total += flops(head, feature)
+    return total
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+@torch.inference_mode()
+def measure(name: str, stages, batch: int, size: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    plain = timm.create_model(name, num_classes=1000).eval()
+    start = time.perf_counter()
+    wrapped = timm_exits.wrap(plain, stages=stages).eval()
+    wrap_seconds = time.perf_counter() - start
+    x = torch.randn(batch, 3, size, size)
+    backbone = flops(plain, x[:1])
+    heads = head_flops(wrapped, x[:1])
+    plain(x), wrapped(x)  # warm-up
+    times = {"plain": [], "wrapped": []}
+    for _ in range(repeats):
+        for label, model in (("plain", plain), ("wrapped", wrapped)):
+            t = time.perf_counter()
+            model(x)
+            times[label].append(time.perf_counter() - t)
+    plain_s, wrapped_s = statistics.median(times["plain"]), statistics.median(times["wrapped"])
+    return {
+        "wrap_s": wrap_seconds,
+        "plain_s": plain_s,
+        "wrapped_s": wrapped_s,
+        "measured": wrapped_s / plain_s,
+        "predicted": 1 + heads / backbone,
+        "backbone_gflops": backbone / 1e9,
+        "heads_mflops": heads / 1e6,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    rows = {label: measure(name, stages, args.batch, args.size, args.repeats) for label, (name, stages) in CASES.items()}
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}")
+    print(f"batch {args.batch} at {args.size}x{args.size}, eval, inference_mode, median of {args.repeats} alternating runs")
+    header = "| model | backbone GFLOPs/img | heads MFLOPs/img | plain s | wrapped s | measured ratio | FLOPs-predicted ratio | excess | wrap() s |"
+    print(header)
+    print("|---" * 9 + "|")
+    for label, r in rows.items():
+        excess = (r["measured"] / r["predicted"] - 1) * 100
+        print(f"| {label} | {r['backbone_gflops']:.2f} | {r['heads_mflops']:.3f} | {r['plain_s']:.3f} | {r['wrapped_s']:.3f} | {r['measured']:.4f} | {r['predicted']:.4f} | {excess:+.1f} % | {r['wrap_s']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
