@@ -1,7 +1,8 @@
 """timm-exits: multi-exit networks from any timm or torchvision classifier."""
 from .heads import create_head, head_names, register_head
 from .model import ExitOutputs, MultiExitModel, wrap
-from .surgery import FeatureLayout, Stage, TraceError, graph_node_names, list_stages
+from .stages import FeatureLayout, Stage, list_stages
+from .tracing import TraceError, graph_node_names
 
 __all__ = [
     "wrap",

@@ -15,7 +15,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _stages(args: argparse.Namespace) -> int:
-    from .surgery import list_stages
+    from .stages import list_stages
 
     model = _build(args.model, args.num_classes)
     for s in list_stages(model, input_size=args.input_size):

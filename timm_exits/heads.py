@@ -13,7 +13,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .surgery import ExitSite, FeatureLayout
+from .stages import FeatureLayout
+from .surgery import ExitSite
 
 __all__ = ["register_head", "create_head", "head_names", "LinearHead", "SDNHead", "ConvHead", "BottleneckHead", "ReplicaHead", "FeaturePool"]
 

@@ -1,7 +1,6 @@
 """MultiExitModel: the backbone's graph cut into segments, an exit head after each cut."""
 from __future__ import annotations
 
-import re
 from typing import NamedTuple, Sequence
 
 import torch

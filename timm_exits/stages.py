@@ -1,0 +1,202 @@
+"""The stage table of a backbone: where exits can go, and how each feature is laid out.
+
+timm models list their stages in ``feature_info``. Other models (torchvision) get theirs from
+the graph: the last clean cut at each resolution, or the blocks of a transformer, so that the
+same index means the same depth in both libraries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch.fx as fx
+from torch import nn
+
+from .tracing import TracedGraph, check_input_size, dummy_input, last_uses, run_shapes, single_cuts, trace
+
+__all__ = ["Stage", "FeatureLayout", "feature_layout", "list_stages", "stage_table"]
+
+
+FORMATS = ("NCHW", "NHWC", "NLC")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One place an exit can be attached: a row of `list_stages(model)`."""
+
+    index: int
+    name: str  # module path (or graph node name) whose output is the stage's output
+    channels: int
+    reduction: int | None  # input size / feature size; None for token layouts
+    layout: str  # "NCHW", "NHWC" or "NLC"
+    final: bool = False  # the last stage feeds the backbone's own head and cannot be an exit
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """How an exit's feature tensor is laid out and how a head should pool it.
+
+    ``format`` is "NCHW", "NHWC" (e.g. swin) or "NLC" (tokens, e.g. ViT). For tokens,
+    ``token_pool`` is "token" (read the class token, index 0) or "avg" (mean of the tokens after
+    the ``num_prefix_tokens`` class/register tokens), following the backbone's own pooling.
+    """
+
+    format: str
+    token_pool: str = "avg"
+    num_prefix_tokens: int = 0
+
+
+def feature_layout(shape: tuple[int, ...], channels: int | None, model: nn.Module) -> FeatureLayout:
+    """Guess how a feature of `shape` is laid out, using the channel count when it is known."""
+    if len(shape) == 3:
+        prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+        has_cls = getattr(model, "cls_token", None) is not None or getattr(model, "class_token", None) is not None
+        if not prefix and has_cls:
+            prefix = 1
+        pool = getattr(model, "global_pool", "token")
+        token = prefix > 0 and (pool in ("token", "map", None) or not isinstance(pool, str))
+        return FeatureLayout("NLC", "token" if token else "avg", prefix)
+    if len(shape) != 4:
+        return FeatureLayout("NC")
+    if channels is not None and shape[1] != channels and shape[3] == channels:
+        return FeatureLayout("NHWC")
+    if channels is None and shape[1] == shape[2] and shape[3] != shape[1]:
+        return FeatureLayout("NHWC")  # square input: the two equal dims are the spatial ones
+    return FeatureLayout("NCHW")
+
+
+def spatial(shape: tuple[int, ...], layout: FeatureLayout) -> tuple[int, int] | None:
+    if layout.format == "NCHW":
+        return shape[2], shape[3]
+    if layout.format == "NHWC":
+        return shape[1], shape[2]
+    return None
+
+
+def _outermost_module(traced: TracedGraph, node: fx.Node, module_names: set[str]) -> str:
+    """The widest module whose output is `node`: the friendliest name for a cut."""
+    path = traced.paths.get(node, "")
+    parts = path.split(".") if path else []
+    for depth in range(1, len(parts) + 1):
+        candidate = ".".join(parts[:depth])
+        if candidate in module_names and traced.last_node_of_module(candidate) is node:
+            return candidate
+    return node.name
+
+
+def _stages_from_feature_info(model, traced, shapes) -> list[tuple[str, fx.Node, int]]:
+    rows = []
+    for info in model.feature_info:
+        info = info if isinstance(info, dict) else vars(info)
+        node = traced.find(info["module"])
+        if node is not None and shapes.get(node) is not None:
+            rows.append((info["module"], node, int(info["num_chs"])))
+    return rows
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.split(".") if path else []
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _contains(module: str, traced: TracedGraph, node: fx.Node) -> bool:
+    p = traced.paths.get(node, "")
+    return p == module or p.startswith(module + ".")
+
+
+def _stages_from_graph(model, traced, shapes, last_use) -> list[tuple[str, fx.Node, int | None]]:
+    """Stages of a model without feature_info: the last clean cut at each resolution.
+
+    The graph is split into resolution levels at each node whose spatial size differs from the
+    level before (global pools to 1x1 are not levels). A level's stage is its last node after
+    which only that node's value is still needed, and which does not sit inside the block that
+    starts the next level (torchvision's MobileNet blocks expand before they downsample). A
+    model whose features never change resolution (a ViT after its patch embedding) is split at
+    the outputs of its longest run of identical blocks instead.
+    """
+    names = {n for n, _ in model.named_modules()}
+    cuts = set(single_cuts(traced, last_use))
+    levels: list[tuple[tuple[int, int], fx.Node]] = []  # (spatial size, first node at that size)
+    for n in traced.nodes:  # only the main path: windows and attention maps are 4-D too
+        shape = shapes.get(n)
+        if n not in cuts or shape is None or len(shape) != 4:
+            continue
+        hw = spatial(shape, feature_layout(shape, None, model))
+        if hw != (1, 1) and (not levels or levels[-1][0] != hw):
+            levels.append((hw, n))
+    if len(levels) >= 2:
+        rows = []
+        for i, (hw, first) in enumerate(levels):
+            nxt = levels[i + 1][1] if i + 1 < len(levels) else None
+            lo, hi = traced.position[first], traced.position[nxt] if nxt is not None else len(traced.nodes)
+            best = None
+            for c in traced.nodes[lo:hi]:
+                shape = shapes.get(c)
+                if c not in cuts or shape is None or len(shape) != 4 or spatial(shape, feature_layout(shape, None, model)) != hw:
+                    continue
+                if nxt is not None:
+                    shared = set(_ancestors(traced.paths.get(c, ""))) & set(_ancestors(traced.paths.get(nxt, "")))
+                    if any(not _contains(m, traced, first) for m in shared):
+                        continue  # inside the block that starts the next level
+                best = c
+            if best is not None:
+                rows.append((_outermost_module(traced, best, names), best, None))
+        return rows
+    best: list[tuple[str, fx.Node, None]] = []
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, (nn.Sequential, nn.ModuleList)):
+            continue
+        children = list(parent.named_children())
+        kinds = {type(m) for _, m in children}
+        if len(children) < 2 or len(kinds) != 1:
+            continue
+        rows = []
+        for child_name, _ in children:
+            path = f"{parent_name}.{child_name}" if parent_name else child_name
+            node = traced.last_node_of_module(path)
+            if node in cuts:
+                rows.append((path, node, None))
+        if len(rows) > len(best):
+            best = rows
+    return best
+
+
+def stage_table(model, traced, shapes, last_use, input_hw) -> list[Stage]:
+    raw = []
+    if getattr(model, "feature_info", None):
+        raw = _stages_from_feature_info(model, traced, shapes)
+    if not raw:
+        raw = _stages_from_graph(model, traced, shapes, last_use)
+    raw.sort(key=lambda row: traced.position[row[1]])
+    stages = []
+    for i, (name, node, chans) in enumerate(raw):
+        shape = shapes[node]
+        layout = feature_layout(shape, chans, model)
+        if chans is None:
+            chans = shape[1] if layout.format == "NCHW" else shape[-1]
+        hw = spatial(shape, layout)
+        reduction = round(input_hw[0] / hw[0]) if hw else None
+        stages.append(Stage(i, name, int(chans), reduction, layout.format, final=i == len(raw) - 1))
+    return stages
+
+
+def describe(stages: Sequence[Stage]) -> str:
+    rows = [f"  {s.index}: {s.name!r} ({s.channels} ch" + (f", 1/{s.reduction}" if s.reduction else "") + ")" + (" [final]" if s.final else "") for s in stages]
+    return "\n".join(rows)
+
+
+def list_stages(model: nn.Module, input_size: Sequence[int] | None = None, leaf_modules=(), autowrap_functions=()) -> list[Stage]:
+    """The stages an exit can be attached to, in order; the last one (``final``) feeds the head.
+
+    For a timm model these are its ``feature_info`` entries; for other models (torchvision) they
+    are found in the graph, so the same index means the same depth::
+
+        >>> import timm, timm_exits
+        >>> [s.name for s in timm_exits.list_stages(timm.create_model("resnet18"))]
+        ['act1', 'layer1', 'layer2', 'layer3', 'layer4']
+    """
+    traced = trace(model, False, leaf_modules, autowrap_functions)
+    size = check_input_size(input_size, model)
+    x = dummy_input(model, size)
+    shapes, _ = run_shapes(model, traced, x)
+    return stage_table(model, traced, shapes, last_uses(traced), size[1:])

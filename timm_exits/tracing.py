@@ -1,0 +1,228 @@
+"""Tracing a classifier with torch.fx and reading its graph: shapes, liveness, clean cuts.
+
+The backbone is traced with torchvision's defaults plus timm's registry of leaf modules and
+autowrapped functions, recording for every node the module it was created in. A node is a
+*clean cut* when, after it, the only value still needed is its own.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+import torchvision
+from torch import nn
+
+__all__ = ["TraceError", "TracedGraph", "trace", "graph_node_names", "run_shapes", "live_after", "single_cuts"]
+
+
+class TraceError(ValueError):
+    """torch.fx could not trace the model; the message names the module where it failed."""
+
+
+@dataclass
+class TracedGraph:
+    graph: fx.Graph
+    paths: dict[fx.Node, str]  # node -> module path it was created in ("" at top level)
+    nodes: list[fx.Node] = field(init=False)
+    position: dict[fx.Node, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nodes = list(self.graph.nodes)
+        self.position = {n: i for i, n in enumerate(self.nodes)}
+
+    def by_name(self, name: str) -> fx.Node | None:
+        return next((n for n in self.nodes if n.name == name), None)
+
+    def last_node_of_module(self, path: str) -> fx.Node | None:
+        prefix = path + "."
+        found = None
+        for n in self.nodes:
+            p = self.paths.get(n, "")
+            if n.op in ("call_module", "call_function", "call_method") and (p == path or p.startswith(prefix)):
+                found = n
+        return found
+
+    def find(self, key: str) -> fx.Node | None:
+        """The node that `key` (a module path or a graph node name) denotes."""
+        node = self.last_node_of_module(key) if key else None
+        return node if node is not None else self.by_name(key)
+
+
+def _tracer_settings(extra_leaf_modules: Iterable[type], extra_autowrap: Iterable[Any]):
+    """torchvision's defaults (torchvision.ops as leaves, math autowrapped) plus timm's registry.
+
+    timm's own feature extraction passes exactly this union to torchvision's tracer, so timm
+    models trace the way timm traces them, and torchvision models the way torchvision does.
+    """
+    leaves = [obj for _, obj in vars(torchvision.ops).items() if isinstance(obj, type) and issubclass(obj, nn.Module)]
+    autowrap: list[Any] = []
+    try:
+        from timm.layers import _fx as timm_fx
+    except ImportError:  # timm is a dependency, but be kind to very old versions
+        timm_fx = None
+    if timm_fx is not None:
+        leaves += list(getattr(timm_fx, "_leaf_modules", ()))
+        autowrap += list(getattr(timm_fx, "_autowrap_functions", ()))
+    leaves += list(extra_leaf_modules)
+    autowrap += list(extra_autowrap)
+    return tuple(leaves), tuple(autowrap)
+
+
+class _PathTracer(fx.Tracer):
+    """fx tracer that records, for every node, the path of the module it was created in."""
+
+    def __init__(self, leaf_types: tuple[type, ...], autowrap_functions: tuple[Any, ...]):
+        super().__init__(autowrap_modules=(math, torchvision.ops), autowrap_functions=autowrap_functions)
+        self.leaf_types = leaf_types
+        self.module_path = ""
+        self.paths: dict[fx.Node, str] = {}
+        self.failed_module: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        parent = self.module_path
+        self.module_path = self.path_of_module(m)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:  # the innermost module is the one that failed
+                self.failed_module = self.module_path
+            raise
+        finally:
+            self.module_path = parent
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        self.paths[node] = target if kind == "call_module" else self.module_path
+        return node
+
+
+def set_training(model: nn.Module, modes: dict[nn.Module, bool] | bool) -> dict[nn.Module, bool]:
+    """Set every submodule's training flag (one bool, or the dict this returned); return the old flags."""
+    old = {m: m.training for m in model.modules()}
+    for m in model.modules():
+        m.training = modes if isinstance(modes, bool) else modes[m]
+    return old
+
+
+def trace(model: nn.Module, training: bool, leaf_modules=(), autowrap_functions=()) -> TracedGraph:
+    """Trace `model` in training or eval mode; raise `TraceError` naming the failing module."""
+    leaves, autowrap = _tracer_settings(leaf_modules, autowrap_functions)
+    tracer = _PathTracer(leaves, autowrap)
+    old = set_training(model, training)
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:  # fx raises many kinds; all mean the same thing to the user
+        where = tracer.failed_module
+        if where:
+            cls = type(model.get_submodule(where)).__name__
+            place = f"module '{where}' ({cls})"
+            fix = (
+                f"register it as a leaf so fx calls it whole: wrap(model, stages, leaf_modules=[{cls}]) "
+                f"or timm.layers.register_notrace_module({cls})"
+            )
+        else:
+            place = f"the top-level forward of {type(model).__name__}"
+            fix = "make the data-dependent part a function and pass it as wrap(..., autowrap_functions=[fn])"
+        raise TraceError(f"torch.fx could not trace {place}: {type(err).__name__}: {err}. To fix it, {fix}.") from err
+    finally:
+        set_training(model, old)
+    return TracedGraph(graph, tracer.paths)
+
+
+def default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """The input size the backbone expects: its patch embedding's, its config's, or 3x224x224."""
+    chans = int(getattr(model, "in_chans", 3) or 3)
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None) or getattr(model, "image_size", None)
+    if img_size is not None:
+        h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+        return (chans, int(h), int(w))
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "input_size" in cfg and chans == cfg["input_size"][0]:
+        return tuple(int(v) for v in cfg["input_size"])
+    return (chans, 224, 224)
+
+
+def check_input_size(input_size, model) -> tuple[int, ...]:
+    if input_size is None:
+        return default_input_size(model)
+    size = tuple(input_size)
+    if len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
+        raise ValueError(f"input_size must be three positive ints (channels, height, width), got {input_size!r}")
+    return size
+
+
+def dummy_input(model: nn.Module, size: Sequence[int]) -> torch.Tensor:
+    ref = next(iter(model.parameters()), None)
+    device = ref.device if ref is not None else "cpu"
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    return torch.randn(1, *size, device=device, dtype=dtype)
+
+
+class _ShapeRecorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.shapes: dict[fx.Node, tuple[int, ...] | None] = {}
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.shapes[n] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+        return out
+
+
+def run_shapes(model: nn.Module, traced: TracedGraph, x: torch.Tensor):
+    """Shapes of every node of the eval graph on `x`, and the graph's output."""
+    gm = fx.GraphModule(model, traced.graph)
+    recorder = _ShapeRecorder(gm)
+    old = set_training(model, False)
+    try:
+        with torch.no_grad():
+            out = recorder.run(x)
+    finally:
+        set_training(model, old)
+    return recorder.shapes, out
+
+
+def last_uses(traced: TracedGraph) -> dict[fx.Node, int]:
+    pos = traced.position
+    return {n: max((pos[u] for u in n.users), default=-1) for n in traced.nodes}
+
+
+def live_after(traced: TracedGraph, p: int, last_use: dict[fx.Node, int]) -> list[fx.Node]:
+    """Values computed at or before position `p` that a later node still reads (get_attr excluded)."""
+    return [n for n in traced.nodes[: p + 1] if n.op != "get_attr" and last_use[n] > p]
+
+
+def single_cuts(traced: TracedGraph, last_use: dict[fx.Node, int]) -> list[fx.Node]:
+    """Nodes after which the only value still needed is the node itself (a clean stage boundary)."""
+    delta = [0] * (len(traced.nodes) + 1)
+    for n, i in traced.position.items():
+        if n.op != "get_attr" and last_use[n] > i:
+            delta[i] += 1
+            delta[last_use[n]] -= 1
+    cuts, live = [], 0
+    for n in traced.nodes:
+        i = traced.position[n]
+        live += delta[i]
+        if live == 1 and n.op not in ("placeholder", "get_attr", "output") and last_use[n] > i:
+            cuts.append(n)
+    return cuts
+
+
+def closes_block(traced: TracedGraph, last_use, start: fx.Node, end: fx.Node) -> bool:
+    """Whether nothing after `end` reads a value computed strictly between `start` and `end`."""
+    pos = traced.position
+    return all(last_use[n] <= pos[end] for n in traced.nodes[pos[start] + 1 : pos[end]] if n.op != "get_attr")
+
+
+def graph_node_names(model: nn.Module, leaf_modules=(), autowrap_functions=()) -> list[str]:
+    """Names of the nodes of the model's traced (eval-mode) graph; any of them can be a stage."""
+    traced = trace(model, False, leaf_modules, autowrap_functions)
+    return [n.name for n in traced.nodes if n.op not in ("placeholder", "output", "get_attr")]
