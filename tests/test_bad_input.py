@@ -118,3 +118,33 @@ def test_backbone_returning_a_dict():
 def test_not_a_module():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         timm_exits.wrap(lambda x: x, stages=[1])
+
+
+class CachesInEval(nn.Module):
+    """Memoises a derived tensor in eval mode, as timm's efficientformer does its attention biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5))
+        self.cache = {}
+
+    def forward(self, x):
+        if self.training:
+            return x * (self.scale * 2)
+        if "s" not in self.cache:
+            self.cache["s"] = self.scale * 2
+        return x * self.cache["s"]
+
+
+def test_tracing_leaves_the_users_model_untouched():
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    model.layer2[0].relu = nn.Sequential(nn.ReLU(), CachesInEval())
+    x = torch.randn(2, 3, 32, 32)
+    reference = model(x)
+    model.layer2[0].relu[1].cache.clear()
+    first = timm_exits.wrap(model, stages=[1, 2])
+    second = timm_exits.wrap(model, stages=[1, 3])  # a second trace must not see the first one's values
+    assert not any(isinstance(v, torch.fx.Proxy) for v in model.layer2[0].relu[1].cache.values())
+    torch.testing.assert_close(model(x), reference)
+    torch.testing.assert_close(first.eval()(x)[-1], reference)
+    torch.testing.assert_close(second.eval()(x)[-1], reference)

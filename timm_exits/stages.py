@@ -85,12 +85,14 @@ def _outermost_module(traced: TracedGraph, node: fx.Node, module_names: set[str]
 
 
 def _stages_from_feature_info(model, traced, shapes) -> list[tuple[str, fx.Node, int]]:
-    rows = []
+    rows, seen = [], set()
     for info in model.feature_info:
         info = info if isinstance(info, dict) else vars(info)
         node = traced.find(info["module"])
-        if node is not None and shapes.get(node) is not None:
+        # coat lists one module several times (one per scale it emits): one cut, one stage
+        if node is not None and shapes.get(node) is not None and node not in seen:
             rows.append((info["module"], node, int(info["num_chs"])))
+            seen.add(node)
     return rows
 
 

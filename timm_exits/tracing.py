@@ -105,9 +105,24 @@ class _PathTracer(fx.Tracer):
 def set_training(model: nn.Module, modes: dict[nn.Module, bool] | bool) -> dict[nn.Module, bool]:
     """Set every submodule's training flag (one bool, or the dict this returned); return the old flags."""
     old = {m: m.training for m in model.modules()}
-    for m in model.modules():
-        m.training = modes if isinstance(modes, bool) else modes[m]
+    for m in model.modules():  # parents first, so each module ends with its own flag
+        mode = modes if isinstance(modes, bool) else modes[m]
+        if m.training != mode or any(c.training != mode for c in m.children()):
+            m.train(mode)  # through train(): some models drop caches there (efficientformer)
     return old
+
+
+def _drop_proxies(model: nn.Module) -> None:
+    """Remove fx Proxies that tracing left in modules' caches (efficientformer's attention biases).
+
+    Tracing runs the real forward, so a module that memoises a value in a dict stores a Proxy
+    there; left in place it would break the user's own forward and the next trace.
+    """
+    for m in model.modules():
+        for value in vars(m).values():
+            if isinstance(value, dict) and value:
+                for key in [k for k, v in value.items() if isinstance(v, fx.Proxy)]:
+                    del value[key]
 
 
 def trace(model: nn.Module, training: bool, leaf_modules=(), autowrap_functions=()) -> TracedGraph:
@@ -131,6 +146,7 @@ def trace(model: nn.Module, training: bool, leaf_modules=(), autowrap_functions=
             fix = "make the data-dependent part a function and pass it as wrap(..., autowrap_functions=[fn])"
         raise TraceError(f"torch.fx could not trace {place}: {type(err).__name__}: {err}. To fix it, {fix}.") from err
     finally:
+        _drop_proxies(model)
         set_training(model, old)
     return TracedGraph(graph, tracer.paths)
 
@@ -167,7 +183,9 @@ def dummy_input(model: nn.Module, size: Sequence[int]) -> torch.Tensor:
 
 class _ShapeRecorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
+        # fx's value garbage collection loses values on some timm graphs (efficientformer's
+        # cached attention biases); one dummy forward can afford to keep them all
+        super().__init__(gm, garbage_collect_values=False)
         self.shapes: dict[fx.Node, tuple[int, ...] | None] = {}
         self.values: dict[fx.Node, Any] = {}
 
