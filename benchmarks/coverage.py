@@ -155,8 +155,10 @@ def check(build, source: str, family: str, name: str, input_size=None) -> Result
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            table = timm_exits.list_stages(model, input_size=input_size) if not _has_fallback_risk(model) else None
-            stages = _pick_stages(table) if table else [1, 2]
+            try:
+                stages = _pick_stages(timm_exits.list_stages(model, input_size=input_size))
+            except timm_exits.TraceError:  # wrap() may still fall back to forward_intermediates
+                stages = [1, 2]
             wrapped = timm_exits.wrap(model, stages=stages, input_size=input_size)
         fell_back = any("forward_intermediates" in str(w.message) for w in caught)
         size = wrapped.input_size
@@ -174,15 +176,6 @@ def check(build, source: str, family: str, name: str, input_size=None) -> Result
     except Exception as err:
         reason = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
         return Result(source, family, name, "fails", seconds=time.perf_counter() - start, reason=reason)
-
-
-def _has_fallback_risk(model) -> bool:
-    """list_stages traces without a fallback; skip it for models fx cannot trace."""
-    try:
-        timm_exits.graph_node_names(model)
-        return False
-    except timm_exits.TraceError:
-        return True
 
 
 def timm_cases():
