@@ -61,3 +61,11 @@ def test_list_stages_marks_only_the_last_final(resnet18):
     stages = timm_exits.list_stages(resnet18)
     assert [s.final for s in stages] == [False] * 4 + [True]
     assert [s.index for s in stages] == list(range(5))
+
+
+def test_token_models_whose_token_count_drops_get_one_stage_per_scale():
+    # mvitv2's feature_info names modules that do not exist ("block.0"); its stages are found in
+    # the graph, where the token count drops 3136 -> 784 -> 196 -> 49 and sizes ride along as ints
+    stages = timm_exits.list_stages(timm.create_model("mvitv2_tiny"))
+    assert [s.name for s in stages[:3]] == ["stages.0", "stages.1", "stages.2"]
+    assert [s.channels for s in stages] == [96, 192, 384, 768]

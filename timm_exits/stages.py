@@ -109,8 +109,9 @@ def _contains(module: str, traced: TracedGraph, node: fx.Node) -> bool:
 def _stages_from_graph(model, traced, shapes, last_use) -> list[tuple[str, fx.Node, int | None]]:
     """Stages of a model without feature_info: the last clean cut at each resolution.
 
-    The graph is split into resolution levels at each node whose spatial size differs from the
-    level before (global pools to 1x1 are not levels). A level's stage is its last node after
+    The graph is split into resolution levels at each node whose spatial size (for token
+    models whose token count drops, like mvitv2: token count) differs from the level before
+    (global pools to 1x1 are not levels). A level's stage is its last node after
     which only that node's value is still needed, and which does not sit inside the block that
     starts the next level (torchvision's MobileNet blocks expand before they downsample). A
     model whose features never change resolution (a ViT after its patch embedding) is split at
@@ -118,14 +119,27 @@ def _stages_from_graph(model, traced, shapes, last_use) -> list[tuple[str, fx.No
     """
     names = {n for n, _ in model.named_modules()}
     cuts = set(single_cuts(traced, last_use))
-    levels: list[tuple[tuple[int, int], fx.Node]] = []  # (spatial size, first node at that size)
-    for n in traced.nodes:  # only the main path: windows and attention maps are 4-D too
-        shape = shapes.get(n)
-        if n not in cuts or shape is None or len(shape) != 4:
-            continue
-        hw = spatial(shape, feature_layout(shape, None, model))
-        if hw != (1, 1) and (not levels or levels[-1][0] != hw):
-            levels.append((hw, n))
+
+    def size(shape) -> tuple[int, ...] | None:
+        """Spatial size of a 4-D feature, token count of a 3-D one."""
+        if shape is None or len(shape) not in (3, 4):
+            return None
+        return (shape[1],) if len(shape) == 3 else spatial(shape, feature_layout(shape, None, model))
+
+    for ndim in (4, 3):  # maps first; tokens when their count drops (mvitv2), not for a ViT
+        levels: list[tuple[tuple[int, ...], fx.Node]] = []  # (size, first node at that size)
+        for n in traced.nodes:  # only the main path: windows and attention maps are 4-D too
+            shape = shapes.get(n)
+            if n not in cuts or shape is None or len(shape) != ndim:
+                continue
+            hw = size(shape)
+            if hw not in ((1, 1), (1,)) and (not levels or levels[-1][0] != hw):
+                levels.append((hw, n))
+        shrinking = all(b[0] < a[0] for a, b in zip(levels, levels[1:]))  # a ViT's reshapes are not stages
+        if len(levels) >= 2 and (ndim == 4 or shrinking):
+            break
+    else:
+        levels = []
     if len(levels) >= 2:
         rows = []
         for i, (hw, first) in enumerate(levels):
@@ -134,7 +148,7 @@ def _stages_from_graph(model, traced, shapes, last_use) -> list[tuple[str, fx.No
             best = None
             for c in traced.nodes[lo:hi]:
                 shape = shapes.get(c)
-                if c not in cuts or shape is None or len(shape) != 4 or spatial(shape, feature_layout(shape, None, model)) != hw:
+                if c not in cuts or shape is None or len(shape) != ndim or size(shape) != hw:
                     continue
                 if nxt is not None:
                     shared = set(_ancestors(traced.paths.get(c, ""))) & set(_ancestors(traced.paths.get(nxt, "")))

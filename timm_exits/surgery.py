@@ -234,7 +234,9 @@ def plan_exits(model: nn.Module, stages, input_size=None, leaf_modules=(), autow
 
     train_cuts = []
     for name, node in resolved:
-        twin = train_traced.find(name) if name in module_names else train_traced.by_name(node.name)
+        twin = train_traced.by_name(node.name)  # the same node when the graphs agree up to here
+        if twin is None or train_traced.paths.get(twin) != eval_traced.paths.get(node):
+            twin = train_traced.find(name) if name in module_names else None
         if twin is None:
             raise ValueError(f"stage {name!r} exists in the eval-mode graph but not in the training-mode graph of {type(model).__name__}")
         train_cuts.append(twin)

@@ -6,6 +6,7 @@ autowrapped functions, recording for every node the module it was created in. A 
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -26,6 +27,7 @@ class TraceError(ValueError):
 class TracedGraph:
     graph: fx.Graph
     paths: dict[fx.Node, str]  # node -> module path it was created in ("" at top level)
+    shapes: dict[fx.Node, tuple[int, ...] | None] | None = None  # set by run_shapes
     nodes: list[fx.Node] = field(init=False)
     position: dict[fx.Node, int] = field(init=False)
 
@@ -37,18 +39,24 @@ class TracedGraph:
         return next((n for n in self.nodes if n.name == name), None)
 
     def last_node_of_module(self, path: str) -> fx.Node | None:
+        """The module's output: its last node, or, when that is no feature map (mvitv2's stages
+        return ``(x, size)``), the last 3-D/4-D tensor it computed (known once shapes are run)."""
         prefix = path + "."
-        found = None
-        for n in self.nodes:
-            p = self.paths.get(n, "")
-            if n.op in ("call_module", "call_function", "call_method") and (p == path or p.startswith(prefix)):
-                found = n
-        return found
+        inside = [n for n in self.nodes if n.op in ("call_module", "call_function", "call_method") and (self.paths.get(n, "") in (path,) or self.paths.get(n, "").startswith(prefix))]
+        if not inside:
+            return None
+        if self.shapes is not None and not _is_feature(self.shapes.get(inside[-1])):
+            return next((n for n in reversed(inside) if _is_feature(self.shapes.get(n))), inside[-1])
+        return inside[-1]
 
     def find(self, key: str) -> fx.Node | None:
         """The node that `key` (a module path or a graph node name) denotes."""
         node = self.last_node_of_module(key) if key else None
         return node if node is not None else self.by_name(key)
+
+
+def _is_feature(shape) -> bool:
+    return shape is not None and len(shape) in (3, 4)
 
 
 def _tracer_settings(extra_leaf_modules: Iterable[type], extra_autowrap: Iterable[Any]):
@@ -125,13 +133,24 @@ def _drop_proxies(model: nn.Module) -> None:
                     del value[key]
 
 
+def _optional_arguments(model: nn.Module) -> dict[str, Any] | None:
+    """forward's optional arguments at their defaults: wrap() only ever calls forward(x).
+
+    Left symbolic, ``mask=None`` becomes a placeholder and ``if mask is not None`` is taken
+    (timm's hiera).
+    """
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params if p.kind in kinds and p.default is not inspect.Parameter.empty} or None
+
+
 def trace(model: nn.Module, training: bool, leaf_modules=(), autowrap_functions=()) -> TracedGraph:
     """Trace `model` in training or eval mode; raise `TraceError` naming the failing module."""
     leaves, autowrap = _tracer_settings(leaf_modules, autowrap_functions)
     tracer = _PathTracer(leaves, autowrap)
     old = set_training(model, training)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_optional_arguments(model))
     except Exception as err:  # fx raises many kinds; all mean the same thing to the user
         where = tracer.failed_module
         if where:
@@ -205,6 +224,7 @@ def run_shapes(model: nn.Module, traced: TracedGraph, x: torch.Tensor):
             out = recorder.run(x)
     finally:
         set_training(model, old)
+    traced.shapes = recorder.shapes
     return recorder.shapes, out
 
 
@@ -219,10 +239,15 @@ def live_after(traced: TracedGraph, p: int, last_use: dict[fx.Node, int]) -> lis
 
 
 def single_cuts(traced: TracedGraph, last_use: dict[fx.Node, int]) -> list[fx.Node]:
-    """Nodes after which the only value still needed is the node itself (a clean stage boundary)."""
+    """Nodes after which the only tensor still needed is the node itself (a clean stage boundary).
+
+    Once shapes are known, plain Python values (sizes that mvitv2 carries from stage to stage)
+    do not count: they are carried cheaply and say nothing about the feature path.
+    """
     delta = [0] * (len(traced.nodes) + 1)
     for n, i in traced.position.items():
-        if n.op != "get_attr" and last_use[n] > i:
+        counts = traced.shapes is None or traced.shapes.get(n) is not None
+        if n.op != "get_attr" and last_use[n] > i and counts:
             delta[i] += 1
             delta[last_use[n]] -= 1
     cuts, live = [], 0
