@@ -160,7 +160,7 @@ def check(build, source: str, family: str, name: str, input_size=None) -> Result
             except timm_exits.TraceError:  # wrap() may still fall back to forward_intermediates
                 stages = [1, 2]
             wrapped = timm_exits.wrap(model, stages=stages, input_size=input_size)
-        fell_back = any("forward_intermediates" in str(w.message) for w in caught)
+        fallback = next((str(w.message) for w in caught if "forward_intermediates" in str(w.message)), "")
         size = wrapped.input_size
         x = torch.randn(2, *size)
         with torch.no_grad():
@@ -171,16 +171,22 @@ def check(build, source: str, family: str, name: str, input_size=None) -> Result
         sum(z.float().square().mean() for z in wrapped(x)).backward()
         if any(p.grad is None for p in wrapped.exits.parameters()):
             raise AssertionError("a head got no gradient")
-        status = "fallback" if fell_back else "ok"
-        return Result(source, family, name, status, stages=", ".join(wrapped.stages), seconds=time.perf_counter() - start)
+        status = "fallback" if fallback else "ok"
+        reason = fallback.split(": TraceError")[0] if fallback else ""
+        return Result(source, family, name, status, stages=", ".join(wrapped.stages), seconds=time.perf_counter() - start, reason=reason)
     except Exception as err:
         reason = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
         return Result(source, family, name, "fails", seconds=time.perf_counter() - start, reason=reason)
 
 
+# Large encoders whose default input is 546-896 px; they take any size, and 224 keeps the sweep
+# short (deepseek_vit_412m: 57 s instead of 349 s). They wrap at their native sizes too.
+TIMM_SIZE = {name: (3, 224, 224) for name in ("deepseek_vit_412m", "gemma4_vit_167m", "qwen3_vit_88m", "sam2_hiera_tiny")}
+
+
 def timm_cases():
     for family, name in sorted(TIMM_FAMILIES.items()):
-        yield "timm", family, name, (lambda n=name: timm.create_model(n, pretrained=False, num_classes=10)), None
+        yield "timm", family, name, (lambda n=name: timm.create_model(n, pretrained=False, num_classes=10)), TIMM_SIZE.get(name)
 
 
 # torchvision CNNs take any input size: 112x112 keeps the sweep short. These fix their size.
@@ -209,8 +215,9 @@ def to_markdown(results: list[Result]) -> str:
         f"parameter count; every torchvision classifier) with timm {timm.__version__}, torchvision",
         f"{torchvision.__version__}, torch {torch.__version__}. A model *wraps* when `wrap()` succeeds on two",
         "stages spread over its stage table, the last exit equals the plain model in eval (timm",
-        "models at their own input size; torchvision CNNs at 112x112, torchvision models with a fixed",
-        "size at theirs), and a training step reaches every head. *fallback* means fx could",
+        "models at their own input size, but the four large encoders in TIMM_SIZE at 224x224;",
+        "torchvision CNNs at 112x112, torchvision models with a fixed size at theirs), and a training",
+        "step reaches every head. *fallback* means fx could",
         "not trace it and timm's `forward_intermediates` was used (no early-exit savings).",
         "",
     ]
