@@ -76,9 +76,9 @@ class MultiExitModel(nn.Module):
             self._bound = (self.backbone, [], [])
             return
         eval_gms = [_bind(g, self.backbone) for g in self._plan.eval_segments]
-        train_code = [gm.code for gm in (_bind(g, self.backbone) for g in self._plan.train_segments)]
-        same = train_code == [gm.code for gm in eval_gms]  # most models trace alike in both modes
-        train_gms = eval_gms if same else [_bind(g, self.backbone) for g in self._plan.train_segments]
+        train_gms = [_bind(g, self.backbone) for g in self._plan.train_segments]
+        if [gm.code for gm in train_gms] == [gm.code for gm in eval_gms]:
+            train_gms = eval_gms  # most models trace alike in both modes: one set of segments
         self._bound = (self.backbone, train_gms, eval_gms)
 
     def segments(self) -> list[fx.GraphModule]:
@@ -179,9 +179,8 @@ class MultiExitModel(nn.Module):
         def reroot(pattern):
             if isinstance(pattern, str):
                 return r"^backbone\.(?:" + pattern.lstrip("^") + ")"
-            if isinstance(pattern, (list, tuple)):
-                return [(reroot(p), *rest) if isinstance(p, str) else reroot(p) for p, *rest in pattern] if all(isinstance(p, (list, tuple)) for p in pattern) else [reroot(p) for p in pattern]
-            return pattern
+            # a list of patterns, or of (pattern, ordinal) pairs
+            return [(reroot(p[0]), *p[1:]) if isinstance(p, (list, tuple)) else reroot(p) for p in pattern]
 
         return {k: reroot(v) for k, v in inner(coarse=coarse).items()}
 
