@@ -76,9 +76,9 @@ class MultiExitModel(nn.Module):
             self._bound = (self.backbone, [], [])
             return
         eval_gms = [_bind(g, self.backbone) for g in self._plan.eval_segments]
-        train_gms = [_bind(g, self.backbone) for g in self._plan.train_segments]
-        if [gm.code for gm in train_gms] == [gm.code for gm in eval_gms]:
-            train_gms = eval_gms  # most models trace alike in both modes: one set of segments
+        code = [[g.python_code("self").src for g in gs] for gs in (self._plan.train_segments, self._plan.eval_segments)]
+        # most models trace alike in both modes: then one set of segments serves both
+        train_gms = eval_gms if code[0] == code[1] else [_bind(g, self.backbone) for g in self._plan.train_segments]
         self._bound = (self.backbone, train_gms, eval_gms)
 
     def segments(self) -> list[fx.GraphModule]:

@@ -14,10 +14,7 @@ from torch import nn
 
 from .tracing import TracedGraph, check_input_size, dummy_input, last_uses, run_shapes, single_cuts, trace
 
-__all__ = ["Stage", "FeatureLayout", "feature_layout", "list_stages", "stage_table"]
-
-
-FORMATS = ("NCHW", "NHWC", "NLC")
+__all__ = ["Stage", "FeatureLayout", "feature_layout", "read_feature", "list_stages", "stage_table"]
 
 
 @dataclass(frozen=True)
@@ -186,14 +183,16 @@ def stage_table(model, traced, shapes, last_use, input_hw) -> list[Stage]:
     raw.sort(key=lambda row: traced.position[row[1]])
     stages = []
     for i, (name, node, chans) in enumerate(raw):
-        shape = shapes[node]
-        layout = feature_layout(shape, chans, model)
-        if chans is None:
-            chans = shape[1] if layout.format == "NCHW" else shape[-1]
-        hw = spatial(shape, layout)
-        reduction = round(input_hw[0] / hw[0]) if hw else None
-        stages.append(Stage(i, name, int(chans), reduction, layout.format, final=i == len(raw) - 1))
+        layout, channels, reduction = read_feature(shapes[node], chans, model, input_hw)
+        stages.append(Stage(i, name, chans if chans is not None else channels, reduction, layout.format, final=i == len(raw) - 1))
     return stages
+
+
+def read_feature(shape: tuple[int, ...], channels: int | None, model: nn.Module, input_hw) -> tuple[FeatureLayout, int, int | None]:
+    """A feature's layout, channel count (from its shape) and reduction against the input size."""
+    layout = feature_layout(shape, channels, model)
+    hw = spatial(shape, layout)
+    return layout, int(shape[1] if layout.format == "NCHW" else shape[-1]), round(input_hw[0] / hw[0]) if hw else None
 
 
 def describe(stages: Sequence[Stage]) -> str:

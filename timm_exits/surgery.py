@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .stages import FeatureLayout, Stage, describe, feature_layout, spatial, stage_table
+from .stages import FeatureLayout, Stage, describe, feature_layout, read_feature, stage_table
 from .tracing import TracedGraph, TraceError, check_input_size, closes_block, dummy_input, last_uses, live_after, run_shapes, set_training, trace
 
 __all__ = ["ExitPlan", "ExitSite", "plan_exits", "split"]
@@ -58,7 +58,6 @@ class ExitPlan:
     stage_names: list[str]
     num_classes: int
     input_size: tuple[int, ...]
-    has_pre_logits: bool
     feature_indices: list[int] | None = None  # set when the model runs through forward_intermediates
 
     def __deepcopy__(self, memo):
@@ -84,7 +83,7 @@ def _classifier_node(model: nn.Module, traced: TracedGraph) -> fx.Node | None:
 
 
 def _first_input(node: fx.Node) -> fx.Node | None:
-    """The tensor a classifier reads: the first Node among its arguments (through a module's leaves)."""
+    """The tensor a classifier reads: the first Node among its call's arguments."""
     for a in node.args:
         if isinstance(a, fx.Node):
             return a
@@ -101,10 +100,9 @@ def _resolve(spec, table: list[Stage], traced: TracedGraph, module_names: set[st
         return stage.name, traced.find(stage.name)
     node = traced.find(spec) if spec in module_names else traced.by_name(spec)
     if node is None:
-        known = "\n".join(f"  {s.name!r}" for s in table)
         raise ValueError(
             f"unknown stage {spec!r}: it is neither a module name of the model (see model.named_modules()) "
-            f"nor a node of its traced graph (see timm_exits.graph_node_names(model)). The model's stages are:\n{known}"
+            f"nor a node of its traced graph (see timm_exits.graph_node_names(model)). The model's stages are:\n{describe(table)}"
         )
     return spec, node
 
@@ -247,18 +245,15 @@ def plan_exits(model: nn.Module, stages, input_size=None, leaf_modules=(), autow
     final_channels = final_shape[1] if pre_logits_ok else table[-1].channels if table else 0
     sites = []
     for name, node in resolved:
-        shape = shapes[node]
         row = next((s for s in table if s.name == name), None)
-        layout = feature_layout(shape, row.channels if row else None, model)
-        chans = shape[1] if layout.format == "NCHW" else shape[-1]
-        hw = spatial(shape, layout)
+        layout, channels, reduction = read_feature(shapes[node], row.channels if row else None, model, size[1:])
         sites.append(
             ExitSite(
                 stage=name,
-                channels=int(chans),
+                channels=channels,
                 layout=layout,
-                shape=shape,
-                reduction=round(size[1] / hw[0]) if hw else None,
+                shape=shapes[node],
+                reduction=reduction,
                 final_channels=int(final_channels),
                 final_reduction=table[-1].reduction if table else None,
                 replicate=functools.partial(_replicate, model, eval_traced, shapes, last_use, table, node),
@@ -273,7 +268,6 @@ def plan_exits(model: nn.Module, stages, input_size=None, leaf_modules=(), autow
         stage_names=names,
         num_classes=int(out.shape[1]),
         input_size=size,
-        has_pre_logits=pre_logits_ok,
     )
 
 
@@ -310,7 +304,7 @@ def _plan_from_intermediates(model: nn.Module, stages, size) -> ExitPlan:
                  final_channels=int(pre_logits.shape[-1]), final_reduction=table[-1].reduction)
         for i, f in zip(indices, feats)
     ]
-    return ExitPlan([], [], sites, [names[i] for i in indices], int(logits.shape[1]), size, pre_logits.dim() == 2, feature_indices=indices)
+    return ExitPlan([], [], sites, [names[i] for i in indices], int(logits.shape[1]), size, feature_indices=indices)
 
 
 def _shape_of(value) -> str:
