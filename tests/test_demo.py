@@ -17,6 +17,22 @@ def test_demo_trains_and_reports_every_exit():
     assert any(line.strip().startswith("4  head (backbone)") for line in lines)
 
 
+def test_demo_takes_a_loss_by_name_and_trains_a_teacher_for_ekd():
+    lines = []
+    result = run_demo(loss="ekd", epochs=1, log=lines.append)
+    assert result["loss"] == "ekd" and len(result["accuracy"]) == 4
+    assert any("training the teacher" in line for line in lines)
+    assert any(line.startswith("loss: EnsembleKnowledgeDistillationLoss(") for line in lines)
+
+
+def test_cli_rejects_an_unknown_loss(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--loss", "kd"])
+    assert "invalid choice: 'kd'" in capsys.readouterr().err
+
+
 def test_cli_lists_stages(capsys):
     assert main(["stages", "resnet18", "--num-classes", "10"]) == 0
     out = capsys.readouterr().out

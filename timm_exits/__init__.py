@@ -1,5 +1,18 @@
 """timm-exits: multi-exit networks from any timm or torchvision classifier."""
+from .ensemble import ExitEnsemble, anytime_ensemble, exit_ensemble
 from .heads import create_head, head_names, register_head
+from .losses import (
+    AppropriateTeachersLoss,
+    DistillationBasedLoss,
+    EnsembleKnowledgeDistillationLoss,
+    ExitEnsembleLoss,
+    MultiExitCELoss,
+    MultiExitLoss,
+    MultiSelfDistillationLoss,
+    SelfDistillationLoss,
+    create_loss,
+    loss_names,
+)
 from .model import ExitOutputs, MultiExitModel, wrap
 from .stages import FeatureLayout, Stage, list_stages
 from .tracing import TraceError, graph_node_names
@@ -16,6 +29,19 @@ __all__ = [
     "create_head",
     "head_names",
     "register_head",
+    "MultiExitLoss",
+    "MultiExitCELoss",
+    "DistillationBasedLoss",
+    "ExitEnsembleLoss",
+    "SelfDistillationLoss",
+    "MultiSelfDistillationLoss",
+    "AppropriateTeachersLoss",
+    "EnsembleKnowledgeDistillationLoss",
+    "create_loss",
+    "loss_names",
+    "ExitEnsemble",
+    "exit_ensemble",
+    "anytime_ensemble",
 ]
 
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ __all__ = ["main"]
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(model_name=args.model, stages=tuple(args.stages), head=args.head, epochs=args.epochs, seed=args.seed)
+    run_demo(model_name=args.model, stages=tuple(args.stages), head=args.head, loss=args.loss, epochs=args.epochs, seed=args.seed)
     return 0
 
 
@@ -48,6 +48,8 @@ def _build(name: str, num_classes: int):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .losses import loss_names
+
     parser = argparse.ArgumentParser(prog="timm-exits", description="Multi-exit networks from timm and torchvision classifiers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -55,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--model", default="resnet10t", help="timm model name (default: resnet10t)")
     demo.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], help="stage indices to attach exits to (default: 1 2 3)")
     demo.add_argument("--head", default="linear", help="exit head: linear, sdn, conv, bottleneck, replica (default: linear)")
+    demo.add_argument(
+        "--loss",
+        default="eed",
+        choices=loss_names(),
+        help="training objective: ce (per-exit CE), sdn (SDN-weighted CE), distillation (Phuong & Lampert), eed (exit-ensemble "
+        "distillation, default), byot, msd, mate, ekd (distils from a plain backbone trained first)",
+    )
     demo.add_argument("--epochs", type=int, default=6, help="training epochs (default: 6)")
     demo.add_argument("--seed", type=int, default=0, help="random seed for the split and the weights (default: 0)")
     demo.set_defaults(run=_demo)

@@ -1,0 +1,74 @@
+"""Combining exits: the mean of logits or of probabilities, weights, anytime ensembles."""
+import pytest
+import torch
+
+import timm_exits
+from timm_exits import ExitEnsemble, anytime_ensemble, exit_ensemble
+
+
+def logits(n=3, b=5, c=7):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(b, c, generator=g) for _ in range(n)]
+
+
+def test_mean_of_logits_and_of_probabilities():
+    z = logits()
+    assert torch.allclose(exit_ensemble(z), (z[0] + z[1] + z[2]) / 3, atol=1e-6)
+    probs = exit_ensemble(z, mode="probs").softmax(1)
+    assert torch.allclose(probs, sum(zi.softmax(1) for zi in z) / 3, atol=1e-6)
+
+
+def test_fixed_weights_are_normalised():
+    z = logits()
+    w = [1.0, 0.0, 3.0]
+    assert torch.allclose(exit_ensemble(z, weights=w), 0.25 * z[0] + 0.75 * z[2], atol=1e-6)
+    probs = exit_ensemble(z, weights=w, mode="probs").softmax(1)
+    assert torch.allclose(probs, 0.25 * z[0].softmax(1) + 0.75 * z[2].softmax(1), atol=1e-6)
+
+
+def test_anytime_ensemble_combines_exits_one_to_k():
+    z = logits(n=4)
+    any_k = anytime_ensemble(z)
+    assert len(any_k) == 4
+    assert torch.allclose(any_k[0], z[0])
+    assert torch.allclose(any_k[1], (z[0] + z[1]) / 2, atol=1e-6)
+    assert torch.allclose(any_k[-1], exit_ensemble(z), atol=1e-6)
+    assert torch.allclose(anytime_ensemble(z, weights=[1, 3, 1, 1])[1], 0.25 * z[0] + 0.75 * z[1], atol=1e-6)
+
+
+def test_learnable_weights_get_gradients_and_fixed_ones_do_not():
+    z, y = logits(), torch.randint(0, 7, (5,))
+    ens = ExitEnsemble(3, mode="probs", learnable=True)
+    torch.nn.functional.cross_entropy(ens(z), y).backward()
+    assert ens.log_weights.grad is not None and ens.log_weights.grad.abs().sum() > 0
+    assert torch.allclose(ens.weights, torch.full((3,), 1 / 3))
+    fixed = ExitEnsemble(3, weights=[2, 1, 1])
+    assert list(fixed.parameters()) == []
+    assert torch.allclose(fixed(z), exit_ensemble(z, weights=[2, 1, 1]), atol=1e-6)
+    assert torch.allclose(fixed.anytime(z)[1], (2 * z[0] + z[1]) / 3, atol=1e-5)
+    assert "learnable=False" in repr(fixed) and "0.500" in repr(fixed)
+
+
+def test_ensemble_of_a_wrapped_model_in_eval(resnet18):
+    model = timm_exits.wrap(resnet18, stages=[1, 2], input_size=(3, 32, 32), eval_output="ensemble").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        single = model(x)
+        model.eval_output = "all"
+        assert torch.allclose(single, exit_ensemble(model(x)), atol=1e-5)
+
+
+def test_bad_input():
+    z = logits()
+    with pytest.raises(ValueError, match="mode must be one of"):
+        exit_ensemble(z, mode="vote")
+    with pytest.raises(ValueError, match=r"one number per exit \(3\)"):
+        exit_ensemble(z, weights=[1, 2])
+    with pytest.raises(TypeError, match="one tensor"):
+        exit_ensemble(z[0])
+    with pytest.raises(ValueError, match="combines 3 exits, got 2"):
+        ExitEnsemble(3)(z[:2])
+    with pytest.raises(ValueError, match="non-negative"):
+        ExitEnsemble(3, weights=[1, -1, 1])
+    with pytest.raises(ValueError, match="num_exits must be"):
+        ExitEnsemble(0)

@@ -1,0 +1,384 @@
+"""Every loss against its formula, recomputed here by hand; detaching, schedules, targets, bad input."""
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
+
+import timm_exits
+from timm_exits import (
+    AppropriateTeachersLoss,
+    DistillationBasedLoss,
+    EnsembleKnowledgeDistillationLoss,
+    ExitEnsembleLoss,
+    MultiExitCELoss,
+    MultiSelfDistillationLoss,
+    SelfDistillationLoss,
+    create_loss,
+)
+
+N, B, C = 4, 6, 5
+
+
+def logits(seed=0, n=N, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(B, C, generator=g) * 2).requires_grad_(requires_grad) for _ in range(n)]
+
+
+def labels(seed=1):
+    return torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(seed))
+
+
+# -- the formulas, written out independently of the library ------------------------------------
+
+
+def ce(z, y):
+    return -(z.log_softmax(1)[torch.arange(len(y)), y]).mean()
+
+
+def kd(z, teacher_logits, T):
+    """T^2 KL(softmax(t/T) || softmax(z/T)), the teacher detached; mean over the batch."""
+    p = (teacher_logits.detach() / T).softmax(1)
+    return T * T * (p * (p.log() - (z / T).log_softmax(1))).sum(1).mean()
+
+
+def close(a, b):
+    return torch.allclose(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+
+
+def grads(loss, zs):
+    return torch.autograd.grad(loss, zs, allow_unused=True)
+
+
+def test_multi_exit_ce_fixed_weights_and_sdn_ramp():
+    z, y = logits(), labels()
+    w = [0.5, 1.0, 2.0, 1.5]
+    assert close(MultiExitCELoss(weights=w)(z, y), sum(wi * ce(zi, y) for wi, zi in zip(w, z)))
+    loss = MultiExitCELoss(schedule="sdn", epochs=10, depths=[0.15, 0.45, 0.75])
+    for epoch in (0, 3, 9):
+        loss.set_epoch(epoch)
+        ramp = [min(c, 0.01 + (epoch + 1) * c / 10) for c in (0.15, 0.45, 0.75)] + [1.0]
+        assert close(loss(z, y), sum(r * ce(zi, y) for r, zi in zip(ramp, z)))
+    assert loss.current_weights(N) == pytest.approx([0.15, 0.45, 0.75, 1.0])  # the ramp tops out at C_i
+    assert MultiExitCELoss(schedule="sdn", epochs=4).current_weights(4)[:3] == pytest.approx([0.01 + 0.25 / 4, 0.01 + 0.5 / 4, 0.01 + 0.75 / 4])
+
+
+@pytest.mark.parametrize("T", ["adaptive", 4.0])
+def test_distillation_based_formula_and_detached_teacher(T):
+    z, y = logits(), labels()
+    loss_fn = DistillationBasedLoss(C=0.5, temperature=T)
+    t = 1.0 if T == "adaptive" else T
+    expected = 0.5 * sum(ce(zi, y) for zi in z) + 0.5 * sum(kd(zi, z[-1], t) for zi in z[:-1])
+    assert close(loss_fn(z, y), expected)
+    # with C = 1 the final exit is only a teacher: no gradient reaches it
+    g = grads(DistillationBasedLoss(C=1.0, temperature=T)(z, y), z)
+    assert g[-1] is None or g[-1].abs().max() == 0
+    assert all(gi.abs().max() > 0 for gi in g[:-1])
+
+
+def test_adaptive_temperature_rises_only_as_specified():
+    loss_fn = DistillationBasedLoss()
+    y = labels()
+    unsure = [torch.zeros(B, C) for _ in range(N)]  # teacher max-prob 1/C = 0.2 <= 0.5
+    sure = [torch.eye(C)[y] * 20 for _ in range(N)]  # teacher max-prob ~1 > 0.5
+    loss_fn(unsure, y)
+    assert float(loss_fn.temperature) == 1.0
+    loss_fn(sure, y)
+    loss_fn(sure, y)
+    assert float(loss_fn.temperature) == pytest.approx(1.05**2)
+    with torch.no_grad():  # a validation pass does not move it
+        loss_fn(sure, y)
+    loss_fn.eval()
+    loss_fn(sure, y)
+    assert float(loss_fn.temperature) == pytest.approx(1.05**2)
+    assert loss_fn.components["temperature"] == pytest.approx(1.05**2)
+    resumed = DistillationBasedLoss()
+    resumed.load_state_dict(loss_fn.state_dict())
+    assert float(resumed.temperature) == pytest.approx(1.05**2)
+    fixed = DistillationBasedLoss(temperature=4.0)
+    fixed(sure, y)
+    assert float(fixed.temperature) == 4.0
+
+
+@pytest.mark.parametrize("distance", ["mse", "kl"])
+def test_exit_ensemble_formula(distance):
+    z, y = logits(), labels()
+    e = torch.stack(z).mean(0).detach()
+    if distance == "mse":
+        d = sum(((zi - e) ** 2).mean() for zi in z)
+    else:
+        d = 0.1 * sum(kd(zi, e, 3.0) for zi in z)
+    assert close(ExitEnsembleLoss(distance=distance)(z, y), sum(ce(zi, y) for zi in z) + d)
+
+
+def test_exit_ensemble_teacher_is_detached():
+    z, y = logits(), labels()
+    g = grads(ExitEnsembleLoss()(z, y), z)
+    e = torch.stack(z).mean(0).detach()
+    for zi, gi in zip(z, g):  # each exit's gradient is that of its own terms, the ensemble a constant
+        own = ce(zi, y) + ((zi - e) ** 2).mean()
+        assert torch.allclose(gi, torch.autograd.grad(own, zi)[0], atol=1e-6)
+
+
+def test_exit_ensemble_feature_term_with_masked_mse():
+    z, y = logits(), labels()
+    g = torch.Generator().manual_seed(3)
+    f = [torch.randn(B, 8, generator=g).requires_grad_() for _ in range(N)]
+    out = timm_exits.ExitOutputs(z, f)
+    tf = torch.stack(f).mean(0).detach()
+    feat = sum((((fi - tf) ** 2) * ((fi > 0) | (tf > 0))).mean() for fi in f)
+    expected = sum(ce(zi, y) for zi in z) + sum(((zi - torch.stack(z).mean(0).detach()) ** 2).mean() for zi in z) + 0.5 * feat
+    loss_fn = ExitEnsembleLoss(feature_weight=0.5)
+    assert close(loss_fn(out, y), expected)
+    assert close(loss_fn.components["feature"].sum(), feat)
+
+
+def test_byot_formula_and_hints():
+    z, y = logits(), labels()
+    g = torch.Generator().manual_seed(3)
+    f = [torch.randn(B, 8, generator=g).requires_grad_() for _ in range(N)]
+    a, T, b = 0.3, 3.0, 0.05
+    expected = ce(z[-1], y) + sum((1 - a) * ce(zi, y) + a * kd(zi, z[-1], T) for zi in z[:-1])
+    assert close(SelfDistillationLoss()(z, y), expected)
+    hint = sum(((fi - f[-1].detach()) ** 2).mean() for fi in f[:-1])
+    loss = SelfDistillationLoss(feature_weight=b)(timm_exits.ExitOutputs(z, f), y)
+    assert close(loss, expected + b * hint)
+    gz, gf = grads(loss, z[-1:]), grads(loss, f[-1:])
+    assert torch.allclose(gz[0], torch.autograd.grad(ce(z[-1], y), z[-1])[0], atol=1e-6)  # the teacher only learns from labels
+    assert gf[0] is None or gf[0].abs().max() == 0  # the final feature is the hint target, detached
+    # the authors' code has no T^2 factor
+    plain = SelfDistillationLoss(t_squared=False)(z, y)
+    assert close(plain, ce(z[-1], y) + sum((1 - a) * ce(zi, y) + a * kd(zi, z[-1], T) / T**2 for zi in z[:-1]))
+
+
+def test_msd_formula_mutual_and_cosine_hint_weight():
+    z, y = logits(), labels()
+    a, T = 0.5, 3.0
+    mutual = sum(sum(kd(z[i], z[j], T) for j in range(N) if j != i) / (N - 1) for i in range(N))
+    assert close(MultiSelfDistillationLoss()(z, y), (1 - a) * sum(ce(zi, y) for zi in z) + a * mutual)
+    f = [torch.randn(B, 8).requires_grad_() for _ in range(N)]
+    loss_fn = MultiSelfDistillationLoss(feature_weight=0.2, epochs=10)
+    hint = sum(((fi - f[-1].detach()) ** 2).mean() for fi in f[:-1])
+    for epoch in (0, 5, 10):
+        loss_fn.set_epoch(epoch)
+        b = 0.2 * 0.5 * (1 + math.cos(math.pi * epoch / 10))
+        assert close(loss_fn(timm_exits.ExitOutputs(z, f), y), (1 - a) * sum(ce(zi, y) for zi in z) + a * mutual + b * hint)
+    assert loss_fn.current_feature_weight() == pytest.approx(0.0, abs=1e-12)
+    resumed = MultiSelfDistillationLoss(feature_weight=0.2, epochs=10)
+    resumed.load_state_dict(loss_fn.state_dict())
+    assert int(resumed.epoch) == 10
+
+
+def test_mate_formula_teachers_and_gradients():
+    z, y = logits(), labels()
+    loss_fn = AppropriateTeachersLoss(num_exits=N, lam=0.7)
+    with torch.no_grad():
+        loss_fn.theta.copy_(torch.randn(N, N))
+    w = loss_fn.theta.detach().softmax(1)
+    teachers = [sum(w[k, j] * z[j].detach() for j in range(N)) for k in range(N)]
+    off = 0.3 / (N - 1)
+    expected = sum(ce(zi, y) + sum((0.7 if k == i else off) * kd(zi, teachers[k], 3.0) for k in range(N)) for i, zi in enumerate(z))
+    expected = expected + sum(ce(t, y) for t in teachers)
+    loss = loss_fn(z, y)
+    assert close(loss, expected)
+    # theta learns only from the teachers' CE; the exits see the teachers as constants
+    (g_theta,) = torch.autograd.grad(loss, loss_fn.theta, retain_graph=True)
+    t_theta = torch.einsum("kj,jbc->kbc", loss_fn.theta.softmax(1), torch.stack([zi.detach() for zi in z]))
+    (g_ref,) = torch.autograd.grad(sum(ce(t, y) for t in t_theta), loss_fn.theta)
+    assert torch.allclose(g_theta, g_ref, atol=1e-6)
+    assert [n for n, _ in loss_fn.named_parameters()] == ["theta"]
+    resumed = AppropriateTeachersLoss(num_exits=N, lam=0.7)
+    resumed.load_state_dict(loss_fn.state_dict())
+    assert torch.equal(resumed.theta, loss_fn.theta)
+
+
+def test_ekd_formula_teachers_and_assignment():
+    z, y = logits(), labels()
+    g = torch.Generator().manual_seed(5)
+    t = [torch.randn(B, C, generator=g).requires_grad_() for _ in range(N)]
+    a, T = 0.5, 3.0
+    ens = ce(torch.stack(z).mean(0), y)
+    expected = sum((1 - a) * ce(zi, y) + a * kd(zi, ti, T) for zi, ti in zip(z, t)) + ens
+    loss = EnsembleKnowledgeDistillationLoss()(z, y, t)
+    assert close(loss, expected)
+    assert all(gi is None for gi in grads(loss, t))  # teachers are constants
+    one = EnsembleKnowledgeDistillationLoss()(z, y, t[0])
+    assert close(one, sum((1 - a) * ce(zi, y) + a * kd(zi, t[0], T) for zi in z) + ens)
+    assigned = EnsembleKnowledgeDistillationLoss(assignment=[1, 1, 0, 0])(z, y, t[:2])
+    assert close(assigned, sum((1 - a) * ce(zi, y) + a * kd(zi, t[k], T) for zi, k in zip(z, [1, 1, 0, 0])) + ens)
+
+
+@pytest.mark.parametrize("name", ["distillation", "eed", "byot", "msd", "mate", "ekd"])
+def test_identical_exits_give_zero_distillation(name):
+    z0 = logits()[0].detach()
+    z, y = [z0.clone().requires_grad_() for _ in range(N)], labels()
+    loss_fn = create_loss(name, num_exits=N, epochs=3)
+    if name == "ekd":
+        loss_fn(z, y, z0)
+    else:
+        loss_fn(z, y)
+    assert loss_fn.components["distill"].abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("name", timm_exits.loss_names())
+def test_unlabeled_samples_add_no_ce(name):
+    z, y = logits(), labels()
+    loss_fn = create_loss(name, num_exits=N, epochs=3)
+    call = (lambda zs, t: loss_fn(zs, t, z[0].detach())) if name == "ekd" else loss_fn
+    y_half = y.clone()
+    y_half[::2] = -100
+    call(z, y_half)
+    labeled = y_half != -100
+    expected = torch.stack([ce(zi[labeled], y_half[labeled]) for zi in z])
+    assert torch.allclose(loss_fn.components["ce"], expected, atol=1e-6)
+    total = call(z, torch.full_like(y, -100))
+    assert loss_fn.components["ce"].abs().max() == 0 and torch.isfinite(total)
+
+
+def test_distillation_based_semi_supervised_keeps_the_kd_term():
+    z = logits()
+    loss = DistillationBasedLoss(temperature=4.0)(z, torch.full((B,), -100))
+    assert close(loss, 0.5 * sum(kd(zi, z[-1], 4.0) for zi in z[:-1]))
+    assert loss > 0
+
+
+@pytest.mark.parametrize("name", timm_exits.loss_names())
+def test_soft_targets_equal_one_hot_and_accept_mixup(name):
+    z, y = logits(), labels()
+    extra = (z[0].detach(),) if name == "ekd" else ()
+    hard = create_loss(name, num_exits=N, epochs=3)(z, y, *extra)
+    one_hot = create_loss(name, num_exits=N, epochs=3)(z, F.one_hot(y, C).float(), *extra)
+    assert close(hard, one_hot)
+    mixed = 0.7 * F.one_hot(y, C).float() + 0.3 * F.one_hot(y.roll(1), C).float()
+    loss_fn = create_loss(name, num_exits=N, epochs=3, base_loss=SoftTargetCrossEntropy())
+    loss = loss_fn(z, mixed, *extra)
+    expected_ce = torch.stack([-(mixed * zi.log_softmax(1)).sum(1).mean() for zi in z])
+    assert torch.allclose(loss_fn.components["ce"], expected_ce, atol=1e-6) and torch.isfinite(loss)
+
+
+def test_label_smoothing_matches_torch():
+    z, y = logits(), labels()
+    loss_fn = MultiExitCELoss(label_smoothing=0.1)
+    assert close(loss_fn(z, y), sum(F.cross_entropy(zi, y, label_smoothing=0.1) for zi in z))
+    assert "label_smoothing=0.1" in repr(loss_fn)
+
+
+@pytest.mark.parametrize("name", timm_exits.loss_names())
+def test_every_loss_trains_a_wrapped_model_under_bf16_autocast(name, resnet18):
+    model = timm_exits.wrap(resnet18, stages=[1, 2, 3], input_size=(3, 32, 32))
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+    loss_fn = create_loss(name, num_exits=model.num_exits, epochs=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(x)
+        assert outputs[0].dtype == torch.bfloat16
+        loss = loss_fn(outputs, y, torch.randn(4, 5)) if name == "ekd" else loss_fn(outputs, y)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    for head in model.exits:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters() if p.requires_grad)
+
+
+def test_feature_terms_on_a_wrapped_model_with_adapters_or_bottleneck_heads(resnet18):
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+    model = timm_exits.wrap(resnet18, stages=[1, 2, 3], input_size=(3, 32, 32))
+    out = model(x, return_features=True)
+    dims = [f.shape[1] for f in out.features]
+    assert dims == [64, 128, 256, 512]
+    with pytest.raises(ValueError, match=r"feature_dims=\[64, 128, 256, 512\]"):
+        ExitEnsembleLoss(feature_weight=1.0)(out, y)
+    loss_fn = ExitEnsembleLoss(feature_weight=1.0, feature_dims=dims)
+    assert sum(p.numel() for p in loss_fn.parameters()) == sum(d * 512 + 512 for d in dims[:-1])
+    loss_fn(out, y).backward()
+    assert all(p.grad is not None for p in loss_fn.parameters())
+    bottleneck = timm_exits.wrap(timm.create_model("resnet18", num_classes=5), stages=[1, 2, 3], head="bottleneck", input_size=(3, 32, 32))
+    loss = SelfDistillationLoss(feature_weight=0.03)(bottleneck(x, return_features=True), y)
+    assert torch.isfinite(loss)
+
+
+def test_components_and_repr_show_what_a_logger_needs():
+    z, y = logits(), labels()
+    loss_fn = DistillationBasedLoss()
+    loss_fn(z, y)
+    logged = loss_fn.log_dict(prefix="train/")
+    assert set(logged) >= {f"train/ce/exit{i}" for i in range(1, N + 1)} | {"train/distill/exit1", "train/temperature"}
+    assert all(isinstance(v, float) for v in logged.values())
+    assert "C=0.5" in repr(loss_fn) and "adaptive" in repr(loss_fn)
+    assert "alpha=0.3" in repr(SelfDistillationLoss()) and "temperature=3.0" in repr(SelfDistillationLoss())
+    assert "lam=0.5" in repr(AppropriateTeachersLoss(num_exits=3))
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "outputs, match",
+    [
+        (torch.randn(B, C), "one tensor"),
+        ([torch.randn(B, C), torch.randn(B, C, 2)], r"outputs\[1\] must be \(B, C\)"),
+        ([torch.randn(B, C), torch.randn(B, C + 1)], "one shape"),
+        ([torch.randn(B, C), "x"], r"outputs\[1\] must be a \(B, C\) logits tensor"),
+        ("abc", "list of"),
+    ],
+)
+def test_outputs_that_are_not_per_exit_logits(outputs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        ExitEnsembleLoss()(outputs, labels())
+
+
+def test_wrong_number_of_exits_and_mismatched_targets():
+    z, y = logits(), labels()
+    with pytest.raises(ValueError, match="built for num_exits=3 but outputs holds 4"):
+        ExitEnsembleLoss(num_exits=3)(z, y)
+    with pytest.raises(ValueError, match="at least 2 exits"):
+        DistillationBasedLoss()(z[:1], y)
+    with pytest.raises(ValueError, match="built for num_exits=3 but outputs holds 4"):
+        MultiExitCELoss(weights=[1, 1, 1])(z, y)
+    with pytest.raises(ValueError, match="weights implies 3 exits but num_exits=4"):
+        MultiExitCELoss(weights=[1, 1, 1], num_exits=4)
+    with pytest.raises(ValueError, match="target has 5 labels but .* batch size 6"):
+        MultiExitCELoss()(z, y[:5])
+    with pytest.raises(ValueError, match=r"soft target must have the logits' shape"):
+        MultiExitCELoss()(z, torch.full((B, C + 1), 1.0 / (C + 1)))
+    with pytest.raises(ValueError, match="probability distributions"):
+        MultiExitCELoss()(z, torch.rand(B, C) * 3)
+    with pytest.raises(ValueError, match=r"\(B,\) integer class indices"):
+        MultiExitCELoss()(z, y.float())
+    with pytest.raises(TypeError, match="target must be a tensor"):
+        MultiExitCELoss()(z, [0, 1])
+
+
+def test_feature_terms_without_features_and_ekd_without_teachers():
+    z, y = logits(), labels()
+    with pytest.raises(ValueError, match="return_features=True"):
+        SelfDistillationLoss(feature_weight=0.1)(z, y)
+    with pytest.raises(ValueError, match="built with feature_dims"):
+        ExitEnsembleLoss(feature_weight=1.0, feature_dims=[4, 4, 4, 8])(timm_exits.ExitOutputs(z, [torch.randn(B, 8)] * N), y)
+    ekd = EnsembleKnowledgeDistillationLoss()
+    with pytest.raises(TypeError, match="teacher_logits"):
+        ekd(z, y)
+    with pytest.raises(ValueError, match=r"teacher_logits\[0\] must have the exits' logits shape"):
+        ekd(z, y, torch.randn(B, C + 2))
+    with pytest.raises(ValueError, match="3 teachers for 4 exits"):
+        ekd(z, y, [torch.randn(B, C)] * 3)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: DistillationBasedLoss(C=1.5), "C must be a number in"),
+        (lambda: DistillationBasedLoss(temperature="hot"), "temperature must be 'adaptive'"),
+        (lambda: ExitEnsembleLoss(distance="l1"), "distance must be one of"),
+        (lambda: SelfDistillationLoss(temperature=0), "temperature must be a positive number"),
+        (lambda: MultiExitCELoss(schedule="sdn"), "needs epochs"),
+        (lambda: MultiExitCELoss(schedule="linear"), "schedule must be"),
+        (lambda: AppropriateTeachersLoss(num_exits=None), "needs num_exits"),
+        (lambda: create_loss("kd"), "unknown loss 'kd'"),
+        (lambda: MultiExitCELoss(num_exits=0), "num_exits must be"),
+        (lambda: ExitEnsembleLoss(feature_dims=[8]), "feature_dims"),
+    ],
+)
+def test_bad_hyperparameters_are_named(build, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        build()
