@@ -219,7 +219,7 @@ def test_identical_exits_give_zero_distillation(name):
         loss_fn(z, y, z0)
     else:
         loss_fn(z, y)
-    assert loss_fn.components["distill"].abs().max() < 1e-6
+    assert loss_fn.components["distill"].abs().max() < 1e-5  # float32 rounding; a distinct teacher gives ~0.5
 
 
 @pytest.mark.parametrize("name", timm_exits.loss_names())

@@ -44,9 +44,24 @@ def kd_loss(student: torch.Tensor, teacher_probs: torch.Tensor, temperature: flo
     return kl * temperature**2 if t_squared else kl
 
 
+def kd_matrix(students: list[torch.Tensor], teacher_probs: torch.Tensor, temperature: float, t_squared: bool = True) -> torch.Tensor:
+    """``(N, M)``: entry (i, k) is `kd_loss` of student i against teacher k, all pairs in one contraction.
+
+    KL(p_k || q_i) = sum p_k log p_k - sum p_k log q_i, so the pairs need one ``einsum`` rather
+    than N * M separate calls (which cost more than the arithmetic at classification sizes).
+    """
+    log_q = torch.stack([F.log_softmax(z.float() / temperature, dim=1) for z in students])  # (N, B, C)
+    p = teacher_probs.float()  # (M, B, C)
+    batch = p.shape[1]
+    neg_entropy = torch.special.xlogy(p, p).sum(dim=(1, 2))  # (M,)
+    cross = torch.einsum("kbc,ibc->ik", p, log_q)  # (N, M)
+    kl = (neg_entropy.unsqueeze(0) - cross) / batch
+    return kl * temperature**2 if t_squared else kl
+
+
 def soft(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """The detached teacher distribution softmax(sg(z) / T)."""
-    return F.softmax(logits.detach().float() / temperature, dim=1)
+    return F.softmax(logits.detach().float() / temperature, dim=-1)
 
 
 def _check_positive(name: str, value, allow_zero: bool = False) -> None:
@@ -489,9 +504,10 @@ class MultiSelfDistillationLoss(_HintLoss):
     def objective(self, logits, features, target):
         T = self.temperature
         n = len(logits)
-        teachers = [soft(z, T) for z in logits]
+        teachers = torch.stack([soft(z, T) for z in logits])
         ce = torch.stack([self.supervised(z, target) for z in logits])
-        distill = torch.stack([sum(kd_loss(z, teachers[j], T, self.t_squared) for j in range(n) if j != i) / (n - 1) for i, z in enumerate(logits)])
+        pairs = kd_matrix(logits, teachers, T, self.t_squared)  # (student, teacher); the diagonal is zero
+        distill = (pairs.sum(1) - pairs.diagonal()) / (n - 1)
         loss = (1.0 - self.alpha) * ce.sum() + self.alpha * distill.sum()
         terms = dict(ce=ce, distill=distill)
         b = self.current_feature_weight()
@@ -546,13 +562,10 @@ class AppropriateTeachersLoss(MultiExitLoss):
         T = self.temperature
         t = self.teachers(logits)
         teacher_ce = torch.stack([self.supervised(tk, target) for tk in t])
-        probs = [soft(tk, T) for tk in t]
         ce = torch.stack([self.supervised(z, target) for z in logits])
         n = len(logits)
-        off = (1.0 - self.lam) / (n - 1)
-        distill = torch.stack([
-            sum((self.lam if k == i else off) * kd_loss(z, probs[k], T, self.t_squared) for k in range(n)) for i, z in enumerate(logits)
-        ])
+        gates = torch.full((n, n), (1.0 - self.lam) / (n - 1), device=ce.device).fill_diagonal_(self.lam)
+        distill = (gates * kd_matrix(logits, soft(t, T), T, self.t_squared)).sum(1)
         loss = ce.sum() + distill.sum() + teacher_ce.sum()
         self._record(ce=ce, distill=distill, teacher_ce=teacher_ce)
         return loss
