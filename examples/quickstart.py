@@ -4,7 +4,6 @@
 """
 import timm
 import torch
-import torch.nn.functional as F
 import torchvision
 
 import timm_exits
@@ -16,13 +15,15 @@ for name, backbone in [("timm resnet50", timm.create_model("resnet50", num_class
 model = timm_exits.wrap(timm.create_model("resnet50", num_classes=10), stages=[1, 2, 3], head="sdn")
 images, target = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
 
-# One step of your own loop: every exit gets a loss.
+# One step of your own loop with a multi-exit loss: here exit-ensemble distillation.
+loss_fn = timm_exits.ExitEnsembleLoss()
 optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
 outputs = model(images)
-loss = sum(F.cross_entropy(z, target) for z in outputs)
+loss = loss_fn(outputs, target)
 loss.backward()
 optimizer.step()
 print(f"{model.num_exits} exits, logits {[tuple(z.shape) for z in outputs]}, loss {loss.item():.3f}")
+print("per-exit terms:", {k: round(v, 3) for k, v in loss_fn.log_dict().items()})
 
 # In eval the last exit is the backbone itself.
 model.eval()
