@@ -22,6 +22,7 @@ test-slow: $(BIN)/timm-exits
 
 benchmarks: $(BIN)/timm-exits
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/loss_study.py
 
 coverage: $(BIN)/timm-exits
 	$(BIN)/python benchmarks/coverage.py

@@ -125,7 +125,7 @@ def main() -> None:
     print(f"Command: `python benchmarks/loss_study.py --seeds {' '.join(map(str, args.seeds))} --epochs {args.epochs} --repeats {args.repeats}`\n")
     if not args.skip_accuracy:
         results = accuracy_study(args.seeds, args.epochs, log)
-        names = [f"exit {k} ({s})" for k, s in enumerate(STAGES + ["head"], start=1)]
+        names = [f"exit {k} ({s})" for k, s in enumerate(build(0).stages + ["head"], start=1)]
         print(f"Test accuracy per exit, mean ± std over seeds {args.seeds} ({args.epochs} epochs each):\n")
         print("| loss | " + " | ".join(names) + " | mean over exits |")
         print("|---|" + "---|" * (len(names) + 1))
