@@ -29,6 +29,8 @@ __all__ = [
     "MultiSelfDistillationLoss",
     "AppropriateTeachersLoss",
     "EnsembleKnowledgeDistillationLoss",
+    "create_loss",
+    "loss_names",
     "kd_loss",
 ]
 
