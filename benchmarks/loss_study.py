@@ -60,7 +60,8 @@ def accuracy_study(seeds, epochs: int, log) -> dict[str, list[list[float]]]:
 def step_study(repeats: int) -> dict[str, tuple[float, float]]:
     """Median seconds of a full train step and of the loss call alone, per loss."""
     model = build(0)
-    x, y = load_digits_32(0)[0][:BATCH], load_digits_32(0)[1][:BATCH]
+    x_train, y_train, _, _ = load_digits_32(0)
+    x, y = x_train[:BATCH], y_train[:BATCH]
     teacher_logits = torch.randn(BATCH, 10)
     losses = {name: timm_exits.create_loss(name, num_exits=model.num_exits, epochs=EPOCHS) for name in LOSSES}
     params = list(model.parameters()) + [p for fn in losses.values() for p in fn.parameters()]
