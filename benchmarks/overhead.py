@@ -2,7 +2,7 @@
 
 For each model, the plain and the wrapped forward are timed alternately in one process (so drift
 on a shared machine hits both alike) and the ratio of their medians is compared with what the
-FLOPs predict: 1 + (heads' FLOPs / backbone FLOPs), counted with fvcore. Also times wrap().
+FLOPs predict: 1 + (heads' FLOPs / backbone FLOPs), from `timm_exits.flops_report`. Also times wrap().
 
     python benchmarks/overhead.py [--batch 32] [--size 224] [--repeats 7]
 """
@@ -16,7 +16,6 @@ import warnings
 
 import timm
 import torch
-from fvcore.nn import FlopCountAnalysis
 
 import timm_exits
 
@@ -24,20 +23,6 @@ CASES = {
     "resnet50, exits after layer1-3": ("resnet50", [1, 2, 3]),
     "vit_small_patch16_224, exits after blocks 3, 6, 9": ("vit_small_patch16_224", [3, 6, 9]),
 }
-
-
-def flops(module, *inputs) -> float:
-    analysis = FlopCountAnalysis(module, inputs)
-    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    return float(analysis.total())
-
-
-def head_flops(model: timm_exits.MultiExitModel, x: torch.Tensor) -> float:
-    """FLOPs of the exit heads on the features they read (the backbone's part is not counted)."""
-    total, steps = 0.0, model._features_and_final(x)
-    for head, feature in zip(model.exits, steps):
-        total += flops(head, feature)
-    return total
 
 
 def cpu_name() -> str:
@@ -56,8 +41,8 @@ def measure(name: str, stages, batch: int, size: int, repeats: int) -> dict:
     wrapped = timm_exits.wrap(plain, stages=stages).eval()
     wrap_seconds = time.perf_counter() - start
     x = torch.randn(batch, 3, size, size)
-    backbone = flops(plain, x[:1])
-    heads = head_flops(wrapped, x[:1])
+    report = timm_exits.flops_report(wrapped, input_size=(3, size, size))
+    backbone, heads = report.backbone_flops, report.all_exits_flops - report.backbone_flops
     plain(x), wrapped(x)  # warm-up
     times = {"plain": [], "wrapped": []}
     for _ in range(repeats):

@@ -1,5 +1,6 @@
 """timm-exits: multi-exit networks from any timm or torchvision classifier."""
 from .ensemble import ExitEnsemble, anytime_ensemble, exit_ensemble
+from .flops import ExitCost, FlopsPlacement, FlopsReport, at_flops, flops_report
 from .heads import create_head, head_names, register_head
 from .losses import (
     AppropriateTeachersLoss,
@@ -42,6 +43,11 @@ __all__ = [
     "ExitEnsemble",
     "exit_ensemble",
     "anytime_ensemble",
+    "flops_report",
+    "FlopsReport",
+    "ExitCost",
+    "at_flops",
+    "FlopsPlacement",
 ]
 
 __version__ = "0.1.0"

@@ -24,6 +24,24 @@ def _stages(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flops(args: argparse.Namespace) -> int:
+    from .flops import at_flops, flops_report
+    from .model import wrap
+
+    model = _build(args.model, args.num_classes)
+    try:
+        if args.at_flops:
+            model = wrap(model, stages=at_flops(*args.at_flops), head=args.head, input_size=args.input_size)
+        elif args.stages:
+            model = wrap(model, stages=[int(s) if s.lstrip("-").isdigit() else s for s in args.stages], head=args.head, input_size=args.input_size)
+        report = flops_report(model, input_size=args.input_size)
+        report.model = args.model
+    except (ValueError, TypeError) as err:
+        raise SystemExit(f"timm-exits flops: {err}") from None
+    print(report.to_json() if args.json else report.to_markdown() if args.markdown else report)
+    return 0
+
+
 def _build(name: str, num_classes: int):
     """A timm model, or ``torchvision:NAME``, without pretrained weights (nothing is downloaded)."""
     if name.startswith("torchvision:"):
@@ -73,6 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     stages.add_argument("--num-classes", type=int, default=1000, help="classes of the backbone's head (default: 1000)")
     stages.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"), help="dummy input size (default: the model's own)")
     stages.set_defaults(run=_stages)
+
+    flops = sub.add_parser(
+        "flops",
+        help="print what each exit of a wrapped model costs: FLOPs (fvcore's convention) and parameters",
+        description="Build MODEL without weights, attach exits, and print per-exit FLOPs and parameters for one sample "
+        "(one fused multiply-add = 1 FLOP, as fvcore and the multi-exit papers count).",
+    )
+    flops.add_argument("model", help="timm model name, or torchvision:NAME")
+    where = flops.add_mutually_exclusive_group()
+    where.add_argument("--stages", nargs="+", metavar="STAGE", help="stages to attach exits to: indices or module names, shallow to deep (see `timm-exits stages MODEL`)")
+    where.add_argument("--at-flops", type=float, nargs="+", metavar="FRACTION", help="instead of --stages: place exits where the backbone has spent these shares of its FLOPs, e.g. 0.25 0.5 0.75")
+    flops.add_argument("--head", default="linear", help="exit head: linear, sdn, conv, bottleneck, replica (default: linear)")
+    flops.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"), help="size of one input sample (default: the model's own, e.g. 3 224 224)")
+    flops.add_argument("--num-classes", type=int, default=1000, help="classes of the backbone's head and of the exits (default: 1000)")
+    output = flops.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the report as JSON")
+    output.add_argument("--markdown", action="store_true", help="print the report as a markdown table")
+    flops.epilog = "Without --stages or --at-flops the plain model is reported as a single exit."
+    flops.set_defaults(run=_flops)
 
     args = parser.parse_args(argv)
     return args.run(args)

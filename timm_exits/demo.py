@@ -88,6 +88,7 @@ def run_demo(model_name: str = "resnet10t", stages=(1, 2, 3), head: str = "linea
     """
     import timm
 
+    from .flops import flops_report
     from .losses import create_loss
     from .model import wrap
 
@@ -112,10 +113,12 @@ def run_demo(model_name: str = "resnet10t", stages=(1, 2, 3), head: str = "linea
 
     fit(model, loss_fn, x_train, y_train, epochs, batch_size, lr, teacher=teacher, on_epoch=report)
     accs = evaluate(model, x_test, y_test)
+    costs = flops_report(model).exits
     names = list(model.stages) + ["head (backbone)"]
     width = max(len(n) for n in names)
     log("")
-    log(f"{'exit':>4}  {'attached after':<{width}}  test accuracy")
-    for k, (name, acc) in enumerate(zip(names, accs), start=1):
-        log(f"{k:>4}  {name:<{width}}  {acc:.4f}")
-    return {"accuracy": accs, "stages": names, "loss": loss, "seconds": time.perf_counter() - start}
+    log(f"{'exit':>4}  {'attached after':<{width}}  test accuracy  MFLOPs per image  share of the backbone")
+    for k, (name, acc, cost) in enumerate(zip(names, accs, costs), start=1):
+        log(f"{k:>4}  {name:<{width}}  {acc:>13.4f}  {cost.flops / 1e6:>16.2f}  {cost.share:>21.1%}")
+    log("(FLOPs counted by timm_exits.flops_report: fvcore's convention, one multiply-add = 1 FLOP)")
+    return {"accuracy": accs, "stages": names, "flops": [c.flops for c in costs], "loss": loss, "seconds": time.perf_counter() - start}

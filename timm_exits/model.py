@@ -221,7 +221,8 @@ def wrap(
             (timm's ``feature_info``: for resnet50, 1=layer1, 2=layer2, 3=layer3; negative
             indices count from the end), module names (``"layer2"``, ``"blocks.5"``) or graph
             node names. `timm_exits.list_stages(model)` prints the table. The final stage cannot
-            be one: the backbone's own head is always the last exit.
+            be one: the backbone's own head is always the last exit. Or a placement rule:
+            ``timm_exits.at_flops(0.25, 0.5, 0.75)`` picks the stages by their share of FLOPs.
         head: a head name (``"linear"``, ``"sdn"``, ``"conv"``, ``"bottleneck"``, ``"replica"``),
             a callable ``(channels, num_classes, layout) -> nn.Module``, or a list of those,
             one per exit.
@@ -243,6 +244,9 @@ def wrap(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, MultiExitModel):
         raise TypeError("model is already a MultiExitModel; wrap its .backbone instead")
+    resolve = getattr(stages, "resolve", None)
+    if callable(resolve):  # a placement rule such as at_flops(): it picks the stages for this model
+        stages = resolve(model, input_size, leaf_modules, autowrap_functions)
     plan = plan_exits(model, stages, input_size, leaf_modules, autowrap_functions)
     if num_classes is not None and num_classes != plan.num_classes:
         raise ValueError(

@@ -1,0 +1,483 @@
+"""What each exit costs: FLOPs and parameters per exit, counted with fvcore over one trace.
+
+The wrapped model's eval forward is traced once, with each segment of the backbone and each exit
+head registered as a module, so fvcore's per-module attribution gives every segment's and every
+head's FLOPs from the same analysis; exit k costs segments 0..k plus head k. FLOPs follow
+fvcore's convention (one fused multiply-add = one FLOP; elementwise operations are free), per
+sample. `FLOP_HANDLES` adds the operators fvcore leaves out but that do real work: fused
+attention and pooling. Operators still uncounted are named in the report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import warnings
+from typing import Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .model import MultiExitModel, wrap
+from .stages import _outermost_module, stage_table
+from .tracing import check_input_size, dummy_input, last_uses, run_shapes, set_training, single_cuts, trace
+
+__all__ = ["flops_report", "FlopsReport", "ExitCost", "at_flops", "FlopsPlacement", "FLOP_HANDLES"]
+
+CONVENTION = "one fused multiply-add = 1 FLOP (fvcore); elementwise ops uncounted; per sample"
+
+
+def _shape(value) -> list[int]:
+    from fvcore.nn.jit_handles import get_shape
+
+    shape = get_shape(value)
+    if shape is None:
+        raise ValueError("an input of the operator has no known shape")
+    return shape
+
+
+def _attention_flops(inputs, outputs) -> int:
+    """``softmax(q k^T) v``: the two matmuls, ``(..., L, d) x (..., S, d)`` then ``(..., L, S) x (..., S, dv)``."""
+    q, k, v = (_shape(inputs[i]) for i in range(3))
+    return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+def _input_flops(inputs, outputs) -> int:
+    """Global reductions (``mean``, adaptive pooling): one FLOP per input element, as fvcore counts adaptive average pooling."""
+    return math.prod(_shape(inputs[0]))
+
+
+def _ints(value) -> list[int]:
+    """A traced int-list argument: a constant, or a list built from constants."""
+    node = value.node()
+    items = [v.toIValue() for v in node.inputs()] if node.kind() == "prim::ListConstruct" else value.toIValue()
+    items = list(items) if isinstance(items, (list, tuple)) else [items]
+    if not all(isinstance(v, int) for v in items):
+        raise ValueError(f"the kernel size is not a constant: {items}")
+    return items
+
+
+def _window_flops(inputs, outputs) -> int:
+    """Windowed pooling: one FLOP per element of every window (output elements x kernel area)."""
+    kernel = _ints(inputs[1])
+    out = _shape(outputs[0])
+    spatial = len(out) - 2 if len(out) > 3 else len(out) - 1
+    if len(kernel) == 1:
+        kernel = kernel * spatial
+    return math.prod(out) * math.prod(kernel)
+
+
+#: Handles added to fvcore's defaults (name -> ``(inputs, outputs) -> FLOPs``). Extend it, or pass
+#: ``handles=`` to `flops_report`; a handle of ``None`` leaves that operator uncounted.
+FLOP_HANDLES: dict[str, Callable | None] = {
+    "aten::scaled_dot_product_attention": _attention_flops,
+    "aten::mean": _input_flops,
+    "aten::adaptive_max_pool1d": _input_flops,
+    "aten::adaptive_max_pool2d": _input_flops,
+    "aten::adaptive_avg_pool1d": _input_flops,
+    "aten::adaptive_avg_pool3d": _input_flops,
+    "aten::max_pool1d": _window_flops,
+    "aten::max_pool2d": _window_flops,
+    "aten::max_pool3d": _window_flops,
+    "aten::avg_pool1d": _window_flops,
+    "aten::avg_pool2d": _window_flops,
+    "aten::avg_pool3d": _window_flops,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitCost:
+    """What it costs one sample to reach one exit.
+
+    ``flops = backbone_flops + head_flops``; ``share`` is ``flops`` over the whole backbone's
+    FLOPs (the last exit, the backbone's own head, is 1). Parameters are counted the same way:
+    every backbone parameter the segments up to this exit use, plus the head's.
+    """
+
+    index: int
+    stage: str
+    head: str
+    backbone_flops: int
+    head_flops: int
+    flops: int
+    share: float
+    backbone_params: int
+    head_params: int
+    params: int
+
+
+@dataclasses.dataclass
+class FlopsReport:
+    """Per-exit FLOPs and parameters; ``report.exits[k].flops`` is what exit k costs per sample.
+
+    ``print(report)`` shows a table; `to_dict`, `to_markdown` and `to_json` give the same data.
+    ``uncounted_ops`` counts the operators no handle counted (elementwise ones by convention);
+    ``failed_ops`` names operators whose handle raised (they count 0 and the error is kept).
+    """
+
+    model: str
+    input_size: tuple[int, ...]
+    exits: list[ExitCost]
+    backbone_flops: int
+    all_exits_flops: int
+    uncounted_ops: dict[str, int]
+    failed_ops: dict[str, str]
+    notes: list[str]
+    convention: str = CONVENTION
+
+    def to_dict(self) -> dict:
+        """Plain Python data (the rows as dicts), ready for JSON."""
+        return {
+            "model": self.model,
+            "input_size": list(self.input_size),
+            "convention": self.convention,
+            "backbone_flops": self.backbone_flops,
+            "all_exits_flops": self.all_exits_flops,
+            "exits": [dataclasses.asdict(e) for e in self.exits],
+            "uncounted_ops": dict(self.uncounted_ops),
+            "failed_ops": dict(self.failed_ops),
+            "notes": list(self.notes),
+        }
+
+    def to_json(self, **kwargs) -> str:
+        kwargs.setdefault("indent", 2)
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def _table(self) -> tuple[list[str], list[list[str]], str]:
+        scale, unit = _unit(self.backbone_flops)
+        header = ["exit", "attached after", "head", f"backbone {unit}", f"head {unit}", f"total {unit}", "share", "params (M)"]
+        rows = [
+            [str(e.index + 1), e.stage, e.head, f"{e.backbone_flops / scale:.4g}", f"{e.head_flops / scale:.4g}", f"{e.flops / scale:.4g}", f"{e.share:.1%}", f"{e.params / 1e6:.3g}"]
+            for e in self.exits
+        ]
+        title = f"{self.model}, input {'x'.join(map(str, self.input_size))}: {unit} per exit ({self.convention})"
+        return header, rows, title
+
+    def _footer(self) -> list[str]:
+        scale, unit = _unit(self.backbone_flops)
+        lines = [f"all exits computed (the wrapped model's forward): {self.all_exits_flops / scale:.4g} {unit}"]
+        if self.uncounted_ops:
+            lines.append("uncounted operators: " + ", ".join(f"{op} x{n}" for op, n in sorted(self.uncounted_ops.items(), key=lambda kv: (-kv[1], kv[0]))))
+        for op, err in self.failed_ops.items():
+            lines.append(f"counting {op} failed ({err}); it counts 0")
+        return lines + list(self.notes)
+
+    def to_markdown(self) -> str:
+        header, rows, title = self._table()
+        lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "|".join("---:" if i not in (1, 2) else "---" for i in range(len(header))) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines + [""] + [f"- {line}" for line in self._footer()]) + "\n"
+
+    def __str__(self) -> str:
+        header, rows, title = self._table()
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        fmt = lambda r: "  ".join(c.ljust(w) if i in (1, 2) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+        return "\n".join([title, fmt(header), *map(fmt, rows), *self._footer()])
+
+
+def _unit(flops: float) -> tuple[float, str]:
+    for scale, unit in ((1e9, "GFLOPs"), (1e6, "MFLOPs"), (1e3, "KFLOPs")):
+        if flops >= scale:
+            return scale, unit
+    return 1.0, "FLOPs"
+
+
+# -- counting ---------------------------------------------------------------------------------------
+
+
+def _guard(op: str, handle: Callable, failed: dict[str, str]) -> Callable:
+    """A handle that, if it raises, records the operator and its error and counts 0: the report still comes."""
+
+    def counted(inputs, outputs):
+        try:
+            return handle(inputs, outputs)
+        except Exception as err:  # noqa: BLE001 - any failure of a handle is reported, not raised
+            failed.setdefault(op, f"{type(err).__name__}: {err}")
+            return 0
+
+    return counted
+
+
+def _analysis(module: nn.Module, inputs: tuple, handles: dict | None, failed: dict[str, str]):
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS
+
+    table = {**_DEFAULT_SUPPORTED_OPS, **FLOP_HANDLES, **(handles or {})}
+    analysis = FlopCountAnalysis(module, inputs)
+    for op, handle in table.items():
+        analysis.set_op_handle(op, None if handle is None else _guard(op, handle, failed))
+    # "caller": an op belongs to every module running when it runs, so the backbone's modules
+    # (called from inside a segment) still count towards that segment
+    return analysis.ancestor_mode("caller").unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+
+
+class _AllExits(nn.Module):
+    """The wrapped model's eval forward, with segments and heads registered so fvcore scopes each."""
+
+    def __init__(self, model: MultiExitModel):
+        super().__init__()
+        self.exits = model.exits
+        self.segments = nn.ModuleList(model.segments())
+
+    def forward(self, x):
+        state, outputs = (x,), []
+        for head, segment in zip(self.exits, self.segments):
+            feature, state = segment(*state)
+            outputs.append(head(feature))
+        out, _ = self.segments[-1](*state)
+        outputs.append(out if isinstance(out, torch.Tensor) else out[0])
+        return tuple(outputs)
+
+
+def _segment_params(segment: fx.GraphModule, seen: set[int]) -> int:
+    """Parameters a segment's graph reads (modules it calls, attributes it fetches) not counted before."""
+    count = 0
+    for node in segment.graph.nodes:
+        if node.op == "call_module":
+            tensors = segment.get_submodule(node.target).parameters()
+        elif node.op == "get_attr":
+            obj = functools.reduce(getattr, node.target.split("."), segment)
+            tensors = obj.parameters() if isinstance(obj, nn.Module) else [obj] if isinstance(obj, nn.Parameter) else []
+        else:
+            continue
+        for p in tensors:
+            if id(p) not in seen:
+                seen.add(id(p))
+                count += p.numel()
+    return count
+
+
+def _used_params(fn: Callable[[], torch.Tensor], params: list[nn.Parameter]) -> int:
+    """Parameters the output of ``fn()`` depends on (through autograd)."""
+    with torch.enable_grad():
+        out = fn()
+        grads = torch.autograd.grad(out.float().sum(), params, allow_unused=True)
+    return sum(p.numel() for p, g in zip(params, grads) if g is not None)
+
+
+def _head_name(head: nn.Module) -> str:
+    return type(head).__name__
+
+
+def _costs(model: MultiExitModel, x: torch.Tensor, handles, failed) -> tuple[list[int], list[int], list[int], list[int], dict, list[str]]:
+    """Per-exit cumulative backbone FLOPs and params, head FLOPs and params, uncounted ops, notes."""
+    heads = list(model.exits)
+    head_params = [sum(p.numel() for p in h.parameters()) for h in heads]
+    backbone_params = [p for p in model.backbone.parameters()]
+    if model._plan.feature_indices is None:
+        probe = _AllExits(model)
+        analysis = _analysis(probe, (x,), handles, failed)
+        by_module = analysis.by_module()
+        segments = [by_module[f"segments.{k}"] for k in range(len(probe.segments))]
+        head_flops = [by_module[f"exits.{k}"] for k in range(len(heads))]
+        seen: set[int] = set()
+        per_segment = [_segment_params(s, seen) for s in probe.segments]
+        cum_flops = list(_accumulate(segments))
+        cum_params = list(_accumulate(per_segment))
+        notes = []
+        uncounted = dict(analysis.unsupported_ops())
+    else:  # forward_intermediates: no segments to scope, so one trace per exit
+        backbone = model.backbone
+        cum_flops, cum_params, head_flops, uncounted = [], [], [], {}
+        for head, index in zip(heads, model._plan.feature_indices):
+            truncated = _Truncated(backbone, index)
+            analysis = _analysis(truncated, (x,), handles, failed)
+            cum_flops.append(analysis.total())
+            _merge(uncounted, analysis.unsupported_ops())
+            cum_params.append(_used_params(lambda: truncated(x), backbone_params))
+            with torch.no_grad():
+                feature = truncated(x)
+            head_analysis = _analysis(head, (feature,), handles, failed)
+            head_flops.append(head_analysis.total())
+            _merge(uncounted, head_analysis.unsupported_ops())
+        analysis = _analysis(backbone, (x,), handles, failed)
+        cum_flops.append(analysis.total())
+        _merge(uncounted, analysis.unsupported_ops())
+        cum_params.append(_used_params(lambda: backbone(x), backbone_params))
+        notes = ["fx could not trace this backbone: it runs through forward_intermediates, and each exit was counted with its own trace"]
+    unused = sum(p.numel() for p in backbone_params) - cum_params[-1]
+    if unused > 0:
+        notes.append(f"{unused:,} backbone parameters are not used in eval mode (auxiliary heads, for instance) and are not counted")
+    return cum_flops, cum_params, head_flops + [0], head_params + [0], uncounted, notes
+
+
+class _Truncated(nn.Module):
+    def __init__(self, backbone: nn.Module, index: int):
+        super().__init__()
+        self.backbone = backbone
+        self.index = index
+
+    def forward(self, x):
+        return self.backbone.forward_intermediates(x, indices=[self.index], intermediates_only=True, stop_early=True)[0]
+
+
+def _accumulate(values):
+    total = 0
+    for v in values:
+        total += v
+        yield total
+
+
+def _merge(into: dict, counter) -> None:
+    for op, n in counter.items():
+        into[op] = into.get(op, 0) + n
+
+
+def flops_report(model: nn.Module, input_size: Sequence[int] | None = None, *, example_input: torch.Tensor | None = None, handles: dict | None = None) -> FlopsReport:
+    """FLOPs and parameters of every exit of `model`, per sample, as a `FlopsReport`.
+
+    Args:
+        model: a `MultiExitModel` (one row per exit). Any other module is reported as a single
+            exit, with a note saying so.
+        input_size: ``(C, H, W)`` of one sample; defaults to the size the model was wrapped for.
+        example_input: a batch to count on instead (counts are divided by its batch size).
+        handles: extra or replacement fvcore handles, ``{"aten::op": (inputs, outputs) -> FLOPs}``;
+            ``None`` as a handle leaves that operator uncounted.
+
+    One fvcore trace of the eval-mode forward serves every exit. The model's training mode is
+    restored afterwards. Example::
+
+        >>> import timm, timm_exits
+        >>> model = timm_exits.wrap(timm.create_model("resnet18"), stages=[1, 2, 3])
+        >>> report = timm_exits.flops_report(model, input_size=(3, 224, 224))
+        >>> round(report.exits[-1].flops / 1e9, 2)   # the plain resnet18
+        1.82
+    """
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module (a MultiExitModel for one row per exit), got {type(model).__name__}")
+    if handles is not None and not isinstance(handles, dict):
+        raise TypeError(f"handles must be a dict of operator name -> handle, got {type(handles).__name__}")
+    wrapped = isinstance(model, MultiExitModel)
+    backbone = model.backbone if wrapped else model
+    if example_input is not None:
+        if input_size is not None:
+            raise ValueError("give input_size or example_input, not both")
+        if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
+            raise ValueError(f"example_input must be a batch tensor (B, C, H, W), got {getattr(example_input, 'shape', type(example_input).__name__)}")
+        x = example_input
+    else:
+        size = model.input_size if wrapped and input_size is None else check_input_size(input_size, backbone)
+        x = dummy_input(backbone, size)
+    batch = x.shape[0]
+    failed: dict[str, str] = {}
+    modes = set_training(model, False)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the jit tracer's warnings are about reuse of the trace, which we do not do
+            if wrapped:
+                cum_flops, cum_params, head_flops, head_params, uncounted, notes = _costs(model, x, handles, failed)
+                stages = list(model.stages) + ["final"]
+                heads = [_head_name(h) for h in model.exits] + ["backbone's own"]
+            else:
+                analysis = _analysis(model, (x,), handles, failed)
+                cum_flops, head_flops = [analysis.total()], [0]
+                cum_params, head_params = [sum(p.numel() for p in model.parameters())], [0]
+                uncounted = dict(analysis.unsupported_ops())
+                stages, heads = ["final"], ["model's own"]
+                notes = [f"{type(model).__name__} is not a MultiExitModel: reported as a single exit (timm_exits.wrap(model, stages=...) adds exits)"]
+    finally:
+        set_training(model, modes)
+    per = lambda v: v // batch if v % batch == 0 else v / batch  # noqa: E731 - counts are linear in the batch
+    full = per(cum_flops[-1])
+    exits = []
+    for k, stage in enumerate(stages):
+        bb, hd = per(cum_flops[k]), per(head_flops[k])
+        exits.append(ExitCost(k, stage, heads[k], bb, hd, bb + hd, (bb + hd) / full if full else float("nan"), cum_params[k], head_params[k], cum_params[k] + head_params[k]))
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    return FlopsReport(
+        model=cfg.get("architecture") or type(backbone).__name__,
+        input_size=tuple(int(v) for v in x.shape[1:]),
+        exits=exits,
+        backbone_flops=full,
+        all_exits_flops=full + sum(e.head_flops for e in exits),
+        uncounted_ops=uncounted,
+        failed_ops=failed,
+        notes=notes,
+    )
+
+
+# -- placing exits by cost ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopsPlacement:
+    """Stages chosen by cost: the candidates whose cumulative FLOPs are nearest to each fraction.
+
+    Pass it as ``wrap(model, stages=timm_exits.at_flops(0.25, 0.5, 0.75))``; ``resolve(model)``
+    shows which stage names it picks.
+    """
+
+    fractions: tuple[float, ...]
+    candidates: str | tuple = "stages"
+
+    def shares(self, model: nn.Module, input_size=None, leaf_modules=(), autowrap_functions=()) -> dict[str, float]:
+        """Each candidate stage and the share of the backbone's FLOPs spent when its output is ready."""
+        names = self._candidate_names(model, input_size, leaf_modules, autowrap_functions)
+        probe = wrap(model, stages=names, input_size=input_size, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+        report = flops_report(probe)
+        return {e.stage: e.backbone_flops / report.backbone_flops for e in report.exits[:-1]}
+
+    def resolve(self, model: nn.Module, input_size=None, leaf_modules=(), autowrap_functions=()) -> list[str]:
+        """The stage names nearest to the fractions, shallow to deep."""
+        shares = self.shares(model, input_size, leaf_modules, autowrap_functions)
+        picked = [min(shares, key=lambda name: abs(shares[name] - f)) for f in self.fractions]
+        if len(set(picked)) != len(picked):
+            table = "\n".join(f"  {name}: {share:.1%}" for name, share in shares.items())
+            hint = " or candidates='blocks' for a cut after every block" if self.candidates == "stages" else ""
+            raise ValueError(
+                f"at_flops{self.fractions}: several fractions land on the same stage ({picked}); give fractions further apart{hint}. "
+                f"The candidate stages and their share of the backbone's FLOPs:\n{table}"
+            )
+        return picked
+
+    def _candidate_names(self, model, input_size, leaf_modules, autowrap_functions) -> list:
+        if isinstance(model, MultiExitModel):
+            raise TypeError("at_flops places the exits of a model that is not wrapped yet; pass the backbone")
+        if not isinstance(self.candidates, str):
+            return list(self.candidates)
+        traced = trace(model, False, leaf_modules, autowrap_functions)
+        size = check_input_size(input_size, model)
+        shapes, _ = run_shapes(model, traced, dummy_input(model, size))
+        last = last_uses(traced)
+        table = stage_table(model, traced, shapes, last, size[1:])
+        if self.candidates == "stages":
+            return [s.name for s in table if not s.final]
+        limit = traced.position[traced.find(table[-1].name)]
+        modules = {n for n, _ in model.named_modules()}
+        names: list[str] = []
+        for node in single_cuts(traced, last):
+            shape = shapes.get(node)
+            name = _outermost_module(traced, node, modules)
+            if traced.position[node] < limit and shape is not None and len(shape) in (3, 4) and name in modules and name not in names:
+                names.append(name)
+        return names
+
+
+def at_flops(*fractions: float, candidates: str | Sequence = "stages") -> FlopsPlacement:
+    """Place exits where the backbone has spent the given fractions of its FLOPs (Shallow-Deep Networks' rule).
+
+    ``wrap(model, stages=at_flops(0.25, 0.5, 0.75))`` picks, for each fraction, the stage whose
+    output is ready after the nearest share of the backbone's FLOPs (the backbone's own head
+    counts in the total). Candidates are the model's stage table (``"stages"``, what
+    `list_stages` shows), every clean cut between blocks (``"blocks"``: finer, for CNNs with few
+    stages), or a list of stage names or indices.
+    """
+    if len(fractions) == 1 and isinstance(fractions[0], (list, tuple)):
+        fractions = tuple(fractions[0])
+    if not fractions:
+        raise ValueError("at_flops needs at least one fraction, e.g. at_flops(0.25, 0.5, 0.75)")
+    for f in fractions:
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f < 1.0:
+            raise ValueError(f"at_flops fractions must be numbers strictly between 0 and 1 (shares of the backbone's FLOPs), got {f!r}")
+    if any(b <= a for a, b in zip(fractions, fractions[1:])):
+        raise ValueError(f"at_flops fractions must increase (shallow to deep), got {fractions}")
+    if isinstance(candidates, str):
+        if candidates not in ("stages", "blocks"):
+            raise ValueError(f"candidates must be 'stages', 'blocks' or a list of stage names or indices, got {candidates!r}")
+    else:
+        candidates = tuple(candidates)
+    return FlopsPlacement(tuple(float(f) for f in fractions), candidates)
