@@ -1,8 +1,9 @@
 """Which models wrap: one model of every timm family and every torchvision classifier.
 
 For each model: build it without weights, pick two exits spread over its stage table, wrap it,
-check that the last exit equals the plain model in eval (on its own input size) and that a
-training step reaches every head. Writes docs/coverage.md:
+check that the last exit equals the plain model in eval (on its own input size), that the
+per-exit FLOPs report sums to the plain model's FLOPs with no failing operator handle, and that
+a training step reaches every head. Writes docs/coverage.md:
 
     python benchmarks/coverage.py [--only timm|torchvision] [--out docs/coverage.md]
 
@@ -167,6 +168,10 @@ def check(build, source: str, family: str, name: str, input_size=None) -> Result
             ours, ref = wrapped.eval()(x)[-1], model(x)
         if not torch.allclose(ours, ref, rtol=1e-4, atol=1e-5):
             raise AssertionError(f"last exit differs from the plain model by {(ours - ref).abs().max().item():.2e}")
+        report = timm_exits.flops_report(wrapped)  # one trace of every segment: it must lose and double nothing
+        plain = timm_exits.flops_report(model, input_size=size).backbone_flops
+        if report.failed_ops or abs(report.backbone_flops - plain) > 1e-3 * plain:
+            raise AssertionError(f"FLOPs: the exits sum to {report.backbone_flops:,}, the plain model has {plain:,}; failed handles: {report.failed_ops}")
         wrapped.train()
         sum(z.float().square().mean() for z in wrapped(x)).backward()
         if any(p.grad is None for p in wrapped.exits.parameters()):
@@ -216,7 +221,8 @@ def to_markdown(results: list[Result]) -> str:
         f"{torchvision.__version__}, torch {torch.__version__}. A model *wraps* when `wrap()` succeeds on two",
         "stages spread over its stage table, the last exit equals the plain model in eval (timm",
         "models at their own input size, but the four large encoders in TIMM_SIZE at 224x224;",
-        "torchvision CNNs at 112x112, torchvision models with a fixed size at theirs), and a training",
+        "torchvision CNNs at 112x112, torchvision models with a fixed size at theirs), the per-exit",
+        "FLOPs report sums to the plain model's FLOPs with no failing operator handle, and a training",
         "step reaches every head. *fallback* means fx could",
         "not trace it and timm's `forward_intermediates` was used (no early-exit savings).",
         "",

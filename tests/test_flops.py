@@ -161,6 +161,9 @@ def test_forward_intermediates_fallback_is_counted_per_exit():
     assert [e.flops for e in report.exits] == [e.flops for e in traceable.exits]
     assert [e.params for e in report.exits] == [e.params for e in traceable.exits]
     assert any("its own trace" in note for note in report.notes)
+    with pytest.warns(UserWarning):
+        placed = timm_exits.wrap(backbone, stages=timm_exits.at_flops(0.3, 0.55), input_size=(3, 32, 32))
+    assert placed.stages == ["layer1", "layer2"]  # 32 % and 55 % of resnet18's FLOPs
 
 
 def test_a_failing_operator_is_named_and_the_report_still_comes(resnet18):
@@ -238,3 +241,46 @@ def test_cli_unknown_model_and_bad_size(capsys):
     help_text = capsys.readouterr().out
     for flag in ("--stages", "--at-flops", "--head", "--input-size", "--num-classes", "--json"):
         assert flag in help_text
+
+
+class Op(torch.nn.Module):
+    def __init__(self, fn, *modules):
+        super().__init__()
+        self.fn, self.layers = fn, torch.nn.ModuleList(modules)
+
+    def forward(self, x):
+        return self.fn(x, *self.layers)
+
+
+lstm = torch.nn.LSTM(8, 16, num_layers=2, bidirectional=True, batch_first=True)
+F = torch.nn.functional
+# (module, input shape, hand count): the operators fvcore leaves out that FLOP_HANDLES counts
+HAND_COUNTS = {
+    "max_pool2d 3x3/2": (Op(lambda x: F.max_pool2d(x, 3, 2, 1)), (1, 4, 8, 8), 4 * 4 * 4 * 9),
+    "avg_pool2d 2x2": (Op(lambda x: F.avg_pool2d(x, 2)), (1, 4, 8, 8), 4 * 4 * 4 * 4),
+    "mean": (Op(lambda x: x.mean((2, 3))), (2, 4, 8, 8), 2 * 4 * 64),
+    "sum, amax, vector norm": (Op(lambda x: x.sum(1) + x.amax(1) + torch.linalg.vector_norm(x, dim=1)), (2, 4, 8), 3 * 2 * 4 * 8),
+    "attention": (Op(lambda x: F.scaled_dot_product_attention(x, x[:, :, :3], x[:, :, :3])), (2, 4, 5, 8), 2 * 4 * 5 * 3 * (8 + 8)),
+    "conv padding='same'": (Op(lambda x, c: c(x), torch.nn.Conv2d(4, 6, 3, padding="same")), (1, 4, 8, 8), 6 * 8 * 8 * 4 * 9),
+    "lstm, 2 layers, both ways": (Op(lambda x, m: m(x)[0], lstm), (3, 7, 8), 3 * 7 * 2 * (64 * 8 + 64 * 16 + 64 * 32 + 64 * 16)),
+    "bicubic upsampling": (Op(lambda x: F.interpolate(x, scale_factor=2, mode="bicubic")), (1, 4, 8, 8), 16 * 4 * 16 * 16),
+}
+
+
+@pytest.mark.parametrize("case", list(HAND_COUNTS))
+def test_extra_handles_equal_a_hand_count(case):
+    module, shape, expected = HAND_COUNTS[case]
+    report = timm_exits.flops_report(module, example_input=torch.randn(*shape))
+    batch = shape[0]
+    assert report.exits[0].flops * batch == expected
+    assert not report.failed_ops
+
+
+def test_multihead_attention_fast_path_equals_its_explicit_ops():
+    torch.manual_seed(0)
+    backbone = torchvision.models.vit_b_16(num_classes=5, image_size=32).eval()
+    report = timm_exits.flops_report(timm_exits.wrap(backbone, stages=[5]))  # no_grad: nn.MultiheadAttention's fused kernel
+    assert "aten::_native_multi_head_attention" not in report.uncounted_ops
+    with torch.enable_grad():  # with grad it runs as linear layers and scaled_dot_product_attention
+        explicit = fvcore_total(backbone, torch.randn(1, 3, 32, 32))
+    assert report.exits[-1].backbone_flops == explicit

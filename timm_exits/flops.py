@@ -4,16 +4,19 @@ The wrapped model's eval forward is traced once, with each segment of the backbo
 head registered as a module, so fvcore's per-module attribution gives every segment's and every
 head's FLOPs from the same analysis; exit k costs segments 0..k plus head k. FLOPs follow
 fvcore's convention (one fused multiply-add = one FLOP; elementwise operations are free), per
-sample. `FLOP_HANDLES` adds the operators fvcore leaves out but that do real work: fused
-attention and pooling. Operators still uncounted are named in the report.
+sample. `FLOP_HANDLES` adds the operators fvcore leaves out but that do real work (fused
+attention, pooling and reductions, LSTMs, convolutions with string padding, RMSNorm, bicubic
+interpolation); the operators still uncounted are named in the report.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import warnings
+from collections import Counter
 from typing import Callable, Sequence
 
 import torch
@@ -22,7 +25,7 @@ from torch import nn
 
 from .model import MultiExitModel, wrap
 from .stages import _outermost_module, stage_table
-from .tracing import check_input_size, dummy_input, last_uses, run_shapes, set_training, single_cuts, trace
+from .tracing import TraceError, check_input_size, dummy_input, last_uses, run_shapes, set_training, single_cuts, trace
 
 __all__ = ["flops_report", "FlopsReport", "ExitCost", "at_flops", "FlopsPlacement", "FLOP_HANDLES"]
 
@@ -45,7 +48,7 @@ def _attention_flops(inputs, outputs) -> int:
 
 
 def _input_flops(inputs, outputs) -> int:
-    """Global reductions (``mean``, adaptive pooling): one FLOP per input element, as fvcore counts adaptive average pooling."""
+    """Reductions (``mean``, ``sum``, norms, adaptive pooling): one FLOP per input element, as fvcore counts adaptive average pooling."""
     return math.prod(_shape(inputs[0]))
 
 
@@ -69,11 +72,53 @@ def _window_flops(inputs, outputs) -> int:
     return math.prod(out) * math.prod(kernel)
 
 
+def _fused_mha_flops(inputs, outputs) -> int:
+    """``nn.MultiheadAttention``'s inference fast path (batch first): q, k, v and output projections, and attention."""
+    q, k = _shape(inputs[0]), _shape(inputs[1])
+    rows_q, rows_kv, dim = math.prod(q[:-1]), math.prod(k[:-1]), q[-1]
+    return 2 * rows_q * dim * dim + 2 * rows_kv * dim * dim + 2 * rows_q * k[-2] * dim
+
+
+def _conv_mode_flops(inputs, outputs) -> int:
+    """A convolution with string padding (``padding="same"``): output elements x (C_in / groups) x kernel area."""
+    return math.prod(_shape(outputs[0])) * math.prod(_shape(inputs[1])[1:])
+
+
+def _lstm_flops(inputs, outputs) -> int:
+    """``nn.LSTM``: every weight matrix (all gates, layers, directions) multiplies one vector per sample and time step."""
+    weights = inputs[2].node()
+    if weights.kind() != "prim::ListConstruct":
+        raise ValueError("the LSTM's weights are not a list the trace can read")
+    shapes = [_shape(w) for w in weights.inputs()]
+    return math.prod(_shape(inputs[0])[:-1]) * sum(math.prod(s) for s in shapes if len(s) == 2)
+
+
+def _per_output(scale: int) -> Callable:
+    """Interpolation: `scale` FLOPs per output element (the points each output mixes), as fvcore counts bilinear."""
+    return lambda inputs, outputs: scale * math.prod(_shape(outputs[0]))
+
+
+def _rms_norm_flops(inputs, outputs) -> int:
+    from fvcore.nn.jit_handles import norm_flop_counter
+
+    return norm_flop_counter(2)(inputs, outputs)
+
+
 #: Handles added to fvcore's defaults (name -> ``(inputs, outputs) -> FLOPs``). Extend it, or pass
 #: ``handles=`` to `flops_report`; a handle of ``None`` leaves that operator uncounted.
 FLOP_HANDLES: dict[str, Callable | None] = {
     "aten::scaled_dot_product_attention": _attention_flops,
+    "aten::_native_multi_head_attention": _fused_mha_flops,
+    "aten::_convolution_mode": _conv_mode_flops,
+    "aten::lstm": _lstm_flops,
+    "aten::rms_norm": _rms_norm_flops,
+    "aten::upsample_bicubic2d": _per_output(16),
+    "aten::upsample_linear1d": _per_output(2),
+    "aten::upsample_trilinear3d": _per_output(8),
     "aten::mean": _input_flops,
+    "aten::sum": _input_flops,
+    "aten::amax": _input_flops,
+    "aten::linalg_vector_norm": _input_flops,
     "aten::adaptive_max_pool1d": _input_flops,
     "aten::adaptive_max_pool2d": _input_flops,
     "aten::adaptive_avg_pool1d": _input_flops,
@@ -252,55 +297,34 @@ def _segment_params(segment: fx.GraphModule, seen: set[int]) -> int:
 def _used_params(fn: Callable[[], torch.Tensor], params: list[nn.Parameter]) -> int:
     """Parameters the output of ``fn()`` depends on (through autograd)."""
     with torch.enable_grad():
-        out = fn()
-        grads = torch.autograd.grad(out.float().sum(), params, allow_unused=True)
+        grads = torch.autograd.grad(fn().float().sum(), params, allow_unused=True)
     return sum(p.numel() for p, g in zip(params, grads) if g is not None)
 
 
-def _head_name(head: nn.Module) -> str:
-    return type(head).__name__
+@dataclasses.dataclass
+class _Counts:
+    """Raw counts for a batch, one entry per exit: the backbone's are cumulative."""
+
+    backbone_flops: list
+    backbone_params: list
+    head_flops: list
+    uncounted: Counter
+    notes: list
 
 
-def _costs(model: MultiExitModel, x: torch.Tensor, handles, failed) -> tuple[list[int], list[int], list[int], list[int], dict, list[str]]:
-    """Per-exit cumulative backbone FLOPs and params, head FLOPs and params, uncounted ops, notes."""
-    heads = list(model.exits)
-    head_params = [sum(p.numel() for p in h.parameters()) for h in heads]
-    backbone_params = [p for p in model.backbone.parameters()]
-    if model._plan.feature_indices is None:
-        probe = _AllExits(model)
-        analysis = _analysis(probe, (x,), handles, failed)
-        by_module = analysis.by_module()
-        segments = [by_module[f"segments.{k}"] for k in range(len(probe.segments))]
-        head_flops = [by_module[f"exits.{k}"] for k in range(len(heads))]
-        seen: set[int] = set()
-        per_segment = [_segment_params(s, seen) for s in probe.segments]
-        cum_flops = list(_accumulate(segments))
-        cum_params = list(_accumulate(per_segment))
-        notes = []
-        uncounted = dict(analysis.unsupported_ops())
-    else:  # forward_intermediates: no segments to scope, so one trace per exit
-        backbone = model.backbone
-        cum_flops, cum_params, head_flops, uncounted = [], [], [], {}
-        for head, index in zip(heads, model._plan.feature_indices):
-            truncated = _Truncated(backbone, index)
-            analysis = _analysis(truncated, (x,), handles, failed)
-            cum_flops.append(analysis.total())
-            _merge(uncounted, analysis.unsupported_ops())
-            cum_params.append(_used_params(lambda: truncated(x), backbone_params))
-            with torch.no_grad():
-                feature = truncated(x)
-            head_analysis = _analysis(head, (feature,), handles, failed)
-            head_flops.append(head_analysis.total())
-            _merge(uncounted, head_analysis.unsupported_ops())
-        analysis = _analysis(backbone, (x,), handles, failed)
-        cum_flops.append(analysis.total())
-        _merge(uncounted, analysis.unsupported_ops())
-        cum_params.append(_used_params(lambda: backbone(x), backbone_params))
-        notes = ["fx could not trace this backbone: it runs through forward_intermediates, and each exit was counted with its own trace"]
-    unused = sum(p.numel() for p in backbone_params) - cum_params[-1]
-    if unused > 0:
-        notes.append(f"{unused:,} backbone parameters are not used in eval mode (auxiliary heads, for instance) and are not counted")
-    return cum_flops, cum_params, head_flops + [0], head_params + [0], uncounted, notes
+def _count_segments(model: MultiExitModel, x: torch.Tensor, handles, failed) -> _Counts:
+    """One trace of all segments and heads; each segment's and head's FLOPs read from it."""
+    probe = _AllExits(model)
+    analysis = _analysis(probe, (x,), handles, failed)
+    by_module = analysis.by_module()
+    seen: set[int] = set()
+    return _Counts(
+        backbone_flops=list(itertools.accumulate(by_module[f"segments.{k}"] for k in range(len(probe.segments)))),
+        backbone_params=list(itertools.accumulate(_segment_params(s, seen) for s in probe.segments)),
+        head_flops=[by_module[f"exits.{k}"] for k in range(len(probe.exits))] + [0],
+        uncounted=Counter(analysis.unsupported_ops()),
+        notes=[],
+    )
 
 
 class _Truncated(nn.Module):
@@ -313,16 +337,46 @@ class _Truncated(nn.Module):
         return self.backbone.forward_intermediates(x, indices=[self.index], intermediates_only=True, stop_early=True)[0]
 
 
-def _accumulate(values):
-    total = 0
-    for v in values:
-        total += v
-        yield total
+def _count_per_exit(model: MultiExitModel, x: torch.Tensor, handles, failed) -> _Counts:
+    """A backbone run through forward_intermediates has no segments to scope: one trace per exit."""
+    backbone, params = model.backbone, list(model.backbone.parameters())
+    counts = _Counts([], [], [], Counter(), ["fx could not trace this backbone: it runs through forward_intermediates, and each exit was counted with its own trace"])
+    for head, index in zip(model.exits, model._plan.feature_indices):
+        truncated = _Truncated(backbone, index)
+        analysis = _analysis(truncated, (x,), handles, failed)
+        head_analysis = _analysis(head, (truncated(x),), handles, failed)
+        counts.backbone_flops.append(analysis.total())
+        counts.backbone_params.append(_used_params(lambda: truncated(x), params))
+        counts.head_flops.append(head_analysis.total())
+        counts.uncounted.update(analysis.unsupported_ops())
+        counts.uncounted.update(head_analysis.unsupported_ops())
+    analysis = _analysis(backbone, (x,), handles, failed)
+    counts.backbone_flops.append(analysis.total())
+    counts.backbone_params.append(_used_params(lambda: backbone(x), params))
+    counts.head_flops.append(0)
+    counts.uncounted.update(analysis.unsupported_ops())
+    return counts
 
 
-def _merge(into: dict, counter) -> None:
-    for op, n in counter.items():
-        into[op] = into.get(op, 0) + n
+def _sample(model: nn.Module, backbone: nn.Module, input_size, example_input) -> torch.Tensor:
+    """The batch to count on: `example_input`, or one random sample of `input_size` (default: the wrapped size)."""
+    if example_input is None:
+        size = model.input_size if isinstance(model, MultiExitModel) and input_size is None else check_input_size(input_size, backbone)
+        return dummy_input(backbone, size)
+    if input_size is not None:
+        raise ValueError("give input_size or example_input, not both")
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
+        raise ValueError(f"example_input must be a batch tensor (B, C, H, W), got {getattr(example_input, 'shape', type(example_input).__name__)}")
+    return example_input
+
+
+def _labels(model: nn.Module) -> tuple[list[str], list[str], list[int]]:
+    """Each exit's stage, head name and head parameters."""
+    if not isinstance(model, MultiExitModel):
+        return ["final"], ["model's own"], [0]
+    stages = list(model.stages) + ["final"]
+    heads = [type(h).__name__ for h in model.exits] + ["backbone's own"]
+    return stages, heads, [sum(p.numel() for p in h.parameters()) for h in model.exits] + [0]
 
 
 def flops_report(model: nn.Module, input_size: Sequence[int] | None = None, *, example_input: torch.Tensor | None = None, handles: dict | None = None) -> FlopsReport:
@@ -353,40 +407,34 @@ def flops_report(model: nn.Module, input_size: Sequence[int] | None = None, *, e
         raise TypeError(f"handles must be a dict of operator name -> handle, got {type(handles).__name__}")
     wrapped = isinstance(model, MultiExitModel)
     backbone = model.backbone if wrapped else model
-    if example_input is not None:
-        if input_size is not None:
-            raise ValueError("give input_size or example_input, not both")
-        if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
-            raise ValueError(f"example_input must be a batch tensor (B, C, H, W), got {getattr(example_input, 'shape', type(example_input).__name__)}")
-        x = example_input
-    else:
-        size = model.input_size if wrapped and input_size is None else check_input_size(input_size, backbone)
-        x = dummy_input(backbone, size)
+    x = _sample(model, backbone, input_size, example_input)
     batch = x.shape[0]
     failed: dict[str, str] = {}
     modes = set_training(model, False)
     try:
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the jit tracer's warnings are about reuse of the trace, which we do not do
-            if wrapped:
-                cum_flops, cum_params, head_flops, head_params, uncounted, notes = _costs(model, x, handles, failed)
-                stages = list(model.stages) + ["final"]
-                heads = [_head_name(h) for h in model.exits] + ["backbone's own"]
-            else:
+            warnings.simplefilter("ignore")  # the jit tracer's warnings are about reusing the trace, which we do not do
+            if not wrapped:
                 analysis = _analysis(model, (x,), handles, failed)
-                cum_flops, head_flops = [analysis.total()], [0]
-                cum_params, head_params = [sum(p.numel() for p in model.parameters())], [0]
-                uncounted = dict(analysis.unsupported_ops())
-                stages, heads = ["final"], ["model's own"]
-                notes = [f"{type(model).__name__} is not a MultiExitModel: reported as a single exit (timm_exits.wrap(model, stages=...) adds exits)"]
+                note = f"{type(model).__name__} is not a MultiExitModel: reported as a single exit (timm_exits.wrap(model, stages=...) adds exits)"
+                counts = _Counts([analysis.total()], [sum(p.numel() for p in model.parameters())], [0], Counter(analysis.unsupported_ops()), [note])
+            elif model._plan.feature_indices is None:
+                counts = _count_segments(model, x, handles, failed)
+            else:
+                counts = _count_per_exit(model, x, handles, failed)
     finally:
         set_training(model, modes)
+    unused = sum(p.numel() for p in backbone.parameters()) - counts.backbone_params[-1]
+    if unused > 0:
+        counts.notes.append(f"{unused:,} backbone parameters are not used in eval mode (auxiliary heads, for instance) and are not counted")
+    stages, heads, head_params = _labels(model)
     per = lambda v: v // batch if v % batch == 0 else v / batch  # noqa: E731 - counts are linear in the batch
-    full = per(cum_flops[-1])
+    full = per(counts.backbone_flops[-1])
     exits = []
     for k, stage in enumerate(stages):
-        bb, hd = per(cum_flops[k]), per(head_flops[k])
-        exits.append(ExitCost(k, stage, heads[k], bb, hd, bb + hd, (bb + hd) / full if full else float("nan"), cum_params[k], head_params[k], cum_params[k] + head_params[k]))
+        bb, hd = per(counts.backbone_flops[k]), per(counts.head_flops[k])
+        bp = counts.backbone_params[k]
+        exits.append(ExitCost(k, stage, heads[k], bb, hd, bb + hd, (bb + hd) / full if full else float("nan"), bp, head_params[k], bp + head_params[k]))
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
     return FlopsReport(
         model=cfg.get("architecture") or type(backbone).__name__,
@@ -394,9 +442,9 @@ def flops_report(model: nn.Module, input_size: Sequence[int] | None = None, *, e
         exits=exits,
         backbone_flops=full,
         all_exits_flops=full + sum(e.head_flops for e in exits),
-        uncounted_ops=uncounted,
+        uncounted_ops=dict(counts.uncounted),
         failed_ops=failed,
-        notes=notes,
+        notes=counts.notes,
     )
 
 
@@ -439,7 +487,12 @@ class FlopsPlacement:
             raise TypeError("at_flops places the exits of a model that is not wrapped yet; pass the backbone")
         if not isinstance(self.candidates, str):
             return list(self.candidates)
-        traced = trace(model, False, leaf_modules, autowrap_functions)
+        try:
+            traced = trace(model, False, leaf_modules, autowrap_functions)
+        except TraceError:
+            if self.candidates == "stages" and getattr(model, "feature_info", None):  # wrap() falls back to forward_intermediates
+                return [(i if isinstance(i, dict) else vars(i))["module"] for i in model.feature_info][:-1]
+            raise
         size = check_input_size(input_size, model)
         shapes, _ = run_shapes(model, traced, dummy_input(model, size))
         last = last_uses(traced)
