@@ -138,7 +138,8 @@ class ExitCost:
 
     ``flops = backbone_flops + head_flops``; ``share`` is ``flops`` over the whole backbone's
     FLOPs (the last exit, the backbone's own head, is 1). Parameters are counted the same way:
-    every backbone parameter the segments up to this exit use, plus the head's.
+    every backbone parameter the segments up to this exit use, plus the head's. ``index`` counts
+    from 0, like ``model(x)[index]`` (the printed table counts from 1).
     """
 
     index: int
