@@ -1,6 +1,18 @@
 """timm-exits: multi-exit networks from any timm or torchvision classifier."""
 from .ensemble import ExitEnsemble, anytime_ensemble, exit_ensemble
 from .flops import ExitCost, FlopsPlacement, FlopsReport, at_flops, flops_report
+from .inference import (
+    CachedExits,
+    Calibration,
+    EarlyExitResult,
+    anytime_accuracy,
+    budgeted_curve,
+    calibrate_thresholds,
+    collect_exit_logits,
+    early_exit,
+    evaluate_thresholds,
+    plot_tradeoff,
+)
 from .heads import create_head, head_names, register_head
 from .losses import (
     AppropriateTeachersLoss,
@@ -48,6 +60,16 @@ __all__ = [
     "ExitCost",
     "at_flops",
     "FlopsPlacement",
+    "early_exit",
+    "EarlyExitResult",
+    "collect_exit_logits",
+    "CachedExits",
+    "calibrate_thresholds",
+    "evaluate_thresholds",
+    "Calibration",
+    "anytime_accuracy",
+    "budgeted_curve",
+    "plot_tradeoff",
 ]
 
 __version__ = "0.1.0"

@@ -90,6 +90,8 @@ class MultiExitModel(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_bound"] = None  # GraphModules are rebuilt against the copied backbone
+        state.pop("_carried_kinds", None)  # caches of early_exit, rebuilt on demand
+        state.pop("_spent_flops", None)
         return state
 
     def __setstate__(self, state):
@@ -195,6 +197,13 @@ class MultiExitModel(nn.Module):
         inner = getattr(self.backbone, "set_grad_checkpointing", None)
         if callable(inner):
             inner(enable)
+
+    @torch.no_grad()
+    def early_exit(self, x: torch.Tensor, threshold=0.9, criterion="max_prob", ensemble: bool = False):
+        """Classify `x`, each sample stopping at its first confident exit; see `timm_exits.early_exit`."""
+        from .inference import early_exit
+
+        return early_exit(self, x, threshold, criterion, ensemble)
 
     def extra_repr(self) -> str:
         return f"stages={self.stages}, num_exits={self.num_exits}, eval_output={self.eval_output!r}"
