@@ -9,12 +9,18 @@ def test_digits_split_is_fixed_and_32x32():
     assert (a[1] == b[1]).all() and (a[3] == b[3]).all()
 
 
-def test_demo_trains_and_reports_every_exit():
+def test_demo_trains_and_reports_every_exit(tmp_path):
     lines = []
-    result = run_demo(epochs=2, log=lines.append)
+    result = run_demo(epochs=2, log=lines.append, plot=str(tmp_path / "tradeoff.png"))
     assert len(result["accuracy"]) == 4
     assert result["accuracy"][-1] > 0.3  # well above chance (0.1) after two short epochs (0.51 when written)
     assert any(line.strip().startswith("4  head (backbone)") for line in lines)
+    assert result["flops"] == sorted(result["flops"]) and result["flops"][0] > 0
+    # the early-exit trade-off: five budgets from the first exit's cost to the whole model's
+    budgets = result["early_exit"]["budgets"]
+    assert len(budgets) == 5 and budgets[-1]["exit_shares"][-1] == 1.0 and budgets[0]["exit_shares"][0] == 1.0
+    assert result["early_exit"]["speedup"] > 0 and any("faster than the plain" in line for line in lines)
+    assert (tmp_path / "tradeoff.png").stat().st_size > 1000
 
 
 def test_demo_takes_a_loss_by_name_and_trains_a_teacher_for_ekd():

@@ -5,7 +5,7 @@ import re
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PAGES = ["README.md", "docs/losses.md", "docs/heads.md", "docs/flops.md"]
+PAGES = ["README.md", "docs/losses.md", "docs/heads.md", "docs/flops.md", "docs/early_exit.md"]
 
 
 def python_blocks(page: str) -> list[str]:

@@ -185,6 +185,12 @@ def test_budgeted_curve_is_monotone_and_anytime_accuracy_rises():
     anytime = timm_exits.anytime_accuracy(cached)
     assert [p.flops for p in anytime] == cached.flops
     assert [p.accuracy for p in anytime] == sorted(p.accuracy for p in anytime)
+    held_out = cached_digits_like(seed=1)
+    on_test = timm_exits.budgeted_curve(cached, budgets=10, evaluate_on=held_out)
+    assert [p.thresholds for p in on_test] == [p.thresholds for p in curve]
+    assert on_test[-1].accuracy == timm_exits.anytime_accuracy(held_out)[-1].accuracy
+    with pytest.raises(ValueError, match="evaluate_on has 4 exits"):
+        timm_exits.budgeted_curve(cached, evaluate_on=cached_digits_like(num_exits=4))
 
 
 def test_accuracy_target_is_met_at_less_cost():
@@ -215,6 +221,7 @@ def test_calibration_bad_input():
 
 def test_collect_calibrate_early_exit_end_to_end(tmp_path):
     model = resnet()
+    model.eval_output = "final"  # a model set up for plain evaluation still gives every exit here
     data = [(torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))) for _ in range(4)]
     cached = timm_exits.collect_exit_logits(model, data)
     assert cached.logits.shape == (3, 32, 5) and cached.labels.shape == (32,)

@@ -10,7 +10,7 @@ __all__ = ["main"]
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(model_name=args.model, stages=tuple(args.stages), head=args.head, loss=args.loss, epochs=args.epochs, seed=args.seed)
+    run_demo(model_name=args.model, stages=tuple(args.stages), head=args.head, loss=args.loss, epochs=args.epochs, seed=args.seed, plot=args.plot or None)
     return 0
 
 
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.add_argument("--epochs", type=int, default=6, help="training epochs (default: 6)")
     demo.add_argument("--seed", type=int, default=0, help="random seed for the split and the weights (default: 0)")
+    demo.add_argument("--plot", default="demo_tradeoff.png", help="where to write the accuracy-vs-FLOPs PNG (default: demo_tradeoff.png; '' for none)")
     demo.set_defaults(run=_demo)
 
     stages = sub.add_parser("stages", help="list the stages of a model that exits can attach to")

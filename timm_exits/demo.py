@@ -6,12 +6,13 @@ layer1..layer3 is trained on the CPU with exit-ensemble distillation (or any los
 """
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["load_digits_32", "evaluate", "fit", "run_demo"]
+__all__ = ["load_digits_32", "evaluate", "fit", "run_demo", "early_exit_tradeoff"]
 
 
 def load_digits_32(seed: int = 0):
@@ -79,12 +80,15 @@ def fit(model, loss_fn, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_siz
             on_epoch(epoch, total / seen)
 
 
-def run_demo(model_name: str = "resnet10t", stages=(1, 2, 3), head: str = "linear", loss: str = "eed", epochs: int = 6, batch_size: int = 64, lr: float = 4e-3, seed: int = 0, log=print) -> dict:
-    """Train and evaluate; returns the per-exit accuracies and timings (also printed through `log`).
+def run_demo(
+    model_name: str = "resnet10t", stages=(1, 2, 3), head: str = "linear", loss: str = "eed", epochs: int = 6, batch_size: int = 64, lr: float = 4e-3, seed: int = 0, log=print, plot: str | None = None
+) -> dict:
+    """Train and evaluate; returns the per-exit accuracies, the early-exit trade-off and timings (also printed through `log`).
 
     `loss` is a `timm_exits.create_loss` name (default ``"eed"``, exit-ensemble distillation).
     ``"ekd"`` distils from external teachers: the demo first trains the plain backbone with
-    cross entropy for the same epochs and uses it as the one teacher of every exit.
+    cross entropy for the same epochs and uses it as the one teacher of every exit. `plot`: a
+    PNG path for the accuracy-vs-FLOPs plot (needs matplotlib).
     """
     import timm
 
@@ -121,4 +125,61 @@ def run_demo(model_name: str = "resnet10t", stages=(1, 2, 3), head: str = "linea
     for k, (name, acc, cost) in enumerate(zip(names, accs, costs), start=1):
         log(f"{k:>4}  {name:<{width}}  {acc:>13.4f}  {cost.flops / 1e6:>16.2f}  {cost.share:>21.1%}")
     log("(FLOPs counted by timm_exits.flops_report: fvcore's convention, one multiply-add = 1 FLOP)")
-    return {"accuracy": accs, "stages": names, "flops": [c.flops for c in costs], "loss": loss, "seconds": time.perf_counter() - start}
+    tradeoff = early_exit_tradeoff(model, x_test, y_test, log=log, plot=plot)
+    return {"accuracy": accs, "stages": names, "flops": [c.flops for c in costs], "loss": loss, "early_exit": tradeoff, "seconds": time.perf_counter() - start}
+
+
+def model_flops(model, x) -> float:
+    """FLOPs per sample of the plain backbone on inputs like `x`."""
+    from .flops import flops_report
+
+    return flops_report(model, input_size=tuple(x.shape[1:])).backbone_flops
+
+
+def early_exit_tradeoff(model, x, y, points: int = 5, log=print, plot: str | None = None, repeats: int = 7) -> dict:
+    """Calibrate early-exit thresholds on half of (x, y), report the other half, time one operating point.
+
+    For `points` budgets evenly spaced from the first exit's cost to the whole model's, it prints
+    the accuracy, the average FLOPs and the share of samples leaving at each exit; then the
+    wall-clock speedup of ``model.early_exit`` over the plain backbone at the middle budget,
+    beside the speedup its FLOPs predict; and writes the accuracy-vs-FLOPs plot to `plot`.
+    """
+    from .inference import anytime_accuracy, budgeted_curve, calibrate_thresholds, collect_exit_logits, evaluate_thresholds, plot_tradeoff
+
+    half = len(x) // 2
+    val = collect_exit_logits(model, [(x[:half], y[:half])])
+    test = collect_exit_logits(model, [(x[half:], y[half:])])
+    first, full = val.flops[0], val.flops[-1]
+    log("")
+    log(f"early exit: thresholds calibrated on {half} held-out images (MSDNet's budgeted batch), measured on the other {len(x) - half}")
+    log(f"{'budget MFLOPs':>13}  {'accuracy':>8}  {'avg MFLOPs':>10}  share of images leaving at exit " + " / ".join(str(k + 1) for k in range(test.num_exits)))
+    rows = []
+    for i in range(points):
+        budget = first + (full - first) * i / max(points - 1, 1)
+        calibration = calibrate_thresholds(val, budget)
+        result = evaluate_thresholds(test, calibration.thresholds)
+        rows.append({"budget": budget, "thresholds": calibration.thresholds, "accuracy": result.accuracy, "flops": result.flops, "exit_shares": result.exit_shares})
+        log(f"{budget / 1e6:>13.2f}  {result.accuracy:>8.4f}  {result.flops / 1e6:>10.2f}  " + " / ".join(f"{s:.0%}" for s in result.exit_shares))
+    point = rows[len(rows) // 2]
+    x_test = x[half:]
+    model.eval()
+    with torch.no_grad():
+        model.early_exit(x_test, threshold=point["thresholds"]), model.backbone(x_test)  # warm-up
+        times = {"early": [], "plain": []}
+        for _ in range(repeats):
+            for label, run in (("early", lambda: model.early_exit(x_test, threshold=point["thresholds"])), ("plain", lambda: model.backbone(x_test))):
+                t = time.perf_counter()
+                run()
+                times[label].append(time.perf_counter() - t)
+    measured = statistics.median(times["plain"]) / statistics.median(times["early"])
+    predicted = model_flops(model, x) / point["flops"]
+    log(f"model.early_exit at the {point['budget'] / 1e6:.2f} MFLOPs budget on {len(x_test)} images: {measured:.2f}x faster than the plain {type(model.backbone).__name__} (its FLOPs predict {predicted:.2f}x)")
+    out = {"budgets": rows, "speedup": measured, "predicted_speedup": predicted}
+    if plot:
+        try:
+            curve = budgeted_curve(val, evaluate_on=test)
+            out["plot"] = plot_tradeoff(curve, plot, anytime=anytime_accuracy(test), title=f"digits, {len(x) - half} test images: accuracy vs FLOPs")
+            log(f"accuracy-vs-FLOPs plot: {plot}")
+        except ImportError as err:
+            log(f"no plot: {err}")
+    return out

@@ -25,6 +25,7 @@ __all__ = [
     "EarlyExitResult",
     "early_exit",
     "exit_confidence",
+    "all_exit_logits",
     "CachedExits",
     "collect_exit_logits",
     "Calibration",
@@ -207,7 +208,7 @@ def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion=
         spent = torch.tensor(_spent_flops(model, tuple(x.shape[1:])), device=x.device)
         if model._plan.feature_indices is not None:
             warnings.warn("this model runs through forward_intermediates (fx could not trace it): every exit is computed, then one is selected", stacklevel=2)
-            return _select(model(x), thresholds, criterion, ensemble, spent)
+            return _select(all_exit_logits(model, x), thresholds, criterion, ensemble, spent)
         return _early_exit(model, x, thresholds, criterion, ensemble, spent)
 
 
@@ -247,6 +248,15 @@ def _early_exit(model, x, thresholds, criterion, ensemble, spent) -> EarlyExitRe
         logits = z.new_empty(batch, z.shape[1])
     logits[rows] = z
     return EarlyExitResult(logits, exit_index, spent[exit_index])
+
+
+def all_exit_logits(model: MultiExitModel, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every exit's logits, whatever the model's ``eval_output`` says."""
+    mode, model.eval_output = model.eval_output, "all"
+    try:
+        return model(x)
+    finally:
+        model.eval_output = mode
 
 
 def _select(outputs: list[torch.Tensor], thresholds, criterion, ensemble, spent) -> EarlyExitResult:
@@ -322,7 +332,7 @@ def collect_exit_logits(model: MultiExitModel, loader, device=None) -> CachedExi
             if device is not None:
                 x = x.to(device)
             size = tuple(x.shape[1:])
-            logits.append(torch.stack([z.float().cpu() for z in model(x)]))
+            logits.append(torch.stack([z.float().cpu() for z in all_exit_logits(model, x)]))
             labels.append(torch.as_tensor(y).cpu())
     finally:
         model.train(was_training)
@@ -459,14 +469,22 @@ def anytime_accuracy(cached: CachedExits, ensemble: bool = False) -> list[Anytim
     return [AnytimePoint(k, cached.stages[k], (preds[k] == cached.labels).double().mean().item(), cached.flops[k]) for k in range(cached.num_exits)]
 
 
-def budgeted_curve(cached: CachedExits, budgets: Sequence[float] | int = 20, criterion="max_prob", ensemble: bool = False) -> list[CurvePoint]:
-    """Accuracy against average FLOPs over a sweep of budgets (default: 20 from the first exit's cost to the full model's)."""
+def budgeted_curve(cached: CachedExits, budgets: Sequence[float] | int = 20, criterion="max_prob", ensemble: bool = False, evaluate_on: CachedExits | None = None) -> list[CurvePoint]:
+    """Accuracy against average FLOPs over a sweep of budgets (default: 20 from the first exit's cost to the full model's).
+
+    Thresholds are calibrated on `cached` for each budget; with `evaluate_on` (say, the test
+    set's cached exits) the accuracy and FLOPs are those on it, as a paper reports them.
+    """
+    if evaluate_on is not None and evaluate_on.num_exits != cached.num_exits:
+        raise ValueError(f"evaluate_on has {evaluate_on.num_exits} exits, the calibration data {cached.num_exits}: they must come from the same model")
     if isinstance(budgets, int):
         lo, hi = cached.flops[0], cached.flops[-1]
         budgets = [lo + (hi - lo) * i / (budgets - 1) for i in range(budgets)] if budgets > 1 else [hi]
     points = []
     for b in budgets:
         c = calibrate_thresholds(cached, b, criterion=criterion, ensemble=ensemble)
+        if evaluate_on is not None:
+            c = evaluate_thresholds(evaluate_on, c.thresholds, criterion, ensemble)
         points.append(CurvePoint(float(b), c.accuracy, c.flops, c.exit_shares, c.thresholds))
     return points
 

@@ -1,0 +1,147 @@
+"""Wall-clock speedup of `early_exit` against the speedup its FLOPs predict, and against computing every exit.
+
+For resnet50 and vit_small_patch16_224 (random weights, exits after three stages), 64 random
+224x224 images are cached through every exit, and thresholds are calibrated on them for three
+budgets (25, 50 and 75 % of the way from the first exit's cost to the whole model's), so that
+the images leave at a mix of exits. At batch 64 and at batch 1 (the same 64 images one by one),
+one process times, alternately: the plain backbone, the wrapped model computing every exit and
+then selecting, and `early_exit` at each operating point. Speedups are ratios of medians.
+
+With `earlyon` installed (a per-exit early-exit package on PyPI), its torchvision resnet50 is
+timed beside ours on the same weights, with every image forced out at the same exit.
+
+    python benchmarks/early_exit.py [--repeats 3] [--images 64]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+
+import timm
+import torch
+from overhead import cpu_name
+
+import timm_exits
+from timm_exits.inference import _confidence_thresholds, _select, _spent_flops, all_exit_logits
+
+CASES = {"resnet50": ("resnet50", [1, 2, 3]), "vit_small_patch16_224": ("vit_small_patch16_224", [3, 6, 9])}
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def medians(runs: dict, repeats: int) -> dict:
+    """Time every callable of `runs` once per round, `repeats` rounds after a warm-up round."""
+    times = {k: [] for k in runs}
+    for round_ in range(repeats + 1):
+        for label, fn in runs.items():
+            t = timed(fn)
+            if round_:
+                times[label].append(t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def one_by_one(fn, x):
+    return lambda: [fn(x[i : i + 1]) for i in range(x.shape[0])]
+
+
+@torch.no_grad()
+def measure(name: str, stages, images: int, repeats: int) -> list[dict]:
+    torch.manual_seed(0)
+    plain = timm.create_model(name).eval()
+    model = timm_exits.wrap(plain, stages=stages).eval()
+    x = torch.randn(images, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    cached = timm_exits.collect_exit_logits(model, [(x, torch.zeros(images, dtype=torch.long))])
+    first, full = cached.flops[0], cached.flops[-1]
+    backbone = timm_exits.flops_report(model).backbone_flops
+    points = {}
+    for share in (0.25, 0.5, 0.75):
+        calibration = timm_exits.calibrate_thresholds(cached, first + share * (full - first))
+        points[f"{share:.0%} budget"] = calibration
+    spent = torch.tensor(_spent_flops(model, (3, 224, 224)))
+
+    def select_all(batch):  # the usual way: compute every exit, then pick one per sample
+        thresholds = _confidence_thresholds(points["50% budget"].thresholds, "max_prob", model.num_exits)
+        return _select(all_exit_logits(model, batch), thresholds, "max_prob", False, spent)
+
+    rows = []
+    for batch in (images, 1):
+        runs = {"plain": (lambda: plain(x)) if batch > 1 else one_by_one(plain, x),
+                "all exits, then select": (lambda: select_all(x)) if batch > 1 else one_by_one(select_all, x)}
+        for label, c in points.items():
+            run = lambda b, t=c.thresholds: model.early_exit(b, threshold=t)  # noqa: E731
+            runs[label] = (lambda run=run: run(x)) if batch > 1 else one_by_one(run, x)
+        t = medians(runs, repeats)
+        for label, c in points.items():
+            predicted = backbone / c.flops
+            rows.append({"model": name, "batch": batch, "point": label, "shares": c.exit_shares, "predicted": predicted,
+                         "measured": t["plain"] / t[label], "vs_select": t["all exits, then select"] / t[label],
+                         "plain_s": t["plain"], "early_s": t[label]})
+    return rows
+
+
+@torch.no_grad()
+def measure_earlyon(images: int, repeats: int) -> list[dict] | None:
+    try:
+        from earlyon.models import resnet50_ee
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    theirs = resnet50_ee(num_classes=1000, pretrained=False).eval()
+    backbone = copy.deepcopy(theirs.backbone)
+    for module in backbone.modules():  # the copy must not carry their routing hooks
+        module._forward_hooks.clear()
+    plain = copy.deepcopy(backbone)
+    ours = timm_exits.wrap(backbone, stages=["layer1", "layer2", "layer3"]).eval()
+    x = torch.randn(images, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for exit_k in (0, 1, 2, 3):  # everyone forced out at exit k (3 = the backbone's head)
+        enabled = [k == exit_k for k in range(3)]
+        theirs.config.enabled_exits = enabled
+        theirs.config.confidence_thresholds = [0.0] * 3
+        ours_t = [0.0 if k == exit_k else float("inf") for k in range(3)]
+        for batch in (images, 1):
+            if batch > 1:
+                runs = {"plain": lambda: plain(x), "timm-exits": lambda: ours.early_exit(x, threshold=ours_t),
+                        "earlyon": lambda: theirs.forward_inference_batched(x)}
+            else:
+                runs = {"plain": one_by_one(plain, x), "timm-exits": one_by_one(lambda b: ours.early_exit(b, threshold=ours_t), x),
+                        "earlyon": one_by_one(lambda b: theirs(b, mode="inference"), x)}
+            t = medians(runs, repeats)
+            rows.append({"exit": exit_k + 1, "batch": batch, "ours": t["plain"] / t["timm-exits"], "earlyon": t["plain"] / t["earlyon"]})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--images", type=int, default=64)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}")
+    print(f"{args.images} random 224x224 images, eval, no_grad, median of {args.repeats} alternating rounds after a warm-up round")
+    print("| model | batch | operating point | images leaving at exit 1/2/3/4 | FLOPs-predicted speedup | measured speedup | measured / predicted | vs all exits, then select |")
+    print("|---" * 8 + "|")
+    for name, stages in CASES.values():
+        for r in measure(name, stages, args.images, args.repeats):
+            shares = " / ".join(f"{s:.0%}" for s in r["shares"])
+            print(f"| {r['model']} | {r['batch']} | {r['point']} | {shares} | {r['predicted']:.2f}x | {r['measured']:.2f}x | {r['measured'] / r['predicted']:.0%} | {r['vs_select']:.2f}x |", flush=True)
+    rows = measure_earlyon(args.images, args.repeats)
+    if rows is None:
+        print("\nearlyon is not installed: no comparison")
+        return
+    print("\nspeedup over the plain torchvision resnet50, every image forced out at one exit (same weights, same inputs)")
+    print("| exit | batch | timm-exits early_exit | earlyon |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['exit']} | {r['batch']} | {r['ours']:.2f}x | {r['earlyon']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
