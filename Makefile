@@ -23,6 +23,8 @@ test-slow: $(BIN)/timm-exits
 benchmarks: $(BIN)/timm-exits
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/loss_study.py
+	$(BIN)/python benchmarks/flops.py
+	$(BIN)/python benchmarks/early_exit.py
 
 coverage: $(BIN)/timm-exits
 	$(BIN)/python benchmarks/coverage.py
