@@ -10,7 +10,9 @@ then selecting, and `early_exit` at each operating point. Speedups are ratios of
 With `earlyon` installed (a per-exit early-exit package on PyPI), its torchvision resnet50 is
 timed beside ours on the same weights, with every image forced out at the same exit.
 
-    python benchmarks/early_exit.py [--repeats 3] [--images 64]
+A last table times each segment alone, to compare where the time goes with where the FLOPs go.
+
+    python benchmarks/early_exit.py [--repeats 3] [--images 64] [--segments-only]
 """
 from __future__ import annotations
 
@@ -118,13 +120,55 @@ def measure_earlyon(images: int, repeats: int) -> list[dict] | None:
     return rows
 
 
+@torch.no_grad()
+def segment_shares(name: str, stages, images: int, repeats: int) -> dict:
+    """Each segment's share of the time against its share of the FLOPs, and the cost of routing when nobody leaves."""
+    torch.manual_seed(0)
+    plain = timm.create_model(name).eval()
+    model = timm_exits.wrap(plain, stages=stages).eval()
+    x = torch.randn(images, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    report = timm_exits.flops_report(model).exits
+    flops = [report[0].backbone_flops] + [b.backbone_flops - a.backbone_flops for a, b in zip(report, report[1:])]
+    segments = model.segments()
+    seconds = [[] for _ in segments]
+
+    def run_segments():
+        state = (x,)
+        for k, segment in enumerate(segments):
+            t = time.perf_counter()
+            out = segment(*state)
+            seconds[k].append(time.perf_counter() - t)
+            if k < len(segments) - 1:
+                state = out[1]
+
+    t = medians({"plain": lambda: plain(x), "all exits": lambda: model(x),
+                 "nobody leaves": lambda: model.early_exit(x, threshold=float("inf")), "segments": run_segments}, repeats)
+    seg = [statistics.median(s[1:]) for s in seconds]  # the first call was the warm-up
+    return {"time": [v / sum(seg) for v in seg], "flops": [v / sum(flops) for v in flops],
+            "all": t["all exits"] / t["plain"], "none": t["nobody leaves"] / t["plain"]}
+
+
+def print_segment_shares(images: int, repeats: int) -> None:
+    print(f"\nper segment at batch {images}: share of the time / share of the FLOPs; time of the wrapped forward and of early_exit with nobody leaving, over the plain model")
+    print("| model | segments' time shares | segments' FLOPs shares | all exits / plain | early_exit, nobody leaves / plain |")
+    print("|---|---|---|---|---|")
+    for name, stages in CASES.values():
+        r = segment_shares(name, stages, images, repeats)
+        fmt = lambda v: " / ".join(f"{s:.1%}" for s in v)  # noqa: E731
+        print(f"| {name} | {fmt(r['time'])} | {fmt(r['flops'])} | {r['all']:.3f} | {r['none']:.3f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--segments-only", action="store_true", help="only the per-segment time vs FLOPs table")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}")
+    if args.segments_only:
+        print_segment_shares(args.images, args.repeats)
+        return
     print(f"{args.images} random 224x224 images, eval, no_grad, median of {args.repeats} alternating rounds after a warm-up round")
     print("| model | batch | operating point | images leaving at exit 1/2/3/4 | FLOPs-predicted speedup | measured speedup | measured / predicted | vs all exits, then select |")
     print("|---" * 8 + "|")
@@ -132,6 +176,7 @@ def main() -> None:
         for r in measure(name, stages, args.images, args.repeats):
             shares = " / ".join(f"{s:.0%}" for s in r["shares"])
             print(f"| {r['model']} | {r['batch']} | {r['point']} | {shares} | {r['predicted']:.2f}x | {r['measured']:.2f}x | {r['measured'] / r['predicted']:.0%} | {r['vs_select']:.2f}x |", flush=True)
+    print_segment_shares(args.images, args.repeats)
     rows = measure_earlyon(args.images, args.repeats)
     if rows is None:
         print("\nearlyon is not installed: no comparison")
