@@ -25,6 +25,7 @@ benchmarks: $(BIN)/timm-exits
 	$(BIN)/python benchmarks/loss_study.py
 	$(BIN)/python benchmarks/flops.py
 	$(BIN)/python benchmarks/early_exit.py
+	$(BIN)/python benchmarks/train_step.py
 
 coverage: $(BIN)/timm-exits
 	$(BIN)/python benchmarks/coverage.py

@@ -1,4 +1,5 @@
 """timm-exits: multi-exit networks from any timm or torchvision classifier."""
+from .export import ExitStep, ExportedExits, ExportError, exit_steps, export_exits
 from .ensemble import ExitEnsemble, anytime_ensemble, exit_ensemble
 from .flops import ExitCost, FlopsPlacement, FlopsReport, at_flops, flops_report
 from .inference import (
@@ -13,6 +14,7 @@ from .inference import (
     evaluate_thresholds,
     plot_tradeoff,
 )
+from .integrations import MultiExitTask, MultiExitTrainable
 from .heads import create_head, head_names, register_head
 from .losses import (
     AppropriateTeachersLoss,
@@ -70,6 +72,13 @@ __all__ = [
     "anytime_accuracy",
     "budgeted_curve",
     "plot_tradeoff",
+    "MultiExitTask",
+    "MultiExitTrainable",
+    "export_exits",
+    "exit_steps",
+    "ExportedExits",
+    "ExitStep",
+    "ExportError",
 ]
 
 __version__ = "0.1.0"

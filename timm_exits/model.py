@@ -124,6 +124,13 @@ class MultiExitModel(nn.Module):
         yield self._run(segments[-1], state)
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
+        outputs = self.forward_exits(x, return_features)
+        if not return_features and not self.training and self.eval_output != "all":
+            return outputs[-1] if self.eval_output == "final" else torch.stack(outputs).mean(0)
+        return outputs
+
+    def forward_exits(self, x: torch.Tensor, return_features: bool = False):
+        """Every exit's logits (and features), in eval mode too, whatever ``eval_output`` says."""
         steps = self._features_and_final(x)
         logits, features = [], []
         for head, feature in zip(self.exits, steps):  # exits first: zip must not pull the final step
@@ -141,8 +148,6 @@ class MultiExitModel(nn.Module):
                 raise ValueError(f"return_features=True needs the input of {type(self.backbone).__name__}'s classifier, which wrap() could not find in its graph")
             features.append(pre_logits)
             return ExitOutputs(logits, features)
-        if not self.training and self.eval_output != "all":
-            return logits[-1] if self.eval_output == "final" else torch.stack(logits).mean(0)
         return logits
 
     # -- what trainers ask a timm model for --------------------------------------------------------
@@ -205,8 +210,58 @@ class MultiExitModel(nn.Module):
 
         return early_exit(self, x, threshold, criterion, ensemble)
 
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def unwrap(self) -> nn.Module:
+        """The plain backbone, with whatever weights training gave it (the same module, not a copy).
+
+        Wrapping never changed it, so it runs, saves and exports as the original model does;
+        ``copy.deepcopy(model.unwrap())`` for one that no longer shares weights with the wrapper.
+        """
+        return self.backbone
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """`nn.Module.load_state_dict`, with an error that says how a strict mismatch came about.
+
+        A checkpoint of the backbone alone (a timm checkpoint) belongs in ``model.backbone``; one
+        of a model wrapped at other stages or with other heads differs under ``exits.``.
+        """
+        if strict:
+            check_state_keys(self, state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def extra_repr(self) -> str:
         return f"stages={self.stages}, num_exits={self.num_exits}, eval_output={self.eval_output!r}"
+
+
+def _listed(keys: set[str], limit: int = 8) -> str:
+    names = sorted(keys)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_state_keys(model: MultiExitModel, state_dict) -> None:
+    """Raise a RuntimeError naming the keys in which `state_dict` and `model` differ, and the likely cause."""
+    own = set(model.state_dict().keys())
+    given = set(state_dict.keys())
+    missing, unexpected = own - given, given - own
+    if not missing and not unexpected:
+        return
+    backbone_keys = {k[len("backbone."):] for k in own if k.startswith("backbone.")}
+    if not given & own and given & backbone_keys:
+        raise RuntimeError(
+            "this state_dict holds the backbone alone (its keys have no 'backbone.' prefix and no exit heads): "
+            "load it with model.backbone.load_state_dict(state_dict), or load it into the backbone before wrap() "
+            "(timm: create_model(name, checkpoint_path=...)); the exit heads keep their initialisation"
+        )
+    lines = [f"the state_dict does not match this {type(model).__name__} (stages={model.stages}, {model.num_exits} exits)"]
+    if missing:
+        lines.append(f"missing keys: {_listed(missing)}")
+    if unexpected:
+        lines.append(f"unexpected keys: {_listed(unexpected)}")
+    if all(k.startswith("exits.") for k in missing | unexpected):
+        lines.append("only exit heads differ: the checkpoint comes from a model wrapped at other stages or with other heads; wrap the backbone the way it was wrapped when saved")
+    raise RuntimeError("; ".join(lines))
 
 
 def wrap(
