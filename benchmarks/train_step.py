@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                 # eager and torch.compile (inductor), batch 32, 224x224
     python benchmarks/train_step.py --no-compile    # eager only
+    python benchmarks/train_step.py --saved         # activations saved for backward only (exact, seconds)
 
 Step times are measured in one process, wrapped and plain alternating, and reported as the
 median ratio (absolute times on a shared machine are noise). Peak memory of a step is measured
@@ -100,16 +101,41 @@ def memory(kind: str, compiled: bool, batch: int, size: int) -> dict:
     return {"peak_mib": (rss_kib("VmHWM") - base) / 1024}
 
 
+def saved_for_backward(kind: str, batch: int, size: int) -> float:
+    """MiB of tensors autograd saves in one eager training forward (each storage counted once)."""
+    model, loss_of, _ = build(kind, torch.device("cpu"))
+    seen: set[int] = set()
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+        return t
+
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_of(x, y)
+    return total / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--saved", action="store_true", help="only the activations saved for backward, eager, plain vs wrapped")
     parser.add_argument("--memory", nargs=2, metavar=("KIND", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory:
         print(json.dumps(memory(args.memory[0], args.memory[1] == "compiled", args.batch, args.size)))
+        return
+    if args.saved:
+        saved = {kind: saved_for_backward(kind, args.batch, args.size) for kind in ("plain", "wrapped")}
+        print(f"saved for backward, batch {args.batch}, {args.size}x{args.size}: plain {saved['plain']:.1f} MiB, wrapped {saved['wrapped']:.1f} MiB, ratio {saved['wrapped'] / saved['plain']:.4f}")
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = timm_exits.flops_report(timm_exits.wrap(timm.create_model("resnet50"), stages=STAGES), input_size=(3, args.size, args.size))
