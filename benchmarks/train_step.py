@@ -36,11 +36,9 @@ def build(kind: str, device: torch.device):
     backbone = timm.create_model("resnet50", num_classes=1000)
     if kind == "plain":
         model, loss_fn = backbone, nn.CrossEntropyLoss()
-        step_fn = lambda x, y: loss_fn(model(x), y)  # noqa: E731
     else:
-        model = timm_exits.wrap(backbone, stages=STAGES)
-        loss_fn = timm_exits.ExitEnsembleLoss()
-        step_fn = lambda x, y: loss_fn(model(x), y)  # noqa: E731
+        model, loss_fn = timm_exits.wrap(backbone, stages=STAGES), timm_exits.ExitEnsembleLoss()
+    step_fn = lambda x, y: loss_fn(model(x), y)  # noqa: E731
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     return model, step_fn, optimizer

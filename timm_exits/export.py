@@ -112,15 +112,14 @@ def _export(module: nn.Module, args: tuple, what: str, model: MultiExitModel, dy
         return torch.export.export(module, args, dynamic_shapes=shapes, strict=strict)
     except Exception as err:  # torch raises many types here; every one gets the same context
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        data_dependent = "data-dependent" in str(err) or "data dependent" in str(err) or "GuardOnDataDependent" in type(err).__name__
-        hint = (
-            "the model branches on tensor values (data-dependent control flow); torch.export needs a graph without such "
-            "branches: rewrite the branch with torch.cond, or keep it out of the exported part"
-            if data_dependent
-            else "see the error above; dynamic_batch=False exports for the example's batch size only"
-            if dynamic_batch
-            else "see the error above"
-        )
+        hint = "see the error above"
+        if "data-dependent" in str(err) or "data dependent" in str(err) or "GuardOnDataDependent" in type(err).__name__:
+            hint = (
+                "the model branches on tensor values (data-dependent control flow); torch.export needs a graph without such "
+                "branches: rewrite the branch with torch.cond, or keep it out of the exported part"
+            )
+        elif dynamic_batch:
+            hint += "; dynamic_batch=False exports for the example's batch size only"
         raise ExportError(f"torch.export could not capture {what} of {type(model.backbone).__name__}: {type(err).__name__}: {text}; {hint}") from err
 
 
@@ -142,17 +141,16 @@ def export_exits(model: MultiExitModel, example_input: torch.Tensor, *, steps: b
         raise TypeError(f"example_input must be a tensor batch, got {type(example_input).__name__}")
     if dynamic_batch and (example_input.dim() == 0 or example_input.shape[0] < 2):
         raise ValueError("example_input needs a batch of at least 2 for dynamic_batch=True (torch.export specialises sizes 0 and 1)")
-    if steps:
-        exit_steps(model)  # a model without segments fails here, before anything is exported
+    pieces = exit_steps(model) if steps else []  # a model without segments fails here, before anything is exported
     was_training = model.training
     model.eval()
     try:
         program = _export(_AllExits(model), (example_input,), "the all-exits model", model, dynamic_batch, strict) if whole else None
         exported, names = [], model.stages + ["the backbone's head"]
-        if steps:
+        if pieces:
             carried = (example_input,)
             with torch.no_grad():
-                for k, step in enumerate(exit_steps(model)):
+                for k, step in enumerate(pieces):
                     exported.append(_export(step, carried, f"step {k} (up to {names[k]})", model, dynamic_batch, strict))
                     if step.head is not None:
                         _, *carried = step(*carried)

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 from typing import Any, Sequence
 
 import torch
+from timm.utils.model import unwrap_model as _unwrap  # peels DDP (.module), torch.compile (._orig_mod), EMA wrappers
 from torch import nn
 
 from ..losses import EnsembleKnowledgeDistillationLoss, MultiExitLoss, create_loss, loss_names
@@ -25,16 +26,6 @@ except ImportError:  # pragma: no cover - exercised only with an old timm
 __all__ = ["MultiExitTask", "MultiExitTrainable"]
 
 _logger = logging.getLogger(__name__)
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """Peel DDP (``.module``), torch.compile (``._orig_mod``) and EMA (``.module``) wrappers."""
-    while True:
-        inner = getattr(module, "module", None)
-        inner = inner if isinstance(inner, nn.Module) else getattr(module, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return module
-        module = inner
 
 
 class MultiExitTrainable(nn.Module):
@@ -114,9 +105,10 @@ class MultiExitTask(_TaskBase):
             self.verbose = verbose
         else:
             super().__init__(device=device, dtype=dtype, verbose=verbose)
-        if not isinstance(_unwrap(model), MultiExitModel):
+        inner = _unwrap(model)
+        if not isinstance(inner, MultiExitModel):
             raise TypeError(f"model must be a MultiExitModel: wrap the backbone first (timm_exits.wrap(model, stages=...)), got {type(model).__name__}")
-        n = _unwrap(model).num_exits
+        n = inner.num_exits
         if isinstance(criterion, str):
             criterion = create_loss(criterion, num_exits=n, **(criterion_kwargs or {}))
         elif criterion_kwargs:
@@ -124,8 +116,8 @@ class MultiExitTask(_TaskBase):
         if not isinstance(criterion, MultiExitLoss):
             raise TypeError(f"criterion must be a timm_exits loss (a MultiExitLoss) or one of {loss_names()}, got {type(criterion).__name__}")
         if criterion.num_exits is not None and criterion.num_exits != n:
-            raise ValueError(f"criterion was built for num_exits={criterion.num_exits} but the model has {n} exits (stages {_unwrap(model).stages} + the backbone's head)")
-        self.teachers = self._check_teachers(teachers, criterion, _unwrap(model))
+            raise ValueError(f"criterion was built for num_exits={criterion.num_exits} but the model has {n} exits (stages {inner.stages} + the backbone's head)")
+        self.teachers = self._check_teachers(teachers, criterion, inner)
         self.trainable_module = MultiExitTrainable(model, criterion.to(device=self.device))
         if verbose:
             _logger.info(f"{type(self).__name__}: {n} exits, criterion={type(criterion).__name__}, teachers={len(self.teachers)}")
