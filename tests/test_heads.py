@@ -94,3 +94,73 @@ def test_per_exit_heads(resnet18):
 def test_callable_returning_a_non_module(resnet18):
     with pytest.raises(TypeError, match="expected an nn.Module"):
         timm_exits.wrap(resnet18, stages=[1], head=lambda c, n, layout: "nope")
+
+
+# -- what each head computes on each layout, written out --------------------------------------------
+
+LAYOUT_CASES = {
+    "NCHW": LAYOUTS["NCHW"],
+    "NHWC": LAYOUTS["NHWC"],
+    "NLC class token": LAYOUTS["NLC"],
+    "NLC mean of patch tokens": lambda: timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32, global_pool="avg", reg_tokens=2),
+}
+
+
+def as_grid(x, fmt, prefix):
+    """The feature as an NCHW map: NHWC permuted; the tokens after the prefix laid row by row on their square grid."""
+    if fmt == "NHWC":
+        return x.permute(0, 3, 1, 2)
+    if fmt == "NLC":
+        tokens = x[:, prefix:]
+        side = int(tokens.shape[1] ** 0.5)
+        return tokens.reshape(x.shape[0], side, side, x.shape[2]).permute(0, 3, 1, 2)
+    return x
+
+
+def reference_features(head, x, fmt, token_pool, prefix):
+    """The pooled vector each head's classifier reads, from the head's own layers but the layout handled here."""
+    if isinstance(head, timm_exits.heads.LinearHead):
+        if fmt == "NCHW":
+            return x.mean((2, 3))
+        pooled = x.mean((1, 2)) if fmt == "NHWC" else x[:, 0] if token_pool == "token" else x[:, prefix:].mean(1)
+        norm = head.pool.norm
+        return nn.functional.layer_norm(pooled, pooled.shape[1:], norm.weight, norm.bias, norm.eps)
+    if isinstance(head, timm_exits.heads.SDNHead):
+        a = head.alpha
+        if fmt == "NLC":
+            return a * x[:, prefix:].amax(1) + (1 - a) * x[:, prefix:].mean(1)
+        grid = as_grid(x, fmt, prefix)
+        return (a * nn.functional.adaptive_max_pool2d(grid, 4) + (1 - a) * nn.functional.adaptive_avg_pool2d(grid, 4)).flatten(1)
+    if isinstance(head, timm_exits.heads.ConvHead):
+        return head.convs(as_grid(x, fmt, prefix)).mean((2, 3))
+    if isinstance(head, timm_exits.heads.BottleneckHead):
+        return head.body(as_grid(x, fmt, prefix)).mean((2, 3))
+    raise AssertionError(type(head))
+
+
+@pytest.mark.parametrize("head", ["linear", "sdn", "conv", "bottleneck"])
+@pytest.mark.parametrize("layout", list(LAYOUT_CASES))
+def test_head_computes_its_formula_on_each_layout(head, layout):
+    torch.manual_seed(0)
+    backbone = LAYOUT_CASES[layout]()
+    model = timm_exits.wrap(backbone, stages=[1], head=head).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        feature, _ = model.segments()[0](x)
+        exit_head = model.exits[0]
+        site = exit_head.layout if hasattr(exit_head, "layout") else exit_head.pool.layout
+        assert site.format == layout.split()[0]
+        if layout.startswith("NLC"):
+            assert (site.token_pool, site.num_prefix_tokens) == (("token", 1) if "class" in layout else ("avg", 3))
+        if head == "sdn":
+            exit_head.alpha.fill_(0.3)  # a real mix of max and mean
+        logits, pooled = exit_head(feature, return_features=True)
+        expected = reference_features(exit_head, feature, site.format, site.token_pool, site.num_prefix_tokens)
+    torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, nn.functional.linear(expected, exit_head.fc.weight, exit_head.fc.bias), rtol=1e-5, atol=1e-5)
+    # the prefix tokens are read only by a head that pools the class token
+    if layout.startswith("NLC") and head != "linear" or layout == "NLC mean of patch tokens":
+        changed = feature.clone()
+        changed[:, : site.num_prefix_tokens] += 3.0
+        with torch.no_grad():
+            torch.testing.assert_close(exit_head(changed), logits)

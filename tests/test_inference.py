@@ -1,13 +1,21 @@
-"""Early exit: samples that are confident stop, the rest go on; thresholds meet a budget."""
+"""Early exit: samples that are confident stop, the rest go on; thresholds meet a budget.
+
+The reference throughout is written out here, not taken from the library: the criteria
+(`confidence`), the anytime ensemble (`running_means`) and "compute every exit, then each sample
+takes the first exit it passes" (`select`).
+"""
 import math
 
 import pytest
 import timm
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import timm_exits
-from timm_exits.inference import exit_confidence
+from test_bad_input import DataDependent
+
+CRITERIA = ["max_prob", "margin", "entropy"]
 
 
 def resnet(seed=0):
@@ -21,14 +29,67 @@ def vit(seed=0):
     return timm_exits.wrap(backbone, stages=[3, 6, 9]).eval()
 
 
+def fallback_resnet(seed=0):
+    """A resnet18 that fx cannot trace: wrap() runs it through timm's forward_intermediates."""
+    torch.manual_seed(seed)
+    backbone = timm.create_model("resnet18", num_classes=5)
+    backbone.layer2[0].act1 = DataDependent()
+    with pytest.warns(UserWarning, match="forward_intermediates"):
+        return timm_exits.wrap(backbone, stages=[1, 2]).eval()
+
+
+# -- the reference ------------------------------------------------------------------------------
+
+
+def confidence(z, criterion):
+    """Each criterion from its definition. max_prob: the top softmax probability; margin: the top
+    minus the second probability; entropy: -sum p log p (the one where lower means confident)."""
+    p = z.float().softmax(-1)
+    if criterion == "max_prob":
+        return p.max(-1).values
+    if criterion == "margin":
+        ranked = p.sort(-1, descending=True).values
+        return ranked[:, 0] - ranked[:, 1]
+    if criterion == "entropy":
+        return -(p * p.log()).sum(-1)
+    return criterion(z)
+
+
+def passes(z, threshold, criterion):
+    """Whether each sample leaves at an exit with logits `z`: entropy at or below, the others at or above the threshold."""
+    score = confidence(z, criterion)
+    return score <= threshold if criterion == "entropy" else score >= threshold
+
+
+def running_means(outputs):
+    """The anytime ensemble: after exit k, the mean of the logits of exits 0..k."""
+    return [torch.stack(outputs[: k + 1]).mean(0) for k in range(len(outputs))]
+
+
 def select(outputs, thresholds, criterion="max_prob"):
-    """The reference: compute every exit, then each sample takes the first that passes."""
-    exits = []
-    for i in range(outputs[0].shape[0]):
-        k = next((k for k, t in enumerate(thresholds) if exit_confidence(outputs[k][i : i + 1], criterion).item() >= t), len(outputs) - 1)
-        exits.append(k)
-    index = torch.tensor(exits)
-    return torch.stack([outputs[k][i] for i, k in enumerate(exits)]), index
+    """Every exit computed; each sample takes the first exit it passes, the last exit if none."""
+    batch = outputs[0].shape[0]
+    index = torch.full((batch,), len(outputs) - 1)
+    for k in reversed(range(len(outputs) - 1)):
+        index[passes(outputs[k], thresholds[k], criterion)] = k
+    return torch.stack(outputs)[index, torch.arange(batch)], index
+
+
+def threshold_between(scores, q=0.5):
+    """A threshold halfway between the two scores around quantile `q`: no sample sits on it, so float rounding decides nothing."""
+    ranked = scores.double().sort().values
+    k = min(int(q * (len(ranked) - 1)), len(ranked) - 2)
+    return ((ranked[k] + ranked[k + 1]) / 2).item()
+
+
+def spent_per_exit(model, size=(3, 32, 32)):
+    """What leaving at exit k costs one sample: the backbone up to k and every head scored on the way."""
+    exits = timm_exits.flops_report(model, input_size=size).exits
+    heads = [sum(e.head_flops for e in exits[: k + 1]) for k in range(len(exits))]
+    return torch.tensor([float(e.backbone_flops + h) for e, h in zip(exits, heads)])
+
+
+# -- early exit against the reference -----------------------------------------------------------
 
 
 @pytest.mark.parametrize("build", [resnet, vit], ids=["resnet18", "vit_tiny"])
@@ -38,8 +99,8 @@ def test_early_exit_equals_computing_every_exit_and_selecting(build, batch):
     x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         outputs = model(x)
-    # thresholds at the median confidence of each exit: a mix of samples leaves at every exit
-    thresholds = [exit_confidence(z).median().item() for z in outputs[:-1]]
+    # thresholds around the median confidence of each exit: a mix of samples leaves at every exit
+    thresholds = [threshold_between(confidence(z, "max_prob")) for z in outputs[:-1]] if batch > 1 else [0.3] * (len(outputs) - 1)
     result = model.early_exit(x, threshold=thresholds)
     logits, index = select(outputs, thresholds)
     assert torch.equal(result.exit_index, index)
@@ -53,6 +114,36 @@ def test_early_exit_equals_computing_every_exit_and_selecting(build, batch):
     everyone = model.early_exit(x, threshold=0.0)
     assert (everyone.exit_index == 0).all()
     torch.testing.assert_close(everyone.logits, outputs[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("criterion", CRITERIA + [lambda z: -z.logsumexp(-1)], ids=CRITERIA + ["callable"])
+@pytest.mark.parametrize("ensemble", [False, True], ids=["exit", "ensemble"])
+def test_every_criterion_with_and_without_the_anytime_ensemble(criterion, ensemble):
+    model = resnet()
+    x = torch.randn(17, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        outputs = model(x)
+    decided_on = running_means(outputs) if ensemble else outputs
+    thresholds = [threshold_between(confidence(z, criterion)) for z in decided_on[:-1]]
+    result = model.early_exit(x, threshold=thresholds, criterion=criterion, ensemble=ensemble)
+    logits, index = select(decided_on, thresholds, criterion)
+    assert torch.equal(result.exit_index, index) and len(set(index.tolist())) == model.num_exits
+    torch.testing.assert_close(result.logits, logits, rtol=1e-4, atol=1e-5)
+
+
+def test_criteria_on_logits_worked_by_hand():
+    # exit 1: sample 0 uniform over 4 classes (p = .25 each: max .25, margin 0, entropy ln 4 = 1.386);
+    # sample 1 with p = (.5, .3, .1, .1): max .5, margin .2, entropy .5 ln 2 + .3 ln(1/.3) + .2 ln 10 = 1.168
+    first = torch.tensor([[0.0, 0.0, 0.0, 0.0], [math.log(5), math.log(3), 0.0, 0.0]])
+    cached = timm_exits.CachedExits(torch.stack([first, torch.zeros(2, 4)]), torch.tensor([0, 0]), [1.0, 2.0], ["s", "final"])
+    cases = [
+        ("max_prob", 0.2, [1.0, 0.0]), ("max_prob", 0.49, [0.5, 0.5]), ("max_prob", 0.51, [0.0, 1.0]),
+        ("margin", 0.15, [0.5, 0.5]), ("margin", 0.25, [0.0, 1.0]),
+        ("entropy", 1.4, [1.0, 0.0]), ("entropy", 1.2, [0.5, 0.5]), ("entropy", 1.1, [0.0, 1.0]),
+    ]
+    for criterion, threshold, shares in cases:
+        outcome = timm_exits.evaluate_thresholds(cached, [threshold], criterion)
+        assert outcome.exit_shares == shares, (criterion, threshold, outcome.exit_shares)
 
 
 def test_flops_per_sample_follow_the_exit_taken():
@@ -78,7 +169,7 @@ def test_samples_that_left_are_not_computed_further(build):
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         outputs = model(x)
-    thresholds = [exit_confidence(z).quantile(0.6).item() for z in outputs[:-1]]
+    thresholds = [threshold_between(confidence(z, "max_prob"), 0.6) for z in outputs[:-1]]
     result = model.early_exit(x, threshold=thresholds)
     counts = result.exit_counts(model.num_exits)
     assert counts[0] > 0 and counts[-1] > 0
@@ -98,33 +189,85 @@ def test_samples_that_left_are_not_computed_further(build):
     assert expected < 16 * (sum(per_segment) + sum(per_head))
 
 
-def test_anytime_ensemble_option_equals_selecting_on_the_ensembles():
-    model = resnet()
-    x = torch.randn(17, 3, 32, 32)
-    with torch.no_grad():
-        ensembles = timm_exits.anytime_ensemble(model(x))
-    thresholds = [exit_confidence(z).median().item() for z in ensembles[:-1]]
-    result = model.early_exit(x, threshold=thresholds, ensemble=True)
-    logits, index = select(ensembles, thresholds)
-    assert torch.equal(result.exit_index, index)
-    torch.testing.assert_close(result.logits, logits, rtol=1e-4, atol=1e-5)
+# -- models that are not plain resnets ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("criterion", ["entropy", "margin", lambda z: -z.logsumexp(-1)])
-def test_other_criteria(criterion):
-    model = resnet()
-    x = torch.randn(17, 3, 32, 32)
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("ensemble", [False, True], ids=["exit", "ensemble"])
+def test_fallback_model_takes_the_exit_the_reference_takes(criterion, ensemble):
+    model = fallback_resnet()
+    x = torch.randn(17, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         outputs = model(x)
-    scores = [exit_confidence(z, criterion) for z in outputs[:-1]]
-    thresholds = [s.median().item() for s in scores]
-    if criterion == "entropy":  # thresholds on the entropy itself: leave when H <= t
-        user = [-t for t in thresholds]
-        result = model.early_exit(x, threshold=user, criterion="entropy")
-    else:
-        result = model.early_exit(x, threshold=thresholds, criterion=criterion)
-    _, index = select(outputs, thresholds, criterion)
-    assert torch.equal(result.exit_index, index)
+    decided_on = running_means(outputs) if ensemble else outputs
+    thresholds = [threshold_between(confidence(z, criterion)) for z in decided_on[:-1]]
+    with pytest.warns(UserWarning, match="every exit is computed, then one is selected"):
+        result = model.early_exit(x, threshold=thresholds, criterion=criterion, ensemble=ensemble)
+    logits, index = select(decided_on, thresholds, criterion)
+    assert torch.equal(result.exit_index, index) and len(set(index.tolist())) == model.num_exits
+    torch.testing.assert_close(result.logits, logits, rtol=1e-4, atol=1e-5)
+    assert torch.equal(result.flops, spent_per_exit(model)[index].to(result.flops.dtype))
+
+
+class Pair(nn.Module):
+    """Returns a nested tuple holding the batch size; as a leaf module it is one traced value, carried whole."""
+
+    def forward(self, x):
+        return x.mean((2, 3)), (x.amax((2, 3)), x.shape[0])
+
+
+class Carries(nn.Module):
+    """A classifier whose values live across its exits are not all batch tensors: the batch size as an int,
+    a nested tuple, a tensor without a batch dimension and, with `mix=True`, rows of (batch x pixels)."""
+
+    def __init__(self, mix=False):
+        super().__init__()
+        self.mix = mix
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.layer1 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.layer2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.pair = Pair()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        batch = x.shape[0]
+        h = self.stem(x)
+        pair = self.pair(h)
+        scale = self.scale * 2.0
+        pixels = h.flatten(2).transpose(1, 2).reshape(-1, 8) if self.mix else None
+        h = self.layer2(self.layer1(h).relu()).relu()
+        pooled = h.reshape(batch, 8, -1).mean(-1) * scale + pair[0] + 0.5 * pair[1][0]
+        if self.mix:
+            pooled = pooled + pixels.reshape(batch, -1, 8).mean(1)
+        return self.fc(pooled.reshape(pair[1][1], 8))
+
+
+def test_carried_ints_nested_tuples_and_constants_follow_the_samples_that_stay():
+    torch.manual_seed(0)
+    model = timm_exits.wrap(Carries(), stages=["layer1", "layer2"], leaf_modules=[Pair], input_size=(3, 16, 16)).eval()
+    x = torch.randn(13, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        outputs = model(x)
+    thresholds = [threshold_between(confidence(z, "max_prob")) for z in outputs[:-1]]
+    result = model.early_exit(x, threshold=thresholds)
+    logits, index = select(outputs, thresholds)
+    assert torch.equal(result.exit_index, index) and (index == 2).sum() not in (0, 13)
+    # the final exit saw only the samples still running, with the batch size it carried made to match
+    torch.testing.assert_close(result.logits, logits, rtol=1e-4, atol=1e-5)
+    one = model.early_exit(x[:1], threshold=thresholds)
+    torch.testing.assert_close(one.logits[0], logits[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_carried_value_that_mixes_the_batch_cannot_be_split():
+    torch.manual_seed(0)
+    model = timm_exits.wrap(Carries(mix=True), stages=["layer1", "layer2"], leaf_modules=[Pair], input_size=(3, 16, 16)).eval()
+    x = torch.randn(5, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"cannot split the batch after exit 1 \('layer1'\)(.|\n)*choose another stage"):
+        model.early_exit(x, threshold=0.3)
+    # one sample has nothing to split: it runs, and equals the full forward
+    with torch.no_grad():
+        torch.testing.assert_close(model.early_exit(x[:1], threshold=math.inf).logits, model(x[:1])[-1])
 
 
 def test_inference_mode_and_mode_errors():
@@ -152,6 +295,9 @@ def test_bad_arguments(kwargs, error, match):
         resnet().early_exit(torch.randn(3, 3, 32, 32), **kwargs)
 
 
+# -- calibration --------------------------------------------------------------------------------
+
+
 def cached_digits_like(num_exits=3, n=400, classes=5, seed=0):
     """Cached exits whose later exits are more accurate and more confident, like a trained model."""
     g = torch.Generator().manual_seed(seed)
@@ -164,15 +310,42 @@ def cached_digits_like(num_exits=3, n=400, classes=5, seed=0):
     return timm_exits.CachedExits(torch.stack(logits), labels, [100.0 * (k + 1) + 1 for k in range(num_exits)], [f"s{k}" for k in range(num_exits)])
 
 
-def test_calibrated_thresholds_meet_the_budget_on_their_data():
+def outcome(cached, thresholds, criterion="max_prob", ensemble=False):
+    """Accuracy, average FLOPs and exit shares of thresholds on cached exits, from the reference."""
+    outputs = list(cached.logits)
+    logits, index = select(running_means(outputs) if ensemble else outputs, thresholds, criterion)
+    accuracy = (logits.argmax(-1) == cached.labels).double().mean().item()
+    flops = torch.tensor(cached.flops, dtype=torch.float64)[index].mean().item()
+    shares = (torch.bincount(index, minlength=len(outputs)).double() / len(index)).tolist()
+    return accuracy, flops, shares
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("ensemble", [False, True], ids=["exit", "ensemble"])
+def test_calibrated_thresholds_meet_the_budget_on_their_data(criterion, ensemble):
     cached = cached_digits_like()
     for budget in (101.0, 150.0, 200.0, 250.0, 301.0):
-        c = timm_exits.calibrate_thresholds(cached, budget)
+        c = timm_exits.calibrate_thresholds(cached, budget, criterion=criterion, ensemble=ensemble)
+        assert (c.criterion, c.ensemble) == (criterion, ensemble)
         assert c.flops <= budget + 1e-9
-        again = timm_exits.evaluate_thresholds(cached, c.thresholds)
-        assert again.flops == c.flops and again.accuracy == c.accuracy
-        assert math.isclose(sum(c.exit_shares), 1.0)
-    assert timm_exits.calibrate_thresholds(cached, 301.0).exit_shares[-1] == 1.0
+        accuracy, flops, shares = outcome(cached, c.thresholds, criterion, ensemble)
+        assert math.isclose(c.accuracy, accuracy) and math.isclose(c.flops, flops) and c.exit_shares == pytest.approx(shares)
+        again = timm_exits.evaluate_thresholds(cached, c.thresholds, criterion, ensemble)
+        assert (again.flops, again.accuracy, again.exit_shares) == (c.flops, c.accuracy, c.exit_shares)
+    # MSDNet's protocol spends most of a middle budget: a share q^k leaves at exit k, as many as fit
+    assert timm_exits.calibrate_thresholds(cached, 200.0, criterion=criterion, ensemble=ensemble).flops > 190.0
+    assert timm_exits.calibrate_thresholds(cached, 301.0, criterion=criterion, ensemble=ensemble).exit_shares[-1] == 1.0
+    assert timm_exits.calibrate_thresholds(cached, 101.0, criterion=criterion, ensemble=ensemble).exit_shares[0] == 1.0
+
+
+def test_msdnet_shares_fall_geometrically_with_the_exit():
+    cached = cached_digits_like(num_exits=4, n=1000)
+    c = timm_exits.calibrate_thresholds(cached, 250.0)
+    shares = c.exit_shares
+    # q^1 : q^2 : q^3 : q^4 with one q for the whole budget (floor rounding takes at most a sample per exit)
+    q = shares[1] / shares[0]
+    assert shares[2] / shares[1] == pytest.approx(q, rel=0.05) and 0 < q
+    assert sum(shares[:3]) <= 1.0 and shares[3] >= 0
 
 
 def test_budgeted_curve_is_monotone_and_anytime_accuracy_rises():
@@ -184,22 +357,34 @@ def test_budgeted_curve_is_monotone_and_anytime_accuracy_rises():
     assert curve[-1].accuracy > curve[0].accuracy
     anytime = timm_exits.anytime_accuracy(cached)
     assert [p.flops for p in anytime] == cached.flops
+    assert [p.accuracy for p in anytime] == [(z.argmax(-1) == cached.labels).double().mean().item() for z in cached.logits]
     assert [p.accuracy for p in anytime] == sorted(p.accuracy for p in anytime)
+    on_ensembles = timm_exits.anytime_accuracy(cached, ensemble=True)
+    assert [p.accuracy for p in on_ensembles] == [(z.argmax(-1) == cached.labels).double().mean().item() for z in running_means(list(cached.logits))]
     held_out = cached_digits_like(seed=1)
     on_test = timm_exits.budgeted_curve(cached, budgets=10, evaluate_on=held_out)
     assert [p.thresholds for p in on_test] == [p.thresholds for p in curve]
-    assert on_test[-1].accuracy == timm_exits.anytime_accuracy(held_out)[-1].accuracy
+    for point in on_test:
+        accuracy, flops, shares = outcome(held_out, point.thresholds)
+        assert (point.accuracy, point.flops) == pytest.approx((accuracy, flops)) and point.exit_shares == pytest.approx(shares)
     with pytest.raises(ValueError, match="evaluate_on has 4 exits"):
         timm_exits.budgeted_curve(cached, evaluate_on=cached_digits_like(num_exits=4))
 
 
-def test_accuracy_target_is_met_at_less_cost():
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("ensemble", [False, True], ids=["exit", "ensemble"])
+def test_accuracy_target_is_met_at_less_cost(criterion, ensemble):
     cached = cached_digits_like()
-    final = timm_exits.anytime_accuracy(cached)[-1].accuracy
-    c = timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.01)
-    assert c.accuracy >= final - 0.01 and c.flops < cached.flops[-1]
-    strict = timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.0)
+    final = (cached.logits[-1].argmax(-1) == cached.labels).double().mean().item()
+    c = timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.01, criterion=criterion, ensemble=ensemble)
+    accuracy, flops, _ = outcome(cached, c.thresholds, criterion, ensemble)
+    assert math.isclose(c.accuracy, accuracy) and math.isclose(c.flops, flops)
+    assert accuracy >= final - 0.01 and flops < cached.flops[-1]
+    strict = timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.0, criterion=criterion, ensemble=ensemble)
     assert strict.accuracy >= final and strict.flops >= c.flops
+    # a looser target never costs more
+    loose = timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.1, criterion=criterion, ensemble=ensemble)
+    assert loose.flops <= c.flops and loose.accuracy >= final - 0.1
 
 
 def test_calibration_bad_input():
@@ -210,25 +395,52 @@ def test_calibration_bad_input():
         timm_exits.calibrate_thresholds(cached, 1e6)
     with pytest.raises(ValueError, match="exactly one of"):
         timm_exits.calibrate_thresholds(cached)
+    with pytest.raises(ValueError, match="exactly one of"):
+        timm_exits.calibrate_thresholds(cached, 150.0, max_accuracy_drop=0.01)
+    with pytest.raises(ValueError, match=r"max_accuracy_drop must be a fraction in \[0, 1\]"):
+        timm_exits.calibrate_thresholds(cached, max_accuracy_drop=1.5)
+    with pytest.raises(ValueError, match="unknown criterion 'top1'"):
+        timm_exits.calibrate_thresholds(cached, 150.0, criterion="top1")
     with pytest.raises(ValueError, match="one per early exit \\(2"):
         timm_exits.evaluate_thresholds(cached, [0.5, 0.5, 0.5])
     four = timm_exits.calibrate_thresholds(cached_digits_like(num_exits=4), 250.0)
     with pytest.raises(ValueError, match="one per early exit \\(2"):
         resnet().early_exit(torch.randn(2, 3, 32, 32), threshold=four)
+    margin = timm_exits.calibrate_thresholds(cached, 150.0, criterion="margin")
+    with pytest.raises(ValueError, match="made for criterion='margin', not 'max_prob'"):
+        resnet().early_exit(torch.randn(2, 3, 32, 32), threshold=margin)
     with pytest.raises(ValueError, match="flops has 2 values for 3 exits"):
         timm_exits.CachedExits(cached.logits, cached.labels, [1.0, 2.0], ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"labels must be \(N,\)"):
+        timm_exits.CachedExits(cached.logits, cached.labels[:5], cached.flops, cached.stages)
+    with pytest.raises(ValueError, match=r"logits must be \(num_exits, N, C\)"):
+        timm_exits.CachedExits(cached.logits[0], cached.labels, cached.flops, cached.stages)
 
 
-def test_collect_calibrate_early_exit_end_to_end(tmp_path):
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("ensemble", [False, True], ids=["exit", "ensemble"])
+def test_collect_calibrate_early_exit_end_to_end(criterion, ensemble):
     model = resnet()
     model.eval_output = "final"  # a model set up for plain evaluation still gives every exit here
-    data = [(torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))) for _ in range(4)]
+    g = torch.Generator().manual_seed(6)
+    data = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(4)]
     cached = timm_exits.collect_exit_logits(model, data)
-    assert cached.logits.shape == (3, 32, 5) and cached.labels.shape == (32,)
-    calibration = timm_exits.calibrate_thresholds(cached, (cached.flops[0] + cached.flops[-1]) / 2)
+    assert cached.logits.shape == (3, 32, 5) and cached.labels.shape == (32,) and model.eval_output == "final"
     x = torch.cat([b[0] for b in data])
-    result = model.early_exit(x, threshold=calibration)
+    with torch.no_grad():
+        model.eval_output = "all"
+        torch.testing.assert_close(cached.logits, torch.stack(model(x)), rtol=1e-4, atol=1e-5)
+        model.eval_output = "final"
+    assert cached.flops == spent_per_exit(model).tolist()
+    calibration = timm_exits.calibrate_thresholds(cached, (cached.flops[0] + cached.flops[-1]) / 2, criterion=criterion, ensemble=ensemble)
+    result = model.early_exit(x, threshold=calibration, criterion=criterion, ensemble=ensemble)
     assert math.isclose(result.flops.double().mean().item(), calibration.flops, rel_tol=1e-6)
+    assert math.isclose((result.logits.argmax(-1) == cached.labels).double().mean().item(), calibration.accuracy)
+    assert result.exit_counts(3) == [round(s * 32) for s in calibration.exit_shares]
+
+
+def test_plot_tradeoff(tmp_path):
     pytest.importorskip("matplotlib")
+    cached = cached_digits_like()
     path = timm_exits.plot_tradeoff(timm_exits.budgeted_curve(cached, 5), tmp_path / "tradeoff.png", anytime=timm_exits.anytime_accuracy(cached))
     assert (tmp_path / "tradeoff.png").stat().st_size > 1000 and path.endswith(".png")

@@ -210,6 +210,96 @@ def test_ekd_formula_teachers_and_assignment():
     assert close(assigned, sum((1 - a) * ce(zi, y) + a * kd(zi, t[k], T) for zi, k in zip(z, [1, 1, 0, 0])) + ens)
 
 
+# -- stop-gradients: each teacher is a constant for its students ----------------------------------
+
+
+def features(seed=3, n=N, width=8):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, width, generator=g).requires_grad_() for _ in range(n)]
+
+
+def hint(f):
+    """sum_{i<N} ||f_i - sg f_N||^2, mean over batch and width."""
+    return sum(((fi - f[-1].detach()) ** 2).mean() for fi in f[:-1])
+
+
+def reference_loss(name, z, f, y, teacher_logits, theta):
+    """Each method's objective with its stop-gradients written as explicit ``.detach()`` (kd() detaches its teacher)."""
+    if name == "distillation":  # the final exit teaches: it learns from the labels only
+        return 0.5 * sum(ce(zi, y) for zi in z) + 0.5 * sum(kd(zi, z[-1], 1.0) for zi in z[:-1])
+    if name == "eed":  # the ensemble of logits and the mean feature are targets, not students
+        e, tf = torch.stack(z).mean(0).detach(), torch.stack(f).mean(0).detach()
+        feat = sum((((fi - tf) ** 2) * ((fi > 0) | (tf > 0))).mean() for fi in f)
+        return sum(ce(zi, y) + ((zi - e) ** 2).mean() for zi in z) + 0.5 * feat
+    if name == "byot":
+        return ce(z[-1], y) + sum(0.7 * ce(zi, y) + 0.3 * kd(zi, z[-1], 3.0) for zi in z[:-1]) + 0.1 * hint(f)
+    if name == "msd":  # every exit teaches every other one, as a constant
+        mutual = sum(sum(kd(z[i], z[j], 3.0) for j in range(N) if j != i) / (N - 1) for i in range(N))
+        return 0.5 * sum(ce(zi, y) for zi in z) + 0.5 * mutual + 0.1 * hint(f)
+    if name == "mate":  # teachers mix detached exits: their CE trains theta alone
+        w = theta.softmax(1)
+        teachers = [sum(w[k, j] * z[j].detach() for j in range(N)) for k in range(N)]
+        gate = lambda i, k: 0.5 if i == k else 0.5 / (N - 1)  # noqa: E731
+        return sum(ce(zi, y) + sum(gate(i, k) * kd(zi, teachers[k], 3.0) for k in range(N)) for i, zi in enumerate(z)) + sum(ce(t, y) for t in teachers)
+    if name == "ekd":  # external teachers are constants; the ensemble CE couples the exits
+        return sum(0.5 * ce(zi, y) + 0.5 * kd(zi, ti, 3.0) for zi, ti in zip(z, teacher_logits)) + ce(torch.stack(z).mean(0), y)
+    raise AssertionError(name)
+
+
+LOSS_KWARGS = {"eed": {"feature_weight": 0.5}, "byot": {"feature_weight": 0.1}, "msd": {"feature_weight": 0.1}}
+
+
+@pytest.mark.parametrize("name", ["distillation", "eed", "byot", "msd", "mate", "ekd"])
+def test_gradients_equal_the_reference_whose_teachers_are_detached(name):
+    z, f, y = logits(), features(), labels()
+    g = torch.Generator().manual_seed(5)
+    teacher_logits = [torch.randn(B, C, generator=g).requires_grad_() for _ in range(N)]
+    loss_fn = create_loss(name, num_exits=N, **LOSS_KWARGS.get(name, {}))
+    theta = None
+    if name == "mate":
+        with torch.no_grad():
+            loss_fn.theta.copy_(torch.randn(N, N, generator=g))
+        theta = loss_fn.theta
+    extra = (teacher_logits,) if name == "ekd" else ()
+    loss = loss_fn(timm_exits.ExitOutputs(z, f), y, *extra)
+    expected = reference_loss(name, z, f, y, teacher_logits, theta)
+    assert close(loss, expected)
+    inputs = z + f + ([theta] if theta is not None else [])
+    got = torch.autograd.grad(loss, inputs, allow_unused=True)
+    want = torch.autograd.grad(expected, inputs, allow_unused=True)
+    for k, (a, b) in enumerate(zip(got, want)):
+        a = torch.zeros_like(inputs[k]) if a is None else a
+        b = torch.zeros_like(inputs[k]) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: gradient of input {k}: {m}")
+    # every exit learns something; the one that must not learn from a teacher term gets only its own
+    assert all(a is not None and a.abs().max() > 0 for a in got[:N])
+    if name == "ekd":
+        assert all(t.grad is None for t in teacher_logits)
+
+
+def test_the_teacher_side_gets_no_gradient_from_distillation_alone():
+    z, f, y = logits(), features(), labels()
+    # Phuong with C = 1 (distillation only): the final exit is only a teacher
+    g = grads(DistillationBasedLoss(C=1.0, temperature=2.0)(z, y), z)
+    assert (g[-1] is None or g[-1].abs().max() == 0) and all(gi.abs().max() > 0 for gi in g[:-1])
+    # BYOT / MSD hints: the final feature is the target, the early ones move
+    for loss_fn in (SelfDistillationLoss(feature_weight=1.0), MultiSelfDistillationLoss(feature_weight=1.0)):
+        gf = grads(loss_fn(timm_exits.ExitOutputs(z, f), y), f)
+        assert (gf[-1] is None or gf[-1].abs().max() == 0) and all(gi.abs().max() > 0 for gi in gf[:-1])
+    # MSD, distillation only: exit i's gradient is the same whichever exits teach it, up to their values
+    alone = MultiSelfDistillationLoss(alpha=1.0)
+    gz = grads(alone(z, y), z)
+    for i in range(N):
+        own = sum(kd(z[i], z[j], 3.0) for j in range(N) if j != i) / (N - 1)
+        torch.testing.assert_close(gz[i], torch.autograd.grad(own, z[i])[0], rtol=1e-4, atol=1e-6)
+    # MATE: the teachers' cross entropy reaches theta, never the exits
+    mate = AppropriateTeachersLoss(num_exits=N)
+    mate(z, y)
+    teacher_ce = sum(ce(t, y) for t in mate.teachers(z))
+    *gz, g_theta = torch.autograd.grad(teacher_ce, z + [mate.theta], allow_unused=True)
+    assert all(gi is None or gi.abs().max() == 0 for gi in gz) and g_theta.abs().max() > 0
+
+
 @pytest.mark.parametrize("name", ["distillation", "eed", "byot", "msd", "mate", "ekd"])
 def test_identical_exits_give_zero_distillation(name):
     z0 = logits()[0].detach()

@@ -82,6 +82,54 @@ def test_bad_task_input():
         task(*batch())
 
 
+def test_clip_parameters_are_the_models_and_the_losss():
+    task = timm_exits.MultiExitTask(small_model(), "mate", verbose=False)
+    ids = lambda params: [id(p) for p in params]  # noqa: E731
+    model, theta = task.model, task.criterion.theta
+    assert ids(task.get_clip_parameters()) == ids(model.parameters()) + [id(theta)]
+    # exclude_head (timm's adaptive clipping) leaves out the backbone's classifier, and only it
+    classifier = set(ids(model.backbone.get_classifier().parameters()))
+    without = task.get_clip_parameters(exclude_head=True)
+    assert set(ids(without)) == set(ids(model.parameters())) - classifier | {id(theta)} and classifier
+    assert set(ids(model.exits.parameters())) <= set(ids(without))
+
+
+def test_no_weight_decay_reaches_timms_optimizer_factory_through_the_task():
+    from timm.optim import create_optimizer_v2
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32)
+    task = timm_exits.MultiExitTask(timm_exits.wrap(backbone, stages=[3, 6]), "eed", verbose=False)
+    trainable = task.get_trainable_module()
+    assert trainable.no_weight_decay() == {f"model.backbone.{n}" for n in backbone.no_weight_decay()}
+    optimizer = create_optimizer_v2(trainable, "adamw", lr=1e-3, weight_decay=0.05)
+    decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert decay[id(backbone.cls_token)] == 0.0 and decay[id(backbone.pos_embed)] == 0.0  # 3-d tensors: only the list says so
+    assert decay[id(backbone.blocks[0].attn.qkv.weight)] == 0.05 and decay[id(task.model.exits[0].fc.weight)] == 0.05
+    assert len(decay) == len(list(trainable.parameters()))
+
+
+def test_no_sync_skips_the_gradient_all_reduce_only_inside(tmp_path):
+    import torch.distributed as dist
+
+    task = timm_exits.MultiExitTask(small_model(), "eed", verbose=False)
+    x, y = batch()
+    with task.no_sync():  # not distributed: a no-op, gradients accumulate as usual
+        task(x, y)["loss"].backward()
+    assert all(p.grad is not None for p in task.parameters())
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        task.prepare_distributed()
+        ddp = task.trainable_module
+        assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and task.model is ddp.module.model
+        with task.no_sync():
+            assert ddp.require_backward_grad_sync is False
+            task(x, y)["loss"].backward()
+        assert ddp.require_backward_grad_sync is True
+    finally:
+        dist.destroy_process_group()
+
+
 def test_ekd_teachers_stay_frozen_and_in_eval():
     teacher = timm.create_model("resnet10t", num_classes=10)
     task = timm_exits.MultiExitTask(small_model(), "ekd", teachers=[teacher], verbose=False)
@@ -123,16 +171,35 @@ def test_bf16_autocast_and_channels_last():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def saved_for_backward(fn) -> tuple[int, int]:
+    """Run `fn` and count the tensors autograd keeps for the backward pass: how many, and their bytes."""
+    count, size = 0, 0
+
+    def pack(t):
+        nonlocal count, size
+        count, size = count + 1, size + t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return count, size
+
+
+def test_gradient_checkpointing_keeps_fewer_activations_and_gives_the_same_gradients():
     x, y = batch()
-    grads = []
+    grads, saved = [], []
     for enable in (False, True):
         task = timm_exits.MultiExitTask(small_model(), "eed", verbose=False)
         task.model.set_grad_checkpointing(enable)
-        task(x, y)["loss"].backward()
+        result = {}
+        saved.append(saved_for_backward(lambda: result.update(task(x, y))))
+        result["loss"].backward()
         grads.append([p.grad for p in task.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    (plain_count, plain_bytes), (checked_count, checked_bytes) = saved
+    # with checkpointing only the heads and the loss keep tensors: the segments recompute theirs in backward
+    assert checked_count < plain_count / 3 and checked_bytes < plain_bytes / 3, saved
 
 
 def _train(task, optimizer, steps, start=0):
