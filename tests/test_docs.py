@@ -1,4 +1,5 @@
 """The code blocks of the docs run, in order, each page in one namespace (as a reader would paste them)."""
+import ast
 import pathlib
 import re
 
@@ -28,3 +29,33 @@ def test_every_page_with_code_is_tested():
     pages = ["README.md"] + [f"docs/{p.name}" for p in sorted((ROOT / "docs").glob("*.md"))]
     with_code = [p for p in pages if python_blocks(p)]
     assert sorted(with_code) == sorted(PAGES)
+
+
+CHECKS = {"allclose", "isclose", "equal", "all", "any"}  # calls whose printed result would be a claim nobody checks
+
+
+def unchecked_claims(block: str) -> list[str]:
+    """The lines of `block` that pass when their claim is false: a printed comparison, an expected error without `else`."""
+    found = []
+    for node in ast.walk(ast.parse(block)):
+        if isinstance(node, ast.Try) and node.handlers and not node.orelse:
+            found.append(f"line {node.lineno}: an expected error needs `else: raise AssertionError(...)` for when nothing is raised")
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
+            for arg in node.args:
+                called = getattr(arg.func, "attr", getattr(arg.func, "id", None)) if isinstance(arg, ast.Call) else None
+                if isinstance(arg, (ast.Compare, ast.BoolOp)) or called in CHECKS:
+                    found.append(f"line {node.lineno}: print({ast.unparse(arg)}) shows a check: assert it")
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_claims_in_the_docs_are_asserted(page):
+    found = [f"block {i}, {claim}" for i, block in enumerate(python_blocks(page)) for claim in unchecked_claims(block)]
+    assert not found, f"{page}: " + "; ".join(found)
+
+
+def test_unchecked_claims_are_found():
+    printed = "import torch\nprint(torch.allclose(torch.ones(1), torch.ones(1)), 1 == 2)\n"
+    silent = "try:\n    int('1')\nexcept ValueError as err:\n    print(err)\n"
+    assert len(unchecked_claims(printed)) == 2 and len(unchecked_claims(silent)) == 1
+    assert unchecked_claims(silent + "else:\n    raise AssertionError('no error')\n") == []
