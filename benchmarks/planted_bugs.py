@@ -1,0 +1,137 @@
+"""How strong the test suite is: plant small, plausible bugs one at a time and see whether a test catches each.
+
+Each bug is one textual change to one file of the package, made in a scratch copy of the
+repository; the test file meant to catch it then runs against that copy. A bug that no test
+catches is a hole in the suite. Prints one row per bug and exits 1 if any survives:
+
+    python benchmarks/planted_bugs.py [--only NAME ...]
+
+The first six are the ones that passed every test before issue 13 (docs/testing.md); the others
+are the kind of slip the suite must keep catching. `mutmut` (docs/testing.md) does the same thing
+mechanically and at scale; this list is the hand-picked, readable part.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Bug:
+    name: str
+    path: str  # file of the package, relative to the repository
+    old: str  # text that occurs exactly once in it
+    new: str
+    tests: tuple[str, ...]  # pytest arguments: the test file(s) meant to catch it
+
+
+BUGS = [
+    Bug("entropy criterion's sign flipped", "timm_exits/inference.py",
+        "return (probs * probs.clamp_min(1e-12).log()).sum(-1)", "return -(probs * probs.clamp_min(1e-12).log()).sum(-1)",
+        ("tests/test_inference.py",)),
+    Bug("margin criterion returns the top probability alone", "timm_exits/inference.py",
+        "return top[:, 0] - (top[:, 1] if top.shape[1] > 1 else 0)", "return top[:, 0]", ("tests/test_inference.py",)),
+    Bug("fallback model decides on the next exit's confidence", "timm_exits/inference.py",
+        "for z, t in zip(outputs[:-1], thresholds)", "for z, t in zip(outputs[1:], thresholds)", ("tests/test_inference.py",)),
+    Bug("MSD's teacher probabilities not detached", "timm_exits/losses.py",
+        "teachers = torch.stack([soft(z, T) for z in logits])", "teachers = torch.stack([F.softmax(z.float() / T, dim=-1) for z in logits])",
+        ("tests/test_losses.py",)),
+    Bug("MATE's exits not detached inside its teachers", "timm_exits/losses.py",
+        "stacked = torch.stack([z.detach().float() for z in logits])", "stacked = torch.stack([z.float() for z in logits])",
+        ("tests/test_losses.py",)),
+    Bug("gradient checkpointing never applied", "timm_exits/model.py",
+        "if self.grad_checkpointing and self.training and torch.is_grad_enabled():",
+        "if False and self.grad_checkpointing and self.training and torch.is_grad_enabled():",
+        ("tests/test_training.py", "tests/test_model.py", "-k", "checkpointing")),
+    # the kind of slip the suite caught already, kept here so that it keeps catching it
+    Bug("carried batch size not updated after samples leave", "timm_exits/inference.py",
+        "return int(rows.numel())", "return value", ("tests/test_inference.py",)),
+    Bug("anytime ensemble divides by one exit too many", "timm_exits/inference.py",
+        "z = (total / (k + 1)).to(z.dtype)", "z = (total / (k + 2)).to(z.dtype)", ("tests/test_inference.py",)),
+    Bug("budget search keeps thresholds that overspend", "timm_exits/inference.py",
+        "if run(thresholds).flops <= budget:", "if run(thresholds).flops >= budget:", ("tests/test_inference.py",)),
+    Bug("calibrated entropy thresholds returned on the confidence scale", "timm_exits/inference.py",
+        'user = [-t for t in conf_thresholds] if criterion == "entropy" else list(conf_thresholds)', "user = list(conf_thresholds)",
+        ("tests/test_inference.py",)),
+    # (EED's logit ensemble without .detach() is no bug: the gradient through the mean of a sum of squared
+    # deviations from that mean is zero, and the KL teacher is detached by soft(); its feature target is not so)
+    Bug("EED's feature target not detached", "timm_exits/losses.py",
+        "target_f = torch.stack(f).float().mean(0).detach()", "target_f = torch.stack(f).float().mean(0)", ("tests/test_losses.py",)),
+    Bug("BYOT's deepest exit CE weighted (1 - a)", "timm_exits/losses.py", "        ce_weight[-1] = 1.0\n", "", ("tests/test_losses.py",)),
+    Bug("Phuong's temperature grows on unsure teachers", "timm_exits/losses.py",
+        "float(teacher_maxprob) > self.maxprob", "float(teacher_maxprob) < self.maxprob", ("tests/test_losses.py",)),
+    Bug("KD scaled by T instead of T^2", "timm_exits/objective.py",
+        "return kl * temperature**2 if t_squared else kl\n\n\ndef kd_matrix", "return kl * temperature if t_squared else kl\n\n\ndef kd_matrix",
+        ("tests/test_losses.py",)),
+    Bug("unlabeled samples counted in the CE mean", "timm_exits/objective.py",
+        "return per_sample.sum() / labeled.sum().clamp_min(1)", "return per_sample.sum() / len(target)", ("tests/test_losses.py",)),
+    Bug("ensemble weights not normalised", "timm_exits/ensemble.py",
+        "w = torch.full((n,), 1.0 / n) if weights is None else weights / weights.sum()", "w = torch.full((n,), 1.0 / n) if weights is None else weights",
+        ("tests/test_ensemble.py",)),
+    Bug("tokens laid on the grid without the transpose", "timm_exits/heads.py",
+        "return tokens.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)", "return tokens.reshape(x.shape[0], x.shape[2], side, side)",
+        ("tests/test_heads.py",)),
+    Bug("token mean pool includes the class and register tokens", "timm_exits/heads.py",
+        "x = x[:, self.layout.num_prefix_tokens :].mean(1)", "x = x.mean(1)", ("tests/test_heads.py",)),
+    Bug("attention FLOPs drop the value matmul", "timm_exits/flops.py",
+        "return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])", "return math.prod(q[:-1]) * k[-2] * q[-1]", ("tests/test_flops.py",)),
+    Bug("pooling FLOPs ignore the window", "timm_exits/flops.py",
+        "return math.prod(out) * math.prod(kernel)", "return math.prod(out)", ("tests/test_flops.py",)),
+]
+
+
+def plant(bug: Bug, into: Path) -> None:
+    path = into / bug.path
+    text = path.read_text()
+    if text.count(bug.old) != 1:
+        raise SystemExit(f"{bug.name}: the text to change occurs {text.count(bug.old)} times in {bug.path} (the code moved; update BUGS)")
+    path.write_text(text.replace(bug.old, bug.new))
+
+
+def run(bug: Bug) -> tuple[str, float, str]:
+    """Plant `bug` in a scratch copy and run its tests there; returns ("caught" | "SURVIVED" | "BROKEN", seconds, pytest's last line).
+
+    Caught means a test failed on an assertion; a run that could not even collect its tests is
+    "BROKEN" (the planted text no longer makes sense), not a catch.
+    """
+    with tempfile.TemporaryDirectory(prefix="planted-") as scratch:
+        copy = Path(scratch)
+        for name in ("timm_exits", "tests", "benchmarks", "examples"):
+            shutil.copytree(ROOT / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(ROOT / "pyproject.toml", copy)
+        plant(bug, copy)
+        env = {**os.environ, "PYTHONPATH": str(copy)}  # the copy shadows the installed package
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *bug.tests], cwd=copy, env=env, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.strip()]
+        last = lines[-1] if lines else done.stderr.strip()[-200:]
+        status = "SURVIVED" if done.returncode == 0 else "caught" if done.returncode == 1 and " failed" in last else "BROKEN"
+        return status, time.perf_counter() - start, last
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="run only the bugs whose name contains one of these words")
+    args = parser.parse_args()
+    bugs = [b for b in BUGS if not args.only or any(w in b.name for w in args.only)]
+    survivors = []
+    for bug in bugs:
+        status, seconds, last = run(bug)
+        print(f"{status:8s}  {seconds:5.1f}s  {bug.name}  ({last})", flush=True)
+        if status != "caught":
+            survivors.append(bug.name)
+    print(f"\n{len(bugs) - len(survivors)} of {len(bugs)} planted bugs caught" + (f"; survivors: {survivors}" if survivors else ""))
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
