@@ -63,13 +63,12 @@ def _ints(value) -> list[int]:
 
 
 def _window_flops(inputs, outputs) -> int:
-    """Windowed pooling: one FLOP per element of every window (output elements x kernel area)."""
-    kernel = _ints(inputs[1])
-    out = _shape(outputs[0])
-    spatial = len(out) - 2 if len(out) > 3 else len(out) - 1
-    if len(kernel) == 1:
-        kernel = kernel * spatial
-    return math.prod(out) * math.prod(kernel)
+    """Windowed pooling: one FLOP per element of every window (output elements x kernel area).
+
+    The traced kernel already has one entry per pooled dimension (the functional API expands an
+    int before the operator sees it), whether or not the input has a batch dimension.
+    """
+    return math.prod(_shape(outputs[0])) * math.prod(_ints(inputs[1]))
 
 
 def _fused_mha_flops(inputs, outputs) -> int:
@@ -85,8 +84,13 @@ def _conv_mode_flops(inputs, outputs) -> int:
 
 
 def _lstm_flops(inputs, outputs) -> int:
-    """``nn.LSTM``: every weight matrix (all gates, layers, directions) multiplies one vector per sample and time step."""
-    weights = inputs[2].node()
+    """``nn.LSTM``: every weight matrix (all gates, layers, directions) multiplies one vector per sample and time step.
+
+    ``aten::lstm`` takes ``(input, hx, weights, ...)``; over a packed sequence ``(data, batch_sizes,
+    hx, weights, ...)``, whose data rows are the time steps of all sequences.
+    """
+    packed = inputs[1].type().kind() == "TensorType"
+    weights = inputs[3 if packed else 2].node()
     if weights.kind() != "prim::ListConstruct":
         raise ValueError("the LSTM's weights are not a list the trace can read")
     shapes = [_shape(w) for w in weights.inputs()]
