@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-slow benchmarks coverage clean
+.PHONY: demo test test-slow benchmarks coverage mutation planted-bugs clean
 
 $(BIN)/timm-exits: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,5 +30,13 @@ benchmarks: $(BIN)/timm-exits
 coverage: $(BIN)/timm-exits
 	$(BIN)/python benchmarks/coverage.py
 
+# How strong the suite is (docs/testing.md); neither runs in CI.
+mutation: $(BIN)/timm-exits
+	$(BIN)/mutmut run --max-children 2
+	$(BIN)/mutmut export-cicd-stats
+
+planted-bugs: $(BIN)/timm-exits
+	$(BIN)/python benchmarks/planted_bugs.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info mutants

@@ -72,3 +72,39 @@ def test_bad_input():
         ExitEnsemble(3, weights=[1, -1, 1])
     with pytest.raises(ValueError, match="num_exits must be"):
         ExitEnsemble(0)
+
+
+def test_the_ensemble_keeps_the_exits_dtype_and_computes_in_float32():
+    z = [zi.to(torch.bfloat16) for zi in logits()]
+    for mode in ("logits", "probs"):
+        out = exit_ensemble(z, weights=[1, 2, 1], mode=mode)
+        assert out.dtype == torch.bfloat16
+        reference = exit_ensemble([zi.float() for zi in z], weights=[1, 2, 1], mode=mode)
+        torch.testing.assert_close(out.float(), reference, rtol=1e-2, atol=1e-2)
+    assert all(e.dtype == torch.bfloat16 for e in anytime_ensemble(z))
+    # integer and float64 weights give the same ensemble as float32 ones
+    z32 = logits()
+    for w in ([1, 0, 3], torch.tensor([1, 0, 3]), torch.tensor([1.0, 0.0, 3.0], dtype=torch.float64)):
+        torch.testing.assert_close(exit_ensemble(z32, weights=w), 0.25 * z32[0] + 0.75 * z32[2], rtol=1e-6, atol=1e-6)
+
+
+def test_ensemble_weight_edge_cases():
+    z = logits()
+    single = ExitEnsemble(1)  # one exit: the ensemble is that exit
+    torch.testing.assert_close(single(z[:1]), z[0])
+    zero = ExitEnsemble(3, weights=[1, 0, 1])  # a zero weight is allowed: that exit is left out
+    torch.testing.assert_close(zero(z), (z[0] + z[2]) / 2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(zero.weights, torch.tensor([0.5, 0.0, 0.5]), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"non-negative with a positive sum, got \[0.0, 0.0, 0.0\]"):
+        ExitEnsemble(3, weights=[0, 0, 0])
+    with pytest.raises(ValueError, match="combines 3 exits, got 2"):
+        ExitEnsemble(3).anytime(z[:2])
+    assert len(ExitEnsemble(3, learnable=True).anytime(z)) == 3
+
+
+def test_weights_follow_the_logits_device():
+    # the meta device stands in for a GPU: weights made on the CPU must move to where the logits are
+    z = [torch.empty(5, 7, device="meta") for _ in range(3)]
+    for mode in ("logits", "probs"):
+        assert exit_ensemble(z, weights=[1.0, 2.0, 1.0], mode=mode).device.type == "meta"
+        assert ExitEnsemble(3, mode=mode)(z).device.type == "meta"

@@ -439,8 +439,24 @@ def test_collect_calibrate_early_exit_end_to_end(criterion, ensemble):
     assert result.exit_counts(3) == [round(s * 32) for s in calibration.exit_shares]
 
 
-def test_plot_tradeoff(tmp_path):
-    pytest.importorskip("matplotlib")
+def test_plot_tradeoff_draws_the_curve_and_the_exits(tmp_path, monkeypatch):
+    plt = pytest.importorskip("matplotlib.pyplot")
     cached = cached_digits_like()
-    path = timm_exits.plot_tradeoff(timm_exits.budgeted_curve(cached, 5), tmp_path / "tradeoff.png", anytime=timm_exits.anytime_accuracy(cached))
-    assert (tmp_path / "tradeoff.png").stat().st_size > 1000 and path.endswith(".png")
+    curve, anytime = timm_exits.budgeted_curve(cached, 5), timm_exits.anytime_accuracy(cached)
+    drawn = []
+    subplots = plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: drawn.append(subplots(*a, **k)) or drawn[-1])
+    path = timm_exits.plot_tradeoff(curve, tmp_path / "tradeoff.png", anytime=anytime)
+    assert path == str(tmp_path / "tradeoff.png")
+    png = (tmp_path / "tradeoff.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (660, 480)  # 5.5 x 4 in at 120 dpi
+    fig, ax = drawn[0]
+    (budgeted, exits) = ax.get_lines()
+    assert budgeted.get_xdata() == pytest.approx([p.flops / 1e6 for p in curve]) and budgeted.get_ydata() == pytest.approx([100 * p.accuracy for p in curve])
+    assert exits.get_xdata() == pytest.approx([p.flops / 1e6 for p in anytime]) and exits.get_ydata() == pytest.approx([100 * p.accuracy for p in anytime])
+    assert (budgeted.get_marker(), budgeted.get_linestyle(), exits.get_marker(), exits.get_linestyle()) == ("o", "-", "s", "--")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["early exit, budgeted (MSDNet protocol)", "each exit alone (anytime)"]
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("average MFLOPs per sample", "accuracy (%)", "accuracy vs FLOPs")
+    timm_exits.plot_tradeoff(curve, tmp_path / "alone.png", title="digits")
+    fig, ax = drawn[1]
+    assert len(ax.get_lines()) == 1 and ax.get_title() == "digits"

@@ -399,6 +399,26 @@ def test_components_and_repr_show_what_a_logger_needs():
     assert "lam=0.5" in repr(AppropriateTeachersLoss(num_exits=3))
 
 
+@pytest.mark.parametrize(
+    "build, shown",
+    [
+        (lambda: MultiExitCELoss(weights=[1, 2], label_smoothing=0.1), "weights=[1.0, 2.0], num_exits=2, label_smoothing=0.1"),
+        (lambda: MultiExitCELoss(schedule="sdn", epochs=5, depths=[0.3]), "schedule='sdn', depths=[0.3], epochs=5, num_exits=2"),
+        (lambda: MultiExitCELoss(base_loss=F.cross_entropy), "weights=None, base_loss=cross_entropy"),
+        (lambda: DistillationBasedLoss(temperature=4.0, num_exits=3), "C=0.5, temperature=4.0, t_squared=True, num_exits=3"),
+        (lambda: ExitEnsembleLoss(), "distance='mse', feature_weight=0.0"),
+        (lambda: ExitEnsembleLoss(distance="kl", feature_weight=0.5), "distance='kl', temperature=3.0, kl_weight=0.1, t_squared=True, feature_weight=0.5"),
+        (lambda: SelfDistillationLoss(t_squared=False), "alpha=0.3, temperature=3.0, feature_weight=0.0, t_squared=False"),
+        (lambda: MultiSelfDistillationLoss(epochs=10, feature_weight=0.2), "alpha=0.5, temperature=3.0, feature_weight=0.2, epochs=10, t_squared=True"),
+        (lambda: AppropriateTeachersLoss(num_exits=3, lam=0.7), "lam=0.7, temperature=3.0, t_squared=True, num_exits=3"),
+        (lambda: EnsembleKnowledgeDistillationLoss(assignment=[0, 1]), "alpha=0.5, temperature=3.0, assignment=[0, 1], ensemble_weight=1.0, t_squared=True"),
+    ],
+)
+def test_repr_shows_every_hyperparameter(build, shown):
+    loss_fn = build()
+    assert repr(loss_fn) == f"{type(loss_fn).__name__}({shown})"
+
+
 # -- bad input ----------------------------------------------------------------------------------
 
 
