@@ -1,5 +1,6 @@
 """Every loss against its formula, recomputed here by hand; detaching, schedules, targets, bad input."""
 import math
+import re
 
 import pytest
 import timm
@@ -492,3 +493,141 @@ def test_feature_terms_without_features_and_ekd_without_teachers():
 def test_bad_hyperparameters_are_named(build, match):
     with pytest.raises((TypeError, ValueError), match=match):
         build()
+
+
+def exactly(message: str) -> str:
+    """A `pytest.raises(match=...)` pattern for the whole message, word for word."""
+    return "^" + re.escape(message) + "$"
+
+
+POSITIVE = "{} must be a positive number, got {!r}"
+NON_NEGATIVE = "{} must be a non-negative number, got {!r}"
+FRACTION = "{} must be a number in [0, 1], got {!r}"
+# (loss class, keyword, a bad value, the message) for every checked hyperparameter; the boundary values of each
+# kind (0 and 1 for a fraction, 0 where zero is allowed, 1 epoch) are accepted in the test below
+HYPERPARAMETERS = [
+    (DistillationBasedLoss, "C", 1.5, FRACTION), (DistillationBasedLoss, "temperature", 0.0, POSITIVE),
+    (DistillationBasedLoss, "t_mult", -1.0, POSITIVE), (DistillationBasedLoss, "maxprob", 2.0, FRACTION),
+    (ExitEnsembleLoss, "temperature", float("nan"), POSITIVE), (ExitEnsembleLoss, "kl_weight", -0.1, NON_NEGATIVE),
+    (ExitEnsembleLoss, "feature_weight", -1.0, NON_NEGATIVE),
+    (SelfDistillationLoss, "alpha", -0.1, FRACTION), (SelfDistillationLoss, "temperature", float("inf"), POSITIVE),
+    (SelfDistillationLoss, "feature_weight", True, NON_NEGATIVE),
+    (MultiSelfDistillationLoss, "alpha", 1.1, FRACTION), (MultiSelfDistillationLoss, "temperature", -3.0, POSITIVE),
+    (MultiSelfDistillationLoss, "feature_weight", "0.1", NON_NEGATIVE),
+    (AppropriateTeachersLoss, "lam", 1.5, FRACTION), (AppropriateTeachersLoss, "temperature", 0, POSITIVE),
+    (EnsembleKnowledgeDistillationLoss, "alpha", 2, FRACTION), (EnsembleKnowledgeDistillationLoss, "temperature", 0.0, POSITIVE),
+    (EnsembleKnowledgeDistillationLoss, "ensemble_weight", -1.0, NON_NEGATIVE),
+    (MultiExitCELoss, "label_smoothing", 1.5, FRACTION),
+]
+
+
+@pytest.mark.parametrize("cls, name, bad, message", HYPERPARAMETERS, ids=[f"{c.__name__}-{n}" for c, n, _, _ in HYPERPARAMETERS])
+def test_every_bad_hyperparameter_is_named_with_its_value(cls, name, bad, message):
+    extra = {"num_exits": 3} if cls is AppropriateTeachersLoss else {}
+    with pytest.raises(ValueError, match=exactly(message.format(name, bad))):
+        cls(**{name: bad}, **extra)
+    boundary = {FRACTION: (0.0, 1.0), NON_NEGATIVE: (0.0,), POSITIVE: (1e-3,)}[message]
+    for value in boundary:
+        assert getattr(cls(**{name: value}, **extra), name) == value
+
+
+@pytest.mark.parametrize(
+    "build, error, message",
+    [
+        (lambda: MultiSelfDistillationLoss(epochs=0), ValueError, "epochs must be a positive int (or None for a constant hint weight), got 0"),
+        (lambda: MultiSelfDistillationLoss(epochs=2.5), ValueError, "epochs must be a positive int (or None for a constant hint weight), got 2.5"),
+        (lambda: AppropriateTeachersLoss(num_exits=None), ValueError, "AppropriateTeachersLoss needs num_exits (model.num_exits): it holds N teachers' weights"),
+        (lambda: EnsembleKnowledgeDistillationLoss(assignment=[0, -1]), ValueError, "assignment must hold teacher indices >= 0, got [0, -1]"),
+        (lambda: EnsembleKnowledgeDistillationLoss(num_exits=4, assignment=[0, 1]), ValueError, "assignment has 2 entries but num_exits=4"),
+        (lambda: MultiExitCELoss(num_exits=0), ValueError, "num_exits must be an int >= 1 (or None for any), got 0"),
+        (lambda: DistillationBasedLoss(num_exits=1), ValueError, "num_exits must be an int >= 2 (or None for any), got 1"),
+        (lambda: MultiExitCELoss(base_loss="ce"), TypeError, "base_loss must be a callable (logits, target) -> loss, got str"),
+    ],
+)
+def test_bad_construction_messages(build, error, message):
+    with pytest.raises(error, match=exactly(message)):
+        build()
+
+
+def test_boundaries_that_are_valid():
+    assert MultiSelfDistillationLoss(epochs=1).epochs == 1
+    assert EnsembleKnowledgeDistillationLoss(num_exits=2, assignment=[0, 1]).assignment == [0, 1]
+    assert MultiExitCELoss(num_exits=1).num_exits == 1 and DistillationBasedLoss(num_exits=2).num_exits == 2
+    assert torch.equal(AppropriateTeachersLoss(num_exits=3).theta, torch.eye(3))  # teacher k starts centred on exit k
+    assert torch.equal(AppropriateTeachersLoss(num_exits=3, primary_init=2.0).theta, 2 * torch.eye(3))
+
+
+def test_set_epoch_and_log_dict():
+    loss_fn = MultiExitCELoss()
+    for bad in (-1, True, 1.0):
+        with pytest.raises(ValueError, match=exactly(f"epoch must be a non-negative int, got {bad!r}")):
+            loss_fn.set_epoch(bad)
+    loss_fn.set_epoch(0)
+    assert int(loss_fn.epoch) == 0
+    loss_fn(logits(), labels())
+    assert sorted(loss_fn.log_dict()) == sorted([f"ce/exit{i}" for i in range(1, N + 1)] + [f"weight/exit{i}" for i in range(1, N + 1)])
+
+
+def test_ekd_call_errors_name_the_teacher_and_the_assignment():
+    z, y = logits(), labels()
+    with pytest.raises(TypeError, match=exactly("EnsembleKnowledgeDistillationLoss needs the teachers' logits: loss_fn(outputs, target, teacher_logits)")):
+        EnsembleKnowledgeDistillationLoss()(z, y)
+    with pytest.raises(ValueError, match=exactly(f"teacher_logits[1] must have the exits' logits shape (B, C) = {(B, C)}, got str")):
+        EnsembleKnowledgeDistillationLoss()(z, y, [torch.randn(B, C), "t"])
+    assigned = EnsembleKnowledgeDistillationLoss(assignment=[0, 1, 1, 0])
+    with pytest.raises(ValueError, match=exactly("assignment has 4 entries but outputs holds 3 exits")):
+        assigned(z[:3], y, [torch.randn(B, C)] * 2)
+    with pytest.raises(ValueError, match=exactly("assignment refers to teacher 1 but 1 teacher logits were given")):
+        assigned(z, y, [torch.randn(B, C)])
+    # the largest index is a valid teacher when there are that many plus one
+    assert torch.isfinite(assigned(z, y, [torch.randn(B, C)] * 2))
+    # the shapes are checked against the exits' own, and the target against their batch
+    with pytest.raises(ValueError, match="target has 5 labels"):
+        EnsembleKnowledgeDistillationLoss()(z, y[:5], torch.randn(B, C))
+
+
+@pytest.mark.parametrize("name", ["distillation", "eed", "msd", "mate", "ekd"])
+def test_t_squared_false_drops_the_factor_from_the_distillation_term(name):
+    z, y = logits(), labels()
+    kwargs = {"distance": "kl"} if name == "eed" else {"temperature": 4.0} if name == "distillation" else {}
+    extra = (torch.randn(B, C, generator=torch.Generator().manual_seed(7)),) if name == "ekd" else ()
+    with_t2 = create_loss(name, num_exits=N, **kwargs)
+    without = create_loss(name, num_exits=N, t_squared=False, **kwargs)
+    with_t2(z, y, *extra)
+    without(z, y, *extra)
+    T = 4.0 if name == "distillation" else 3.0
+    torch.testing.assert_close(without.components["distill"] * T**2, with_t2.components["distill"], rtol=1e-5, atol=1e-6)
+    assert with_t2.components["distill"].abs().max() > 0
+
+
+def test_components_hold_every_term_per_exit():
+    z, y, f = logits(), labels(), features()
+    expected = {
+        "distillation": {"ce": (N,), "distill": (N,), "temperature": (), "teacher_maxprob": ()},
+        "msd": {"ce": (N,), "distill": (N,), "feature": (N - 1,), "feature_weight": ()},
+        "mate": {"ce": (N,), "distill": (N,), "teacher_ce": (N,)},
+        "ekd": {"ce": (N,), "distill": (N,), "ensemble_ce": ()},
+    }
+    for name, shapes in expected.items():
+        loss_fn = create_loss(name, num_exits=N, **({"feature_weight": 0.1} if name == "msd" else {}))
+        loss_fn(timm_exits.ExitOutputs(z, f), y, *((z[0].detach(),) if name == "ekd" else ()))
+        assert {k: tuple(v.shape) for k, v in loss_fn.components.items()} == shapes, name
+
+
+def test_phuong_temperature_stays_when_the_teacher_is_exactly_at_maxprob():
+    loss_fn = DistillationBasedLoss()
+    two_classes = [torch.zeros(B, 2) for _ in range(N)]  # the teacher's max-prob is exactly 0.5: not above it
+    loss_fn(two_classes, torch.zeros(B, dtype=torch.long))
+    assert float(loss_fn.temperature) == 1.0 and float(loss_fn.components["teacher_maxprob"]) == 0.5
+
+
+def test_mate_checks_its_exit_count_and_keeps_base_loss_options():
+    z, y = logits(), labels()
+    with pytest.raises(ValueError, match="built for num_exits=3 but outputs holds 4"):
+        AppropriateTeachersLoss(num_exits=3)(z, y)
+    smoothed = AppropriateTeachersLoss(num_exits=N, label_smoothing=0.2)
+    smoothed(z, y)
+    torch.testing.assert_close(smoothed.components["ce"], torch.stack([F.cross_entropy(zi, y, label_smoothing=0.2) for zi in z]))
+    with torch.no_grad():  # the teachers and the gates live where the logits do (the meta device stands in for a GPU)
+        meta = [zi.detach().to("meta") for zi in z]
+        assert AppropriateTeachersLoss(num_exits=N)(meta, y.to("meta")).device.type == "meta"
