@@ -420,6 +420,10 @@ def test_repr_shows_every_hyperparameter(build, shown):
     assert repr(loss_fn) == f"{type(loss_fn).__name__}({shown})"
 
 
+def test_repr_names_a_base_loss_module_by_its_class():
+    assert repr(MultiExitCELoss(base_loss=SoftTargetCrossEntropy())).startswith("MultiExitCELoss(\n  weights=None, base_loss=SoftTargetCrossEntropy\n")
+
+
 # -- bad input ----------------------------------------------------------------------------------
 
 
@@ -542,6 +546,13 @@ def test_every_bad_hyperparameter_is_named_with_its_value(cls, name, bad, messag
         (lambda: MultiExitCELoss(num_exits=0), ValueError, "num_exits must be an int >= 1 (or None for any), got 0"),
         (lambda: DistillationBasedLoss(num_exits=1), ValueError, "num_exits must be an int >= 2 (or None for any), got 1"),
         (lambda: MultiExitCELoss(base_loss="ce"), TypeError, "base_loss must be a callable (logits, target) -> loss, got str"),
+        (lambda: MultiExitCELoss(weights=[1, 1], schedule="sdn", epochs=3), ValueError, "give either weights (fixed) or schedule='sdn', not both"),
+        (lambda: MultiExitCELoss(schedule="sdn", epochs=0), ValueError, "schedule='sdn' needs epochs, the number of training epochs (a positive int), got 0"),
+        (lambda: MultiExitCELoss(depths=[0.0, 0.5]), ValueError, "depths must be fractions in (0, 1], one per early exit, got [0.0, 0.5]"),
+        (lambda: MultiExitCELoss(depths=[0.5, 1.5]), ValueError, "depths must be fractions in (0, 1], one per early exit, got [0.5, 1.5]"),
+        (lambda: MultiExitCELoss(depths=[0.5], num_exits=3), ValueError, "depths implies 2 exits but num_exits=3"),
+        (lambda: MultiExitCELoss(weights=[1, -1]), ValueError, "weights must be non-negative numbers, got [1, -1]"),
+        (lambda: MultiExitCELoss(weights=[1, float("nan")]), ValueError, "weights must be non-negative numbers, got [1, nan]"),
     ],
 )
 def test_bad_construction_messages(build, error, message):
@@ -550,6 +561,8 @@ def test_bad_construction_messages(build, error, message):
 
 
 def test_boundaries_that_are_valid():
+    assert MultiExitCELoss(schedule="sdn", epochs=1).epochs == 1
+    assert MultiExitCELoss(depths=[1.0, 0.5]).depths == [1.0, 0.5] and MultiExitCELoss(weights=[0, 1]).weights == [0.0, 1.0]
     assert MultiSelfDistillationLoss(epochs=1).epochs == 1
     assert EnsembleKnowledgeDistillationLoss(num_exits=2, assignment=[0, 1]).assignment == [0, 1]
     assert MultiExitCELoss(num_exits=1).num_exits == 1 and DistillationBasedLoss(num_exits=2).num_exits == 2
@@ -574,6 +587,8 @@ def test_ekd_call_errors_name_the_teacher_and_the_assignment():
         EnsembleKnowledgeDistillationLoss()(z, y)
     with pytest.raises(ValueError, match=exactly(f"teacher_logits[1] must have the exits' logits shape (B, C) = {(B, C)}, got str")):
         EnsembleKnowledgeDistillationLoss()(z, y, [torch.randn(B, C), "t"])
+    with pytest.raises(ValueError, match=exactly(f"teacher_logits[0] must have the exits' logits shape (B, C) = {(B, C)}, got {(B, C + 1)}")):
+        EnsembleKnowledgeDistillationLoss()(z, y, torch.randn(B, C + 1))
     assigned = EnsembleKnowledgeDistillationLoss(assignment=[0, 1, 1, 0])
     with pytest.raises(ValueError, match=exactly("assignment has 4 entries but outputs holds 3 exits")):
         assigned(z[:3], y, [torch.randn(B, C)] * 2)
@@ -604,12 +619,13 @@ def test_components_hold_every_term_per_exit():
     z, y, f = logits(), labels(), features()
     expected = {
         "distillation": {"ce": (N,), "distill": (N,), "temperature": (), "teacher_maxprob": ()},
+        "byot": {"ce": (N,), "distill": (N,), "feature": (N - 1,)},
         "msd": {"ce": (N,), "distill": (N,), "feature": (N - 1,), "feature_weight": ()},
         "mate": {"ce": (N,), "distill": (N,), "teacher_ce": (N,)},
         "ekd": {"ce": (N,), "distill": (N,), "ensemble_ce": ()},
     }
     for name, shapes in expected.items():
-        loss_fn = create_loss(name, num_exits=N, **({"feature_weight": 0.1} if name == "msd" else {}))
+        loss_fn = create_loss(name, num_exits=N, **({"feature_weight": 0.1} if name in ("msd", "byot") else {}))
         loss_fn(timm_exits.ExitOutputs(z, f), y, *((z[0].detach(),) if name == "ekd" else ()))
         assert {k: tuple(v.shape) for k, v in loss_fn.components.items()} == shapes, name
 
@@ -619,6 +635,8 @@ def test_phuong_temperature_stays_when_the_teacher_is_exactly_at_maxprob():
     two_classes = [torch.zeros(B, 2) for _ in range(N)]  # the teacher's max-prob is exactly 0.5: not above it
     loss_fn(two_classes, torch.zeros(B, dtype=torch.long))
     assert float(loss_fn.temperature) == 1.0 and float(loss_fn.components["teacher_maxprob"]) == 0.5
+    # T is kept in float64, so 1.05^k stays exact over a long run (and survives state_dict())
+    assert loss_fn.temperature.dtype == torch.float64 and DistillationBasedLoss(temperature=4.0).temperature.dtype == torch.float64
 
 
 def test_mate_checks_its_exit_count_and_keeps_base_loss_options():
@@ -628,6 +646,61 @@ def test_mate_checks_its_exit_count_and_keeps_base_loss_options():
     smoothed = AppropriateTeachersLoss(num_exits=N, label_smoothing=0.2)
     smoothed(z, y)
     torch.testing.assert_close(smoothed.components["ce"], torch.stack([F.cross_entropy(zi, y, label_smoothing=0.2) for zi in z]))
-    with torch.no_grad():  # the teachers and the gates live where the logits do (the meta device stands in for a GPU)
-        meta = [zi.detach().to("meta") for zi in z]
-        assert AppropriateTeachersLoss(num_exits=N)(meta, y.to("meta")).device.type == "meta"
+
+
+@pytest.mark.parametrize("name", ["ce", "sdn", "eed", "byot", "msd", "mate", "ekd"])
+def test_losses_compute_where_the_logits_are(name):
+    # the meta device stands in for a GPU: weights, gates and teachers made inside the loss must follow the logits
+    z = [zi.detach().to("meta") for zi in logits()]
+    extra = (torch.empty(B, C, device="meta"),) if name == "ekd" else ()
+    with torch.no_grad():
+        assert create_loss(name, num_exits=N, epochs=3)(z, labels().to("meta"), *extra).device.type == "meta"
+
+
+def test_feature_terms_with_adapters_for_byot_and_msd():
+    z, y = logits(), labels()
+    g = torch.Generator().manual_seed(8)
+    f = [torch.randn(B, w, generator=g).requires_grad_() for w in (4, 6, 8, 8)]
+    for cls in (SelfDistillationLoss, MultiSelfDistillationLoss):
+        loss_fn = cls(feature_weight=1.0, feature_dims=[4, 6, 8, 8], num_exits=N)
+        assert [type(a).__name__ for a in loss_fn.adapters] == ["Linear", "Linear", "Identity"]
+        loss_fn(timm_exits.ExitOutputs(z, f), y).backward()
+        assert all(p.grad is not None and p.grad.abs().max() > 0 for p in loss_fn.parameters())
+        with torch.no_grad():
+            aligned = [a(fi) for a, fi in zip(loss_fn.adapters, f)] + [f[-1]]
+        torch.testing.assert_close(loss_fn.components["feature"], torch.stack([((a - aligned[-1]) ** 2).mean() for a in aligned[:-1]]))
+        with pytest.raises(ValueError, match="built for num_exits=4 but outputs holds 3"):
+            cls(num_exits=N)(z[:3], y)
+
+
+def test_feature_width_errors_name_the_widths():
+    z, y = logits(), labels()
+    two_widths = timm_exits.ExitOutputs(z, [torch.randn(B, 4)] * 3 + [torch.randn(B, 8)])
+    with pytest.raises(ValueError, match=exactly(
+        "the exits' features have widths [4, 4, 4, 8]; a feature term compares them at the final exit's width (8). "
+        "Pass feature_dims=[4, 4, 4, 8] so the loss builds linear adapters (then give the loss's parameters to the "
+        "optimizer), or use heads that output the final width (head='bottleneck' or 'replica')"
+    )):
+        ExitEnsembleLoss(feature_weight=1.0)(two_widths, y)
+    with pytest.raises(ValueError, match=exactly(
+        "ExitEnsembleLoss has a feature term on: call it with model(x, return_features=True) "
+        "(an ExitOutputs with logits and features), or set its feature weight to 0"
+    )):
+        ExitEnsembleLoss(feature_weight=1.0)(z, y)
+    with pytest.raises(ValueError, match=exactly("outputs holds 4 logits but 3 features")):
+        ExitEnsembleLoss(feature_weight=1.0)(timm_exits.ExitOutputs(z, [torch.randn(B, 8)] * 3), y)
+    # identity adapters (an early exit already at the final width) expect the final width
+    identity = ExitEnsembleLoss(feature_weight=1.0, feature_dims=[8, 4, 8, 8])
+    assert torch.isfinite(identity(timm_exits.ExitOutputs(z, [torch.randn(B, 8), torch.randn(B, 4), torch.randn(B, 8), torch.randn(B, 8)]), y))
+
+
+def test_eed_feature_mask_keeps_only_where_either_side_is_positive():
+    z, y = logits(n=2), labels()
+    # exit 1's feature and the mean target: exact zeros and negatives, where the mask decides
+    f = [torch.tensor([[0.0, -1.0, 2.0, 0.0]]).repeat(B, 1), torch.tensor([[-2.0, 1.0, 0.0, -2.0]]).repeat(B, 1)]
+    target = (f[0] + f[1]) / 2  # [-1, 0, 1, -1]
+    loss_fn = ExitEnsembleLoss(feature_weight=1.0)
+    loss_fn(timm_exits.ExitOutputs(z, f), y)
+    # exit 1: kept where f > 0 or target > 0 -> entry 2 only: (2 - 1)^2 / 4; exit 2: entries 1 (f = 1) and 2 (target = 1)
+    expected = torch.tensor([(2.0 - 1.0) ** 2 / 4, ((1.0 - 0.0) ** 2 + (0.0 - 1.0) ** 2) / 4])
+    torch.testing.assert_close(loss_fn.components["feature"], expected)
