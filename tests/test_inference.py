@@ -321,6 +321,8 @@ def test_calibrated_thresholds_meet_the_budget_on_their_data(criterion, ensemble
         assert math.isclose(c.accuracy, accuracy) and math.isclose(c.flops, flops) and c.exit_shares == pytest.approx(shares)
         again = timm_exits.evaluate_thresholds(cached, c.thresholds, criterion, ensemble)
         assert (again.flops, again.accuracy, again.exit_shares) == (c.flops, c.accuracy, c.exit_shares)
+        assert (again.criterion, again.ensemble, again.thresholds) == (criterion, ensemble, c.thresholds)
+    assert timm_exits.evaluate_thresholds(cached, 0.5).ensemble is False  # the default decides on each exit alone
     # MSDNet's protocol spends most of a middle budget: a share q^k leaves at exit k, as many as fit
     assert timm_exits.calibrate_thresholds(cached, 200.0, criterion=criterion, ensemble=ensemble).flops > 190.0
     assert timm_exits.calibrate_thresholds(cached, 301.0, criterion=criterion, ensemble=ensemble).exit_shares[-1] == 1.0
@@ -348,6 +350,18 @@ def test_budgeted_curve_is_monotone_and_anytime_accuracy_rises():
     assert [p.flops for p in anytime] == cached.flops
     assert [p.accuracy for p in anytime] == [(z.argmax(-1) == cached.labels).double().mean().item() for z in cached.logits]
     assert [p.accuracy for p in anytime] == sorted(p.accuracy for p in anytime)
+    assert [(p.exit, p.stage) for p in anytime] == [(0, "s0"), (1, "s1"), (2, "s2")]
+    # by default 20 budgets, evenly from the first exit's cost to the full model's
+    default = timm_exits.budgeted_curve(cached)
+    assert [p.budget for p in default] == pytest.approx([101.0 + 200.0 * i / 19 for i in range(20)])
+    assert [p.budget for p in timm_exits.budgeted_curve(cached, budgets=1)] == [301.0]
+    assert [p.budget for p in timm_exits.budgeted_curve(cached, budgets=[150.0, 250.0])] == [150.0, 250.0]
+    # the criterion and the ensemble reach the calibration and the held-out evaluation
+    for point in timm_exits.budgeted_curve(cached, budgets=[150.0, 250.0], criterion="margin", ensemble=True, evaluate_on=cached_digits_like(seed=2)):
+        alone = timm_exits.calibrate_thresholds(cached, point.budget, criterion="margin", ensemble=True)
+        assert point.thresholds == alone.thresholds
+        accuracy, flops, _ = outcome(cached_digits_like(seed=2), point.thresholds, "margin", True)
+        assert (point.accuracy, point.flops) == pytest.approx((accuracy, flops))
     on_ensembles = timm_exits.anytime_accuracy(cached, ensemble=True)
     assert [p.accuracy for p in on_ensembles] == [(z.argmax(-1) == cached.labels).double().mean().item() for z in running_means(list(cached.logits))]
     held_out = cached_digits_like(seed=1)

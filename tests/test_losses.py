@@ -704,3 +704,41 @@ def test_eed_feature_mask_keeps_only_where_either_side_is_positive():
     # exit 1: kept where f > 0 or target > 0 -> entry 2 only: (2 - 1)^2 / 4; exit 2: entries 1 (f = 1) and 2 (target = 1)
     expected = torch.tensor([(2.0 - 1.0) ** 2 / 4, ((1.0 - 0.0) ** 2 + (0.0 - 1.0) ** 2) / 4])
     torch.testing.assert_close(loss_fn.components["feature"], expected)
+
+
+def test_supervised_term_options():
+    z, y = logits(), labels()
+    one_hot = F.one_hot(y, C).float()
+    smoothed = MultiExitCELoss(label_smoothing=0.1)
+    smoothed(z, one_hot)  # soft targets get the label smoothing too
+    torch.testing.assert_close(smoothed.components["ce"], torch.stack([F.cross_entropy(zi, one_hot, label_smoothing=0.1) for zi in z]))
+    custom = MultiExitCELoss(ignore_index=-1)
+    y_some = y.clone()
+    y_some[1:] = -1  # one labeled sample: its CE alone, not halved or averaged with the unlabeled
+    custom(z, y_some)
+    torch.testing.assert_close(custom.components["ce"], torch.stack([ce(zi[:1], y[:1]) for zi in z]))
+
+
+def test_msd_and_mate_distillation_per_exit():
+    z, y = logits(), labels()
+    msd = MultiSelfDistillationLoss()
+    msd(z, y)
+    per_exit = torch.stack([sum(kd(z[i], z[j], 3.0) for j in range(N) if j != i) / (N - 1) for i in range(N)])
+    torch.testing.assert_close(msd.components["distill"], per_exit.detach(), rtol=1e-5, atol=1e-6)
+    mate = AppropriateTeachersLoss(num_exits=N, lam=0.7)
+    with torch.no_grad():
+        mate.theta.copy_(torch.randn(N, N, generator=torch.Generator().manual_seed(9)))
+    mate(z, y)
+    w = mate.theta.detach().softmax(1)
+    teachers = [sum(w[k, j] * z[j].detach() for j in range(N)) for k in range(N)]
+    gate = lambda i, k: 0.7 if i == k else 0.3 / (N - 1)  # noqa: E731
+    per_exit = torch.stack([sum(gate(i, k) * kd(z[i], teachers[k], 3.0) for k in range(N)) for i in range(N)])
+    torch.testing.assert_close(mate.components["distill"], per_exit.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_feature_dims_boundaries():
+    assert [type(a).__name__ for a in timm_exits.objective.feature_adapters([1, 8])] == ["Linear"]
+    assert [type(a).__name__ for a in timm_exits.objective.feature_adapters([8, 8])] == ["Identity"]
+    for bad in ([8], [0, 8], [4, -1, 8]):
+        with pytest.raises(ValueError, match=exactly(f"feature_dims must list each exit's feature width (>= 2 exits, positive), got {bad!r}")):
+            timm_exits.objective.feature_adapters(bad)
