@@ -5,6 +5,7 @@ The reference throughout is written out here, not taken from the library: the cr
 takes the first exit it passes" (`select`).
 """
 import math
+import warnings
 
 import pytest
 import timm
@@ -135,6 +136,21 @@ def test_every_criterion_with_and_without_the_anytime_ensemble(build, criterion,
     assert torch.equal(result.exit_index, index) and len(set(index.tolist())) == model.num_exits
     torch.testing.assert_close(result.logits, logits, rtol=1e-4, atol=1e-5)
     assert torch.equal(result.flops, spent_per_exit(model)[index].to(result.flops.dtype))
+    assert result.exit_counts() == torch.bincount(index).tolist() and result.exit_counts(5) == torch.bincount(index, minlength=5).tolist()
+
+
+@pytest.mark.parametrize("build", [resnet, fallback_resnet], ids=["traced", "fallback"])
+def test_a_sample_exactly_at_its_threshold_leaves(build):
+    model = build()
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        outputs = model(x)
+    scores = outputs[0].softmax(-1).amax(-1)
+    at = scores[2].item()  # the float32 score itself: sample 2 sits on the threshold
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's warning is checked above
+        result = model.early_exit(x, threshold=[at, math.inf])
+    assert result.exit_index[2] == 0 and torch.equal(result.exit_index == 0, scores >= at)
 
 
 def test_criteria_on_logits_worked_by_hand():
@@ -178,6 +194,7 @@ def test_samples_that_left_are_not_computed_further(build):
     thresholds = [threshold_between(confidence(z, "max_prob"), 0.6) for z in outputs[:-1]]
     result = model.early_exit(x, threshold=thresholds)
     counts = result.exit_counts(model.num_exits)
+    assert len(result.exit_counts()) == int(result.exit_index.max()) + 1
     assert counts[0] > 0 and counts[-1] > 0
 
     # what one sample costs in each segment and head, counted by torch on the operations run

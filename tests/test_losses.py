@@ -742,3 +742,55 @@ def test_feature_dims_boundaries():
     for bad in ([8], [0, 8], [4, -1, 8]):
         with pytest.raises(ValueError, match=exactly(f"feature_dims must list each exit's feature width (>= 2 exits, positive), got {bad!r}")):
             timm_exits.objective.feature_adapters(bad)
+
+
+def test_a_base_loss_with_class_indices_and_unlabeled_samples():
+    z, y = logits(), labels()
+    calls = []
+
+    def base(logits_, target_):
+        calls.append(len(target_))
+        return F.cross_entropy(logits_, target_, label_smoothing=0.2)
+
+    loss_fn = MultiExitCELoss(base_loss=base)
+    loss_fn(z, y)
+    torch.testing.assert_close(loss_fn.components["ce"], torch.stack([F.cross_entropy(zi, y, label_smoothing=0.2) for zi in z]))
+    y_half = y.clone()
+    y_half[::2] = -100
+    loss_fn(z, y_half)  # the base loss sees only the labeled samples
+    labeled = y_half != -100
+    torch.testing.assert_close(loss_fn.components["ce"], torch.stack([F.cross_entropy(zi[labeled], y[labeled], label_smoothing=0.2) for zi in z]))
+    calls.clear()
+    total = loss_fn(z, torch.full_like(y, -100))  # none labeled: zero, still part of the graph, the base loss not called
+    assert calls == [] and total.item() == 0.0 and total.requires_grad
+
+
+def test_target_checks_word_for_word():
+    z, y = logits(), labels()
+    loss_fn = MultiExitCELoss()
+    near = F.one_hot(y, C).float() * 1.0005  # rows within 1e-3 of one are distributions
+    assert torch.isfinite(loss_fn(z, near))
+    for rows in (F.one_hot(y, C).float() * 1.01, F.one_hot(y, C).float() * 2 - 0.2 * torch.ones(B, C)):
+        with pytest.raises(ValueError, match=r"^soft target rows must be probability distributions \(non-negative, summing to 1\); row sums range over"):
+            loss_fn(z, rows)
+    negative = F.one_hot(y, C).float() * 1.5 - 0.5 * F.one_hot(y.roll(1), C).float()  # sums to one, with a negative entry
+    with pytest.raises(ValueError, match="probability distributions"):
+        loss_fn(z, negative)
+    with pytest.raises(TypeError, match=exactly("target must be a tensor of (B,) class indices or (B, C) soft targets, got list")):
+        loss_fn(z, [0, 1])
+    with pytest.raises(ValueError, match=exactly("ExitEnsembleLoss was built for num_exits=3 but outputs holds 4 exits")):
+        ExitEnsembleLoss(num_exits=3)(z, y)
+    with pytest.raises(ValueError, match=exactly("DistillationBasedLoss needs at least 2 exits, outputs holds 1")):
+        DistillationBasedLoss()(z[:1], y)
+    assert torch.isfinite(DistillationBasedLoss()(z[:2], y))  # two exits are enough
+    for bad in (True, 1.5):
+        with pytest.raises(ValueError, match=exactly(f"label_smoothing must be a number in [0, 1], got {bad!r}")):
+            MultiExitCELoss(label_smoothing=bad)
+    with pytest.raises(ValueError, match=exactly("num_exits must be an int >= 1 (or None for any), got True")):
+        MultiExitCELoss(num_exits=True)
+
+
+def test_a_fresh_loss_has_no_components_and_counts_epochs_as_ints():
+    loss_fn = ExitEnsembleLoss()
+    assert loss_fn.components == {} and loss_fn.log_dict() == {}
+    assert loss_fn.epoch.dtype == torch.long and int(loss_fn.epoch) == 0
