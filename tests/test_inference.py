@@ -472,11 +472,30 @@ def test_plot_tradeoff_draws_the_curve_and_the_exits(tmp_path, monkeypatch):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (660, 480)  # 5.5 x 4 in at 120 dpi
     fig, ax = drawn[0]
     (budgeted, exits) = ax.get_lines()
-    assert budgeted.get_xdata() == pytest.approx([p.flops / 1e6 for p in curve]) and budgeted.get_ydata() == pytest.approx([100 * p.accuracy for p in curve])
-    assert exits.get_xdata() == pytest.approx([p.flops / 1e6 for p in anytime]) and exits.get_ydata() == pytest.approx([100 * p.accuracy for p in anytime])
+    exact = dict(rel=1e-12)
+    assert budgeted.get_xdata() == pytest.approx([p.flops / 1e6 for p in curve], **exact)
+    assert budgeted.get_ydata() == pytest.approx([100 * p.accuracy for p in curve], **exact)
+    assert exits.get_xdata() == pytest.approx([p.flops / 1e6 for p in anytime], **exact)
+    assert exits.get_ydata() == pytest.approx([100 * p.accuracy for p in anytime], **exact)
+    assert ax.xaxis.get_gridlines()[0].get_alpha() == 0.3 and ax.get_legend()._loc == 4  # a light grid; the legend lower right
     assert (budgeted.get_marker(), budgeted.get_linestyle(), exits.get_marker(), exits.get_linestyle()) == ("o", "-", "s", "--")
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["early exit, budgeted (MSDNet protocol)", "each exit alone (anytime)"]
     assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("average MFLOPs per sample", "accuracy (%)", "accuracy vs FLOPs")
     timm_exits.plot_tradeoff(curve, tmp_path / "alone.png", title="digits")
     fig, ax = drawn[1]
     assert len(ax.get_lines()) == 1 and ax.get_title() == "digits"
+
+
+def test_plot_tradeoff_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(ImportError, match=r"^plot_tradeoff needs matplotlib: pip install 'timm-exits\[demo\]'$"):
+        timm_exits.plot_tradeoff([], tmp_path / "x.png")
