@@ -5,6 +5,7 @@ The reference throughout is written out here, not taken from the library: the cr
 takes the first exit it passes" (`select`).
 """
 import math
+import re
 import warnings
 
 import pytest
@@ -40,6 +41,11 @@ def fallback_resnet(seed=0):
 
 
 # -- the reference ------------------------------------------------------------------------------
+
+
+def exactly(message):
+    """A `pytest.raises(match=...)` pattern for the whole message, word for word."""
+    return "^" + re.escape(message) + "$"
 
 
 def confidence(z, criterion):
@@ -223,10 +229,11 @@ class Pair(nn.Module):
 
 
 class Carries(nn.Module):
-    """A classifier whose values live across its exits are not all batch tensors: the batch size as an int,
-    a nested tuple, a tensor without a batch dimension and, with `mix=True`, rows of (batch x pixels)."""
+    """A classifier whose values live across its exits are not all batch tensors: the batch size and the width
+    as ints, a nested tuple, a (B,) vector, constants of no, one and three rows (three is the batch size early
+    exit probes with), and with `mix` pixels of the whole batch as rows (B * H * W, C) or columns (C, B * H * W)."""
 
-    def __init__(self, mix=False):
+    def __init__(self, mix=None):
         super().__init__()
         self.mix = mix
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
@@ -234,18 +241,26 @@ class Carries(nn.Module):
         self.layer2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
         self.pair = Pair()
         self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+        self.offset = nn.Parameter(torch.randn(3, 8))
         self.fc = nn.Linear(8, 5)
 
     def forward(self, x):
         batch = x.shape[0]
         h = self.stem(x)
+        width = h.shape[1]
         pair = self.pair(h)
-        scale = self.scale * 2.0
+        scale, total, offset = self.scale * 2.0, self.scale.sum(), self.offset * 1.0
+        norms = h.flatten(1).norm(dim=1)
         pixels = h.flatten(2).transpose(1, 2).reshape(-1, 8) if self.mix else None
+        if self.mix == "columns":
+            pixels = pixels.t()
         h = self.layer2(self.layer1(h).relu()).relu()
-        pooled = h.reshape(batch, 8, -1).mean(-1) * scale + pair[0] + 0.5 * pair[1][0]
-        if self.mix:
+        pooled = h.reshape(batch, width, -1).mean(-1) * scale / total + pair[0] + 0.5 * pair[1][0] + offset.mean(0)
+        pooled = pooled + 0.01 * norms.unsqueeze(1)
+        if self.mix == "rows":
             pooled = pooled + pixels.reshape(batch, -1, 8).mean(1)
+        if self.mix == "columns":
+            pooled = pooled + pixels.t().reshape(batch, -1, 8).mean(1)
         return self.fc(pooled.reshape(pair[1][1], 8))
 
 
@@ -265,11 +280,15 @@ def test_carried_ints_nested_tuples_and_constants_follow_the_samples_that_stay()
     torch.testing.assert_close(one.logits[0], logits[0], rtol=1e-4, atol=1e-5)
 
 
-def test_a_carried_value_that_mixes_the_batch_cannot_be_split():
+@pytest.mark.parametrize("mix", ["rows", "columns"])
+def test_a_carried_value_that_mixes_the_batch_cannot_be_split(mix):
     torch.manual_seed(0)
-    model = timm_exits.wrap(Carries(mix=True), stages=["layer1", "layer2"], leaf_modules=[Pair], input_size=(3, 16, 16)).eval()
+    model = timm_exits.wrap(Carries(mix=mix), stages=["layer1", "layer2"], leaf_modules=[Pair], input_size=(3, 16, 16)).eval()
     x = torch.randn(5, 3, 16, 16)
-    with pytest.raises(ValueError, match=r"cannot split the batch after exit 1 \('layer1'\)(.|\n)*choose another stage"):
+    with pytest.raises(ValueError, match=exactly(
+        "early_exit cannot split the batch after exit 1 ('layer1'): a value carried past it mixes the batch with another dimension; "
+        "choose another stage"
+    )):
         model.early_exit(x, threshold=0.3)
     # one sample has nothing to split: it runs, and equals the full forward
     with torch.no_grad():
@@ -499,3 +518,63 @@ def test_plot_tradeoff_without_matplotlib_says_how_to_get_it(tmp_path, monkeypat
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(ImportError, match=r"^plot_tradeoff needs matplotlib: pip install 'timm-exits\[demo\]'$"):
         timm_exits.plot_tradeoff([], tmp_path / "x.png")
+
+
+def named_score(z):
+    return -z.logsumexp(-1)
+
+
+def test_a_calibration_names_its_criterion():
+    cached = cached_digits_like()
+    assert timm_exits.calibrate_thresholds(cached, 150.0, criterion=named_score).criterion == "named_score"
+    assert timm_exits.evaluate_thresholds(cached, 0.5, criterion=lambda z: z.amax(-1)).criterion == "<lambda>"
+
+    class Score:  # a callable object has no __name__
+        def __call__(self, z):
+            return z.amax(-1)
+
+    assert timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.05, criterion=Score()).criterion == "callable"
+    assert timm_exits.calibrate_thresholds(cached, 150.0).ensemble is False  # the default decides on each exit alone
+    assert timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.05, ensemble=True).ensemble is True
+    torch.testing.assert_close(cached.confidences(), torch.stack([z.softmax(-1).amax(-1) for z in cached.logits]))
+    assert torch.equal(cached.predictions(), cached.logits.argmax(-1))
+
+
+def test_msdnet_thresholds_worked_by_hand():
+    from timm_exits.inference import _msdnet_thresholds
+
+    # q = 1: a third of the 9 samples leaves at each early exit, the most confident first
+    conf = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.95, 0.85, 0.75, 0.65, 0.55, 0.45], [0.0] * 9])
+    assert _msdnet_thresholds(conf, 1.0) == pytest.approx([0.7, 0.75])  # exit 1 takes samples 0-2, exit 2 samples 3-5
+    # a tie at the threshold: both tied samples leave, and the next exit picks from the one left
+    tied = torch.tensor([[0.9, 0.9, 0.1], [0.5, 0.4, 0.3], [0.0] * 3])
+    assert _msdnet_thresholds(tied, 1.0) == pytest.approx([0.9, 0.3])
+    # q = 3: shares 3/39, 9/39, 27/39; exit 1's is too small for one of 9 samples (inf), exit 2 still takes its 2
+    assert _msdnet_thresholds(conf, 3.0) == [math.inf, pytest.approx(0.85)]
+
+
+@pytest.mark.parametrize("ensemble", [False, True], ids=["exit", "ensemble"])
+def test_accuracy_target_takes_the_cheapest_thresholds_that_meet_it(ensemble):
+    cached = cached_digits_like(num_exits=4)
+    final = (cached.logits[-1].argmax(-1) == cached.labels).double().mean().item()
+    c = timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.02, ensemble=ensemble)
+    assert len(c.thresholds) == 3 and (c.criterion, c.ensemble) == ("max_prob", ensemble)
+    decided_on = running_means(list(cached.logits)) if ensemble else list(cached.logits)
+    scores = torch.cat([confidence(z, "max_prob") for z in decided_on[:-1]])
+    for t in torch.quantile(scores.double(), torch.linspace(0, 1, 41, dtype=torch.float64)).tolist():  # one shared threshold
+        accuracy, flops, _ = outcome(cached, [t] * 3, "max_prob", ensemble)
+        if accuracy >= final - 0.02:
+            assert c.flops <= flops + 1e-9, (t, accuracy, flops, c)
+    assert timm_exits.calibrate_thresholds(cached, max_accuracy_drop=1.0).exit_shares[0] == 1.0  # any accuracy: all leave first
+
+
+def test_calibration_messages_word_for_word():
+    cached = cached_digits_like()
+    with pytest.raises(ValueError, match=exactly("give exactly one of budget (average FLOPs per sample) or max_accuracy_drop")):
+        timm_exits.calibrate_thresholds(cached)
+    with pytest.raises(ValueError, match=exactly("budget must be an average FLOPs per sample between the first exit's cost (101) and the full model's (301), got '150'")):
+        timm_exits.calibrate_thresholds(cached, "150")
+    with pytest.raises(ValueError, match=exactly("max_accuracy_drop must be a fraction in [0, 1] (0.01 = one point), got '0.1'")):
+        timm_exits.calibrate_thresholds(cached, max_accuracy_drop="0.1")
+    with pytest.raises(ValueError, match=exactly("labels must be (N,) = (400,), got shape (5,)")):
+        timm_exits.CachedExits(cached.logits, cached.labels[:5], cached.flops, cached.stages)

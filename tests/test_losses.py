@@ -53,6 +53,11 @@ def grads(loss, zs):
     return torch.autograd.grad(loss, zs, allow_unused=True)
 
 
+def exactly(message: str) -> str:
+    """A `pytest.raises(match=...)` pattern for the whole message, word for word."""
+    return "^" + re.escape(message) + "$"
+
+
 def test_multi_exit_ce_fixed_weights_and_sdn_ramp():
     z, y = logits(), labels()
     w = [0.5, 1.0, 2.0, 1.5]
@@ -432,9 +437,10 @@ def test_repr_names_a_base_loss_module_by_its_class():
     [
         (torch.randn(B, C), "one tensor"),
         ([torch.randn(B, C), torch.randn(B, C, 2)], r"outputs\[1\] must be \(B, C\)"),
-        ([torch.randn(B, C), torch.randn(B, C + 1)], "one shape"),
-        ([torch.randn(B, C), "x"], r"outputs\[1\] must be a \(B, C\) logits tensor"),
-        ("abc", "list of"),
+        ([torch.randn(B, C), torch.randn(B, C), torch.randn(B, C + 1)],
+         exactly(f"all exits must give logits of one shape (B, C); outputs[0] is {(B, C)} but outputs[2] is {(B, C + 1)}")),
+        ([torch.randn(B, C), "x"], exactly("outputs[1] must be a (B, C) logits tensor, got str")),
+        ("abc", exactly("outputs must be a non-empty list of (B, C) logits tensors, got str")),
     ],
 )
 def test_outputs_that_are_not_per_exit_logits(outputs, match):
@@ -497,11 +503,6 @@ def test_feature_terms_without_features_and_ekd_without_teachers():
 def test_bad_hyperparameters_are_named(build, match):
     with pytest.raises((TypeError, ValueError), match=match):
         build()
-
-
-def exactly(message: str) -> str:
-    """A `pytest.raises(match=...)` pattern for the whole message, word for word."""
-    return "^" + re.escape(message) + "$"
 
 
 POSITIVE = "{} must be a positive number, got {!r}"
