@@ -100,7 +100,7 @@ def spent_per_exit(model, size=(3, 32, 32)):
 
 
 @pytest.mark.parametrize("build", [resnet, vit], ids=["resnet18", "vit_tiny"])
-@pytest.mark.parametrize("batch", [1, 17])
+@pytest.mark.parametrize("batch", [1, 2, 17])
 def test_early_exit_equals_computing_every_exit_and_selecting(build, batch):
     model = build()
     x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -112,7 +112,7 @@ def test_early_exit_equals_computing_every_exit_and_selecting(build, batch):
     logits, index = select(outputs, thresholds)
     assert torch.equal(result.exit_index, index)
     torch.testing.assert_close(result.logits, logits, rtol=1e-4, atol=1e-5)
-    if batch == 17:
+    if batch > 1:
         assert len(set(index.tolist())) > 1
     # nobody passes: everyone gets the final exit; everybody passes: everyone leaves at exit 1
     none = model.early_exit(x, threshold=math.inf)
@@ -391,6 +391,7 @@ def test_budgeted_curve_is_monotone_and_anytime_accuracy_rises():
     default = timm_exits.budgeted_curve(cached)
     assert [p.budget for p in default] == pytest.approx([101.0 + 200.0 * i / 19 for i in range(20)])
     assert [p.budget for p in timm_exits.budgeted_curve(cached, budgets=1)] == [301.0]
+    assert [p.budget for p in timm_exits.budgeted_curve(cached, budgets=2)] == [101.0, 301.0]
     assert [p.budget for p in timm_exits.budgeted_curve(cached, budgets=[150.0, 250.0])] == [150.0, 250.0]
     # the criterion and the ensemble reach the calibration and the held-out evaluation
     for point in timm_exits.budgeted_curve(cached, budgets=[150.0, 250.0], criterion="margin", ensemble=True, evaluate_on=cached_digits_like(seed=2)):
@@ -578,3 +579,54 @@ def test_calibration_messages_word_for_word():
         timm_exits.calibrate_thresholds(cached, max_accuracy_drop="0.1")
     with pytest.raises(ValueError, match=exactly("labels must be (N,) = (400,), got shape (5,)")):
         timm_exits.CachedExits(cached.logits, cached.labels[:5], cached.flops, cached.stages)
+
+
+def test_defaults_and_argument_checks_of_early_exit(recwarn):
+    model = resnet()
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        outputs = model(x)
+    _, index = select(outputs, [0.9, 0.9])
+    assert torch.equal(model.early_exit(x).exit_index, index)  # threshold 0.9 on the top probability of each exit alone
+    assert torch.equal(timm_exits.early_exit(model, x).exit_index, index)
+    assert torch.equal(model.early_exit(x, threshold=torch.tensor([0.25, 0.3])).exit_index, select(outputs, [0.25, 0.3])[1])
+    with pytest.raises(ValueError, match=exactly("thresholds must be numbers (inf allowed, NaN not), got [True, 0.5]")):
+        model.early_exit(x, threshold=[True, 0.5])
+    with pytest.raises(TypeError, match=exactly("early_exit needs a MultiExitModel (timm_exits.wrap(...)), got ResNet")):
+        timm_exits.early_exit(model.backbone, x)
+    with pytest.raises(ValueError, match=exactly("x must be a batch tensor (B, ...), got str")):
+        model.early_exit("images")
+    with pytest.raises(ValueError, match=exactly("x must be a batch tensor (B, ...), got torch.Size([3])")):
+        model.early_exit(torch.randn(3))
+    with pytest.raises(RuntimeError, match=exactly("early_exit runs in eval mode (batch norm statistics, dropout); call model.eval() first")):
+        model.train().early_exit(x)
+    # a calibration made for a callable criterion is used with it
+    cached = timm_exits.collect_exit_logits(model.eval(), [(x, torch.zeros(6, dtype=torch.long))])
+    calibration = timm_exits.calibrate_thresholds(cached, (cached.flops[0] + cached.flops[-1]) / 2, criterion=named_score)
+    assert model.early_exit(x, threshold=calibration, criterion=named_score).exit_counts(3) == [round(s * 6) for s in calibration.exit_shares]
+
+
+def test_exit_confidence_on_its_own():
+    from timm_exits.inference import exit_confidence
+
+    z = torch.tensor([[math.log(5), math.log(3), 0.0, 0.0]])  # p = (.5, .3, .1, .1), one sample
+    torch.testing.assert_close(exit_confidence(z), torch.tensor([0.5]))  # max_prob by default
+    torch.testing.assert_close(exit_confidence(z, "margin"), torch.tensor([0.2]))
+    torch.testing.assert_close(exit_confidence(torch.zeros(3, 1), "margin"), torch.ones(3))  # one class: nothing to be unsure about
+    with pytest.raises(ValueError, match=exactly("the criterion callable must return one score per sample, shape (1,); it returned float")):
+        exit_confidence(z, lambda logits: 0.5)
+    with pytest.raises(ValueError, match=exactly("unknown criterion 'top1'; use one of ('max_prob', 'entropy', 'margin') or a callable (logits) -> (B,) confidence")):
+        exit_confidence(z, "top1")
+
+
+def test_fallback_warning_points_at_the_caller_and_bf16_keeps_its_dtype():
+    model = fallback_resnet()
+    x = torch.randn(4, 3, 32, 32)
+    with pytest.warns(UserWarning, match="every exit is computed") as caught:
+        timm_exits.early_exit(model, x, threshold=0.5)
+    assert caught[0].filename == __file__
+    traced = resnet()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for ensemble in (False, True):
+            assert traced.early_exit(x, threshold=[0.0, math.inf], ensemble=ensemble).logits.dtype == torch.bfloat16
+            assert traced.early_exit(x, threshold=math.inf, ensemble=ensemble).logits.dtype == torch.bfloat16

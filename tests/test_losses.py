@@ -437,8 +437,8 @@ def test_repr_names_a_base_loss_module_by_its_class():
     [
         (torch.randn(B, C), "one tensor"),
         ([torch.randn(B, C), torch.randn(B, C, 2)], r"outputs\[1\] must be \(B, C\)"),
-        ([torch.randn(B, C), torch.randn(B, C), torch.randn(B, C + 1)],
-         exactly(f"all exits must give logits of one shape (B, C); outputs[0] is {(B, C)} but outputs[2] is {(B, C + 1)}")),
+        ([torch.randn(B, C), torch.randn(B, C + 1), torch.randn(B, C)],
+         exactly(f"all exits must give logits of one shape (B, C); outputs[0] is {(B, C)} but outputs[1] is {(B, C + 1)}")),
         ([torch.randn(B, C), "x"], exactly("outputs[1] must be a (B, C) logits tensor, got str")),
         ("abc", exactly("outputs must be a non-empty list of (B, C) logits tensors, got str")),
     ],
@@ -691,8 +691,8 @@ def test_feature_width_errors_name_the_widths():
     with pytest.raises(ValueError, match=exactly("outputs holds 4 logits but 3 features")):
         ExitEnsembleLoss(feature_weight=1.0)(timm_exits.ExitOutputs(z, [torch.randn(B, 8)] * 3), y)
     # identity adapters (an early exit already at the final width) expect the final width
-    identity = ExitEnsembleLoss(feature_weight=1.0, feature_dims=[8, 4, 8, 8])
-    assert torch.isfinite(identity(timm_exits.ExitOutputs(z, [torch.randn(B, 8), torch.randn(B, 4), torch.randn(B, 8), torch.randn(B, 8)]), y))
+    identity = ExitEnsembleLoss(feature_weight=1.0, feature_dims=[8, 4, 6, 8])
+    assert torch.isfinite(identity(timm_exits.ExitOutputs(z, [torch.randn(B, w) for w in (8, 4, 6, 8)]), y))
 
 
 def test_eed_feature_mask_keeps_only_where_either_side_is_positive():

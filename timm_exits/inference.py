@@ -244,9 +244,7 @@ def _early_exit(model, x, thresholds, criterion, ensemble, spent) -> EarlyExitRe
     z = out if isinstance(out, torch.Tensor) else out[0]
     if ensemble and total is not None:
         z = ((total + z.float()) / model.num_exits).to(z.dtype)
-    if logits is None:
-        logits = z.new_empty(batch, z.shape[1])
-    logits[rows] = z
+    logits[rows] = z  # allocated at the first exit: every model has at least one before the last
     return EarlyExitResult(logits, exit_index, spent[exit_index])
 
 
