@@ -590,7 +590,8 @@ def test_defaults_and_argument_checks_of_early_exit(recwarn):
     default = model.early_exit(x)
     assert torch.equal(default.exit_index, index)  # threshold 0.9 on the top probability of each exit alone
     torch.testing.assert_close(default.logits, torch.stack(outputs)[index, torch.arange(6)], rtol=1e-4, atol=1e-5)  # not the ensemble
-    assert torch.equal(timm_exits.early_exit(model, x).exit_index, index)
+    direct = timm_exits.early_exit(model, x)
+    assert torch.equal(direct.exit_index, index) and torch.equal(direct.logits, default.logits)
     assert torch.equal(model.early_exit(x, threshold=torch.tensor([0.25, 0.3])).exit_index, select(outputs, [0.25, 0.3])[1])
     with pytest.raises(ValueError, match=exactly("thresholds must be numbers (inf allowed, NaN not), got [True, 0.5]")):
         model.early_exit(x, threshold=[True, 0.5])
