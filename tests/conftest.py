@@ -1,3 +1,5 @@
+import re
+
 import timm
 import torch
 import torchvision
@@ -38,3 +40,8 @@ def small_input(name: str, batch: int = 2) -> torch.Tensor:
 def resnet18():
     torch.manual_seed(0)
     return timm.create_model("resnet18", num_classes=5)
+
+
+def exactly(message: str) -> str:
+    """A `pytest.raises(match=...)` pattern for the whole message, word for word."""
+    return "^" + re.escape(message) + "$"

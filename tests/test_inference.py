@@ -5,7 +5,6 @@ The reference throughout is written out here, not taken from the library: the cr
 takes the first exit it passes" (`select`).
 """
 import math
-import re
 import warnings
 
 import pytest
@@ -15,6 +14,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import timm_exits
+from conftest import exactly
 from test_bad_input import DataDependent
 
 CRITERIA = ["max_prob", "margin", "entropy"]
@@ -41,11 +41,6 @@ def fallback_resnet(seed=0):
 
 
 # -- the reference ------------------------------------------------------------------------------
-
-
-def exactly(message):
-    """A `pytest.raises(match=...)` pattern for the whole message, word for word."""
-    return "^" + re.escape(message) + "$"
 
 
 def confidence(z, criterion):

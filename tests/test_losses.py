@@ -1,6 +1,5 @@
 """Every loss against its formula, recomputed here by hand; detaching, schedules, targets, bad input."""
 import math
-import re
 
 import pytest
 import timm
@@ -9,6 +8,7 @@ import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
 import timm_exits
+from conftest import exactly
 from timm_exits import (
     AppropriateTeachersLoss,
     DistillationBasedLoss,
@@ -51,11 +51,6 @@ def close(a, b):
 
 def grads(loss, zs):
     return torch.autograd.grad(loss, zs, allow_unused=True)
-
-
-def exactly(message: str) -> str:
-    """A `pytest.raises(match=...)` pattern for the whole message, word for word."""
-    return "^" + re.escape(message) + "$"
 
 
 def test_multi_exit_ce_fixed_weights_and_sdn_ramp():
