@@ -93,6 +93,12 @@ def test_untraceable_timm_model_falls_back_to_forward_intermediates():
     outs = wrapped(x)
     torch.testing.assert_close(outs[-1], model(x), rtol=0, atol=0)
     assert [z.shape for z in outs] == [(2, 5)] * 3
+    with torch.no_grad():  # exit k reads feature_info stage k, as timm's own API gives it
+        features = model.forward_intermediates(x, indices=[1, 2], intermediates_only=True)
+        for z, head, feature in zip(outs, wrapped.exits, features, strict=False):
+            torch.testing.assert_close(z, head(feature), rtol=0, atol=0)
+        pre_logits = wrapped(x, return_features=True).features[-1]
+        torch.testing.assert_close(pre_logits, model.forward_head(model.forward_features(x), pre_logits=True), rtol=0, atol=0)
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="not one of this model's feature_info stages"):
         timm_exits.wrap(model, stages=["layer2.0"])
 

@@ -537,7 +537,7 @@ def test_a_calibration_names_its_criterion():
 
 
 def test_msdnet_thresholds_worked_by_hand():
-    from timm_exits.inference import _msdnet_thresholds
+    from timm_exits.calibration import _msdnet_thresholds
 
     # q = 1: a third of the 9 samples leaves at each early exit, the most confident first
     conf = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.95, 0.85, 0.75, 0.65, 0.55, 0.45], [0.0] * 9])

@@ -1,19 +1,18 @@
 """timm-exits: multi-exit networks from any timm or torchvision classifier."""
 from .export import ExitStep, ExportedExits, ExportError, exit_steps, export_exits
 from .ensemble import ExitEnsemble, anytime_ensemble, exit_ensemble
-from .flops import ExitCost, FlopsPlacement, FlopsReport, at_flops, flops_report
-from .inference import (
+from .flops import ExitCost, FlopsReport, flops_report
+from .inference import Calibration, EarlyExitResult, early_exit
+from .calibration import (
     CachedExits,
-    Calibration,
-    EarlyExitResult,
     anytime_accuracy,
     budgeted_curve,
     calibrate_thresholds,
     collect_exit_logits,
-    early_exit,
     evaluate_thresholds,
     plot_tradeoff,
 )
+from .placement import FlopsPlacement, at_flops
 from .integrations import MultiExitTask, MultiExitTrainable
 from .heads import create_head, head_names, register_head
 from .losses import (

@@ -25,8 +25,9 @@ def _stages(args: argparse.Namespace) -> int:
 
 
 def _flops(args: argparse.Namespace) -> int:
-    from .flops import at_flops, flops_report
+    from .flops import flops_report
     from .model import wrap
+    from .placement import at_flops
 
     model = _build(args.model, args.num_classes)
     try:

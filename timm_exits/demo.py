@@ -144,7 +144,7 @@ def early_exit_tradeoff(model, x, y, points: int = 5, log=print, plot: str | Non
     wall-clock speedup of ``model.early_exit`` over the plain backbone at the middle budget,
     beside the speedup its FLOPs predict; and writes the accuracy-vs-FLOPs plot to `plot`.
     """
-    from .inference import anytime_accuracy, budgeted_curve, calibrate_thresholds, collect_exit_logits, evaluate_thresholds, plot_tradeoff
+    from .calibration import anytime_accuracy, budgeted_curve, calibrate_thresholds, collect_exit_logits, evaluate_thresholds, plot_tradeoff
 
     half = len(x) // 2
     val = collect_exit_logits(model, [(x[:half], y[:half])])

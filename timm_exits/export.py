@@ -9,36 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
 from torch import nn
 
-from .model import MultiExitModel
+from .model import ExitStep, MultiExitModel
+from .tracing import set_training
 
 __all__ = ["ExitStep", "ExportedExits", "ExportError", "exit_steps", "export_exits"]
 
 
 class ExportError(RuntimeError):
     """torch.export could not capture part of a multi-exit model; the message says which part and why."""
-
-
-class ExitStep(nn.Module):
-    """Segment k of the backbone, then exit head k: ``(*carried) -> (logits, *carried for step k+1)``.
-
-    The segment holds only the backbone modules it calls (shared with the backbone, not copied),
-    so an exported step carries only its own weights. The last step returns the logits alone.
-    """
-
-    def __init__(self, segment: fx.GraphModule, head: nn.Module | None):
-        super().__init__()
-        self.segment = segment
-        self.head = head
-
-    def forward(self, *carried):
-        if self.head is None:
-            out, _ = self.segment(*carried)
-            return out if isinstance(out, torch.Tensor) else out[0]
-        feature, carried = self.segment(*carried)
-        return (self.head(feature), *carried)
 
 
 class _AllExits(nn.Module):
@@ -50,23 +30,20 @@ class _AllExits(nn.Module):
         return tuple(self.model.forward_exits(x))
 
 
-def _own_segment(graph: fx.Graph, backbone: nn.Module) -> fx.GraphModule:
-    holder = nn.Module()
-    holder.backbone = backbone
-    return fx.GraphModule(holder, graph, class_name="ExportSegment")  # copies only the module paths the graph uses
-
-
 def exit_steps(model: MultiExitModel) -> list[ExitStep]:
-    """The eval-mode steps of `model`, one per exit; running them in turn equals ``model.forward_exits``."""
+    """The eval-mode steps of `model`, one per exit; running them in turn equals ``model.forward_exits``.
+
+    Each step's segment holds only the backbone modules it calls (shared with the model, not
+    copied), so an exported step carries only its own weights.
+    """
     _check_model(model)
-    if model._plan.feature_indices is not None:
+    steps = model.steps(training=False, portable=True)
+    if not all(step.skips for step in steps):
         raise ExportError(
             f"{type(model.backbone).__name__} could not be traced by torch.fx (wrap() fell back to its forward_intermediates), "
             "so it has no segments to run exit by exit; export the all-exits model alone: export_exits(model, x, steps=False)"
         )
-    graphs = model._plan.eval_segments
-    heads = list(model.exits) + [None]
-    return [ExitStep(_own_segment(g, model.backbone), h) for g, h in zip(graphs, heads)]
+    return steps
 
 
 @dataclass
@@ -142,19 +119,17 @@ def export_exits(model: MultiExitModel, example_input: torch.Tensor, *, steps: b
     if dynamic_batch and (example_input.dim() == 0 or example_input.shape[0] < 2):
         raise ValueError("example_input needs a batch of at least 2 for dynamic_batch=True (torch.export specialises sizes 0 and 1)")
     pieces = exit_steps(model) if steps else []  # a model without segments fails here, before anything is exported
-    was_training = model.training
-    model.eval()
+    modes = set_training(model, False)
     try:
         program = _export(_AllExits(model), (example_input,), "the all-exits model", model, dynamic_batch, strict) if whole else None
         exported, names = [], model.stages + ["the backbone's head"]
         if pieces:
-            carried = (example_input,)
             with torch.no_grad():
-                for k, step in enumerate(pieces):
-                    exported.append(_export(step, carried, f"step {k} (up to {names[k]})", model, dynamic_batch, strict))
-                    if step.head is not None:
-                        _, *carried = step(*carried)
-                        carried = tuple(carried)
+                run = model.run(example_input)
+                inputs = [run.carried for _ in run][:-1]  # what each step reads: the input, then what each exit carries on
+            inputs.insert(0, (example_input,))
+            for k, (step, carried) in enumerate(zip(pieces, inputs)):
+                exported.append(_export(step, carried, f"step {k} (up to {names[k]})", model, dynamic_batch, strict))
     finally:
-        model.train(was_training)
+        set_training(model, modes)
     return ExportedExits(program, exported, list(model.stages))

@@ -10,11 +10,13 @@ interpolation); the operators still uncounted are named in the report.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
 import json
 import math
+import threading
 import warnings
 from collections import Counter
 from typing import Callable, Sequence
@@ -23,11 +25,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .model import MultiExitModel, wrap
-from .stages import _outermost_module, stage_table
-from .tracing import TraceError, check_input_size, dummy_input, last_uses, run_shapes, set_training, single_cuts, trace
+from .model import ExitRun, ExitStep, MultiExitModel
+from .tracing import check_input_size, dummy_input, set_training
 
-__all__ = ["flops_report", "FlopsReport", "ExitCost", "at_flops", "FlopsPlacement", "FLOP_HANDLES"]
+__all__ = ["flops_report", "FlopsReport", "ExitCost", "FLOP_HANDLES"]
 
 CONVENTION = "one fused multiply-add = 1 FLOP (fvcore); elementwise ops uncounted; per sample"
 
@@ -263,22 +264,15 @@ def _analysis(module: nn.Module, inputs: tuple, handles: dict | None, failed: di
     return analysis.ancestor_mode("caller").unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
 
 
-class _AllExits(nn.Module):
-    """The wrapped model's eval forward, with segments and heads registered so fvcore scopes each."""
+class _Probe(nn.Module):
+    """The wrapped model's eval forward, with its steps registered so that fvcore scopes each segment and head."""
 
-    def __init__(self, model: MultiExitModel):
+    def __init__(self, steps: list[ExitStep]):
         super().__init__()
-        self.exits = model.exits
-        self.segments = nn.ModuleList(model.segments())
+        self.steps = nn.ModuleList(steps)
 
     def forward(self, x):
-        state, outputs = (x,), []
-        for head, segment in zip(self.exits, self.segments):
-            feature, state = segment(*state)
-            outputs.append(head(feature))
-        out, _ = self.segments[-1](*state)
-        outputs.append(out if isinstance(out, torch.Tensor) else out[0])
-        return tuple(outputs)
+        return tuple(out.logits for out in ExitRun(list(self.steps), x))
 
 
 def _segment_params(segment: fx.GraphModule, seen: set[int]) -> int:
@@ -317,61 +311,77 @@ class _Counts:
     notes: list
 
 
-def _count_segments(model: MultiExitModel, x: torch.Tensor, handles, failed) -> _Counts:
-    """One trace of all segments and heads; each segment's and head's FLOPs read from it."""
-    probe = _AllExits(model)
-    analysis = _analysis(probe, (x,), handles, failed)
+def _count_segments(steps: list[ExitStep], x: torch.Tensor, handles, failed) -> _Counts:
+    """One trace of every step; each segment's and head's FLOPs read from it."""
+    analysis = _analysis(_Probe(steps), (x,), handles, failed)
     by_module = analysis.by_module()
     seen: set[int] = set()
     return _Counts(
-        backbone_flops=list(itertools.accumulate(by_module[f"segments.{k}"] for k in range(len(probe.segments)))),
-        backbone_params=list(itertools.accumulate(_segment_params(s, seen) for s in probe.segments)),
-        head_flops=[by_module[f"exits.{k}"] for k in range(len(probe.exits))] + [0],
+        backbone_flops=list(itertools.accumulate(by_module[f"steps.{k}.segment"] for k in range(len(steps)))),
+        backbone_params=list(itertools.accumulate(_segment_params(s.segment, seen) for s in steps)),
+        head_flops=[by_module[f"steps.{k}.head"] for k in range(len(steps) - 1)] + [0],
         uncounted=Counter(analysis.unsupported_ops()),
         notes=[],
     )
 
 
-class _Truncated(nn.Module):
-    def __init__(self, backbone: nn.Module, index: int):
-        super().__init__()
-        self.backbone = backbone
-        self.index = index
-
-    def forward(self, x):
-        return self.backbone.forward_intermediates(x, indices=[self.index], intermediates_only=True, stop_early=True)[0]
-
-
-def _count_per_exit(model: MultiExitModel, x: torch.Tensor, handles, failed) -> _Counts:
-    """A backbone run through forward_intermediates has no segments to scope: one trace per exit."""
-    backbone, params = model.backbone, list(model.backbone.parameters())
+def _count_standalone(backbone: nn.Module, steps: list[ExitStep], x: torch.Tensor, handles, failed) -> _Counts:
+    """Steps that share one pass (the forward_intermediates fallback) cannot be scoped apart: one trace per exit."""
+    params = list(backbone.parameters())
     counts = _Counts([], [], [], Counter(), ["fx could not trace this backbone: it runs through forward_intermediates, and each exit was counted with its own trace"])
-    for head, index in zip(model.exits, model._plan.feature_indices):
-        truncated = _Truncated(backbone, index)
-        analysis = _analysis(truncated, (x,), handles, failed)
-        head_analysis = _analysis(head, (truncated(x),), handles, failed)
+    for step in steps:
+        alone = step.standalone
+        analysis = _analysis(alone, (x,), handles, failed)
         counts.backbone_flops.append(analysis.total())
-        counts.backbone_params.append(_used_params(lambda: truncated(x), params))
-        counts.head_flops.append(head_analysis.total())
+        counts.backbone_params.append(_used_params(lambda: alone(x), params))
         counts.uncounted.update(analysis.unsupported_ops())
+        if step.head is None:
+            counts.head_flops.append(0)
+            continue
+        head_analysis = _analysis(step.head, (alone(x),), handles, failed)
+        counts.head_flops.append(head_analysis.total())
         counts.uncounted.update(head_analysis.unsupported_ops())
-    analysis = _analysis(backbone, (x,), handles, failed)
-    counts.backbone_flops.append(analysis.total())
-    counts.backbone_params.append(_used_params(lambda: backbone(x), params))
-    counts.head_flops.append(0)
-    counts.uncounted.update(analysis.unsupported_ops())
     return counts
+
+
+# fvcore scopes a trace with hooks on every module it analyses; two counts over the same modules at
+# once would push and pop each other's scopes (and abort the jit tracer), so counts take turns
+_COUNTING = threading.Lock()
+
+
+@contextlib.contextmanager
+def _hooks_restored(roots: Sequence[nn.Module]):
+    """Remove every forward hook a count adds under `roots`, also when it fails (fvcore removes its own only on success)."""
+    modules = {id(m): m for root in roots for m in root.modules()}
+    before = {key: (set(m._forward_pre_hooks), set(m._forward_hooks)) for key, m in modules.items()}
+    try:
+        yield
+    finally:
+        for key, m in modules.items():
+            pre, post = before[key]
+            for hook_id in [h for h in m._forward_pre_hooks if h not in pre]:
+                del m._forward_pre_hooks[hook_id]
+                m._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+            for hook_id in [h for h in m._forward_hooks if h not in post]:
+                del m._forward_hooks[hook_id]
+                m._forward_hooks_with_kwargs.pop(hook_id, None)
+                m._forward_hooks_always_called.pop(hook_id, None)
 
 
 def _sample(model: nn.Module, backbone: nn.Module, input_size, example_input) -> torch.Tensor:
     """The batch to count on: `example_input`, or one random sample of `input_size` (default: the wrapped size)."""
+    wrapped = isinstance(model, MultiExitModel)
     if example_input is None:
-        size = model.input_size if isinstance(model, MultiExitModel) and input_size is None else check_input_size(input_size, backbone)
+        size = model.input_size if wrapped and input_size is None else check_input_size(input_size, backbone)
+        if wrapped:
+            model.check_channels(size[0], f"input_size={tuple(size)}")
         return dummy_input(backbone, size)
     if input_size is not None:
         raise ValueError("give input_size or example_input, not both")
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
         raise ValueError(f"example_input must be a batch tensor (B, C, H, W), got {getattr(example_input, 'shape', type(example_input).__name__)}")
+    if wrapped:
+        model.check_channels(example_input.shape[1], f"example_input of shape {tuple(example_input.shape)}")
     return example_input
 
 
@@ -416,17 +426,18 @@ def flops_report(model: nn.Module, input_size: Sequence[int] | None = None, *, e
     batch = x.shape[0]
     failed: dict[str, str] = {}
     modes = set_training(model, False)
+    steps = model.steps() if wrapped else []
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with _COUNTING, _hooks_restored([model, *steps]), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the jit tracer's warnings are about reusing the trace, which we do not do
             if not wrapped:
                 analysis = _analysis(model, (x,), handles, failed)
                 note = f"{type(model).__name__} is not a MultiExitModel: reported as a single exit (timm_exits.wrap(model, stages=...) adds exits)"
                 counts = _Counts([analysis.total()], [sum(p.numel() for p in model.parameters())], [0], Counter(analysis.unsupported_ops()), [note])
-            elif model._plan.feature_indices is None:
-                counts = _count_segments(model, x, handles, failed)
+            elif all(step.skips for step in steps):
+                counts = _count_segments(steps, x, handles, failed)
             else:
-                counts = _count_per_exit(model, x, handles, failed)
+                counts = _count_standalone(backbone, steps, x, handles, failed)
     finally:
         set_training(model, modes)
     unused = sum(p.numel() for p in backbone.parameters()) - counts.backbone_params[-1]
@@ -451,91 +462,3 @@ def flops_report(model: nn.Module, input_size: Sequence[int] | None = None, *, e
         failed_ops=failed,
         notes=counts.notes,
     )
-
-
-# -- placing exits by cost ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class FlopsPlacement:
-    """Stages chosen by cost: the candidates whose cumulative FLOPs are nearest to each fraction.
-
-    Pass it as ``wrap(model, stages=timm_exits.at_flops(0.25, 0.5, 0.75))``; ``resolve(model)``
-    shows which stage names it picks.
-    """
-
-    fractions: tuple[float, ...]
-    candidates: str | tuple = "stages"
-
-    def shares(self, model: nn.Module, input_size=None, leaf_modules=(), autowrap_functions=()) -> dict[str, float]:
-        """Each candidate stage and the share of the backbone's FLOPs spent when its output is ready."""
-        names = self._candidate_names(model, input_size, leaf_modules, autowrap_functions)
-        probe = wrap(model, stages=names, input_size=input_size, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
-        report = flops_report(probe)
-        return {e.stage: e.backbone_flops / report.backbone_flops for e in report.exits[:-1]}
-
-    def resolve(self, model: nn.Module, input_size=None, leaf_modules=(), autowrap_functions=()) -> list[str]:
-        """The stage names nearest to the fractions, shallow to deep."""
-        shares = self.shares(model, input_size, leaf_modules, autowrap_functions)
-        picked = [min(shares, key=lambda name: abs(shares[name] - f)) for f in self.fractions]
-        if len(set(picked)) != len(picked):
-            table = "\n".join(f"  {name}: {share:.1%}" for name, share in shares.items())
-            hint = " or candidates='blocks' for a cut after every block" if self.candidates == "stages" else ""
-            raise ValueError(
-                f"at_flops{self.fractions}: several fractions land on the same stage ({picked}); give fractions further apart{hint}. "
-                f"The candidate stages and their share of the backbone's FLOPs:\n{table}"
-            )
-        return picked
-
-    def _candidate_names(self, model, input_size, leaf_modules, autowrap_functions) -> list:
-        if isinstance(model, MultiExitModel):
-            raise TypeError("at_flops places the exits of a model that is not wrapped yet; pass the backbone")
-        if not isinstance(self.candidates, str):
-            return list(self.candidates)
-        try:
-            traced = trace(model, False, leaf_modules, autowrap_functions)
-        except TraceError:
-            if self.candidates == "stages" and getattr(model, "feature_info", None):  # wrap() falls back to forward_intermediates
-                return [(i if isinstance(i, dict) else vars(i))["module"] for i in model.feature_info][:-1]
-            raise
-        size = check_input_size(input_size, model)
-        shapes, _ = run_shapes(model, traced, dummy_input(model, size))
-        last = last_uses(traced)
-        table = stage_table(model, traced, shapes, last, size[1:])
-        if self.candidates == "stages":
-            return [s.name for s in table if not s.final]
-        limit = traced.position[traced.find(table[-1].name)]
-        modules = {n for n, _ in model.named_modules()}
-        names: list[str] = []
-        for node in single_cuts(traced, last):
-            shape = shapes.get(node)
-            name = _outermost_module(traced, node, modules)
-            if traced.position[node] < limit and shape is not None and len(shape) in (3, 4) and name in modules and name not in names:
-                names.append(name)
-        return names
-
-
-def at_flops(*fractions: float, candidates: str | Sequence = "stages") -> FlopsPlacement:
-    """Place exits where the backbone has spent the given fractions of its FLOPs (Shallow-Deep Networks' rule).
-
-    ``wrap(model, stages=at_flops(0.25, 0.5, 0.75))`` picks, for each fraction, the stage whose
-    output is ready after the nearest share of the backbone's FLOPs (the backbone's own head
-    counts in the total). Candidates are the model's stage table (``"stages"``, what
-    `list_stages` shows), every clean cut between blocks (``"blocks"``: finer, for CNNs with few
-    stages), or a list of stage names or indices.
-    """
-    if len(fractions) == 1 and isinstance(fractions[0], (list, tuple)):
-        fractions = tuple(fractions[0])
-    if not fractions:
-        raise ValueError("at_flops needs at least one fraction, e.g. at_flops(0.25, 0.5, 0.75)")
-    for f in fractions:
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f < 1.0:
-            raise ValueError(f"at_flops fractions must be numbers strictly between 0 and 1 (shares of the backbone's FLOPs), got {f!r}")
-    if any(b <= a for a, b in zip(fractions, fractions[1:])):
-        raise ValueError(f"at_flops fractions must increase (shallow to deep), got {fractions}")
-    if isinstance(candidates, str):
-        if candidates not in ("stages", "blocks"):
-            raise ValueError(f"candidates must be 'stages', 'blocks' or a list of stage names or indices, got {candidates!r}")
-    else:
-        candidates = tuple(candidates)
-    return FlopsPlacement(tuple(float(f) for f in fractions), candidates)

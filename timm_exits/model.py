@@ -10,8 +10,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .heads import create_head
 from .surgery import ExitPlan, plan_exits
+from .tracing import TraceOptions
 
-__all__ = ["MultiExitModel", "ExitOutputs", "wrap"]
+__all__ = ["MultiExitModel", "ExitOutputs", "ExitStep", "ExitRun", "ExitOutput", "wrap"]
 
 EVAL_OUTPUTS = ("all", "final", "ensemble")
 
@@ -23,18 +24,149 @@ class ExitOutputs(NamedTuple):
     features: list[torch.Tensor]
 
 
-def _bind(graph: fx.Graph, backbone: nn.Module) -> fx.GraphModule:
-    """A GraphModule for `graph` whose only child is the live backbone.
+class ExitOutput(NamedTuple):
+    """One exit's output in a run: its index (from 0, like ``model(x)[index]``), logits and pooled feature.
 
-    The segment's code reads ``self.backbone.<path>`` at every call, so it always sees the
-    backbone's current modules, parameters and buffers (after ``.to()``, ``load_state_dict``,
-    ``deepcopy``), and owns nothing itself.
+    ``feature`` is None unless the run was asked for features; the last exit's is the backbone's
+    pre-logits feature (None when `wrap` could not find it in the graph).
+    """
+
+    index: int
+    logits: torch.Tensor
+    feature: torch.Tensor | None
+
+
+def _bind(graph: fx.Graph, backbone: nn.Module, whole: bool = True) -> fx.GraphModule:
+    """A GraphModule for `graph` that reads the live backbone's modules.
+
+    ``whole``: the only child is the backbone itself, so the segment's code reads
+    ``self.backbone.<path>`` at every call and always sees the backbone's current modules,
+    parameters and buffers (after ``.to()``, ``load_state_dict``, ``deepcopy``). Otherwise fx
+    rebuilds just the module paths the graph uses (sharing the modules), so that an exported
+    segment carries only its own weights.
     """
     holder = nn.Module()
     holder.backbone = backbone
     gm = fx.GraphModule(holder, graph, class_name="Segment")
-    gm.backbone = backbone  # replace the partial copy of the hierarchy fx made by the real one
+    if whole:
+        gm.backbone = backbone  # replace the partial copy of the hierarchy fx made by the real one
     return gm
+
+
+class ExitStep(nn.Module):
+    """Step k of a wrapped model: segment k of the backbone, then exit head k.
+
+    ``segment(*carried)`` returns ``(feature, carried for step k+1)``; the last step's returns the
+    backbone's output and its pre-logits feature (or None). Called as a module, a step returns
+    ``(logits, *carried for step k+1)`` (the last: the logits alone), the form an exit-by-exit
+    runtime runs and `timm_exits.export_exits` exports.
+
+    ``standalone`` is None when each step computes only its own segment, so that leaving at
+    step k skips the rest (``skips``). A backbone fx could not trace runs through timm's
+    ``forward_intermediates``, which computes every exit's feature in the first step; there
+    ``standalone`` is the backbone from the input to this step's output alone, for counting what
+    an exit would cost.
+    """
+
+    def __init__(self, segment: nn.Module, head: nn.Module | None, stage: str = "", standalone: nn.Module | None = None):
+        super().__init__()
+        self.segment = segment
+        self.head = head
+        self.stage = stage
+        self.standalone = standalone
+
+    @property
+    def skips(self) -> bool:
+        """Whether leaving at this step skips the backbone's later work."""
+        return self.standalone is None
+
+    def forward(self, *carried):
+        out, carried = self.segment(*carried)
+        if self.head is None:
+            return _main_output(out)
+        return (self.head(out), *carried)
+
+
+def _main_output(out):
+    # auxiliary outputs some backbones add in training (inception's aux logits): keep the main one
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+class ExitRun:
+    """One pass of a wrapped model, one exit at a time: iterating yields each exit's `ExitOutput`, shallow to deep.
+
+    Between two items, ``carried`` holds the values the next step reads (the input before the
+    first). A caller that stops computing some samples, as early exit does, replaces it with
+    those samples' rows; the next steps then run on the smaller batch.
+    """
+
+    def __init__(self, steps: list[ExitStep], x, features: bool = False, checkpointed: bool = False):
+        self.steps = steps
+        self.carried: tuple = (x,)
+        self.features = features
+        self.checkpointed = checkpointed
+
+    def _segment(self, step: ExitStep):
+        if self.checkpointed and isinstance(step.segment, fx.GraphModule):
+            return checkpoint(step.segment, *self.carried, use_reentrant=False)
+        return step.segment(*self.carried)
+
+    def __iter__(self):
+        for k, step in enumerate(self.steps):
+            out, carried = self._segment(step)
+            if step.head is None:  # the backbone's own head: carried is its pre-logits feature
+                self.carried = ()
+                yield ExitOutput(k, _main_output(out), carried if self.features else None)
+                return
+            self.carried = carried
+            if self.features:
+                z, feature = step.head(out, return_features=True)
+                yield ExitOutput(k, z, feature)
+            else:
+                yield ExitOutput(k, step.head(out), None)
+
+
+class _Intermediates(nn.Module):
+    """First step of a backbone fx could not trace: timm's forward_intermediates computes every exit's feature."""
+
+    def __init__(self, backbone: nn.Module, indices: list[int]):
+        super().__init__()
+        self.backbone = backbone
+        self.indices = list(indices)
+
+    def forward(self, x):
+        final, feats = self.backbone.forward_intermediates(x, indices=self.indices, intermediates_only=False)
+        return feats[0], (*feats[1:], final)
+
+
+class _Handed(nn.Module):
+    """A later step of such a backbone: its feature was computed by the first step; hand it out, carry the rest."""
+
+    def forward(self, *carried):
+        return carried[0], carried[1:]
+
+
+class _OwnHead(nn.Module):
+    """The last step of such a backbone: its own head on the final feature map."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, final):
+        return self.backbone.forward_head(final), self.backbone.forward_head(final, pre_logits=True)
+
+
+class _UpTo(nn.Module):
+    """The backbone from the input to one intermediate feature, stopping there."""
+
+    def __init__(self, backbone: nn.Module, index: int):
+        super().__init__()
+        self.backbone = backbone
+        self.index = index
+
+    def forward(self, x):
+        return self.backbone.forward_intermediates(x, indices=[self.index], intermediates_only=True, stop_early=True)[0]
 
 
 class MultiExitModel(nn.Module):
@@ -43,7 +175,7 @@ class MultiExitModel(nn.Module):
     Build it with `timm_exits.wrap`. Exits are ordered shallow to deep; the last one is the
     backbone's own classifier, so in eval mode ``model(x)[-1]`` equals ``model.backbone(x)``.
     ``model.backbone`` is the original module (a plain checkpoint loads into it) and
-    ``model.exits`` holds the heads; the segments that run the backbone piece by piece hold no
+    ``model.exits`` holds the heads; the steps that run the backbone piece by piece hold no
     parameters of their own.
 
     Args (of ``forward``):
@@ -53,6 +185,8 @@ class MultiExitModel(nn.Module):
 
     In eval mode, ``eval_output="final"`` or ``"ensemble"`` (mean of the exits' logits) makes
     ``forward`` return one tensor, for code that expects a plain classifier (timm's validate).
+    Every way of running the model (``forward``, `early_exit`, `flops_report`, `export_exits`)
+    goes through `run`, which runs the model's `steps`.
     """
 
     def __init__(self, backbone: nn.Module, plan: ExitPlan, exits: nn.ModuleList, eval_output: str = "all"):
@@ -66,62 +200,76 @@ class MultiExitModel(nn.Module):
         self.input_size = plan.input_size
         self.grad_checkpointing = False
         self._plan = plan
-        self._bound: tuple | None = None
-        self._bind()
+        self._steps = (self._parts(), *self._build_steps())  # (what they were built from, training steps, eval steps)
 
-    # -- segments ---------------------------------------------------------------------------------
+    # -- steps ------------------------------------------------------------------------------------
 
-    def _bind(self) -> None:
-        if self._plan.feature_indices is not None:
-            self._bound = (self.backbone, [], [])
-            return
-        eval_gms = [_bind(g, self.backbone) for g in self._plan.eval_segments]
+    def _parts(self) -> tuple[nn.Module, ...]:
+        return (self.backbone, *self.exits)
+
+    def _build_steps(self, whole: bool = True) -> tuple[list[ExitStep], list[ExitStep]]:
+        heads, stages = list(self.exits) + [None], self.stages + ["final"]
+        indices = self._plan.feature_indices
+        if indices is not None:  # fx could not trace it: timm's own API computes every feature at once
+            segments = [_Intermediates(self.backbone, indices)] + [_Handed() for _ in indices[1:]] + [_OwnHead(self.backbone)]
+            alone = [_UpTo(self.backbone, i) for i in indices] + [self.backbone]
+            steps = [ExitStep(s, h, n, a) for s, h, n, a in zip(segments, heads, stages, alone)]
+            return steps, steps
+        eval_steps = [ExitStep(_bind(g, self.backbone, whole), h, n) for g, h, n in zip(self._plan.eval_segments, heads, stages)]
         code = [[g.python_code("self").src for g in gs] for gs in (self._plan.train_segments, self._plan.eval_segments)]
-        # most models trace alike in both modes: then one set of segments serves both
-        train_gms = eval_gms if code[0] == code[1] else [_bind(g, self.backbone) for g in self._plan.train_segments]
-        self._bound = (self.backbone, train_gms, eval_gms)
+        if code[0] == code[1]:  # most models trace alike in both modes: then one set of steps serves both
+            return eval_steps, eval_steps
+        return [ExitStep(_bind(g, self.backbone, whole), h, n) for g, h, n in zip(self._plan.train_segments, heads, stages)], eval_steps
+
+    def steps(self, training: bool | None = None, *, portable: bool = False) -> list[ExitStep]:
+        """The model's steps, one per exit, for its current mode (or for `training`).
+
+        The model switches between its training and eval graphs itself, as its mode changes.
+        ``portable=True`` gives new steps whose segments hold only the backbone modules they call
+        (shared, not copied), so that an exported step carries only its own weights.
+        """
+        training = self.training if training is None else training
+        if portable:
+            return self._build_steps(whole=False)[0 if training else 1]
+        built, parts = self._steps, self._parts()
+        if len(built[0]) != len(parts) or any(a is not b for a, b in zip(built[0], parts)):  # a head or the backbone was replaced
+            built = self._steps = (parts, *self._build_steps())
+        return built[1] if training else built[2]
 
     def segments(self) -> list[fx.GraphModule]:
-        """The backbone cut at the exits: segment k runs from exit k-1 to exit k (for the current mode)."""
-        if self._bound is None or self._bound[0] is not self.backbone:
-            self._bind()
-        return self._bound[1] if self.training else self._bound[2]
+        """The backbone cut at the exits: segment k runs from exit k-1 to exit k (for the current mode).
+
+        Empty for a backbone fx could not trace (its steps run timm's forward_intermediates).
+        """
+        steps = self.steps()
+        return [s.segment for s in steps] if steps[0].skips else []
+
+    def run(self, x: torch.Tensor, return_features: bool = False) -> ExitRun:
+        """Run the model exit by exit: an `ExitRun` over the current mode's steps (see `ExitRun`)."""
+        checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        return ExitRun(self.steps(), x, return_features, checkpointed)
+
+    def check_channels(self, channels: int, what: str) -> None:
+        """Raise a ValueError when `what` (an input described to the user) has channels the first layer does not take."""
+        first = self._plan.first_layer
+        if first is not None and channels != first[1]:
+            plural = "" if channels == 1 else "s"
+            raise ValueError(f"{what} has {channels} channel{plural}; the model's first layer ({first[0]}) expects {first[1]}")
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_bound"] = None  # GraphModules are rebuilt against the copied backbone
-        state.pop("_carried_kinds", None)  # caches of early_exit, rebuilt on demand
-        state.pop("_spent_flops", None)
+        state["_steps"] = None  # the steps are rebuilt against the copied backbone
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._bind()
+        self._steps = (self._parts(), *self._build_steps())
 
     # -- forward ----------------------------------------------------------------------------------
 
     @property
     def num_exits(self) -> int:
         return len(self.exits) + 1
-
-    def _run(self, segment: fx.GraphModule, state: tuple):
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(segment, *state, use_reentrant=False)
-        return segment(*state)
-
-    def _features_and_final(self, x: torch.Tensor):
-        """Each exit's backbone feature, then the backbone's logits and pre-logits feature."""
-        if self._plan.feature_indices is not None:  # fx could not trace it: timm's own API
-            final, feats = self.backbone.forward_intermediates(x, indices=self._plan.feature_indices, intermediates_only=False)
-            yield from feats
-            yield self.backbone.forward_head(final), self.backbone.forward_head(final, pre_logits=True)
-            return
-        segments = self.segments()
-        state: tuple = (x,)
-        for segment in segments[:-1]:
-            feature, state = self._run(segment, state)
-            yield feature
-        yield self._run(segments[-1], state)
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         outputs = self.forward_exits(x, return_features)
@@ -131,24 +279,13 @@ class MultiExitModel(nn.Module):
 
     def forward_exits(self, x: torch.Tensor, return_features: bool = False):
         """Every exit's logits (and features), in eval mode too, whatever ``eval_output`` says."""
-        steps = self._features_and_final(x)
-        logits, features = [], []
-        for head, feature in zip(self.exits, steps):  # exits first: zip must not pull the final step
-            if return_features:
-                z, f = head(feature, return_features=True)
-                features.append(f)
-            else:
-                z = head(feature)
-            logits.append(z)
-        out, pre_logits = next(steps)
-        # auxiliary outputs some backbones add in training (inception's aux logits): keep the main one
-        logits.append(out if isinstance(out, torch.Tensor) else out[0])
-        if return_features:
-            if pre_logits is None:
-                raise ValueError(f"return_features=True needs the input of {type(self.backbone).__name__}'s classifier, which wrap() could not find in its graph")
-            features.append(pre_logits)
-            return ExitOutputs(logits, features)
-        return logits
+        outputs = list(self.run(x, return_features))
+        logits = [o.logits for o in outputs]
+        if not return_features:
+            return logits
+        if outputs[-1].feature is None:
+            raise ValueError(f"return_features=True needs the input of {type(self.backbone).__name__}'s classifier, which wrap() could not find in its graph")
+        return ExitOutputs(logits, [o.feature for o in outputs])
 
     # -- what trainers ask a timm model for --------------------------------------------------------
 
@@ -206,7 +343,7 @@ class MultiExitModel(nn.Module):
     @torch.no_grad()
     def early_exit(self, x: torch.Tensor, threshold=0.9, criterion="max_prob", ensemble: bool = False):
         """Classify `x`, each sample stopping at its first confident exit; see `timm_exits.early_exit`."""
-        from .inference import early_exit
+        from .inference import early_exit  # lazy: inference builds on this module, not the other way round
 
         return early_exit(self, x, threshold, criterion, ensemble)
 
@@ -311,7 +448,7 @@ def wrap(
     resolve = getattr(stages, "resolve", None)
     if callable(resolve):  # a placement rule such as at_flops(): it picks the stages for this model
         stages = resolve(model, input_size, leaf_modules, autowrap_functions)
-    plan = plan_exits(model, stages, input_size, leaf_modules, autowrap_functions)
+    plan = plan_exits(model, stages, input_size, TraceOptions.of(leaf_modules, autowrap_functions))
     if num_classes is not None and num_classes != plan.num_classes:
         raise ValueError(
             f"num_classes={num_classes} disagrees with the backbone, whose head outputs {plan.num_classes} classes; "

@@ -12,9 +12,9 @@ from typing import Sequence
 import torch.fx as fx
 from torch import nn
 
-from .tracing import TracedGraph, check_input_size, dummy_input, last_uses, run_shapes, single_cuts, trace
+from .tracing import TracedGraph, TraceError, TraceOptions, check_input_size, dummy_input, last_uses, run_shapes, single_cuts, trace
 
-__all__ = ["Stage", "FeatureLayout", "feature_layout", "read_feature", "list_stages", "stage_table"]
+__all__ = ["Stage", "FeatureLayout", "feature_layout", "read_feature", "list_stages", "stage_table", "candidate_stages"]
 
 
 @dataclass(frozen=True)
@@ -210,8 +210,40 @@ def list_stages(model: nn.Module, input_size: Sequence[int] | None = None, leaf_
         >>> [s.name for s in timm_exits.list_stages(timm.create_model("resnet18"))]
         ['act1', 'layer1', 'layer2', 'layer3', 'layer4']
     """
-    traced = trace(model, False, leaf_modules, autowrap_functions)
-    size = check_input_size(input_size, model)
-    x = dummy_input(model, size)
-    shapes, _ = run_shapes(model, traced, x)
+    traced, shapes, size = _traced_with_shapes(model, input_size, TraceOptions.of(leaf_modules, autowrap_functions))
     return stage_table(model, traced, shapes, last_uses(traced), size[1:])
+
+
+def _traced_with_shapes(model: nn.Module, input_size, options: TraceOptions):
+    traced = trace(model, False, options)
+    size = check_input_size(input_size, model)
+    shapes, _ = run_shapes(model, traced, dummy_input(model, size))
+    return traced, shapes, size
+
+
+def candidate_stages(model: nn.Module, candidates: str, input_size=None, options: TraceOptions = TraceOptions()) -> list[str]:
+    """Where a placement rule may put exits: the stage table's early stages (``"stages"``), or every
+    clean cut between blocks before the final stage whose output is a feature map (``"blocks"``).
+
+    A model fx cannot trace (wrapped through ``forward_intermediates``) offers its
+    ``feature_info`` stages.
+    """
+    try:
+        traced, shapes, size = _traced_with_shapes(model, input_size, options)
+    except TraceError:
+        if candidates == "stages" and getattr(model, "feature_info", None):  # wrap() falls back to forward_intermediates
+            return [(i if isinstance(i, dict) else vars(i))["module"] for i in model.feature_info][:-1]
+        raise
+    last = last_uses(traced)
+    table = stage_table(model, traced, shapes, last, size[1:])
+    if candidates == "stages":
+        return [s.name for s in table if not s.final]
+    limit = traced.position[traced.find(table[-1].name)]
+    modules = {n for n, _ in model.named_modules()}
+    names: list[str] = []
+    for node in single_cuts(traced, last):
+        shape = shapes.get(node)
+        name = _outermost_module(traced, node, modules)
+        if traced.position[node] < limit and shape is not None and len(shape) in (3, 4) and name in modules and name not in names:
+            names.append(name)
+    return names

@@ -29,7 +29,7 @@ import torch.fx as fx
 from torch import nn
 
 from .stages import FeatureLayout, Stage, describe, feature_layout, read_feature, stage_table
-from .tracing import TracedGraph, TraceError, check_input_size, closes_block, dummy_input, last_uses, live_after, run_shapes, set_training, trace
+from .tracing import TracedGraph, TraceError, TraceOptions, check_input_size, closes_block, dummy_input, last_uses, live_after, run_shapes, set_training, trace
 
 __all__ = ["ExitPlan", "ExitSite", "plan_exits", "split"]
 
@@ -59,6 +59,7 @@ class ExitPlan:
     num_classes: int
     input_size: tuple[int, ...]
     feature_indices: list[int] | None = None  # set when the model runs through forward_intermediates
+    first_layer: tuple[str, int] | None = None  # the convolution reading the input, and its input channels
 
     def __deepcopy__(self, memo):
         return self  # never changed after wrap(); copies of a model share it (and its graphs)
@@ -80,6 +81,17 @@ def _classifier_node(model: nn.Module, traced: TracedGraph) -> fx.Node | None:
                     return node
     calls = [n for n in traced.nodes if n.op == "call_module" and isinstance(model.get_submodule(n.target), (nn.Linear, nn.Conv2d))]
     return calls[-1] if calls else None
+
+
+def _first_layer(model: nn.Module, traced: TracedGraph) -> tuple[str, int] | None:
+    """The convolution that reads the input itself, and how many channels it expects (None if no layer does)."""
+    x = next(n for n in traced.nodes if n.op == "placeholder")
+    for n in x.users:
+        if n.op == "call_module" and n.args and n.args[0] is x:
+            layer = model.get_submodule(n.target)
+            if isinstance(layer, nn.modules.conv._ConvNd):
+                return n.target, int(layer.in_channels)
+    return None
 
 
 def _first_input(node: fx.Node) -> fx.Node | None:
@@ -186,7 +198,7 @@ def _replicate(model, traced, shapes, last_use, table, start: fx.Node):
     return blocks, channels, layout
 
 
-def plan_exits(model: nn.Module, stages, input_size=None, leaf_modules=(), autowrap_functions=()) -> ExitPlan:
+def plan_exits(model: nn.Module, stages, input_size=None, options: TraceOptions = TraceOptions()) -> ExitPlan:
     """Trace, resolve `stages` and cut: everything `wrap()` needs to build a MultiExitModel."""
     if isinstance(stages, (int, str)):
         stages = [stages]
@@ -198,8 +210,8 @@ def plan_exits(model: nn.Module, stages, input_size=None, leaf_modules=(), autow
         raise ValueError(f"{type(model).__name__} has no classifier (num_classes=0); create it with the number of classes, e.g. timm.create_model(name, num_classes=10)")
     size = check_input_size(input_size, model)
     try:
-        eval_traced = trace(model, False, leaf_modules, autowrap_functions)
-        train_traced = trace(model, True, leaf_modules, autowrap_functions)
+        eval_traced = trace(model, False, options)
+        train_traced = trace(model, True, options)
     except TraceError as err:
         if not all(callable(getattr(model, a, None)) for a in ("forward_intermediates", "forward_head")) or not getattr(model, "feature_info", None):
             raise
@@ -268,6 +280,7 @@ def plan_exits(model: nn.Module, stages, input_size=None, leaf_modules=(), autow
         stage_names=names,
         num_classes=int(out.shape[1]),
         input_size=size,
+        first_layer=_first_layer(model, eval_traced),
     )
 
 

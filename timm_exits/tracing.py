@@ -16,7 +16,7 @@ import torch.fx as fx
 import torchvision
 from torch import nn
 
-__all__ = ["TraceError", "TracedGraph", "trace", "graph_node_names", "run_shapes", "live_after", "single_cuts"]
+__all__ = ["TraceError", "TraceOptions", "TracedGraph", "trace", "graph_node_names", "run_shapes", "live_after", "single_cuts"]
 
 
 class TraceError(ValueError):
@@ -59,24 +59,37 @@ def _is_feature(shape) -> bool:
     return shape is not None and len(shape) in (3, 4)
 
 
-def _tracer_settings(extra_leaf_modules: Iterable[type], extra_autowrap: Iterable[Any]):
-    """torchvision's defaults (torchvision.ops as leaves, math autowrapped) plus timm's registry.
+@dataclass(frozen=True)
+class TraceOptions:
+    """What fx should not trace into, beyond torchvision's and timm's defaults: one value for every tracing call.
 
-    timm's own feature extraction passes exactly this union to torchvision's tracer, so timm
-    models trace the way timm traces them, and torchvision models the way torchvision does.
+    ``leaf_modules`` are module types called whole; ``autowrap_functions`` functions recorded as
+    one call. `leaves` and `autowrap` merge them with the defaults, in this one place.
     """
-    leaves = [obj for _, obj in vars(torchvision.ops).items() if isinstance(obj, type) and issubclass(obj, nn.Module)]
-    autowrap: list[Any] = []
-    try:
-        from timm.layers import _fx as timm_fx
-    except ImportError:  # timm is a dependency, but be kind to very old versions
-        timm_fx = None
-    if timm_fx is not None:
-        leaves += list(getattr(timm_fx, "_leaf_modules", ()))
-        autowrap += list(getattr(timm_fx, "_autowrap_functions", ()))
-    leaves += list(extra_leaf_modules)
-    autowrap += list(extra_autowrap)
-    return tuple(leaves), tuple(autowrap)
+
+    leaf_modules: tuple[type, ...] = ()
+    autowrap_functions: tuple[Any, ...] = ()
+
+    @classmethod
+    def of(cls, leaf_modules: Iterable[type] = (), autowrap_functions: Iterable[Any] = ()) -> "TraceOptions":
+        return cls(tuple(leaf_modules), tuple(autowrap_functions))
+
+    def merged(self) -> tuple[tuple[type, ...], tuple[Any, ...]]:
+        """torchvision's defaults (torchvision.ops as leaves, math autowrapped) plus timm's registry plus these.
+
+        timm's own feature extraction passes exactly this union to torchvision's tracer, so timm
+        models trace the way timm traces them, and torchvision models the way torchvision does.
+        """
+        leaves = [obj for _, obj in vars(torchvision.ops).items() if isinstance(obj, type) and issubclass(obj, nn.Module)]
+        autowrap: list[Any] = []
+        try:
+            from timm.layers import _fx as timm_fx
+        except ImportError:  # timm is a dependency, but be kind to very old versions
+            timm_fx = None
+        if timm_fx is not None:
+            leaves += list(getattr(timm_fx, "_leaf_modules", ()))
+            autowrap += list(getattr(timm_fx, "_autowrap_functions", ()))
+        return tuple(leaves + list(self.leaf_modules)), tuple(autowrap + list(self.autowrap_functions))
 
 
 class _PathTracer(fx.Tracer):
@@ -144,9 +157,9 @@ def _optional_arguments(model: nn.Module) -> dict[str, Any] | None:
     return {p.name: p.default for p in params if p.kind in kinds and p.default is not inspect.Parameter.empty} or None
 
 
-def trace(model: nn.Module, training: bool, leaf_modules=(), autowrap_functions=()) -> TracedGraph:
+def trace(model: nn.Module, training: bool, options: TraceOptions = TraceOptions()) -> TracedGraph:
     """Trace `model` in training or eval mode; raise `TraceError` naming the failing module."""
-    leaves, autowrap = _tracer_settings(leaf_modules, autowrap_functions)
+    leaves, autowrap = options.merged()
     tracer = _PathTracer(leaves, autowrap)
     old = set_training(model, training)
     try:
@@ -267,5 +280,5 @@ def closes_block(traced: TracedGraph, last_use, start: fx.Node, end: fx.Node) ->
 
 def graph_node_names(model: nn.Module, leaf_modules=(), autowrap_functions=()) -> list[str]:
     """Names of the nodes of the model's traced (eval-mode) graph; any of them can be a stage."""
-    traced = trace(model, False, leaf_modules, autowrap_functions)
+    traced = trace(model, False, TraceOptions.of(leaf_modules, autowrap_functions))
     return [n.name for n in traced.nodes if n.op not in ("placeholder", "output", "get_attr")]

@@ -1,0 +1,253 @@
+"""Choosing early-exit thresholds from cached exit logits, and the accuracy-compute trade-off as data and a plot.
+
+`collect_exit_logits` caches every exit's logits on a validation set; `calibrate_thresholds` meets
+an average-FLOPs budget with MSDNet's budgeted-batch protocol (Huang et al. 2018), or a target
+accuracy at the least FLOPs. `anytime_accuracy` and `budgeted_curve` give the trade-off as data,
+`plot_tradeoff` as a PNG. Thresholds come back as the `Calibration` that `early_exit` takes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+
+from .inference import Calibration, check_criterion, confidence_thresholds, exit_confidence, exit_costs
+from .model import MultiExitModel
+from .tracing import set_training
+
+__all__ = [
+    "CachedExits",
+    "collect_exit_logits",
+    "calibrate_thresholds",
+    "evaluate_thresholds",
+    "anytime_accuracy",
+    "budgeted_curve",
+    "plot_tradeoff",
+]
+
+
+@dataclasses.dataclass
+class CachedExits:
+    """Every exit's logits on a dataset, its labels, and what leaving at each exit costs.
+
+    ``logits (E, N, C)``, ``labels (N,)``, ``flops`` (E values: backbone up to exit k plus heads
+    0..k, per sample, as `early_exit` spends them) and the exits' ``stages``.
+    """
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    flops: list[float]
+    stages: list[str]
+
+    def __post_init__(self):
+        if self.logits.dim() != 3:
+            raise ValueError(f"logits must be (num_exits, N, C), got shape {tuple(self.logits.shape)}")
+        if self.labels.shape != self.logits.shape[1:2]:
+            raise ValueError(f"labels must be (N,) = ({self.logits.shape[1]},), got shape {tuple(self.labels.shape)}")
+        if len(self.flops) != self.logits.shape[0]:
+            raise ValueError(f"flops has {len(self.flops)} values for {self.logits.shape[0]} exits")
+
+    @property
+    def num_exits(self) -> int:
+        return self.logits.shape[0]
+
+    def confidences(self, criterion="max_prob", ensemble: bool = False) -> torch.Tensor:
+        """``(E, N)`` confidence of every exit (or of the anytime ensemble) on every sample."""
+        return torch.stack([exit_confidence(z, criterion) for z in self._outputs(ensemble)])
+
+    def predictions(self, ensemble: bool = False) -> torch.Tensor:
+        """``(E, N)`` predicted class of every exit (or anytime ensemble)."""
+        return torch.stack([z.argmax(-1) for z in self._outputs(ensemble)])
+
+    def _outputs(self, ensemble: bool) -> list[torch.Tensor]:
+        if not ensemble:
+            return list(self.logits)
+        from .ensemble import anytime_ensemble
+
+        return anytime_ensemble(list(self.logits))
+
+
+@torch.no_grad()
+def collect_exit_logits(model: MultiExitModel, loader, device=None) -> CachedExits:
+    """One pass over `loader` (batches of ``(inputs, labels, ...)``) caching every exit's logits, on the CPU."""
+    if not isinstance(model, MultiExitModel):
+        raise TypeError(f"collect_exit_logits needs a MultiExitModel, got {type(model).__name__}")
+    modes = set_training(model, False)
+    logits, labels, size = [], [], None
+    try:
+        for batch in loader:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise ValueError("each batch of the loader must be (inputs, labels, ...)")
+            x, y = batch[0], batch[1]
+            if device is not None:
+                x = x.to(device)
+            size = tuple(x.shape[1:])
+            logits.append(torch.stack([z.float().cpu() for z in model.forward_exits(x)]))
+            labels.append(torch.as_tensor(y).cpu())
+    finally:
+        set_training(model, modes)
+    if not logits:
+        raise ValueError("the loader gave no batches")
+    return CachedExits(torch.cat(logits, 1), torch.cat(labels), exit_costs(model, size), list(model.stages) + ["final"])
+
+
+class _Outcome(NamedTuple):
+    accuracy: float
+    flops: float
+    exit_shares: list[float]
+
+
+def _outcome(conf: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, costs: torch.Tensor, thresholds: Sequence[float]) -> _Outcome:
+    """Accuracy, average FLOPs and exit shares of confidence thresholds on cached exits."""
+    num_exits, n = conf.shape
+    passed = torch.cat([conf[:-1] >= torch.tensor(thresholds, dtype=conf.dtype).unsqueeze(1), torch.ones(1, n, dtype=torch.bool)])
+    exit_index = passed.float().argmax(0)
+    correct = preds[exit_index, torch.arange(n)] == labels
+    counts = torch.bincount(exit_index, minlength=num_exits).double()
+    return _Outcome(correct.double().mean().item(), (costs.double()[exit_index]).mean().item(), (counts / n).tolist())
+
+
+def evaluate_thresholds(cached: CachedExits, threshold, criterion="max_prob", ensemble: bool = False) -> Calibration:
+    """Accuracy, average FLOPs and exit shares of `threshold` on cached exits (what `early_exit` would do)."""
+    conf_thresholds = confidence_thresholds(threshold, criterion, cached.num_exits)
+    out = _outcome(cached.confidences(criterion, ensemble), cached.predictions(ensemble), cached.labels, torch.tensor(cached.flops), conf_thresholds)
+    return _calibration(conf_thresholds, criterion, ensemble, out)
+
+
+def _calibration(conf_thresholds, criterion, ensemble, out: _Outcome) -> Calibration:
+    user = [-t for t in conf_thresholds] if criterion == "entropy" else list(conf_thresholds)
+    return Calibration(user, criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "callable"), ensemble, out.accuracy, out.flops, out.exit_shares)
+
+
+def _msdnet_thresholds(conf: torch.Tensor, q: float) -> list[float]:
+    """MSDNet's budgeted batch: a share ∝ q^k of the samples leaves at exit k, the most confident first."""
+    num_exits, n = conf.shape
+    shares = torch.tensor([q ** (k + 1) for k in range(num_exits)], dtype=torch.float64)
+    shares /= shares.sum()
+    gone = torch.zeros(n, dtype=torch.bool)
+    thresholds = []
+    for k in range(num_exits - 1):
+        take = math.floor(n * shares[k].item())
+        remaining = conf[k][~gone]
+        if take == 0 or remaining.numel() == 0:
+            thresholds.append(math.inf)
+            continue
+        t = remaining.sort(descending=True).values[min(take, remaining.numel()) - 1].item()
+        thresholds.append(t)
+        gone |= conf[k] >= t
+    return thresholds
+
+
+def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, max_accuracy_drop: float | None = None, criterion="max_prob", ensemble: bool = False) -> Calibration:
+    """Thresholds that meet an average-FLOPs `budget`, or lose at most `max_accuracy_drop` at the least FLOPs.
+
+    With `budget` (FLOPs per sample, between the first exit's cost and the full model's), the
+    thresholds follow MSDNet's budgeted-batch protocol: a share of the samples proportional to
+    ``q^k`` leaves at exit k, the most confident first, with the largest ``q`` whose average
+    cost on `cached` is within the budget. With `max_accuracy_drop` (a fraction: 0.01 = one
+    point below the last exit's accuracy), the cheapest of MSDNet's thresholds and of single
+    shared thresholds (SDN's rule) that stays within the drop. Returns a `Calibration` whose
+    ``thresholds`` `early_exit` takes as they are.
+    """
+    if (budget is None) == (max_accuracy_drop is None):
+        raise ValueError("give exactly one of budget (average FLOPs per sample) or max_accuracy_drop")
+    check_criterion(criterion)
+    conf, preds, labels = cached.confidences(criterion, ensemble), cached.predictions(ensemble), cached.labels
+    costs = torch.tensor(cached.flops, dtype=torch.float64)
+
+    def run(thresholds) -> _Outcome:
+        return _outcome(conf, preds, labels, costs, thresholds)
+
+    if budget is not None:
+        lo_cost, hi_cost = costs[0].item(), costs[-1].item()
+        if not isinstance(budget, (int, float)) or math.isnan(budget) or not lo_cost <= budget <= hi_cost:
+            raise ValueError(f"budget must be an average FLOPs per sample between the first exit's cost ({lo_cost:,.0f}) and the full model's ({hi_cost:,.0f}), got {budget!r}")
+        never = [math.inf] * (cached.num_exits - 1)
+        if run(never).flops <= budget:  # the whole model fits
+            return _calibration(never, criterion, ensemble, run(never))
+        best = [-math.inf] * (cached.num_exits - 1)  # everyone leaves at exit 1: the budget's floor
+        lo, hi = math.log(1e-4), math.log(1e4)  # log q: the larger q, the later samples leave
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            thresholds = _msdnet_thresholds(conf, math.exp(mid))
+            if run(thresholds).flops <= budget:
+                lo, best = mid, thresholds
+            else:
+                hi = mid
+        return _calibration(best, criterion, ensemble, run(best))
+    if not isinstance(max_accuracy_drop, (int, float)) or math.isnan(max_accuracy_drop) or not 0 <= max_accuracy_drop <= 1:
+        raise ValueError(f"max_accuracy_drop must be a fraction in [0, 1] (0.01 = one point), got {max_accuracy_drop!r}")
+    target = (preds[-1] == labels).double().mean().item() - max_accuracy_drop
+    candidates = [[math.inf] * (cached.num_exits - 1)]
+    candidates += [_msdnet_thresholds(conf, q) for q in torch.logspace(-3, 3, 61, dtype=torch.float64).tolist()]
+    candidates += [[t] * (cached.num_exits - 1) for t in torch.quantile(conf[:-1].flatten().double(), torch.linspace(0, 1, 101, dtype=torch.float64)).tolist()]
+    outcomes = [(run(t), t) for t in candidates]
+    out, best = min(((o, t) for o, t in outcomes if o.accuracy >= target - 1e-12), key=lambda pair: (pair[0].flops, -pair[0].accuracy))
+    return _calibration(best, criterion, ensemble, out)
+
+
+class AnytimePoint(NamedTuple):
+    exit: int
+    stage: str
+    accuracy: float
+    flops: float
+
+
+class CurvePoint(NamedTuple):
+    budget: float
+    accuracy: float
+    flops: float
+    exit_shares: list[float]
+    thresholds: list[float]
+
+
+def anytime_accuracy(cached: CachedExits, ensemble: bool = False) -> list[AnytimePoint]:
+    """Accuracy of every exit (or anytime ensemble) against what reaching it costs."""
+    preds = cached.predictions(ensemble)
+    return [AnytimePoint(k, cached.stages[k], (preds[k] == cached.labels).double().mean().item(), cached.flops[k]) for k in range(cached.num_exits)]
+
+
+def budgeted_curve(cached: CachedExits, budgets: Sequence[float] | int = 20, criterion="max_prob", ensemble: bool = False, evaluate_on: CachedExits | None = None) -> list[CurvePoint]:
+    """Accuracy against average FLOPs over a sweep of budgets (default: 20 from the first exit's cost to the full model's).
+
+    Thresholds are calibrated on `cached` for each budget; with `evaluate_on` (say, the test
+    set's cached exits) the accuracy and FLOPs are those on it, as a paper reports them.
+    """
+    if evaluate_on is not None and evaluate_on.num_exits != cached.num_exits:
+        raise ValueError(f"evaluate_on has {evaluate_on.num_exits} exits, the calibration data {cached.num_exits}: they must come from the same model")
+    if isinstance(budgets, int):
+        lo, hi = cached.flops[0], cached.flops[-1]
+        budgets = [lo + (hi - lo) * i / (budgets - 1) for i in range(budgets)] if budgets > 1 else [hi]
+    points = []
+    for b in budgets:
+        c = calibrate_thresholds(cached, b, criterion=criterion, ensemble=ensemble)
+        if evaluate_on is not None:
+            c = evaluate_thresholds(evaluate_on, c.thresholds, criterion, ensemble)
+        points.append(CurvePoint(float(b), c.accuracy, c.flops, c.exit_shares, c.thresholds))
+    return points
+
+
+def plot_tradeoff(curve: Sequence[CurvePoint], path, anytime: Sequence[AnytimePoint] | None = None, title: str | None = None) -> str:
+    """Write accuracy against average FLOPs (the budgeted curve, and the exits' anytime points) to a PNG; returns its path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("plot_tradeoff needs matplotlib: pip install 'timm-exits[demo]'") from err
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot([p.flops / 1e6 for p in curve], [100 * p.accuracy for p in curve], "o-", label="early exit, budgeted (MSDNet protocol)")
+    if anytime:
+        ax.plot([p.flops / 1e6 for p in anytime], [100 * p.accuracy for p in anytime], "s--", label="each exit alone (anytime)")
+    ax.set_xlabel("average MFLOPs per sample")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title or "accuracy vs FLOPs")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
