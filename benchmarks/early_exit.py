@@ -27,7 +27,6 @@ import torch
 from overhead import cpu_name
 
 import timm_exits
-from timm_exits.inference import _confidence_thresholds, _select, _spent_flops, all_exit_logits
 
 CASES = {"resnet50": ("resnet50", [1, 2, 3]), "vit_small_patch16_224": ("vit_small_patch16_224", [3, 6, 9])}
 
@@ -66,11 +65,14 @@ def measure(name: str, stages, images: int, repeats: int) -> list[dict]:
     for share in (0.25, 0.5, 0.75):
         calibration = timm_exits.calibrate_thresholds(cached, first + share * (full - first))
         points[f"{share:.0%} budget"] = calibration
-    spent = torch.tensor(_spent_flops(model, (3, 224, 224)))
+    spent = torch.tensor(cached.flops)
+    thresholds = torch.tensor(points["50% budget"].thresholds + [0.0])  # the last exit takes everyone left
 
-    def select_all(batch):  # the usual way: compute every exit, then pick one per sample
-        thresholds = _confidence_thresholds(points["50% budget"].thresholds, "max_prob", model.num_exits)
-        return _select(all_exit_logits(model, batch), thresholds, "max_prob", False, spent)
+    def select_all(batch):  # the usual way: compute every exit, then pick, per sample, the first confident one
+        outputs = torch.stack(model.forward_exits(batch))  # (E, B, C)
+        passed = outputs.softmax(-1).amax(-1) >= thresholds.unsqueeze(1)
+        exit_index = passed.float().argmax(0)
+        return outputs[exit_index, torch.arange(outputs.shape[1])], exit_index, spent[exit_index]
 
     rows = []
     for batch in (images, 1):
@@ -129,17 +131,14 @@ def segment_shares(name: str, stages, images: int, repeats: int) -> dict:
     x = torch.randn(images, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     report = timm_exits.flops_report(model).exits
     flops = [report[0].backbone_flops] + [b.backbone_flops - a.backbone_flops for a, b in zip(report, report[1:])]
-    segments = model.segments()
-    seconds = [[] for _ in segments]
+    seconds = [[] for _ in range(model.num_exits)]
 
-    def run_segments():
-        state = (x,)
-        for k, segment in enumerate(segments):
-            t = time.perf_counter()
-            out = segment(*state)
-            seconds[k].append(time.perf_counter() - t)
-            if k < len(segments) - 1:
-                state = out[1]
+    def run_segments():  # the time to each exit from the one before: a segment and its (small) head
+        t = time.perf_counter()
+        for out in model.run(x):
+            now = time.perf_counter()
+            seconds[out.index].append(now - t)
+            t = now
 
     t = medians({"plain": lambda: plain(x), "all exits": lambda: model(x),
                  "nobody leaves": lambda: model.early_exit(x, threshold=float("inf")), "segments": run_segments}, repeats)

@@ -6,8 +6,10 @@ catches is a hole in the suite. Prints one row per bug and exits 1 if any surviv
 
     python benchmarks/planted_bugs.py [--only NAME ...]
 
-The first six are the ones that passed every test before issue 13 (docs/testing.md); the others
-are the kind of slip the suite must keep catching. `mutmut` (docs/testing.md) does the same thing
+The first six are the ones that passed every test before issue 13 (docs/testing.md; the third
+now plants its fallback slip in the steps, where issue 14 moved that path); the last five put back,
+one at a time, the runtime faults issue 14 fixed; the others are the kind of slip the suite must
+keep catching. `mutmut` (docs/testing.md) does the same thing
 mechanically and at scale; this list is the hand-picked, readable part.
 """
 from __future__ import annotations
@@ -40,8 +42,8 @@ BUGS = [
         ("tests/test_inference.py",)),
     Bug("margin criterion returns the top probability alone", "timm_exits/inference.py",
         "return top[:, 0] - (top[:, 1] if top.shape[1] > 1 else 0)", "return top[:, 0]", ("tests/test_inference.py",)),
-    Bug("fallback model decides on the next exit's confidence", "timm_exits/inference.py",
-        "for z, t in zip(outputs[:-1], thresholds)", "for z, t in zip(outputs[1:], thresholds)", ("tests/test_inference.py",)),
+    Bug("fallback model hands each exit the next stage's feature", "timm_exits/model.py",
+        "return feats[0], (*feats[1:], final)", "return feats[-1], (*feats[1:], final)", ("tests/test_bad_input.py", "tests/test_inference.py")),
     Bug("MSD's teacher probabilities not detached", "timm_exits/losses.py",
         "teachers = torch.stack([soft(z, T) for z in logits])", "teachers = torch.stack([F.softmax(z.float() / T, dim=-1) for z in logits])",
         ("tests/test_losses.py",)),
@@ -49,17 +51,17 @@ BUGS = [
         "stacked = torch.stack([z.detach().float() for z in logits])", "stacked = torch.stack([z.float() for z in logits])",
         ("tests/test_losses.py",)),
     Bug("gradient checkpointing never applied", "timm_exits/model.py",
-        "if self.grad_checkpointing and self.training and torch.is_grad_enabled():",
-        "if False and self.grad_checkpointing and self.training and torch.is_grad_enabled():",
+        "checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()",
+        "checkpointed = False and self.grad_checkpointing and self.training and torch.is_grad_enabled()",
         ("tests/test_training.py", "tests/test_model.py", "-k", "checkpointing")),
     # the kind of slip the suite caught already, kept here so that it keeps catching it
     Bug("carried batch size not updated after samples leave", "timm_exits/inference.py",
         "return int(rows.numel())", "return value", ("tests/test_inference.py",)),
     Bug("anytime ensemble divides by one exit too many", "timm_exits/inference.py",
         "z = (total / (k + 1)).to(z.dtype)", "z = (total / (k + 2)).to(z.dtype)", ("tests/test_inference.py",)),
-    Bug("budget search keeps thresholds that overspend", "timm_exits/inference.py",
+    Bug("budget search keeps thresholds that overspend", "timm_exits/calibration.py",
         "if run(thresholds).flops <= budget:", "if run(thresholds).flops >= budget:", ("tests/test_inference.py",)),
-    Bug("calibrated entropy thresholds returned on the confidence scale", "timm_exits/inference.py",
+    Bug("calibrated entropy thresholds returned on the confidence scale", "timm_exits/calibration.py",
         'user = [-t for t in conf_thresholds] if criterion == "entropy" else list(conf_thresholds)', "user = list(conf_thresholds)",
         ("tests/test_inference.py",)),
     # (EED's logit ensemble without .detach() is no bug: the gradient through the mean of a sum of squared
@@ -86,6 +88,17 @@ BUGS = [
         "return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])", "return math.prod(q[:-1]) * k[-2] * q[-1]", ("tests/test_flops.py",)),
     Bug("pooling FLOPs ignore the window", "timm_exits/flops.py",
         "return math.prod(_shape(outputs[0])) * math.prod(_ints(inputs[1]))", "return math.prod(_shape(outputs[0]))", ("tests/test_flops.py",)),
+    # the runtime faults of issue 14, each put back one at a time
+    Bug("a failed FLOPs count leaves fvcore's hooks behind", "timm_exits/flops.py",
+        "for hook_id in [h for h in m._forward_hooks if h not in post]:", "for hook_id in []:", ("tests/test_runtime.py",)),
+    Bug("FLOPs counts of two threads overlap", "timm_exits/flops.py",
+        "with _COUNTING, _hooks_restored([model, *steps])", "with _hooks_restored([model, *steps])", ("tests/test_runtime.py", "-k", "threads")),
+    Bug("collect_exit_logits resets every submodule's mode", "timm_exits/calibration.py",
+        "        set_training(model, modes)\n", "        model.train(modes[model])\n", ("tests/test_runtime.py",)),
+    Bug("the steps keep a head the user replaced", "timm_exits/model.py",
+        "any(a is not b for a, b in zip(built[0], parts))", "built[0][0] is not parts[0]", ("tests/test_runtime.py",)),
+    Bug("early exit keeps what it learned after a head was replaced", "timm_exits/inference.py",
+        "if learned is None or learned.steps is not steps:", "if learned is None:", ("tests/test_runtime.py",)),
 ]
 
 
