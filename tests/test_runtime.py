@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import warnings
 
 import pytest
@@ -217,6 +218,8 @@ def test_threads_calling_early_exit_on_a_cold_model_agree_with_sequential_calls(
 def test_collect_exit_logits_never_changes_what_other_callers_see():
     model = resnet().eval()
     model.eval_output = "final"
+    inside = []  # what code running inside the collection's forward sees
+    model.exits[0].register_forward_hook(lambda *_: inside.append(model.eval_output))
     loader = [(X, torch.zeros(4, dtype=torch.long))] * 12
     seen, outputs, stop = set(), [], threading.Event()
 
@@ -233,8 +236,47 @@ def test_collect_exit_logits_never_changes_what_other_callers_see():
     finally:
         stop.set()
         reader.join()
+    assert set(inside) == {"final"} and len(inside) >= 12
     assert seen == {"final"} and set(outputs) == {torch.Tensor} and model.eval_output == "final"
     assert cached.logits.shape == (3, 48, 5)
+
+
+def test_calls_that_change_modes_from_several_threads_give_each_submodule_its_flag_back():
+    from fvcore.nn.jit_handles import conv_flop_jit
+
+    def slow(inputs, outputs):  # keeps the first count going while the others start
+        time.sleep(0.01)
+        return conv_flop_jit(inputs, outputs)
+
+    model = resnet().train()
+    model.backbone.bn1.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    stats = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = timm_exits.flops_report(model).to_dict()
+    results, errors = {}, []
+
+    def call(name, fn, delay):
+        time.sleep(delay)
+        try:
+            results[name] = fn()
+        except Exception as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(f"{name}: {type(err).__name__}: {err}")
+
+    calls = {
+        "slow count": (lambda: timm_exits.flops_report(model, handles={"aten::_convolution": slow}).to_dict(), 0.0),
+        "count": (lambda: timm_exits.flops_report(model).to_dict(), 0.05),
+        "collect": (lambda: timm_exits.collect_exit_logits(model, [(X, torch.zeros(4, dtype=torch.long))] * 4), 0.1),
+    }
+    threads = [threading.Thread(target=call, args=(name, fn, delay)) for name, (fn, delay) in calls.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert results["slow count"] == expected and results["count"] == expected
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    for key, value in model.state_dict().items():  # no batch norm ran in training mode on the counting input
+        assert torch.equal(value, stats[key]), key
 
 
 @pytest.mark.parametrize("call", ["collect_exit_logits", "export_exits", "flops_report"])
@@ -254,7 +296,7 @@ def test_a_frozen_batch_norm_stays_frozen(call):
 
 def test_no_module_outside_model_reads_the_models_private_attributes():
     package = pathlib.Path(timm_exits.__file__).parent
-    private = re.compile(r"\bmodel\._[a-z]\w*")
+    private = re.compile(r"\bmodel\.(?:_[a-z]\w*|__dict__)|\bvars\(model\)|getattr\(model, [\"']_")
     found = {str(p.relative_to(package)): private.findall(p.read_text()) for p in package.rglob("*.py") if p.name != "model.py"}
     assert {name: hits for name, hits in found.items() if hits} == {}
 

@@ -15,7 +15,7 @@ import torch
 
 from .inference import Calibration, check_criterion, confidence_thresholds, exit_confidence, exit_costs
 from .model import MultiExitModel
-from .tracing import set_training
+from .tracing import evaluating
 
 __all__ = [
     "CachedExits",
@@ -74,9 +74,8 @@ def collect_exit_logits(model: MultiExitModel, loader, device=None) -> CachedExi
     """One pass over `loader` (batches of ``(inputs, labels, ...)``) caching every exit's logits, on the CPU."""
     if not isinstance(model, MultiExitModel):
         raise TypeError(f"collect_exit_logits needs a MultiExitModel, got {type(model).__name__}")
-    modes = set_training(model, False)
     logits, labels, size = [], [], None
-    try:
+    with evaluating(model):
         for batch in loader:
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                 raise ValueError("each batch of the loader must be (inputs, labels, ...)")
@@ -86,8 +85,6 @@ def collect_exit_logits(model: MultiExitModel, loader, device=None) -> CachedExi
             size = tuple(x.shape[1:])
             logits.append(torch.stack([z.float().cpu() for z in model.forward_exits(x)]))
             labels.append(torch.as_tensor(y).cpu())
-    finally:
-        set_training(model, modes)
     if not logits:
         raise ValueError("the loader gave no batches")
     return CachedExits(torch.cat(logits, 1), torch.cat(labels), exit_costs(model, size), list(model.stages) + ["final"])

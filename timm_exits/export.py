@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .model import ExitStep, MultiExitModel
-from .tracing import set_training
+from .tracing import evaluating
 
 __all__ = ["ExitStep", "ExportedExits", "ExportError", "exit_steps", "export_exits"]
 
@@ -119,8 +119,7 @@ def export_exits(model: MultiExitModel, example_input: torch.Tensor, *, steps: b
     if dynamic_batch and (example_input.dim() == 0 or example_input.shape[0] < 2):
         raise ValueError("example_input needs a batch of at least 2 for dynamic_batch=True (torch.export specialises sizes 0 and 1)")
     pieces = exit_steps(model) if steps else []  # a model without segments fails here, before anything is exported
-    modes = set_training(model, False)
-    try:
+    with evaluating(model):
         program = _export(_AllExits(model), (example_input,), "the all-exits model", model, dynamic_batch, strict) if whole else None
         exported, names = [], model.stages + ["the backbone's head"]
         if pieces:
@@ -130,6 +129,4 @@ def export_exits(model: MultiExitModel, example_input: torch.Tensor, *, steps: b
             inputs.insert(0, (example_input,))
             for k, (step, carried) in enumerate(zip(pieces, inputs)):
                 exported.append(_export(step, carried, f"step {k} (up to {names[k]})", model, dynamic_batch, strict))
-    finally:
-        set_training(model, modes)
     return ExportedExits(program, exported, list(model.stages))

@@ -16,7 +16,6 @@ import functools
 import itertools
 import json
 import math
-import threading
 import warnings
 from collections import Counter
 from typing import Callable, Sequence
@@ -26,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from .model import ExitRun, ExitStep, MultiExitModel
-from .tracing import check_input_size, dummy_input, set_training
+from .tracing import check_input_size, dummy_input, evaluating
 
 __all__ = ["flops_report", "FlopsReport", "ExitCost", "FLOP_HANDLES"]
 
@@ -344,11 +343,6 @@ def _count_standalone(backbone: nn.Module, steps: list[ExitStep], x: torch.Tenso
     return counts
 
 
-# fvcore scopes a trace with hooks on every module it analyses; two counts over the same modules at
-# once would push and pop each other's scopes (and abort the jit tracer), so counts take turns
-_COUNTING = threading.Lock()
-
-
 @contextlib.contextmanager
 def _hooks_restored(roots: Sequence[nn.Module]):
     """Remove every forward hook a count adds under `roots`, also when it fails (fvcore removes its own only on success)."""
@@ -366,6 +360,26 @@ def _hooks_restored(roots: Sequence[nn.Module]):
                 del m._forward_hooks[hook_id]
                 m._forward_hooks_with_kwargs.pop(hook_id, None)
                 m._forward_hooks_always_called.pop(hook_id, None)
+
+
+def _count(model: nn.Module, backbone: nn.Module, x: torch.Tensor, handles, failed: dict[str, str]) -> _Counts:
+    """Count `model` in eval mode; every submodule's own mode comes back, and every hook the count added goes.
+
+    fvcore scopes a trace with hooks on every module it analyses, and two counts over the same
+    modules at once would push and pop each other's scopes (and abort the jit tracer). `evaluating`
+    holds the lock every mode-changing call takes, so counts take turns.
+    """
+    with evaluating(model):
+        steps = model.steps() if isinstance(model, MultiExitModel) else []
+        with _hooks_restored([model, *steps]), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the jit tracer's warnings are about reusing the trace, which we do not do
+            if not isinstance(model, MultiExitModel):
+                analysis = _analysis(model, (x,), handles, failed)
+                note = f"{type(model).__name__} is not a MultiExitModel: reported as a single exit (timm_exits.wrap(model, stages=...) adds exits)"
+                return _Counts([analysis.total()], [sum(p.numel() for p in model.parameters())], [0], Counter(analysis.unsupported_ops()), [note])
+            if all(step.skips for step in steps):
+                return _count_segments(steps, x, handles, failed)
+            return _count_standalone(backbone, steps, x, handles, failed)
 
 
 def _sample(model: nn.Module, backbone: nn.Module, input_size, example_input) -> torch.Tensor:
@@ -420,26 +434,11 @@ def flops_report(model: nn.Module, input_size: Sequence[int] | None = None, *, e
         raise TypeError(f"model must be an nn.Module (a MultiExitModel for one row per exit), got {type(model).__name__}")
     if handles is not None and not isinstance(handles, dict):
         raise TypeError(f"handles must be a dict of operator name -> handle, got {type(handles).__name__}")
-    wrapped = isinstance(model, MultiExitModel)
-    backbone = model.backbone if wrapped else model
+    backbone = model.backbone if isinstance(model, MultiExitModel) else model
     x = _sample(model, backbone, input_size, example_input)
     batch = x.shape[0]
     failed: dict[str, str] = {}
-    modes = set_training(model, False)
-    steps = model.steps() if wrapped else []
-    try:
-        with _COUNTING, _hooks_restored([model, *steps]), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the jit tracer's warnings are about reusing the trace, which we do not do
-            if not wrapped:
-                analysis = _analysis(model, (x,), handles, failed)
-                note = f"{type(model).__name__} is not a MultiExitModel: reported as a single exit (timm_exits.wrap(model, stages=...) adds exits)"
-                counts = _Counts([analysis.total()], [sum(p.numel() for p in model.parameters())], [0], Counter(analysis.unsupported_ops()), [note])
-            elif all(step.skips for step in steps):
-                counts = _count_segments(steps, x, handles, failed)
-            else:
-                counts = _count_standalone(backbone, steps, x, handles, failed)
-    finally:
-        set_training(model, modes)
+    counts = _count(model, backbone, x, handles, failed)
     unused = sum(p.numel() for p in backbone.parameters()) - counts.backbone_params[-1]
     if unused > 0:
         counts.notes.append(f"{unused:,} backbone parameters are not used in eval mode (auxiliary heads, for instance) and are not counted")
@@ -462,3 +461,12 @@ def flops_report(model: nn.Module, input_size: Sequence[int] | None = None, *, e
         failed_ops=failed,
         notes=counts.notes,
     )
+
+
+def __getattr__(name: str):
+    # at_flops lived here before placement.py took it: old imports still resolve
+    if name in ("at_flops", "FlopsPlacement"):
+        from . import placement  # lazy: placement imports this module
+
+        return getattr(placement, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

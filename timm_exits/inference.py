@@ -264,3 +264,15 @@ def _early_exit(model: MultiExitModel, x, thresholds, criterion, ensemble, spent
         if ensemble:
             total = total[staying]
     return EarlyExitResult(logits, exit_index, spent[exit_index])
+
+
+_MOVED = {"CachedExits", "collect_exit_logits", "calibrate_thresholds", "evaluate_thresholds", "anytime_accuracy", "budgeted_curve", "plot_tradeoff"}
+
+
+def __getattr__(name: str):
+    # these lived here before calibration.py took them: old imports and pickled CachedExits still resolve
+    if name in _MOVED:
+        from . import calibration  # lazy: calibration imports this module
+
+        return getattr(calibration, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -185,8 +185,9 @@ class MultiExitModel(nn.Module):
 
     In eval mode, ``eval_output="final"`` or ``"ensemble"`` (mean of the exits' logits) makes
     ``forward`` return one tensor, for code that expects a plain classifier (timm's validate).
-    Every way of running the model (``forward``, `early_exit`, `flops_report`, `export_exits`)
-    goes through `run`, which runs the model's `steps`.
+    Every way of running the model runs its `steps`: ``forward``, `early_exit` and `export_exits`
+    through `run`, the one loop over them; `flops_report` registers the same steps and runs that
+    loop under fvcore.
     """
 
     def __init__(self, backbone: nn.Module, plan: ExitPlan, exits: nn.ModuleList, eval_output: str = "all"):

@@ -6,8 +6,10 @@ autowrapped functions, recording for every node the module it was created in. A 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -131,6 +133,22 @@ def set_training(model: nn.Module, modes: dict[nn.Module, bool] | bool) -> dict[
         if m.training != mode or any(c.training != mode for c in m.children()):
             m.train(mode)  # through train(): some models drop caches there (efficientformer)
     return old
+
+
+# One lock for every call that puts a model in eval mode for a while: taking turns, no call records
+# another's temporary flags as the user's. Reentrant: such a call may make another.
+_MODES = threading.RLock()
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """`model` in eval mode for the block; every submodule gets its own flag back after it, also on failure."""
+    with _MODES:
+        old = set_training(model, False)
+        try:
+            yield
+        finally:
+            set_training(model, old)
 
 
 def _drop_proxies(model: nn.Module) -> None:
