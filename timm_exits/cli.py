@@ -7,9 +7,31 @@ import sys
 __all__ = ["main"]
 
 
+class BadArgument(SystemExit):
+    """A bad command-line argument: exit status 2, as argparse's own errors, and one line saying what is wrong."""
+
+    def __init__(self, command: str, message: str):
+        super().__init__(2)
+        self.message = f"timm-exits {command}: error: {message}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _check_name(args.model)
     run_demo(model_name=args.model, stages=tuple(args.stages), head=args.head, loss=args.loss, epochs=args.epochs, seed=args.seed, plot=args.plot or None)
     return 0
 
@@ -37,36 +59,45 @@ def _flops(args: argparse.Namespace) -> int:
             model = wrap(model, stages=[int(s) if s.lstrip("-").isdigit() else s for s in args.stages], head=args.head, input_size=args.input_size)
         report = flops_report(model, input_size=args.input_size)
         report.model = args.model
-    except (ValueError, TypeError) as err:
-        raise SystemExit(f"timm-exits flops: {err}") from None
+    except RuntimeError as err:  # the plain model's own forward refused the input (a conv's channel count, say)
+        raise ValueError(f"{type(model).__name__} cannot run on an input of size {args.input_size}: {str(err).splitlines()[0]}") from None
     print(report.to_json() if args.json else report.to_markdown() if args.markdown else report)
     return 0
 
 
-def _build(name: str, num_classes: int):
-    """A timm model, or ``torchvision:NAME``, without pretrained weights (nothing is downloaded)."""
+def _check_name(name: str) -> None:
+    """A timm model name, or ``torchvision:NAME``, that exists; else the closest names."""
+    import difflib
+
     if name.startswith("torchvision:"):
         import torchvision
 
-        tv_name = name.split(":", 1)[1]
-        available = torchvision.models.list_models(module=torchvision.models)
-        if tv_name not in available:
-            import difflib
+        tv_name, available, library = name.split(":", 1)[1], torchvision.models.list_models(module=torchvision.models), "torchvision"
+    else:
+        import timm
 
-            close = difflib.get_close_matches(tv_name, available, n=5)
-            raise SystemExit(f"unknown torchvision model {tv_name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
-        return torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes)
+        tv_name, available, library = name, timm.list_models(), "timm"
+        if timm.is_model(name):
+            return
+    if tv_name not in available:
+        close = difflib.get_close_matches(tv_name, available, n=5)
+        raise ValueError(f"unknown {library} model {tv_name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+
+
+def _build(name: str, num_classes: int):
+    """A timm model, or ``torchvision:NAME``, without pretrained weights (nothing is downloaded)."""
+    _check_name(name)
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        return torchvision.models.get_model(name.split(":", 1)[1], weights=None, num_classes=num_classes)
     import timm
 
-    if not timm.is_model(name):
-        import difflib
-
-        close = difflib.get_close_matches(name, timm.list_models(), n=5)
-        raise SystemExit(f"unknown timm model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
     return timm.create_model(name, pretrained=False, num_classes=num_classes)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .heads import head_names
     from .losses import loss_names
 
     parser = argparse.ArgumentParser(prog="timm-exits", description="Multi-exit networks from timm and torchvision classifiers.")
@@ -75,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="train a multi-exit resnet10t on scikit-learn's digits (CPU, ~1 minute) and print each exit's accuracy")
     demo.add_argument("--model", default="resnet10t", help="timm model name (default: resnet10t)")
     demo.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], help="stage indices to attach exits to (default: 1 2 3)")
-    demo.add_argument("--head", default="linear", help="exit head: linear, sdn, conv, bottleneck, replica (default: linear)")
+    demo.add_argument("--head", default="linear", choices=head_names(), help="exit head (default: linear)")
     demo.add_argument(
         "--loss",
         default="eed",
@@ -83,15 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         help="training objective: ce (per-exit CE), sdn (SDN-weighted CE), distillation (Phuong & Lampert), eed (exit-ensemble "
         "distillation, default), byot, msd, mate, ekd (distils from a plain backbone trained first)",
     )
-    demo.add_argument("--epochs", type=int, default=6, help="training epochs (default: 6)")
+    demo.add_argument("--epochs", type=_positive_int, default=6, help="training epochs (default: 6)")
     demo.add_argument("--seed", type=int, default=0, help="random seed for the split and the weights (default: 0)")
     demo.add_argument("--plot", default="demo_tradeoff.png", help="where to write the accuracy-vs-FLOPs PNG (default: demo_tradeoff.png; '' for none)")
     demo.set_defaults(run=_demo)
 
     stages = sub.add_parser("stages", help="list the stages of a model that exits can attach to")
     stages.add_argument("model", help="timm model name, or torchvision:NAME")
-    stages.add_argument("--num-classes", type=int, default=1000, help="classes of the backbone's head (default: 1000)")
-    stages.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"), help="dummy input size (default: the model's own)")
+    stages.add_argument("--num-classes", type=_positive_int, default=1000, help="classes of the backbone's head (default: 1000)")
+    stages.add_argument("--input-size", type=_positive_int, nargs=3, default=None, metavar=("C", "H", "W"), help="dummy input size (default: the model's own)")
     stages.set_defaults(run=_stages)
 
     flops = sub.add_parser(
@@ -104,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     where = flops.add_mutually_exclusive_group()
     where.add_argument("--stages", nargs="+", metavar="STAGE", help="stages to attach exits to: indices or module names, shallow to deep (see `timm-exits stages MODEL`)")
     where.add_argument("--at-flops", type=float, nargs="+", metavar="FRACTION", help="instead of --stages: place exits where the backbone has spent these shares of its FLOPs, e.g. 0.25 0.5 0.75")
-    flops.add_argument("--head", default="linear", help="exit head: linear, sdn, conv, bottleneck, replica (default: linear)")
-    flops.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"), help="size of one input sample (default: the model's own, e.g. 3 224 224)")
-    flops.add_argument("--num-classes", type=int, default=1000, help="classes of the backbone's head and of the exits (default: 1000)")
+    flops.add_argument("--head", default="linear", choices=head_names(), help="exit head (default: linear)")
+    flops.add_argument("--input-size", type=_positive_int, nargs=3, default=None, metavar=("C", "H", "W"), help="size of one input sample (default: the model's own, e.g. 3 224 224)")
+    flops.add_argument("--num-classes", type=_positive_int, default=1000, help="classes of the backbone's head and of the exits (default: 1000)")
     output = flops.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print the report as JSON")
     output.add_argument("--markdown", action="store_true", help="print the report as a markdown table")
@@ -114,7 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     flops.set_defaults(run=_flops)
 
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        try:
+            return args.run(args)
+        except (ValueError, TypeError) as err:  # the library's own errors name the argument and what is valid
+            raise BadArgument(args.command, " ".join(line.strip() for line in str(err).splitlines())) from None
+    except BadArgument as err:
+        print(err, file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

@@ -15,24 +15,61 @@ from torch import nn
 
 from .stages import FeatureLayout
 from .surgery import ExitSite
+from .tracing import set_training
 
-__all__ = ["register_head", "create_head", "head_names", "LinearHead", "SDNHead", "ConvHead", "BottleneckHead", "ReplicaHead", "FeaturePool"]
+__all__ = ["register_head", "create_head", "check_head", "head_names", "LinearHead", "SDNHead", "ConvHead", "BottleneckHead", "ReplicaHead", "FeaturePool"]
 
 _HEADS: dict[str, Callable[..., nn.Module]] = {}
 
 
-def register_head(name: str):
+def register_head(name: str, *, override: bool = False):
     """Class decorator: make a head available as ``wrap(..., head=name)``.
 
     The class is built with ``cls.from_site(site, num_classes, **head_kwargs)`` when it has that
-    classmethod, else with ``cls(channels, num_classes, layout, **head_kwargs)``.
+    classmethod, else with ``cls(channels, num_classes, layout, **head_kwargs)``. A name that is
+    taken (the built-ins among them) is replaced only with ``override=True``: replacing it changes
+    every later ``wrap(..., head=name)`` in the process.
     """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_head needs a non-empty head name, got {name!r}")
+    if name in _HEADS and not override:
+        raise ValueError(f"a head named {name!r} is already registered ({_HEADS[name].__name__}); pass register_head({name!r}, override=True) to replace it everywhere, or choose another name")
 
     def add(cls):
         _HEADS[name] = cls
         return cls
 
     return add
+
+
+def _positive(value, name: str, head: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"head_kwargs {name}={value!r} builds no {head} head: it must be a positive int")
+    return value
+
+
+def check_head(module: nn.Module, site: ExitSite, num_classes: int, which: str) -> None:
+    """Run a new head on a feature shaped like the one it will read; raise unless it gives ``(B, num_classes)`` logits.
+
+    A batch of two, so that a head which mixes the samples is caught too. The head's modes are
+    put back as they were.
+    """
+    ref = next(module.parameters(), None)
+    x = torch.randn(2, *site.shape[1:], device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None and ref.is_floating_point() else None)
+    modes = set_training(module, False)
+    try:
+        with torch.no_grad():
+            out = module(x)
+    except Exception as err:  # whatever a user's head raises, the message says which head and on what
+        raise ValueError(
+            f"{which} cannot read its feature: on a {tuple(x.shape)} feature ({site.layout.format}) it raised {type(err).__name__}: {err}. "
+            "A head takes the stage's feature as it is and pools it itself (see timm_exits.heads.FeaturePool)"
+        ) from err
+    finally:
+        set_training(module, modes)
+    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if got != (2, num_classes):
+        raise ValueError(f"{which} must return logits of shape (B, num_classes) = (2, {num_classes}) on a batch of 2; it returned {got}")
 
 
 def head_names() -> list[str]:
@@ -134,7 +171,7 @@ class SDNHead(_Head):
     def __init__(self, channels: int, num_classes: int, layout: FeatureLayout, grid: int = 4):
         super().__init__()
         self.layout = layout
-        self.grid = 1 if layout.format == "NLC" else grid
+        self.grid = 1 if layout.format == "NLC" else _positive(grid, "grid", "sdn")
         self.alpha = nn.Parameter(torch.rand(1))
         self.fc = nn.Linear(channels * self.grid * self.grid, num_classes)
 
@@ -166,6 +203,7 @@ class ConvHead(_Head):
     def __init__(self, channels: int, num_classes: int, layout: FeatureLayout, width: int = 128):
         super().__init__()
         self.layout = layout
+        width = _positive(width, "width", "conv")
         self.convs = nn.Sequential(_conv_bn_relu(channels, width, 3, 2), _conv_bn_relu(width, width, 3, 2))
         self.fc = nn.Linear(width, num_classes)
 
@@ -186,7 +224,7 @@ class BottleneckHead(_Head):
     def __init__(self, channels: int, num_classes: int, layout: FeatureLayout, out_channels: int, stride: int = 1, width: int | None = None):
         super().__init__()
         self.layout = layout
-        width = width or max(channels, out_channels // 4)
+        width = max(channels, out_channels // 4) if width is None else _positive(width, "width", "bottleneck")
         self.body = nn.Sequential(
             _conv_bn_relu(channels, width, 1, 1),
             nn.Sequential(nn.Conv2d(width, width, stride, stride, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)) if stride > 1 else nn.Identity(),

@@ -8,7 +8,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .heads import create_head
+from .heads import check_head, create_head
 from .surgery import ExitPlan, plan_exits
 from .tracing import TraceOptions
 
@@ -100,11 +100,12 @@ class ExitRun:
     those samples' rows; the next steps then run on the smaller batch.
     """
 
-    def __init__(self, steps: list[ExitStep], x, features: bool = False, checkpointed: bool = False):
+    def __init__(self, steps: list[ExitStep], x, features: bool = False, checkpointed: bool = False, num_classes: int | None = None):
         self.steps = steps
         self.carried: tuple = (x,)
         self.features = features
         self.checkpointed = checkpointed
+        self.num_classes = num_classes
 
     def _segment(self, step: ExitStep):
         if self.checkpointed and isinstance(step.segment, fx.GraphModule):
@@ -116,7 +117,13 @@ class ExitRun:
             out, carried = self._segment(step)
             if step.head is None:  # the backbone's own head: carried is its pre-logits feature
                 self.carried = ()
-                yield ExitOutput(k, _main_output(out), carried if self.features else None)
+                logits = _main_output(out)
+                if self.num_classes is not None and logits.shape[-1] != self.num_classes:
+                    raise RuntimeError(
+                        f"the backbone's head now outputs {logits.shape[-1]} classes, the exits {self.num_classes}: its classifier was "
+                        "changed after wrap() (reset_classifier?); wrap the backbone again so that every exit has the new width"
+                    )
+                yield ExitOutput(k, logits, carried if self.features else None)
                 return
             self.carried = carried
             if self.features:
@@ -192,8 +199,6 @@ class MultiExitModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, plan: ExitPlan, exits: nn.ModuleList, eval_output: str = "all"):
         super().__init__()
-        if eval_output not in EVAL_OUTPUTS:
-            raise ValueError(f"eval_output must be one of {EVAL_OUTPUTS}, got {eval_output!r}")
         self.backbone = backbone
         self.exits = exits
         self.eval_output = eval_output
@@ -202,6 +207,17 @@ class MultiExitModel(nn.Module):
         self.grad_checkpointing = False
         self._plan = plan
         self._steps = (self._parts(), *self._build_steps())  # (what they were built from, training steps, eval steps)
+
+    @property
+    def eval_output(self) -> str:
+        """What ``forward`` returns in eval mode: ``"all"`` (every exit), ``"final"`` or ``"ensemble"`` (one tensor)."""
+        return self._eval_output
+
+    @eval_output.setter
+    def eval_output(self, value: str) -> None:
+        if value not in EVAL_OUTPUTS:
+            raise ValueError(f"eval_output must be one of {EVAL_OUTPUTS}, got {value!r}")
+        self._eval_output = value
 
     # -- steps ------------------------------------------------------------------------------------
 
@@ -248,7 +264,7 @@ class MultiExitModel(nn.Module):
     def run(self, x: torch.Tensor, return_features: bool = False) -> ExitRun:
         """Run the model exit by exit: an `ExitRun` over the current mode's steps (see `ExitRun`)."""
         checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        return ExitRun(self.steps(), x, return_features, checkpointed)
+        return ExitRun(self.steps(), x, return_features, checkpointed, self.num_classes)
 
     def check_channels(self, channels: int, what: str) -> None:
         """Raise a ValueError when `what` (an input described to the user) has channels the first layer does not take."""
@@ -263,6 +279,8 @@ class MultiExitModel(nn.Module):
         return state
 
     def __setstate__(self, state):
+        if "eval_output" in state:  # pickled before eval_output became a checked property
+            state["_eval_output"] = state.pop("eval_output")
         super().__setstate__(state)
         self._steps = (self._parts(), *self._build_steps())
 
@@ -463,5 +481,7 @@ def wrap(
     ref = next(iter(model.parameters()), None)
     if ref is not None:
         exits.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    for k, (h, site, module) in enumerate(zip(heads, plan.sites, exits)):
+        check_head(module, site, plan.num_classes, f"the head of exit {k + 1} ({site.stage!r}, {h if isinstance(h, str) else getattr(h, '__name__', type(h).__name__)})")
     plan.sites = []  # the heads are built; drop the traced graphs the sites refer to
     return MultiExitModel(model, plan, exits, eval_output=eval_output)

@@ -83,6 +83,27 @@ def _classifier_node(model: nn.Module, traced: TracedGraph) -> fx.Node | None:
     return calls[-1] if calls else None
 
 
+_CLASSIFIER_NAMES = ("fc", "classifier", "head", "heads", "last_linear")
+
+
+def _check_classifier(model: nn.Module) -> None:
+    """Refuse a backbone whose classifier was removed: it returns its features, which would pass for logits."""
+    fix = "create it with the number of classes, e.g. timm.create_model(name, num_classes=10) or torchvision's resnet18(num_classes=10)"
+    num_classes = getattr(model, "num_classes", None)
+    if isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes <= 0:
+        raise ValueError(f"{type(model).__name__} has no classifier (num_classes={num_classes}); {fix}")
+    get_classifier = getattr(model, "get_classifier", None)
+    try:
+        classifier = get_classifier() if callable(get_classifier) else None
+    except Exception:  # some models' get_classifier needs arguments
+        classifier = None
+    where = "get_classifier()" if isinstance(classifier, nn.Identity) else None
+    if where is None and classifier is None:
+        where = next((f"model.{name}" for name in _CLASSIFIER_NAMES if isinstance(getattr(model, name, None), nn.Identity)), None)
+    if where is not None:
+        raise ValueError(f"{type(model).__name__} has no classifier ({where} is an nn.Identity): it returns its features, not logits; {fix}")
+
+
 def _first_layer(model: nn.Module, traced: TracedGraph) -> tuple[str, int] | None:
     """The convolution that reads the input itself, and how many channels it expects (None if no layer does)."""
     x = next(n for n in traced.nodes if n.op == "placeholder")
@@ -206,8 +227,7 @@ def plan_exits(model: nn.Module, stages, input_size=None, options: TraceOptions 
         raise TypeError(f"stages must be a list of stage indices or names, got {type(stages).__name__}")
     if len(stages) == 0:
         raise ValueError("stages is empty: give at least one stage to attach an exit to, e.g. stages=[1, 2, 3]; see timm_exits.list_stages(model)")
-    if getattr(model, "num_classes", None) == 0:
-        raise ValueError(f"{type(model).__name__} has no classifier (num_classes=0); create it with the number of classes, e.g. timm.create_model(name, num_classes=10)")
+    _check_classifier(model)
     size = check_input_size(input_size, model)
     try:
         eval_traced = trace(model, False, options)
@@ -217,7 +237,13 @@ def plan_exits(model: nn.Module, stages, input_size=None, options: TraceOptions 
             raise
         warnings.warn(f"{err} Falling back to {type(model).__name__}.forward_intermediates: every exit is computed on every call, so early exits save no compute.", stacklevel=3)
         return _plan_from_intermediates(model, stages, size)
-    shapes, out = run_shapes(model, eval_traced, dummy_input(model, size))
+    try:
+        shapes, out = run_shapes(model, eval_traced, dummy_input(model, size))
+    except Exception as err:  # a conv's channel check, a ViT's size assertion: say which argument to change
+        raise ValueError(
+            f"{type(model).__name__} cannot run on a dummy input of input_size={size}: {type(err).__name__}: {str(err).splitlines()[0]}; "
+            "give input_size as the (channels, height, width) the model takes"
+        ) from err
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ValueError(f"the backbone must return logits of shape (B, num_classes) in eval mode; {type(model).__name__} returned {_shape_of(out)}")
     last_use = last_uses(eval_traced)
