@@ -507,7 +507,7 @@ FRACTION = "{} must be a number in [0, 1], got {!r}"
 # kind (0 and 1 for a fraction, 0 where zero is allowed, 1 epoch) are accepted in the test below
 HYPERPARAMETERS = [
     (DistillationBasedLoss, "C", 1.5, FRACTION), (DistillationBasedLoss, "temperature", 0.0, POSITIVE),
-    (DistillationBasedLoss, "t_mult", -1.0, POSITIVE), (DistillationBasedLoss, "maxprob", 2.0, FRACTION),
+    (DistillationBasedLoss, "maxprob", 2.0, FRACTION),
     (ExitEnsembleLoss, "temperature", float("nan"), POSITIVE), (ExitEnsembleLoss, "kl_weight", -0.1, NON_NEGATIVE),
     (ExitEnsembleLoss, "feature_weight", -1.0, NON_NEGATIVE),
     (SelfDistillationLoss, "alpha", -0.1, FRACTION), (SelfDistillationLoss, "temperature", float("inf"), POSITIVE),
@@ -544,9 +544,14 @@ def test_every_bad_hyperparameter_is_named_with_its_value(cls, name, bad, messag
         (lambda: MultiExitCELoss(base_loss="ce"), TypeError, "base_loss must be a callable (logits, target) -> loss, got str"),
         (lambda: MultiExitCELoss(weights=[1, 1], schedule="sdn", epochs=3), ValueError, "give either weights (fixed) or schedule='sdn', not both"),
         (lambda: MultiExitCELoss(schedule="sdn", epochs=0), ValueError, "schedule='sdn' needs epochs, the number of training epochs (a positive int), got 0"),
-        (lambda: MultiExitCELoss(depths=[0.0, 0.5]), ValueError, "depths must be fractions in (0, 1], one per early exit, got [0.0, 0.5]"),
-        (lambda: MultiExitCELoss(depths=[0.5, 1.5]), ValueError, "depths must be fractions in (0, 1], one per early exit, got [0.5, 1.5]"),
-        (lambda: MultiExitCELoss(depths=[0.5], num_exits=3), ValueError, "depths implies 2 exits but num_exits=3"),
+        (lambda: MultiExitCELoss(depths=[0.0, 0.5], schedule="sdn", epochs=3), ValueError, "depths must be fractions in (0, 1], one per early exit, got [0.0, 0.5]"),
+        (lambda: MultiExitCELoss(depths=[0.5, 1.5], schedule="sdn", epochs=3), ValueError, "depths must be fractions in (0, 1], one per early exit, got [0.5, 1.5]"),
+        (lambda: MultiExitCELoss(depths=[0.5], num_exits=3, schedule="sdn", epochs=3), ValueError, "depths implies 2 exits but num_exits=3"),
+        (lambda: MultiExitCELoss(depths=[0.25, 0.5]), ValueError,
+         "depths set the SDN schedule's C_i: give schedule='sdn' (and epochs) with them, or fixed weights without them"),
+        (lambda: DistillationBasedLoss(t_mult=0.5), ValueError,
+         "t_mult must be >= 1: the adaptive temperature only grows (T *= t_mult when the teacher is sure), got 0.5"),
+        (lambda: DistillationBasedLoss(t_mult=-1.0), ValueError, "t_mult must be a positive number, got -1.0"),
         (lambda: MultiExitCELoss(weights=[1, -1]), ValueError, "weights must be non-negative numbers, got [1, -1]"),
         (lambda: MultiExitCELoss(weights=[1, float("nan")]), ValueError, "weights must be non-negative numbers, got [1, nan]"),
     ],
@@ -558,7 +563,7 @@ def test_bad_construction_messages(build, error, message):
 
 def test_boundaries_that_are_valid():
     assert MultiExitCELoss(schedule="sdn", epochs=1).epochs == 1
-    assert MultiExitCELoss(depths=[1.0, 0.5]).depths == [1.0, 0.5] and MultiExitCELoss(weights=[0, 1]).weights == [0.0, 1.0]
+    assert MultiExitCELoss(depths=[1.0, 0.5], schedule="sdn", epochs=2).depths == [1.0, 0.5] and MultiExitCELoss(weights=[0, 1]).weights == [0.0, 1.0]
     assert MultiSelfDistillationLoss(epochs=1).epochs == 1
     assert EnsembleKnowledgeDistillationLoss(num_exits=2, assignment=[0, 1]).assignment == [0, 1]
     assert MultiExitCELoss(num_exits=1).num_exits == 1 and DistillationBasedLoss(num_exits=2).num_exits == 2

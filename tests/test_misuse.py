@@ -124,3 +124,130 @@ def test_every_bad_argument_exits_2_with_one_line(argv, message, capsys):
     err = capsys.readouterr().err
     assert exited.value.code == 2 and message in err.strip().splitlines()[-1], err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"timm-exits {argv[0]}: error: ")
+
+
+# -- losses and ensembles ---------------------------------------------------------------------------
+
+LOSS_NAMES = timm_exits.loss_names()
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_an_empty_batch_is_an_error_not_a_nan(name):
+    loss = timm_exits.create_loss(name, num_exits=3, epochs=2)
+    empty = [torch.zeros(0, 5, requires_grad=True) for _ in range(3)]
+    with pytest.raises(ValueError, match=exactly("the batch is empty (the exits' logits have batch size 0): there is no loss to compute; skip the step")):
+        loss(empty, torch.zeros(0, dtype=torch.long))
+
+
+def test_a_target_outside_the_classes_is_named():
+    loss = timm_exits.MultiExitCELoss()
+    logits = [torch.randn(3, 5) for _ in range(2)]
+    with pytest.raises(ValueError, match=exactly("target holds class 5, outside [0, 5) for 5-class logits (unlabeled samples take ignore_index=-100)")):
+        loss(logits, torch.tensor([0, 5, 1]))
+    with pytest.raises(ValueError, match=r"target holds class -1"):
+        loss(logits, torch.tensor([0, -1, 1]))
+    assert torch.isfinite(loss(logits, torch.tensor([0, -100, 4])))  # ignore_index is not a class
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda z: timm_exits.exit_ensemble(z, weights=[1, -1, 1]), "weights must be non-negative with a positive sum, got [1.0, -1.0, 1.0]"),
+    (lambda z: timm_exits.exit_ensemble(z, weights=[0, 0, 0]), "weights must be non-negative with a positive sum, got [0.0, 0.0, 0.0]"),
+    (lambda z: timm_exits.exit_ensemble(z, weights=[1, float("inf"), 1]), "weights must be non-negative with a positive sum, got [1.0, inf, 1.0]"),
+    (lambda z: timm_exits.anytime_ensemble(z, weights=[0, 1, 1]),
+     "weights[0] must be positive: the anytime ensemble after exit 1 is exit 1 alone, normalised by its weight; got [0.0, 1.0, 1.0]"),
+])
+def test_ensemble_weights_that_give_no_ensemble(call, message):
+    z = [torch.randn(2, 4) for _ in range(3)]
+    with pytest.raises(ValueError, match=exactly(message)):
+        call(z)
+    assert torch.isfinite(timm_exits.exit_ensemble(z, weights=[0, 1, 1])).all()  # leaving an exit out is fine
+
+
+# -- early exit and calibration ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threshold,criterion,message", [
+    (90, "max_prob", "threshold 90 is above 1, the most a max_prob confidence can be: no sample leaves at that exit"),
+    (-0.5, "margin", "threshold -0.5 is below 0: every sample leaves at that exit"),
+    (-1.0, "entropy", "entropy threshold -1 is below 0, the least an entropy can be: no sample leaves at that exit"),
+])
+def test_thresholds_no_confidence_can_reach_are_warned_about(threshold, criterion, message):
+    model = resnet().eval()
+    with pytest.warns(UserWarning, match=message) as caught:
+        model.early_exit(torch.randn(2, 3, 32, 32), threshold=threshold, criterion=criterion)
+    assert caught[0].filename == __file__  # the warning points at the caller's line
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.early_exit(torch.randn(2, 3, 32, 32), threshold=float("inf"), criterion=criterion)  # inf on purpose: silent
+
+
+def test_thresholds_as_numpy_or_tensor_scalars():
+    import numpy as np
+
+    model = resnet().eval()
+    x = torch.randn(3, 3, 32, 32)
+    want = model.early_exit(x, threshold=0.5)
+    for threshold in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), np.array([0.5, 0.5, 0.5])):
+        assert torch.equal(model.early_exit(x, threshold=threshold).exit_index, want.exit_index)
+
+
+def cached_exits(n=40, labels=None):
+    torch.manual_seed(1)
+    logits = torch.randn(3, n, 4) * 2
+    return timm_exits.CachedExits(logits, torch.randint(0, 4, (n,)) if labels is None else labels, [1.0, 2.0, 3.0], ["a", "b", "final"])
+
+
+def test_a_calibration_is_used_with_the_ensemble_setting_it_was_made_for():
+    calibration = timm_exits.calibrate_thresholds(cached_exits(), 2.0)
+    with pytest.raises(ValueError, match=exactly("the calibration was made with ensemble=False, not ensemble=True: its thresholds are for other scores")):
+        timm_exits.evaluate_thresholds(cached_exits(), calibration, ensemble=True)
+
+
+def test_one_logit_models_need_a_criterion_that_is_not_a_softmax():
+    torch.manual_seed(0)
+    model = timm_exits.wrap(timm.create_model("resnet18", num_classes=1), stages=[1, 2], input_size=(3, 32, 32)).eval()
+    with pytest.raises(ValueError, match=r"^criterion='max_prob' reads a softmax, which is always 1 over one logit"):
+        model.early_exit(torch.randn(2, 3, 32, 32))
+    result = model.early_exit(torch.randn(2, 3, 32, 32), threshold=0.2, criterion=lambda z: (z.sigmoid() - 0.5).abs().squeeze(1))
+    assert result.logits.shape == (2, 1)
+
+
+def test_empty_cached_exits_are_refused():
+    with pytest.raises(ValueError, match=exactly("logits hold no samples (shape (num_exits, 0, C)): thresholds need cached exits of at least one sample")):
+        timm_exits.CachedExits(torch.zeros(3, 0, 4), torch.zeros(0, dtype=torch.long), [1.0, 2.0, 3.0], ["a", "b", "final"])
+
+
+def test_unlabeled_samples_do_not_count_as_errors():
+    labeled = cached_exits()
+    predictions = labeled.logits.argmax(-1)
+    labels = predictions[-1].clone()  # the last exit is right on every sample...
+    labels[:10] = -100  # ...and a quarter of them carry no label
+    cached = cached_exits(labels=labels)
+    assert timm_exits.anytime_accuracy(cached)[-1].accuracy == 1.0
+    assert timm_exits.evaluate_thresholds(cached, float("inf")).accuracy == 1.0
+    assert timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.0).accuracy == 1.0
+
+
+def test_budgets_as_numpy_or_tensor_scalars():
+    import numpy as np
+
+    cached = cached_exits()
+    want = timm_exits.calibrate_thresholds(cached, 2.0).thresholds
+    for budget in (np.float32(2.0), np.int64(2), torch.tensor(2.0)):
+        assert timm_exits.calibrate_thresholds(cached, budget).thresholds == want
+
+
+def test_a_loader_of_two_image_sizes_averages_what_the_samples_cost():
+    model = resnet().eval()
+    small, large = torch.randn(3, 3, 32, 32), torch.randn(1, 3, 64, 64)
+    cached = timm_exits.collect_exit_logits(model, [(small, torch.zeros(3, dtype=torch.long)), (large, torch.zeros(1, dtype=torch.long))])
+
+    def spent(size):  # leaving at exit k: the backbone up to k and every head up to k
+        exits = timm_exits.flops_report(model, input_size=(3, size, size)).exits
+        return [e.backbone_flops + sum(h.head_flops for h in exits[: k + 1]) for k, e in enumerate(exits)]
+
+    small_cost, large_cost = spent(32), spent(64)
+    assert small_cost != large_cost
+    assert cached.flops == pytest.approx([(3 * a + b) / 4 for a, b in zip(small_cost, large_cost)])

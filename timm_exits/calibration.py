@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+from collections import Counter
 from typing import NamedTuple, Sequence
 
 import torch
@@ -33,7 +35,9 @@ class CachedExits:
     """Every exit's logits on a dataset, its labels, and what leaving at each exit costs.
 
     ``logits (E, N, C)``, ``labels (N,)``, ``flops`` (E values: backbone up to exit k plus heads
-    0..k, per sample, as `early_exit` spends them) and the exits' ``stages``.
+    0..k, per sample, as `early_exit` spends them) and the exits' ``stages``. A negative label
+    (the losses' ``ignore_index``, -100) marks an unlabeled sample: it counts in the FLOPs
+    averages and the exit shares, not in the accuracies.
     """
 
     logits: torch.Tensor
@@ -42,6 +46,8 @@ class CachedExits:
     stages: list[str]
 
     def __post_init__(self):
+        if self.logits.dim() == 3 and self.logits.shape[1] == 0:
+            raise ValueError("logits hold no samples (shape (num_exits, 0, C)): thresholds need cached exits of at least one sample")
         if self.logits.dim() != 3:
             raise ValueError(f"logits must be (num_exits, N, C), got shape {tuple(self.logits.shape)}")
         if self.labels.shape != self.logits.shape[1:2]:
@@ -74,7 +80,7 @@ def collect_exit_logits(model: MultiExitModel, loader, device=None) -> CachedExi
     """One pass over `loader` (batches of ``(inputs, labels, ...)``) caching every exit's logits, on the CPU."""
     if not isinstance(model, MultiExitModel):
         raise TypeError(f"collect_exit_logits needs a MultiExitModel, got {type(model).__name__}")
-    logits, labels, size = [], [], None
+    logits, labels, sizes = [], [], Counter()
     with evaluating(model):
         for batch in loader:
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
@@ -82,12 +88,22 @@ def collect_exit_logits(model: MultiExitModel, loader, device=None) -> CachedExi
             x, y = batch[0], batch[1]
             if device is not None:
                 x = x.to(device)
-            size = tuple(x.shape[1:])
+            sizes[tuple(x.shape[1:])] += x.shape[0]
             logits.append(torch.stack([z.float().cpu() for z in model.forward_exits(x)]))
             labels.append(torch.as_tensor(y).cpu())
     if not logits:
         raise ValueError("the loader gave no batches")
-    return CachedExits(torch.cat(logits, 1), torch.cat(labels), exit_costs(model, size), list(model.stages) + ["final"])
+    # inputs of several sizes cost what they cost: each exit's cost is the average over the samples
+    costs = torch.tensor([exit_costs(model, size) for size in sizes], dtype=torch.float64)
+    counts = torch.tensor(list(sizes.values()), dtype=torch.float64).unsqueeze(1)
+    flops = ((costs * counts).sum(0) / counts.sum()).tolist()
+    return CachedExits(torch.cat(logits, 1), torch.cat(labels), flops, list(model.stages) + ["final"])
+
+
+def _accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    """Accuracy over the labeled samples (labels >= 0); NaN when none is labeled."""
+    labeled = labels >= 0
+    return (predicted[labeled] == labels[labeled]).double().mean().item() if bool(labeled.any()) else math.nan
 
 
 class _Outcome(NamedTuple):
@@ -101,14 +117,13 @@ def _outcome(conf: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, cost
     num_exits, n = conf.shape
     passed = torch.cat([conf[:-1] >= torch.tensor(thresholds, dtype=conf.dtype).unsqueeze(1), torch.ones(1, n, dtype=torch.bool)])
     exit_index = passed.float().argmax(0)
-    correct = preds[exit_index, torch.arange(n)] == labels
     counts = torch.bincount(exit_index, minlength=num_exits).double()
-    return _Outcome(correct.double().mean().item(), (costs.double()[exit_index]).mean().item(), (counts / n).tolist())
+    return _Outcome(_accuracy(preds[exit_index, torch.arange(n)], labels), (costs.double()[exit_index]).mean().item(), (counts / n).tolist())
 
 
 def evaluate_thresholds(cached: CachedExits, threshold, criterion="max_prob", ensemble: bool = False) -> Calibration:
     """Accuracy, average FLOPs and exit shares of `threshold` on cached exits (what `early_exit` would do)."""
-    conf_thresholds = confidence_thresholds(threshold, criterion, cached.num_exits)
+    conf_thresholds = confidence_thresholds(threshold, criterion, cached.num_exits, ensemble)
     out = _outcome(cached.confidences(criterion, ensemble), cached.predictions(ensemble), cached.labels, torch.tensor(cached.flops), conf_thresholds)
     return _calibration(conf_thresholds, criterion, ensemble, out)
 
@@ -157,9 +172,11 @@ def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, ma
     def run(thresholds) -> _Outcome:
         return _outcome(conf, preds, labels, costs, thresholds)
 
+    if isinstance(budget, torch.Tensor) and budget.dim() == 0:
+        budget = budget.item()
     if budget is not None:
         lo_cost, hi_cost = costs[0].item(), costs[-1].item()
-        if not isinstance(budget, (int, float)) or math.isnan(budget) or not lo_cost <= budget <= hi_cost:
+        if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or math.isnan(budget) or not lo_cost <= budget <= hi_cost:
             raise ValueError(f"budget must be an average FLOPs per sample between the first exit's cost ({lo_cost:,.0f}) and the full model's ({hi_cost:,.0f}), got {budget!r}")
         never = [math.inf] * (cached.num_exits - 1)
         if run(never).flops <= budget:  # the whole model fits
@@ -176,7 +193,9 @@ def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, ma
         return _calibration(best, criterion, ensemble, run(best))
     if not isinstance(max_accuracy_drop, (int, float)) or math.isnan(max_accuracy_drop) or not 0 <= max_accuracy_drop <= 1:
         raise ValueError(f"max_accuracy_drop must be a fraction in [0, 1] (0.01 = one point), got {max_accuracy_drop!r}")
-    target = (preds[-1] == labels).double().mean().item() - max_accuracy_drop
+    if not bool((labels >= 0).any()):
+        raise ValueError("max_accuracy_drop needs labeled samples: every label of the cached exits is negative (unlabeled)")
+    target = _accuracy(preds[-1], labels) - max_accuracy_drop
     candidates = [[math.inf] * (cached.num_exits - 1)]
     candidates += [_msdnet_thresholds(conf, q) for q in torch.logspace(-3, 3, 61, dtype=torch.float64).tolist()]
     candidates += [[t] * (cached.num_exits - 1) for t in torch.quantile(conf[:-1].flatten().double(), torch.linspace(0, 1, 101, dtype=torch.float64)).tolist()]
@@ -203,7 +222,7 @@ class CurvePoint(NamedTuple):
 def anytime_accuracy(cached: CachedExits, ensemble: bool = False) -> list[AnytimePoint]:
     """Accuracy of every exit (or anytime ensemble) against what reaching it costs."""
     preds = cached.predictions(ensemble)
-    return [AnytimePoint(k, cached.stages[k], (preds[k] == cached.labels).double().mean().item(), cached.flops[k]) for k in range(cached.num_exits)]
+    return [AnytimePoint(k, cached.stages[k], _accuracy(preds[k], cached.labels), cached.flops[k]) for k in range(cached.num_exits)]
 
 
 def budgeted_curve(cached: CachedExits, budgets: Sequence[float] | int = 20, criterion="max_prob", ensemble: bool = False, evaluate_on: CachedExits | None = None) -> list[CurvePoint]:

@@ -45,6 +45,8 @@ def _check_weights(weights, num_exits: int) -> torch.Tensor | None:
     w = torch.as_tensor(weights, dtype=torch.float32) if not isinstance(weights, torch.Tensor) else weights
     if w.dim() != 1 or len(w) != num_exits:
         raise ValueError(f"weights must hold one number per exit ({num_exits}), got shape {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not bool(w.sum() > 0):
+        raise ValueError(f"weights must be non-negative with a positive sum, got {w.tolist()}")
     return w
 
 
@@ -88,6 +90,8 @@ def anytime_ensemble(outputs, weights: Sequence[float] | torch.Tensor | None = N
     _check_mode(mode)
     logits = check_logits(outputs)
     w = _check_weights(weights, len(logits))
+    if w is not None and not bool(w[0] > 0):
+        raise ValueError(f"weights[0] must be positive: the anytime ensemble after exit 1 is exit 1 alone, normalised by its weight; got {w.tolist()}")
     return [_combine(logits[: k + 1], None if w is None else w[: k + 1], mode) for k in range(len(logits))]
 
 
@@ -111,8 +115,6 @@ class ExitEnsemble(nn.Module):
         _check_mode(mode)
         w = _check_weights(weights, num_exits)
         w = torch.full((num_exits,), 1.0 / num_exits) if w is None else w.float()
-        if (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"weights must be non-negative with a positive sum, got {w.tolist()}")
         self.num_exits = num_exits
         self.mode = mode
         self.learnable = learnable

@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import numbers
+import os
+import sys
 import threading
 import warnings
 import weakref
@@ -55,22 +58,61 @@ def check_criterion(criterion) -> None:
         raise ValueError(f"unknown criterion {criterion!r}; use one of {CRITERIA} or a callable (logits) -> (B,) confidence")
 
 
-def confidence_thresholds(threshold, criterion, num_exits: int) -> list[float]:
-    """One threshold per early exit on the confidence scale (entropy thresholds are negated)."""
+def confidence_thresholds(threshold, criterion, num_exits: int, ensemble: bool = False) -> list[float]:
+    """One threshold per early exit on the confidence scale (entropy thresholds are negated).
+
+    A threshold no confidence of a built-in criterion can reach (a probability above 1, a
+    negative entropy) or that every one passes (a negative probability) is legal but almost
+    surely a slip, such as 90 for 0.9: it gets a warning. ``inf`` and ``-inf`` are deliberate.
+    """
     check_criterion(criterion)
     if isinstance(threshold, Calibration):
         if not callable(criterion) and threshold.criterion != criterion:
             raise ValueError(f"the calibration was made for criterion={threshold.criterion!r}, not {criterion!r}")
+        if threshold.ensemble != ensemble:
+            raise ValueError(f"the calibration was made with ensemble={threshold.ensemble}, not ensemble={ensemble}: its thresholds are for other scores")
         threshold = threshold.thresholds
-    values = [threshold] if isinstance(threshold, (int, float)) else list(threshold.tolist() if isinstance(threshold, torch.Tensor) else threshold)
+    if isinstance(threshold, torch.Tensor) and threshold.dim() == 0:
+        threshold = threshold.item()
+    if isinstance(threshold, numbers.Real):  # a Python, numpy or 0-d tensor scalar
+        values = [threshold]
+    else:
+        values = list(threshold.tolist() if hasattr(threshold, "tolist") else threshold)
     if len(values) == 1:
         values = values * (num_exits - 1)
     if len(values) != num_exits - 1:
         raise ValueError(f"threshold has {len(values)} values; give one number or one per early exit ({num_exits - 1}: the last exit takes every sample left)")
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
             raise ValueError(f"thresholds must be numbers (inf allowed, NaN not), got {values}")
-    return [-float(v) for v in values] if criterion == "entropy" else [float(v) for v in values]
+    values = [float(v) for v in values]
+    _warn_unreachable(values, criterion)
+    return [-v for v in values] if criterion == "entropy" else values
+
+
+def _warn(message: str) -> None:
+    """Warn at the first line outside this package: the user's own call, however deep the library's."""
+    package, frame, level = os.path.dirname(__file__), sys._getframe(0), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
+
+
+def _warn_unreachable(values: list[float], criterion) -> None:
+    if criterion in ("max_prob", "margin"):
+        above = [v for v in values if 1 < v < math.inf]
+        below = [v for v in values if -math.inf < v < 0]
+        if above:
+            _warn(
+                f"threshold {above[0]:g} is above 1, the most a {criterion} confidence can be: no sample leaves at that exit "
+                f"(a probability: 0.9, not 90; inf keeps everyone on purpose)"
+            )
+        if below:
+            _warn(f"threshold {below[0]:g} is below 0: every sample leaves at that exit ({criterion} is at least 0; -inf on purpose)")
+    elif criterion == "entropy":
+        below = [v for v in values if -math.inf < v < 0]
+        if below:
+            _warn(f"entropy threshold {below[0]:g} is below 0, the least an entropy can be: no sample leaves at that exit")
 
 
 # -- early exit -------------------------------------------------------------------------------------
@@ -225,9 +267,11 @@ def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion=
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a batch tensor (B, ...), got {getattr(x, 'shape', type(x).__name__)}")
     model.check_channels(x.shape[1], f"x of shape {tuple(x.shape)}")
-    thresholds = confidence_thresholds(threshold, criterion, model.num_exits)
+    if model.num_classes == 1 and isinstance(criterion, str):
+        raise ValueError(f"criterion={criterion!r} reads a softmax, which is always 1 over one logit (every sample would leave at exit 1); pass a callable criterion, e.g. lambda z: (z.sigmoid() - 0.5).abs().squeeze(1)")
+    thresholds = confidence_thresholds(threshold, criterion, model.num_exits, ensemble)
     if not all(step.skips for step in model.steps()):
-        warnings.warn("this model runs through forward_intermediates (fx could not trace it): every exit is computed, then one is selected", stacklevel=2)
+        _warn("this model runs through forward_intermediates (fx could not trace it): every exit is computed, then one is selected")
     with torch.no_grad():
         spent = torch.tensor(exit_costs(model, tuple(x.shape[1:])), device=x.device)
         return _early_exit(model, x, thresholds, criterion, ensemble, spent)

@@ -61,6 +61,8 @@ class MultiExitCELoss(MultiExitLoss):
             if not isinstance(epochs, int) or epochs < 1:
                 raise ValueError(f"schedule='sdn' needs epochs, the number of training epochs (a positive int), got {epochs!r}")
         if depths is not None:
+            if schedule != "sdn":
+                raise ValueError("depths set the SDN schedule's C_i: give schedule='sdn' (and epochs) with them, or fixed weights without them")
             if any(not 0.0 < d <= 1.0 for d in depths):
                 raise ValueError(f"depths must be fractions in (0, 1], one per early exit, got {list(depths)}")
             self._expect_exits("depths", len(depths) + 1)
@@ -131,6 +133,8 @@ class DistillationBasedLoss(MultiExitLoss):
                 raise ValueError(f"temperature must be 'adaptive' or a positive number, got {temperature!r}")
             check_positive("temperature", temperature)
         check_positive("t_mult", t_mult)
+        if t_mult < 1:
+            raise ValueError(f"t_mult must be >= 1: the adaptive temperature only grows (T *= t_mult when the teacher is sure), got {t_mult!r}")
         check_fraction("maxprob", maxprob)
         self.C = float(C)
         self.adaptive = adaptive

@@ -359,7 +359,6 @@ class MultiExitModel(nn.Module):
         if callable(inner):
             inner(enable)
 
-    @torch.no_grad()
     def early_exit(self, x: torch.Tensor, threshold=0.9, criterion="max_prob", ensemble: bool = False):
         """Classify `x`, each sample stopping at its first confident exit; see `timm_exits.early_exit`."""
         from .inference import early_exit  # lazy: inference builds on this module, not the other way round

@@ -107,9 +107,17 @@ class MultiExitLoss(nn.Module):
         batch, classes = logits.shape
         if not isinstance(target, torch.Tensor):
             raise TypeError(f"target must be a tensor of (B,) class indices or (B, C) soft targets, got {type(target).__name__}")
+        if batch == 0:
+            raise ValueError("the batch is empty (the exits' logits have batch size 0): there is no loss to compute; skip the step")
         if target.dim() == 1 and not target.dtype.is_floating_point:
             if len(target) != batch:
                 raise ValueError(f"target has {len(target)} labels but the exits' logits have batch size {batch}")
+            outside = (target != self.ignore_index) & ((target < 0) | (target >= classes))
+            if target.device.type != "meta" and bool(outside.any()):  # on a GPU, torch's own check is a device-side assert
+                raise ValueError(
+                    f"target holds class {int(target[outside][0])}, outside [0, {classes}) for {classes}-class logits "
+                    f"(unlabeled samples take ignore_index={self.ignore_index})"
+                )
             return target
         if target.dim() == 2 and target.dtype.is_floating_point:
             if target.shape != (batch, classes):
