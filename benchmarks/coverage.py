@@ -179,8 +179,11 @@ def verdict(result: Result) -> str | None:
 
 
 def _pick_stages(table) -> list[int]:
-    usable = len(table) - 1  # the final stage is the head's
-    return sorted({max(0, usable // 3), max(0, (2 * usable) // 3)}) if usable > 1 else [0]
+    """Two stage indices a third and two thirds of the way through the stages that can take an exit."""
+    indices = [s.index for s in table if s.usable and not s.final]  # the final stage is the head's
+    if len(indices) < 2:
+        return indices[:1] or [0]
+    return sorted({indices[len(indices) // 3], indices[(2 * len(indices)) // 3]})
 
 
 def check(build, source: str, family: str, name: str, input_size=None) -> Result:

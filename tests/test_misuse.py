@@ -251,3 +251,26 @@ def test_a_loader_of_two_image_sizes_averages_what_the_samples_cost():
     small_cost, large_cost = spent(32), spent(64)
     assert small_cost != large_cost
     assert cached.flops == pytest.approx([(3 * a + b) / 4 for a, b in zip(small_cost, large_cost)])
+
+
+# -- stage indices mean what timm says ------------------------------------------------------------
+
+
+def test_a_timm_stage_index_is_its_feature_info_index():
+    model = timm.create_model("hrnet_w18_small", num_classes=5)  # feature_info: stem, stage1, stage2, stage3, stage4
+    table = timm_exits.list_stages(model, input_size=(3, 64, 64))
+    assert [s.name for s in table] == [i["module"] for i in model.feature_info] and [s.index for s in table] == [0, 1, 2, 3, 4]
+    assert [s.usable for s in table] == [False, False, True, True, True] and table[-1].final
+    with pytest.raises(ValueError, match=r"^stage 1 \('stage1'\) cannot take an exit: 'stage1' is not computed by the classifier's forward"):
+        timm_exits.wrap(model, stages=[1], input_size=(3, 64, 64))
+    assert timm_exits.wrap(model, stages=[2], input_size=(3, 64, 64)).stages == ["stage2"]
+
+
+@pytest.mark.parametrize("build", [torchvision.models.resnet18, torchvision.models.mobilenet_v3_small])
+def test_torchvision_indices_do_not_depend_on_the_input_size(build):
+    model = build(num_classes=5)
+    own = [s.name for s in timm_exits.list_stages(model)]
+    assert [s.name for s in timm_exits.list_stages(model, input_size=(3, 32, 32))] == own
+    wrapped = timm_exits.wrap(model, stages=[1, 2, 3], input_size=(3, 32, 32))
+    assert wrapped.stages == own[1:4]
+    assert [tuple(z.shape) for z in wrapped(torch.randn(2, 3, 32, 32))] == [(2, 5)] * 4

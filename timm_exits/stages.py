@@ -12,7 +12,7 @@ from typing import Sequence
 import torch.fx as fx
 from torch import nn
 
-from .tracing import TracedGraph, TraceError, TraceOptions, check_input_size, dummy_input, last_uses, run_shapes, single_cuts, trace
+from .tracing import TracedGraph, TraceError, TraceOptions, check_input_size, default_input_size, dummy_input, last_uses, run_shapes, single_cuts, trace
 
 __all__ = ["Stage", "FeatureLayout", "feature_layout", "read_feature", "list_stages", "stage_table", "candidate_stages"]
 
@@ -25,8 +25,13 @@ class Stage:
     name: str  # module path (or graph node name) whose output is the stage's output
     channels: int
     reduction: int | None  # input size / feature size; None for token layouts
-    layout: str  # "NCHW", "NHWC" or "NLC"
+    layout: str  # "NCHW", "NHWC" or "NLC" ("" when `reason` says it has no feature)
     final: bool = False  # the last stage feeds the backbone's own head and cannot be an exit
+    reason: str | None = None  # why no exit can go here (the row keeps its index: timm's feature_info index)
+
+    @property
+    def usable(self) -> bool:
+        return self.reason is None
 
 
 @dataclass(frozen=True)
@@ -81,15 +86,23 @@ def _outermost_module(traced: TracedGraph, node: fx.Node, module_names: set[str]
     return node.name
 
 
-def _stages_from_feature_info(model, traced, shapes) -> list[tuple[str, fx.Node, int]]:
-    rows, seen = [], set()
-    for info in model.feature_info:
+def _stages_from_feature_info(model, traced, shapes) -> list[tuple]:
+    """One row per ``feature_info`` entry, so that index i is ``feature_info[i]`` as in timm; a row whose
+    output is not a cut of the classifier's graph says why (its node is None)."""
+    rows, seen = [], {}
+    for i, info in enumerate(model.feature_info):
         info = info if isinstance(info, dict) else vars(info)
-        node = traced.find(info["module"])
-        # coat lists one module several times (one per scale it emits): one cut, one stage
-        if node is not None and shapes.get(node) is not None and node not in seen:
-            rows.append((info["module"], node, int(info["num_chs"])))
-            seen.add(node)
+        name, chans = info["module"], int(info["num_chs"])
+        node = traced.find(name)
+        if node is None:
+            rows.append((name, None, chans, f"{name!r} is not computed by the classifier's forward (it belongs to timm's features_only model)"))
+        elif shapes.get(node) is None:
+            rows.append((name, None, chans, f"{name!r} outputs no single feature tensor"))
+        elif node in seen:  # coat lists one module several times (one per scale it emits): one cut
+            rows.append((name, None, chans, f"it is the same cut as stage {seen[node]}"))
+        else:
+            rows.append((name, node, chans, None))
+            seen[node] = i
     return rows
 
 
@@ -174,18 +187,32 @@ def _stages_from_graph(model, traced, shapes, last_use) -> list[tuple[str, fx.No
     return best
 
 
-def stage_table(model, traced, shapes, last_use, input_hw) -> list[Stage]:
+def stage_table(model, traced, shapes, last_use, input_hw, found_at=None) -> list[Stage]:
+    """The model's stages: its ``feature_info`` when it has one, else found in the graph.
+
+    ``found_at``: the shapes to find graph stages with (the model's own input size), so that an
+    index means the same stage whatever size the exits are wrapped for (at 32x32, resnet's
+    layer4 is 1x1 and would not look like a stage).
+    """
     raw = []
     if getattr(model, "feature_info", None):
         raw = _stages_from_feature_info(model, traced, shapes)
-    if not raw:
-        raw = _stages_from_graph(model, traced, shapes, last_use)
-    raw.sort(key=lambda row: traced.position[row[1]])
+    if not any(row[1] is not None for row in raw):
+        raw = sorted(((*row, None) for row in _stages_from_graph(model, traced, found_at or shapes, last_use)), key=lambda row: traced.position[row[1]])
+    last = max(i for i, row in enumerate(raw) if row[1] is not None) if raw else -1
     stages = []
-    for i, (name, node, chans) in enumerate(raw):
+    for i, (name, node, chans, reason) in enumerate(raw):
+        if node is None:
+            stages.append(Stage(i, name, chans, None, "", reason=reason))
+            continue
         layout, channels, reduction = read_feature(shapes[node], chans, model, input_hw)
-        stages.append(Stage(i, name, chans if chans is not None else channels, reduction, layout.format, final=i == len(raw) - 1))
+        stages.append(Stage(i, name, chans if chans is not None else channels, reduction, layout.format, final=i == last))
     return stages
+
+
+def final_stage(table: Sequence[Stage]) -> Stage:
+    """The stage that feeds the backbone's own head."""
+    return next(s for s in table if s.final)
 
 
 def read_feature(shape: tuple[int, ...], channels: int | None, model: nn.Module, input_hw) -> tuple[FeatureLayout, int, int | None]:
@@ -196,7 +223,11 @@ def read_feature(shape: tuple[int, ...], channels: int | None, model: nn.Module,
 
 
 def describe(stages: Sequence[Stage]) -> str:
-    rows = [f"  {s.index}: {s.name!r} ({s.channels} ch" + (f", 1/{s.reduction}" if s.reduction else "") + ")" + (" [final]" if s.final else "") for s in stages]
+    rows = [
+        f"  {s.index}: {s.name!r} " + (f"(no exit: {s.reason})" if s.reason else f"({s.channels} ch" + (f", 1/{s.reduction}" if s.reduction else "") + ")")
+        + (" [final]" if s.final else "")
+        for s in stages
+    ]
     return "\n".join(rows)
 
 
@@ -211,7 +242,7 @@ def list_stages(model: nn.Module, input_size: Sequence[int] | None = None, leaf_
         ['act1', 'layer1', 'layer2', 'layer3', 'layer4']
     """
     traced, shapes, size = _traced_with_shapes(model, input_size, TraceOptions.of(leaf_modules, autowrap_functions))
-    return stage_table(model, traced, shapes, last_uses(traced), size[1:])
+    return stage_table(model, traced, shapes, last_uses(traced), size[1:], own_size_shapes(model, traced, size, shapes))
 
 
 def _traced_with_shapes(model: nn.Module, input_size, options: TraceOptions):
@@ -219,6 +250,22 @@ def _traced_with_shapes(model: nn.Module, input_size, options: TraceOptions):
     size = check_input_size(input_size, model)
     shapes, _ = run_shapes(model, traced, dummy_input(model, size))
     return traced, shapes, size
+
+
+def own_size_shapes(model: nn.Module, traced: TracedGraph, size, shapes):
+    """The graph's shapes at the model's own input size (to find stages with), or None to use `shapes`.
+
+    Only for models without ``feature_info``; a model that cannot run at its own size keeps `shapes`.
+    """
+    own = default_input_size(model)
+    if getattr(model, "feature_info", None) or tuple(own) == tuple(size):
+        return None
+    try:
+        found, _ = run_shapes(model, traced, dummy_input(model, own))
+    except Exception:  # a model built for one size only: the stages are found at that size
+        found = None
+    traced.shapes = shapes  # run_shapes records its shapes on the graph; put the wrapped size's back
+    return found
 
 
 def candidate_stages(model: nn.Module, candidates: str, input_size=None, options: TraceOptions = TraceOptions()) -> list[str]:
@@ -235,10 +282,10 @@ def candidate_stages(model: nn.Module, candidates: str, input_size=None, options
             return [(i if isinstance(i, dict) else vars(i))["module"] for i in model.feature_info][:-1]
         raise
     last = last_uses(traced)
-    table = stage_table(model, traced, shapes, last, size[1:])
+    table = stage_table(model, traced, shapes, last, size[1:], own_size_shapes(model, traced, size, shapes))
     if candidates == "stages":
-        return [s.name for s in table if not s.final]
-    limit = traced.position[traced.find(table[-1].name)]
+        return [s.name for s in table if s.usable and not s.final]
+    limit = traced.position[traced.find(final_stage(table).name)]
     modules = {n for n, _ in model.named_modules()}
     names: list[str] = []
     for node in single_cuts(traced, last):

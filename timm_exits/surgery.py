@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .stages import FeatureLayout, Stage, describe, feature_layout, read_feature, stage_table
+from .stages import FeatureLayout, Stage, describe, feature_layout, final_stage, own_size_shapes, read_feature, stage_table
 from .tracing import TracedGraph, TraceError, TraceOptions, check_input_size, closes_block, dummy_input, last_uses, live_after, run_shapes, set_training, trace
 
 __all__ = ["ExitPlan", "ExitSite", "plan_exits", "split"]
@@ -130,6 +130,8 @@ def _resolve(spec, table: list[Stage], traced: TracedGraph, module_names: set[st
         if not -len(table) <= spec < len(table):
             raise ValueError(f"stage index {spec} is out of range: this model has {len(table)} stages (indices 0..{len(table) - 1}, negative counting from the end):\n{describe(table)}")
         stage = table[spec]
+        if not stage.usable:
+            raise ValueError(f"stage {spec} ({stage.name!r}) cannot take an exit: {stage.reason}. The model's stages are:\n{describe(table)}")
         return stage.name, traced.find(stage.name)
     node = traced.find(spec) if spec in module_names else traced.by_name(spec)
     if node is None:
@@ -247,7 +249,8 @@ def plan_exits(model: nn.Module, stages, input_size=None, options: TraceOptions 
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ValueError(f"the backbone must return logits of shape (B, num_classes) in eval mode; {type(model).__name__} returned {_shape_of(out)}")
     last_use = last_uses(eval_traced)
-    table = stage_table(model, eval_traced, shapes, last_use, size[1:])
+    table = stage_table(model, eval_traced, shapes, last_use, size[1:], own_size_shapes(model, eval_traced, size, shapes))
+    final = final_stage(table) if table else None
     module_names = {n for n, _ in model.named_modules()}
 
     resolved = [_resolve(s, table, eval_traced, module_names) for s in stages]
@@ -258,7 +261,7 @@ def plan_exits(model: nn.Module, stages, input_size=None, options: TraceOptions 
             kind = "repeated" if pos[a] == pos[b] else "out of order"
             raise ValueError(f"stages must be distinct and ordered shallow to deep; {name!r} is {kind} after {prev!r} in {list(stages)!r}")
     classifier = _classifier_node(model, eval_traced)
-    limit = pos[eval_traced.find(table[-1].name)] if table else (pos[classifier] if classifier is not None else len(pos) - 1)
+    limit = pos[eval_traced.find(final.name)] if final else (pos[classifier] if classifier is not None else len(pos) - 1)
     for (name, node), spec in zip(resolved, stages):
         if pos[node] >= limit:
             raise ValueError(
@@ -280,7 +283,7 @@ def plan_exits(model: nn.Module, stages, input_size=None, options: TraceOptions 
 
     final_shape = shapes.get(_first_input(classifier)) if classifier is not None else None
     pre_logits_ok = final_shape is not None and len(final_shape) == 2
-    final_channels = final_shape[1] if pre_logits_ok else table[-1].channels if table else 0
+    final_channels = final_shape[1] if pre_logits_ok else final.channels if final else 0
     sites = []
     for name, node in resolved:
         row = next((s for s in table if s.name == name), None)
@@ -293,7 +296,7 @@ def plan_exits(model: nn.Module, stages, input_size=None, options: TraceOptions 
                 shape=shapes[node],
                 reduction=reduction,
                 final_channels=int(final_channels),
-                final_reduction=table[-1].reduction if table else None,
+                final_reduction=final.reduction if final else None,
                 replicate=functools.partial(_replicate, model, eval_traced, shapes, last_use, table, node),
             )
         )
