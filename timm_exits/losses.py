@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .objective import MultiExitLoss, check_fraction, check_positive, feature_adapters, kd_loss, kd_matrix, soft
+from .presets import authors_preset
 
 __all__ = [
     "MultiExitLoss",
@@ -113,6 +114,8 @@ class DistillationBasedLoss(MultiExitLoss):
             exceeds ``maxprob`` (0.5), so T only grows; or a number for a fixed T (the authors'
             fixed variant used T = 4).
         t_squared: multiply the KD term by T^2 (the authors' code does).
+        scale: a factor on the whole loss. The authors' CIFAR script multiplies by 2 * 5 / N
+            (N exits; a learning-rate factor, 2.5 at four exits): ``preset="authors"`` sets it.
 
     Samples whose label is ``ignore_index`` add only the distillation term (the paper's
     semi-supervised extension): the CE averages over labeled samples, the KD over all.
@@ -124,9 +127,12 @@ class DistillationBasedLoss(MultiExitLoss):
 
     min_exits = 2
 
-    def __init__(self, C: float = 0.5, temperature: float | str = "adaptive", t_mult: float = 1.05, maxprob: float = 0.5, t_squared: bool = True, **kwargs):
+    def __init__(self, C: float = 0.5, temperature: float | str = "adaptive", t_mult: float = 1.05, maxprob: float = 0.5, t_squared: bool = True,
+                 scale: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         check_fraction("C", C)
+        check_positive("scale", scale)
+        self.scale = float(scale)
         adaptive = temperature == "adaptive"
         if not adaptive:
             if isinstance(temperature, str):
@@ -148,7 +154,7 @@ class DistillationBasedLoss(MultiExitLoss):
         teacher = soft(logits[-1], T)
         ce = torch.stack([self.supervised(z, target) for z in logits])
         distill = torch.stack([kd_loss(z, teacher, T, self.t_squared) for z in logits[:-1]] + [ce.new_zeros(())])
-        loss = (1.0 - self.C) * ce.sum() + self.C * distill.sum()
+        loss = self.scale * ((1.0 - self.C) * ce.sum() + self.C * distill.sum())
         teacher_maxprob = teacher.max(dim=1).values.mean()
         self._record(ce=ce, distill=distill, temperature=T, teacher_maxprob=teacher_maxprob)
         if self.adaptive and self.training and torch.is_grad_enabled() and float(teacher_maxprob) > self.maxprob:
@@ -157,7 +163,7 @@ class DistillationBasedLoss(MultiExitLoss):
 
     def extra_repr(self) -> str:
         t = f"adaptive(start=1.0, t_mult={self.t_mult}, maxprob={self.maxprob}, now={float(self.temperature):.4g})" if self.adaptive else float(self.temperature)
-        return self._repr(C=self.C, temperature=t, t_squared=self.t_squared)
+        return self._repr(C=self.C, temperature=t, t_squared=self.t_squared, **({"scale": self.scale} if self.scale != 1.0 else {}))
 
 
 class ExitEnsembleLoss(MultiExitLoss):
@@ -225,22 +231,42 @@ class _HintLoss(MultiExitLoss):
 
     min_exits = 2
 
-    def __init__(self, alpha: float, temperature: float, feature_weight: float, feature_dims, t_squared: bool, **kwargs):
+    FEATURE_DISTANCES = ("mse", "l2")
+
+    def __init__(self, alpha: float, temperature: float, feature_weight: float, feature_dims, t_squared: bool,
+                 feature_distance: str = "mse", hint_exits: Sequence[int] | None = None, linear_adapters: bool = False, **kwargs):
         super().__init__(**kwargs)
         check_fraction("alpha", alpha)
         check_positive("temperature", temperature)
         check_positive("feature_weight", feature_weight, allow_zero=True)
+        if feature_distance not in self.FEATURE_DISTANCES:
+            raise ValueError(f"feature_distance must be one of {self.FEATURE_DISTANCES}, got {feature_distance!r}")
+        if hint_exits is not None and any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in hint_exits):
+            raise ValueError(f"hint_exits must list early-exit indices (0 = the shallowest), got {hint_exits!r}")
+        if linear_adapters and feature_dims is None:
+            raise ValueError("linear_adapters=True needs feature_dims, each exit's feature width, to build the adapters")
         self.alpha = float(alpha)
         self.temperature = float(temperature)
         self.feature_weight = float(feature_weight)
         self.t_squared = t_squared
-        self.adapters = feature_adapters(feature_dims)
+        self.feature_distance = feature_distance
+        self.hint_exits = None if hint_exits is None else sorted(set(int(k) for k in hint_exits))
+        self.adapters = feature_adapters(feature_dims, always_linear=linear_adapters)
 
     def hints(self, features, n: int) -> torch.Tensor:
-        """||f_i - sg f_N||^2 (mean over batch and width) for each early exit i."""
+        """For each early exit i: ``||f_i - sg f_N||^2`` averaged over batch and width (``"mse"``), or the
+        plain L2 norm over the whole ``(B, D)`` difference (``"l2"``, BYOT's released ``torch.dist``);
+        zero for an exit outside `hint_exits`."""
         f = self._aligned_features(features, n, self.adapters)
         final = f[-1].detach().float()
-        return torch.stack([F.mse_loss(x.float(), final) for x in f[:-1]])
+        if self.hint_exits is not None and self.hint_exits and self.hint_exits[-1] >= n - 1:
+            raise ValueError(f"hint_exits={self.hint_exits} names early exits that do not exist: there are {n - 1}")
+        chosen = range(n - 1) if self.hint_exits is None else self.hint_exits
+        distance = F.mse_loss if self.feature_distance == "mse" else torch.dist
+        per_exit = [final.new_zeros(()) for _ in range(n - 1)]
+        for k in chosen:
+            per_exit[k] = distance(f[k].float(), final)
+        return torch.stack(per_exit)
 
 
 class SelfDistillationLoss(_HintLoss):
@@ -248,14 +274,20 @@ class SelfDistillationLoss(_HintLoss):
 
     loss = CE(z_N) + sum_{i<N} [(1 - a) CE(z_i) + a KD_T(sg softmax(z_N / T), z_i)] + b sum_{i<N} ||f_i - sg f_N||^2
 
-    Defaults from the authors' released code: a = 0.3, T = 3, and the deepest exit's CE at full
-    weight (the paper writes (1 - a) on every exit's CE). That code has no T^2 factor on the KD
-    term and no feature term: pass ``t_squared=False`` to match it exactly. The paper's hint term
-    (weight b, default 0 here) needs features of the final width: BYOT's own bottleneck heads
-    (``head="bottleneck"``) give them, other heads need ``feature_dims`` for adapters.
+    Defaults from the authors' released code (ArchipLab-LinfengZhang/pytorch-self-distillation-final,
+    ``train.py``): a = 0.3, T = 3, and the deepest exit's CE at full weight (the paper writes
+    (1 - a) on every exit's CE). That code has no T^2 on the KD term, and its feature term is
+    ``0.03 ||A_i f_i - sg f_N||_2``: a plain L2 norm over the whole (B, D) batch (``torch.dist``,
+    not squared, not averaged) through a trainable ``Linear`` adapter A_i per early exit, on every
+    early exit but the deepest. ``create_loss("byot", preset="authors", feature_dims=...)`` gives
+    exactly that (``t_squared=False, feature_weight=0.03, feature_distance="l2", hint_exits=[0..N-3],
+    linear_adapters=True``). The default here is the paper's form without a feature term (b = 0);
+    a hint needs features of the final width: BYOT's own bottleneck heads (``head="bottleneck"``)
+    give them, other heads need ``feature_dims`` for adapters.
     """
 
-    def __init__(self, alpha: float = 0.3, temperature: float = 3.0, feature_weight: float = 0.0, feature_dims: Sequence[int] | None = None, t_squared: bool = True, **kwargs):
+    def __init__(self, alpha: float = 0.3, temperature: float = 3.0, feature_weight: float = 0.0, feature_dims: Sequence[int] | None = None, t_squared: bool = True,
+                 **kwargs):
         super().__init__(alpha, temperature, feature_weight, feature_dims, t_squared, **kwargs)
 
     def objective(self, logits, features, target):
@@ -275,7 +307,8 @@ class SelfDistillationLoss(_HintLoss):
         return loss
 
     def extra_repr(self) -> str:
-        return self._repr(alpha=self.alpha, temperature=self.temperature, feature_weight=self.feature_weight, t_squared=self.t_squared)
+        hints = dict(feature_distance=self.feature_distance, hint_exits=self.hint_exits) if self.feature_weight else {}
+        return self._repr(alpha=self.alpha, temperature=self.temperature, feature_weight=self.feature_weight, t_squared=self.t_squared, **hints)
 
 
 class MultiSelfDistillationLoss(_HintLoss):
@@ -464,11 +497,18 @@ def loss_names() -> list[str]:
     return list(_LOSSES)
 
 
-def create_loss(name: str, num_exits: int | None = None, epochs: int | None = None, **kwargs) -> MultiExitLoss:
+def create_loss(name: str, num_exits: int | None = None, epochs: int | None = None, *, preset: str | None = None, **kwargs) -> MultiExitLoss:
     """A loss by short name: ``ce``, ``sdn`` (SDN ramp), ``distillation`` (Phuong & Lampert), ``eed``,
-    ``byot``, ``msd``, ``mate``, ``ekd``. `epochs` feeds the schedules of ``sdn`` and ``msd``."""
+    ``byot``, ``msd``, ``mate``, ``ekd``. `epochs` feeds the schedules of ``sdn`` and ``msd``.
+
+    ``preset="authors"``: the configuration of the authors' released code, where there is one
+    (``sdn``, ``distillation``, ``eed``, ``byot``; see `timm_exits.presets`); keyword arguments
+    given here override it.
+    """
     if name not in _LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {loss_names()}")
+    if preset is not None:
+        kwargs = {**authors_preset(name, preset, num_exits, epochs, kwargs), **kwargs}
     if name in _NEEDS_EPOCHS:
         kwargs["epochs"] = epochs
     return _LOSSES[name](num_exits=num_exits, **kwargs)

@@ -219,11 +219,12 @@ class MultiExitLoss(nn.Module):
         return ", ".join(p for p in (own, base) if p)
 
 
-def feature_adapters(feature_dims: Sequence[int] | None) -> nn.ModuleList | None:
-    """Linear maps from each early exit's feature width to the final exit's (identity where equal)."""
+def feature_adapters(feature_dims: Sequence[int] | None, always_linear: bool = False) -> nn.ModuleList | None:
+    """Linear maps from each early exit's feature width to the final exit's (identity where equal,
+    unless `always_linear`: BYOT's released code adapts every early exit with a Linear)."""
     if feature_dims is None:
         return None
     dims = [int(d) for d in feature_dims]
     if len(dims) < 2 or any(d < 1 for d in dims):
         raise ValueError(f"feature_dims must list each exit's feature width (>= 2 exits, positive), got {feature_dims!r}")
-    return nn.ModuleList([nn.Identity() if d == dims[-1] else nn.Linear(d, dims[-1]) for d in dims[:-1]])
+    return nn.ModuleList([nn.Identity() if d == dims[-1] and not always_linear else nn.Linear(d, dims[-1]) for d in dims[:-1]])
