@@ -449,7 +449,7 @@ def test_wrong_number_of_exits_and_mismatched_targets():
         ExitEnsembleLoss(num_exits=3)(z, y)
     with pytest.raises(ValueError, match="at least 2 exits"):
         DistillationBasedLoss()(z[:1], y)
-    with pytest.raises(ValueError, match="built for num_exits=3 but outputs holds 4"):
+    with pytest.raises(ValueError, match="weights has 3 entries, one per exit, but outputs holds 4 exits"):  # not num_exits: the user gave none
         MultiExitCELoss(weights=[1, 1, 1])(z, y)
     with pytest.raises(ValueError, match="weights implies 3 exits but num_exits=4"):
         MultiExitCELoss(weights=[1, 1, 1], num_exits=4)

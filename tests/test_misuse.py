@@ -274,3 +274,45 @@ def test_torchvision_indices_do_not_depend_on_the_input_size(build):
     wrapped = timm_exits.wrap(model, stages=[1, 2, 3], input_size=(3, 32, 32))
     assert wrapped.stages == own[1:4]
     assert [tuple(z.shape) for z in wrapped(torch.randn(2, 3, 32, 32))] == [(2, 5)] * 4
+
+
+# -- weak before: now named at the call -----------------------------------------------------------
+
+
+def test_wrap_names_what_it_cannot_take():
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32)
+    with pytest.raises(ValueError, match=r"^stage 'pos_embed' is a parameter or buffer of the model, not a feature it computes. The model's stages are:"):
+        timm_exits.wrap(vit, stages=["pos_embed"])
+    backbone = timm.create_model("resnet18", num_classes=5)
+    with pytest.raises(TypeError, match=exactly("model is a DataParallel: wrap the model inside it (model.module), then apply DataParallel to the wrapped model")):
+        timm_exits.wrap(nn.DataParallel(backbone), stages=[1])
+    with pytest.raises(TypeError, match=exactly("model is compiled (torch.compile): wrap the plain model (model._orig_mod), then compile the wrapped model")):
+        timm_exits.wrap(torch.compile(backbone), stages=[1])
+    with pytest.raises(TypeError, match=exactly("leaf_modules takes module classes, not instances: pass ReLU, not ReLU()")):
+        timm_exits.wrap(backbone, stages=[1], leaf_modules=[nn.ReLU()])
+    with pytest.raises(TypeError, match=r"^leaf_modules must be a list of module classes, e.g. leaf_modules=\[ReLU\]"):
+        timm_exits.wrap(backbone, stages=[1], leaf_modules=nn.ReLU)
+
+
+def test_list_stages_names_what_it_takes():
+    with pytest.raises(TypeError, match=exactly("list_stages takes a model (an nn.Module), got str; build it first, e.g. timm.create_model('resnet18')")):
+        timm_exits.list_stages("resnet18")
+    with pytest.raises(TypeError, match=exactly("list_stages takes the backbone: this model is already wrapped (stages ['layer1', 'layer2', 'layer3']); call list_stages(model.backbone)")):
+        timm_exits.list_stages(resnet())
+
+
+def test_small_things_that_crashed():
+    empty = timm_exits.EarlyExitResult(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), torch.zeros(0))
+    assert empty.exit_counts() == [] and empty.exit_counts(3) == [0, 0, 0]
+    loss = timm_exits.MultiExitCELoss(weights=[1, 1, 1])
+    with pytest.raises(ValueError, match=exactly("MultiExitCELoss: weights has 3 entries, one per exit, but outputs holds 4 exits")):
+        loss([torch.randn(2, 5)] * 4, torch.zeros(2, dtype=torch.long))
+
+
+def test_a_feature_loss_with_a_head_that_gives_no_features():
+    def no_features(channels, num_classes, layout):  # pools and classifies, but has no return_features
+        return nn.Sequential(timm_exits.heads.FeaturePool(channels, layout), nn.Linear(channels, num_classes))
+
+    model = resnet(head=no_features)
+    with pytest.raises(TypeError, match=r"^the head of exit 1 \(Sequential\) takes no return_features: a feature term needs heads whose"):
+        model(torch.randn(2, 3, 32, 32), return_features=True)

@@ -24,9 +24,8 @@ from .losses import (
     MultiExitLoss,
     MultiSelfDistillationLoss,
     SelfDistillationLoss,
-    create_loss,
-    loss_names,
 )
+from .presets import create_loss, loss_names
 from .model import ExitOutputs, MultiExitModel, wrap
 from .stages import FeatureLayout, Stage, list_stages
 from .tracing import TraceError, graph_node_names

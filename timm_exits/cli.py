@@ -98,7 +98,7 @@ def _build(name: str, num_classes: int):
 
 def main(argv: list[str] | None = None) -> int:
     from .heads import head_names
-    from .losses import loss_names
+    from .presets import loss_names
 
     parser = argparse.ArgumentParser(prog="timm-exits", description="Multi-exit networks from timm and torchvision classifiers.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -93,7 +93,7 @@ def run_demo(
     import timm
 
     from .flops import flops_report
-    from .losses import create_loss
+    from .presets import create_loss
     from .model import wrap
 
     torch.manual_seed(seed)

@@ -146,6 +146,8 @@ class EarlyExitResult:
 
     def exit_counts(self, num_exits: int | None = None) -> list[int]:
         """How many samples left at each exit."""
+        if num_exits is None and self.exit_index.numel() == 0:
+            return []  # no sample, no exit seen
         n = num_exits or int(self.exit_index.max().item()) + 1
         return torch.bincount(self.exit_index.cpu(), minlength=n).tolist()
 

@@ -12,14 +12,13 @@ classes and averaged over the batch.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .objective import MultiExitLoss, check_fraction, check_positive, feature_adapters, kd_loss, kd_matrix, soft
-from .presets import authors_preset
 
 __all__ = [
     "MultiExitLoss",
@@ -30,8 +29,6 @@ __all__ = [
     "MultiSelfDistillationLoss",
     "AppropriateTeachersLoss",
     "EnsembleKnowledgeDistillationLoss",
-    "create_loss",
-    "loss_names",
     "kd_loss",
 ]
 
@@ -80,6 +77,7 @@ class MultiExitCELoss(MultiExitLoss):
         if self.num_exits is not None and self.num_exits != n:
             raise ValueError(f"{name} implies {n} exits but num_exits={self.num_exits}")
         self.num_exits = n
+        self.exits_from = f"{name} has {n} entries, one per exit"
 
     def current_weights(self, num_exits: int) -> list[float]:
         """The per-exit weights in use now (for the SDN ramp: at the current epoch)."""
@@ -479,36 +477,10 @@ class EnsembleKnowledgeDistillationLoss(MultiExitLoss):
         return self._repr(alpha=self.alpha, temperature=self.temperature, assignment=self.assignment, ensemble_weight=self.ensemble_weight, t_squared=self.t_squared)
 
 
-_LOSSES: dict[str, Callable[..., MultiExitLoss]] = {
-    "ce": MultiExitCELoss,
-    "sdn": lambda **kw: MultiExitCELoss(schedule="sdn", **kw),
-    "distillation": DistillationBasedLoss,
-    "eed": ExitEnsembleLoss,
-    "byot": SelfDistillationLoss,
-    "msd": MultiSelfDistillationLoss,
-    "mate": AppropriateTeachersLoss,
-    "ekd": EnsembleKnowledgeDistillationLoss,
-}
-_NEEDS_EPOCHS = ("sdn", "msd")
+def __getattr__(name: str):
+    # the factory lived here before presets.py took it with the authors' configurations
+    if name in ("create_loss", "loss_names"):
+        from . import presets  # lazy: presets imports this module
 
-
-def loss_names() -> list[str]:
-    """The short names `create_loss` accepts."""
-    return list(_LOSSES)
-
-
-def create_loss(name: str, num_exits: int | None = None, epochs: int | None = None, *, preset: str | None = None, **kwargs) -> MultiExitLoss:
-    """A loss by short name: ``ce``, ``sdn`` (SDN ramp), ``distillation`` (Phuong & Lampert), ``eed``,
-    ``byot``, ``msd``, ``mate``, ``ekd``. `epochs` feeds the schedules of ``sdn`` and ``msd``.
-
-    ``preset="authors"``: the configuration of the authors' released code, where there is one
-    (``sdn``, ``distillation``, ``eed``, ``byot``; see `timm_exits.presets`); keyword arguments
-    given here override it.
-    """
-    if name not in _LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {loss_names()}")
-    if preset is not None:
-        kwargs = {**authors_preset(name, preset, num_exits, epochs, kwargs), **kwargs}
-    if name in _NEEDS_EPOCHS:
-        kwargs["epochs"] = epochs
-    return _LOSSES[name](num_exits=num_exits, **kwargs)
+        return getattr(presets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

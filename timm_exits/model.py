@@ -1,6 +1,7 @@
 """MultiExitModel: the backbone's graph cut into segments, an exit head after each cut."""
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple, Sequence
 
 import torch
@@ -127,6 +128,11 @@ class ExitRun:
                 return
             self.carried = carried
             if self.features:
+                if "return_features" not in inspect.signature(step.head.forward).parameters:
+                    raise TypeError(
+                        f"the head of exit {k + 1} ({type(step.head).__name__}) takes no return_features: a feature term needs heads whose "
+                        "forward(x, return_features=True) also returns the pooled feature its classifier read (the built-in heads do)"
+                    )
                 z, feature = step.head(out, return_features=True)
                 yield ExitOutput(k, z, feature)
             else:
@@ -463,6 +469,10 @@ def wrap(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, MultiExitModel):
         raise TypeError("model is already a MultiExitModel; wrap its .backbone instead")
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise TypeError(f"model is a {type(model).__name__}: wrap the model inside it (model.module), then apply {type(model).__name__} to the wrapped model")
+    if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+        raise TypeError("model is compiled (torch.compile): wrap the plain model (model._orig_mod), then compile the wrapped model")
     resolve = getattr(stages, "resolve", None)
     if callable(resolve):  # a placement rule such as at_flops(): it picks the stages for this model
         stages = resolve(model, input_size, leaf_modules, autowrap_functions)

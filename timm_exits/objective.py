@@ -98,6 +98,9 @@ class MultiExitLoss(nn.Module):
         features = getattr(outputs, "features", None)
         n = len(logits)
         if self.num_exits is not None and n != self.num_exits:
+            built = getattr(self, "exits_from", None)  # the argument that fixed the number of exits, when not num_exits
+            if built:
+                raise ValueError(f"{type(self).__name__}: {built}, but outputs holds {n} exits")
             raise ValueError(f"{type(self).__name__} was built for num_exits={self.num_exits} but outputs holds {n} exits")
         if n < self.min_exits:
             raise ValueError(f"{type(self).__name__} needs at least {self.min_exits} exits, outputs holds {n}")

@@ -1,14 +1,17 @@
-"""The authors' released configurations of each multi-exit objective, as keyword arguments.
+"""Losses by name: with the library's defaults, or as the authors' released code configures them.
 
-``create_loss(name, preset="authors", ...)`` builds a loss with them. Each entry names the
-repository and file it was read from; where our defaults differ, `docs/losses.md` says how.
-A method without released code has no preset.
+``create_loss(name, preset="authors", ...)`` builds a loss in the authors' configuration. Each
+preset names the repository and file it was read from; where our defaults differ,
+`docs/losses.md` says how. A method without released code has no preset.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-__all__ = ["PRESETS", "SOURCES", "authors_preset"]
+from . import losses
+from .losses import MultiExitLoss
+
+__all__ = ["create_loss", "loss_names", "PRESETS", "SOURCES", "authors_preset"]
 
 #: name -> where its configuration was read
 SOURCES = {
@@ -59,3 +62,38 @@ def authors_preset(name: str, preset: str, num_exits, epochs, given: dict) -> di
     if name not in PRESETS:
         raise ValueError(f"{name!r} has no authors' preset: no released code to match (presets exist for {sorted(PRESETS)}); its defaults follow the paper")
     return PRESETS[name](num_exits, epochs, given)
+
+
+_LOSSES: dict[str, Callable[..., MultiExitLoss]] = {
+    "ce": losses.MultiExitCELoss,
+    "sdn": lambda **kw: losses.MultiExitCELoss(schedule="sdn", **kw),
+    "distillation": losses.DistillationBasedLoss,
+    "eed": losses.ExitEnsembleLoss,
+    "byot": losses.SelfDistillationLoss,
+    "msd": losses.MultiSelfDistillationLoss,
+    "mate": losses.AppropriateTeachersLoss,
+    "ekd": losses.EnsembleKnowledgeDistillationLoss,
+}
+_NEEDS_EPOCHS = ("sdn", "msd")
+
+
+def loss_names() -> list[str]:
+    """The short names `create_loss` accepts."""
+    return list(_LOSSES)
+
+
+def create_loss(name: str, num_exits: int | None = None, epochs: int | None = None, *, preset: str | None = None, **kwargs) -> MultiExitLoss:
+    """A loss by short name: ``ce``, ``sdn`` (SDN ramp), ``distillation`` (Phuong & Lampert), ``eed``,
+    ``byot``, ``msd``, ``mate``, ``ekd``. `epochs` feeds the schedules of ``sdn`` and ``msd``.
+
+    ``preset="authors"``: the configuration of the authors' released code, where there is one
+    (``sdn``, ``distillation``, ``eed``, ``byot``; see `timm_exits.presets`); keyword arguments
+    given here override it.
+    """
+    if name not in _LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {loss_names()}")
+    if preset is not None:
+        kwargs = {**authors_preset(name, preset, num_exits, epochs, kwargs), **kwargs}
+    if name in _NEEDS_EPOCHS:
+        kwargs["epochs"] = epochs
+    return _LOSSES[name](num_exits=num_exits, **kwargs)

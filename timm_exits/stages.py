@@ -241,6 +241,11 @@ def list_stages(model: nn.Module, input_size: Sequence[int] | None = None, leaf_
         >>> [s.name for s in timm_exits.list_stages(timm.create_model("resnet18"))]
         ['act1', 'layer1', 'layer2', 'layer3', 'layer4']
     """
+    if not isinstance(model, nn.Module):
+        hint = f"; build it first, e.g. timm.create_model({model!r})" if isinstance(model, str) else ""
+        raise TypeError(f"list_stages takes a model (an nn.Module), got {type(model).__name__}{hint}")
+    if hasattr(model, "exits") and hasattr(model, "backbone") and hasattr(model, "steps"):  # a MultiExitModel (not imported here)
+        raise TypeError(f"list_stages takes the backbone: this model is already wrapped (stages {model.stages}); call list_stages(model.backbone)")
     traced, shapes, size = _traced_with_shapes(model, input_size, TraceOptions.of(leaf_modules, autowrap_functions))
     return stage_table(model, traced, shapes, last_uses(traced), size[1:], own_size_shapes(model, traced, size, shapes))
 

@@ -134,6 +134,9 @@ def _resolve(spec, table: list[Stage], traced: TracedGraph, module_names: set[st
             raise ValueError(f"stage {spec} ({stage.name!r}) cannot take an exit: {stage.reason}. The model's stages are:\n{describe(table)}")
         return stage.name, traced.find(stage.name)
     node = traced.find(spec) if spec in module_names else traced.by_name(spec)
+    if node is not None and node.op in ("get_attr", "placeholder", "output"):
+        what = {"get_attr": "a parameter or buffer", "placeholder": "the input", "output": "the output"}[node.op]
+        raise ValueError(f"stage {spec!r} is {what} of the model, not a feature it computes. The model's stages are:\n{describe(table)}")
     if node is None:
         raise ValueError(
             f"unknown stage {spec!r}: it is neither a module name of the model (see model.named_modules()) "

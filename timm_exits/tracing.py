@@ -74,7 +74,22 @@ class TraceOptions:
 
     @classmethod
     def of(cls, leaf_modules: Iterable[type] = (), autowrap_functions: Iterable[Any] = ()) -> "TraceOptions":
-        return cls(tuple(leaf_modules), tuple(autowrap_functions))
+        """Checked: a list of module classes, and a list of functions."""
+        if isinstance(leaf_modules, type) or isinstance(leaf_modules, nn.Module):
+            raise TypeError(f"leaf_modules must be a list of module classes, e.g. leaf_modules=[{_class_name(leaf_modules)}], got {leaf_modules!r}")
+        leaves = tuple(leaf_modules)
+        for leaf in leaves:
+            if isinstance(leaf, nn.Module):
+                raise TypeError(f"leaf_modules takes module classes, not instances: pass {type(leaf).__name__}, not {leaf!r}")
+            if not (isinstance(leaf, type) and issubclass(leaf, nn.Module)):
+                raise TypeError(f"leaf_modules must hold nn.Module subclasses, got {leaf!r}")
+        if callable(autowrap_functions):
+            raise TypeError(f"autowrap_functions must be a list of functions, e.g. autowrap_functions=[{getattr(autowrap_functions, '__name__', 'fn')}]")
+        functions = tuple(autowrap_functions)
+        for fn in functions:
+            if not callable(fn):
+                raise TypeError(f"autowrap_functions must hold functions, got {fn!r}")
+        return cls(leaves, functions)
 
     def merged(self) -> tuple[tuple[type, ...], tuple[Any, ...]]:
         """torchvision's defaults (torchvision.ops as leaves, math autowrapped) plus timm's registry plus these.
@@ -123,6 +138,10 @@ class _PathTracer(fx.Tracer):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         self.paths[node] = target if kind == "call_module" else self.module_path
         return node
+
+
+def _class_name(obj) -> str:
+    return obj.__name__ if isinstance(obj, type) else type(obj).__name__
 
 
 def set_training(model: nn.Module, modes: dict[nn.Module, bool] | bool) -> dict[nn.Module, bool]:

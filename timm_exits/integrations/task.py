@@ -15,7 +15,8 @@ import torch
 from timm.utils.model import unwrap_model as _unwrap  # peels DDP (.module), torch.compile (._orig_mod), EMA wrappers
 from torch import nn
 
-from ..losses import EnsembleKnowledgeDistillationLoss, MultiExitLoss, create_loss, loss_names
+from ..losses import EnsembleKnowledgeDistillationLoss, MultiExitLoss
+from ..presets import create_loss, loss_names
 from ..model import ExitOutputs, MultiExitModel
 
 try:  # timm's task API; absent before timm 1.0.20
