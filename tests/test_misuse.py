@@ -316,3 +316,43 @@ def test_a_feature_loss_with_a_head_that_gives_no_features():
     model = resnet(head=no_features)
     with pytest.raises(TypeError, match=r"^the head of exit 1 \(Sequential\) takes no return_features: a feature term needs heads whose"):
         model(torch.randn(2, 3, 32, 32), return_features=True)
+
+
+# -- checkpoints name the wrap they come from --------------------------------------------------------
+
+
+def wrapped_at(stages):
+    torch.manual_seed(0)
+    return timm_exits.wrap(timm.create_model("resnet18", num_classes=5), stages=stages, input_size=(3, 32, 32))
+
+
+def test_a_checkpoint_of_another_wrap_is_refused_by_name_even_when_the_shapes_agree():
+    saved = wrapped_at(["layer1.0"]).state_dict()  # layer1.0 and layer1 both give 64 channels: the head shapes agree
+    model = wrapped_at(["layer1"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=exactly(
+        "the checkpoint comes from a model wrapped at stages ['layer1.0'] with heads ['LinearHead']; this one is wrapped at stages ['layer1'] "
+        "with heads ['LinearHead']: wrap the backbone as it was when saved (or load with strict=False to take what fits)"
+    )):
+        model.load_state_dict(saved)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing half-loaded
+    model.load_state_dict(saved, strict=False)  # on purpose: take what fits
+    assert torch.equal(model.exits[0].fc.weight, saved["exits.0.fc.weight"])
+
+
+def test_checkpoints_from_before_the_record_still_load_alone_and_nested():
+    old = {k: v for k, v in wrapped_at([1, 2]).state_dict().items() if k != "exits._extra_state"}
+    wrapped_at([1, 2]).load_state_dict(old)
+    nn.Sequential(wrapped_at([1, 2])).load_state_dict({f"0.{k}": v for k, v in old.items()})
+    other_wrap = {f"0.{k}": v for k, v in wrapped_at(["layer1.0"]).state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"wrapped at stages \['layer1.0'\] with heads \['LinearHead'\]; this one is wrapped at stages \['layer1'\]"):
+        nn.Sequential(wrapped_at(["layer1"])).load_state_dict(other_wrap)  # the record is checked inside a parent module too
+
+
+def test_the_record_travels_in_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_file(wrapped_at(["layer1.0"]).state_dict(), tmp_path / "model.safetensors")
+    wrapped_at(["layer1.0"]).load_state_dict(load_file(tmp_path / "model.safetensors"))
+    with pytest.raises(RuntimeError, match=r"^the checkpoint comes from a model wrapped at stages \['layer1.0'\]"):
+        wrapped_at(["layer1"]).load_state_dict(load_file(tmp_path / "model.safetensors"))

@@ -8,6 +8,7 @@ also returns the pooled feature its classifier read (for feature-level distillat
 """
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 import torch
@@ -17,7 +18,7 @@ from .stages import FeatureLayout
 from .surgery import ExitSite
 from .tracing import set_training
 
-__all__ = ["register_head", "create_head", "check_head", "head_names", "LinearHead", "SDNHead", "ConvHead", "BottleneckHead", "ReplicaHead", "FeaturePool"]
+__all__ = ["register_head", "create_head", "check_head", "ExitHeads", "head_names", "LinearHead", "SDNHead", "ConvHead", "BottleneckHead", "ReplicaHead", "FeaturePool"]
 
 _HEADS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -269,3 +270,47 @@ class ReplicaHead(_Head):
 
     def features(self, x):
         return self.pool(self.blocks(x))
+
+
+class ExitHeads(nn.ModuleList):
+    """The exit heads, shallow to deep, and the wrap they were built for.
+
+    A checkpoint records that wrap (the stages, each head's class) under ``exits._extra_state``,
+    so that loading one from a model wrapped at other stages is refused by name even when the
+    heads' shapes happen to agree.
+    """
+
+    def __init__(self, heads, stages):
+        super().__init__(heads)
+        self.stages = list(stages)
+
+    def _record(self) -> dict:
+        return {"stages": list(self.stages), "heads": [type(h).__name__ for h in self]}
+
+    def get_extra_state(self) -> torch.Tensor:
+        """JSON bytes in a uint8 tensor, so that torch.save, safetensors and distributed checkpoints all carry it."""
+        return torch.tensor(list(json.dumps(self._record()).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        """Nothing to restore: the record is derived from the heads, and checked when a checkpoint loads."""
+
+    def mismatch(self, saved) -> str | None:
+        """How the wrap recorded in a checkpoint differs from this one, or None."""
+        if not isinstance(saved, torch.Tensor):
+            return None
+        record, own = json.loads(bytes(saved.tolist()).decode()), self._record()
+        if record == own:
+            return None
+        return (
+            f"the checkpoint comes from a model wrapped at stages {record.get('stages')} with heads {record.get('heads')}; "
+            f"this one is wrapped at stages {own['stages']} with heads {own['heads']}: wrap the backbone as it was when saved "
+            "(or load with strict=False to take what fits)"
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "_extra_state"
+        mismatch = self.mismatch(state_dict.get(key))
+        if mismatch:  # reported like an unexpected key, so that strict=False still takes what fits (also inside a parent module)
+            unexpected_keys.append(f"{key} ({mismatch})")
+        state_dict[key] = self.get_extra_state()  # a checkpoint saved before the wrap was recorded has none: it loads as before
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)

@@ -9,7 +9,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .heads import check_head, create_head
+from .heads import ExitHeads, check_head, create_head
 from .surgery import ExitPlan, plan_exits
 from .tracing import TraceOptions
 
@@ -385,7 +385,8 @@ class MultiExitModel(nn.Module):
         """`nn.Module.load_state_dict`, with an error that says how a strict mismatch came about.
 
         A checkpoint of the backbone alone (a timm checkpoint) belongs in ``model.backbone``; one
-        of a model wrapped at other stages or with other heads differs under ``exits.``.
+        of a model wrapped at other stages or with other heads differs under ``exits.``, or, when
+        the heads' shapes happen to agree, in the wrap it records (``exits._extra_state``).
         """
         if strict:
             check_state_keys(self, state_dict)
@@ -403,10 +404,14 @@ def _listed(keys: set[str], limit: int = 8) -> str:
 
 def check_state_keys(model: MultiExitModel, state_dict) -> None:
     """Raise a RuntimeError naming the keys in which `state_dict` and `model` differ, and the likely cause."""
-    own = set(model.state_dict().keys())
-    given = set(state_dict.keys())
+    record = "exits._extra_state"  # the wrap's record: compared below, and absent from checkpoints saved before it
+    own = set(model.state_dict().keys()) - {record}
+    given = set(state_dict.keys()) - {record}
     missing, unexpected = own - given, given - own
     if not missing and not unexpected:
+        mismatch = model.exits.mismatch(state_dict.get(record)) if isinstance(model.exits, ExitHeads) else None
+        if mismatch:  # before anything loads: the model stays as it was
+            raise RuntimeError(mismatch)
         return
     backbone_keys = {k[len("backbone."):] for k in own if k.startswith("backbone.")}
     if not given & own and given & backbone_keys:
@@ -486,7 +491,7 @@ def wrap(
     heads = list(head) if isinstance(head, (list, tuple)) else [head] * len(plan.sites)
     if len(heads) != len(plan.sites):
         raise ValueError(f"head has {len(heads)} entries but there are {len(plan.sites)} stages {plan.stage_names}; give one head or one per stage")
-    exits = nn.ModuleList([create_head(h, site, plan.num_classes, **(head_kwargs or {})) for h, site in zip(heads, plan.sites)])
+    exits = ExitHeads([create_head(h, site, plan.num_classes, **(head_kwargs or {})) for h, site in zip(heads, plan.sites)], plan.stage_names)
     ref = next(iter(model.parameters()), None)
     if ref is not None:
         exits.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
