@@ -1,5 +1,6 @@
 """Misuse a user could make, as they would write it: each gets a clear error (or a warning where the
 input is legal but almost surely a mistake) at the call, naming the argument and what is valid."""
+import copy
 import pickle
 
 import pytest
@@ -356,3 +357,10 @@ def test_the_record_travels_in_safetensors(tmp_path):
     wrapped_at(["layer1.0"]).load_state_dict(load_file(tmp_path / "model.safetensors"))
     with pytest.raises(RuntimeError, match=r"^the checkpoint comes from a model wrapped at stages \['layer1.0'\]"):
         wrapped_at(["layer1"]).load_state_dict(load_file(tmp_path / "model.safetensors"))
+
+
+def test_the_heads_still_behave_as_a_module_list():
+    model = wrapped_at([1, 2, 3])
+    tail = model.exits[1:]
+    assert len(tail) == 2 and tail[0] is model.exits[1] and tail.stages == ["layer2", "layer3"]
+    assert isinstance(model.exits, nn.ModuleList) and copy.deepcopy(model).exits.stages == ["layer1", "layer2", "layer3"]

@@ -280,9 +280,14 @@ class ExitHeads(nn.ModuleList):
     heads' shapes happen to agree.
     """
 
-    def __init__(self, heads, stages):
+    def __init__(self, heads=None, stages=None):
         super().__init__(heads)
-        self.stages = list(stages)
+        self.stages = None if stages is None else list(stages)
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):  # a slice keeps its heads' stages
+            return type(self)(list(self._modules.values())[idx], None if self.stages is None else self.stages[idx])
+        return super().__getitem__(idx)
 
     def _record(self) -> dict:
         return {"stages": list(self.stages), "heads": [type(h).__name__ for h in self]}
