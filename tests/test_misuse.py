@@ -364,3 +364,14 @@ def test_the_heads_still_behave_as_a_module_list():
     tail = model.exits[1:]
     assert len(tail) == 2 and tail[0] is model.exits[1] and tail.stages == ["layer2", "layer3"]
     assert isinstance(model.exits, nn.ModuleList) and copy.deepcopy(model).exits.stages == ["layer1", "layer2", "layer3"]
+
+
+def test_ekd_is_given_the_teachers_logits_not_the_teachers():
+    loss = timm_exits.EnsembleKnowledgeDistillationLoss()
+    teachers = nn.ModuleList([nn.Linear(4, 5)])
+    logits = [torch.randn(2, 5) for _ in range(3)]
+    message = "teacher_logits takes the teachers' logits, not the teacher models: compute them first, e.g. with torch.no_grad(): teacher_logits = [teacher(x) for teacher in teachers]"
+    for given in (teachers, list(teachers)):
+        with pytest.raises(TypeError, match=exactly(message)):
+            loss(logits, torch.zeros(2, dtype=torch.long), given)
+    assert torch.isfinite(loss(logits, torch.zeros(2, dtype=torch.long), [torch.randn(2, 5)]))

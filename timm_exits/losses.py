@@ -443,6 +443,11 @@ class EnsembleKnowledgeDistillationLoss(MultiExitLoss):
         target = self._check_target(target, logits[0])
         if teacher_logits is None:
             raise TypeError("EnsembleKnowledgeDistillationLoss needs the teachers' logits: loss_fn(outputs, target, teacher_logits)")
+        if isinstance(teacher_logits, nn.Module) or (isinstance(teacher_logits, (list, tuple)) and any(isinstance(t, nn.Module) for t in teacher_logits)):
+            raise TypeError(
+                "teacher_logits takes the teachers' logits, not the teacher models: compute them first, "
+                "e.g. with torch.no_grad(): teacher_logits = [teacher(x) for teacher in teachers]"
+            )
         teachers = [teacher_logits] if isinstance(teacher_logits, torch.Tensor) else list(teacher_logits)
         for k, t in enumerate(teachers):
             if not isinstance(t, torch.Tensor) or t.shape != logits[0].shape:
