@@ -65,20 +65,24 @@ class ExitPlan:
         return self  # never changed after wrap(); copies of a model share it (and its graphs)
 
 
+def _get_classifier(model: nn.Module):
+    """timm's ``get_classifier()``, or None where the model has none (or one that needs arguments)."""
+    get_classifier = getattr(model, "get_classifier", None)
+    try:
+        return get_classifier() if callable(get_classifier) else None
+    except Exception:  # some models' get_classifier needs arguments
+        return None
+
+
 def _classifier_node(model: nn.Module, traced: TracedGraph) -> fx.Node | None:
     """The call of the backbone's final classifier layer, whose input is the pre-logits feature."""
-    get_classifier = getattr(model, "get_classifier", None)
-    if callable(get_classifier):
-        try:
-            clf = get_classifier()
-        except Exception:  # some models' get_classifier needs arguments; fall through
-            clf = None
-        if isinstance(clf, nn.Module) and not isinstance(clf, nn.Identity):
-            path = next((n for n, m in model.named_modules() if m is clf), None)
-            if path:
-                node = traced.last_node_of_module(path)
-                if node is not None:
-                    return node
+    clf = _get_classifier(model)
+    if isinstance(clf, nn.Module) and not isinstance(clf, nn.Identity):
+        path = next((n for n, m in model.named_modules() if m is clf), None)
+        if path:
+            node = traced.last_node_of_module(path)
+            if node is not None:
+                return node
     calls = [n for n in traced.nodes if n.op == "call_module" and isinstance(model.get_submodule(n.target), (nn.Linear, nn.Conv2d))]
     return calls[-1] if calls else None
 
@@ -92,11 +96,7 @@ def _check_classifier(model: nn.Module) -> None:
     num_classes = getattr(model, "num_classes", None)
     if isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes <= 0:
         raise ValueError(f"{type(model).__name__} has no classifier (num_classes={num_classes}); {fix}")
-    get_classifier = getattr(model, "get_classifier", None)
-    try:
-        classifier = get_classifier() if callable(get_classifier) else None
-    except Exception:  # some models' get_classifier needs arguments
-        classifier = None
+    classifier = _get_classifier(model)
     where = "get_classifier()" if isinstance(classifier, nn.Identity) else None
     if where is None and classifier is None:
         where = next((f"model.{name}" for name in _CLASSIFIER_NAMES if isinstance(getattr(model, name, None), nn.Identity)), None)
