@@ -4,7 +4,7 @@ For each model, the plain and the wrapped forward are timed alternately in one p
 on a shared machine hits both alike) and the ratio of their medians is compared with what the
 FLOPs predict: 1 + (heads' FLOPs / backbone FLOPs), from `timm_exits.flops_report`. Also times wrap().
 
-    python benchmarks/overhead.py [--batch 32] [--size 224] [--repeats 7]
+    python benchmarks/overhead.py [--batch 32] [--size 224] [--repeats 7] [--breakdown]
 """
 from __future__ import annotations
 
@@ -62,13 +62,50 @@ def measure(name: str, stages, batch: int, size: int, repeats: int) -> dict:
     }
 
 
+@torch.inference_mode()
+def breakdown(batch: int, size: int, repeats: int) -> dict:
+    """Where resnet50's wrapper cost comes from: fx's code of the plain model, the cuts, the heads.
+
+    One process, alternating rounds after a warm-up: the plain model, a whole-model fx trace of
+    it, the wrapped model's segments without heads, and the wrapped model; medians over plain.
+    """
+    torch.manual_seed(0)
+    plain = timm.create_model("resnet50").eval()
+    model = timm_exits.wrap(plain, stages=[1, 2, 3]).eval()
+    x = torch.randn(batch, 3, size, size)
+    traced = torch.fx.symbolic_trace(plain)
+
+    def segments_only():
+        state = (x,)
+        for step in model.steps()[:-1]:
+            _, state = step.segment(*state)
+        model.steps()[-1].segment(*state)
+
+    runs = {"plain": lambda: plain(x), "fx whole graph": lambda: traced(x), "segments only": segments_only, "wrapped": lambda: model(x)}
+    times = {k: [] for k in runs}
+    for round_ in range(repeats + 1):
+        for label, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            if round_:
+                times[label].append(time.perf_counter() - t)
+    base = statistics.median(times["plain"])
+    return {label: statistics.median(v) / base for label, v in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--breakdown", action="store_true", help="only resnet50's cost split: fx's code, the cuts, the heads")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.breakdown:
+        print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads; resnet50, batch {args.batch} at {args.size}, median of {args.repeats} rounds, over plain")
+        for label, ratio in breakdown(args.batch, args.size, args.repeats).items():
+            print(f"| {label} | {ratio:.3f} |")
+        return
     rows = {label: measure(name, stages, args.batch, args.size, args.repeats) for label, (name, stages) in CASES.items()}
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}")
     print(f"batch {args.batch} at {args.size}x{args.size}, eval, inference_mode, median of {args.repeats} alternating runs")
