@@ -2,6 +2,7 @@
 input is legal but almost surely a mistake) at the call, naming the argument and what is valid."""
 import copy
 import pickle
+import warnings
 
 import pytest
 import timm
@@ -308,6 +309,61 @@ def test_small_things_that_crashed():
     loss = timm_exits.MultiExitCELoss(weights=[1, 1, 1])
     with pytest.raises(ValueError, match=exactly("MultiExitCELoss: weights has 3 entries, one per exit, but outputs holds 4 exits")):
         loss([torch.randn(2, 5)] * 4, torch.zeros(2, dtype=torch.long))
+
+
+def test_a_traced_shape_check_names_the_sizes_not_fx_proxies():
+    vit = timm_exits.wrap(timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32), stages=[3]).eval()
+    for call in (lambda: vit(torch.randn(2, 3, 64, 64)), lambda: timm_exits.flops_report(vit, input_size=(3, 64, 64)), lambda: timm_exits.early_exit(vit, torch.randn(2, 3, 64, 64), threshold=0.5)):
+        with pytest.raises(AssertionError, match=exactly("Input height (64) doesn't match model (32).")):
+            call()
+    assert vit(torch.randn(2, 3, 32, 32))[-1].shape == (2, 5)
+    x = torch.randn(1, 3, 32, 32)
+    assert all(torch.equal(a, b) for a, b in zip(vit(x), pickle.loads(pickle.dumps(vit))(x)))
+
+
+def test_unpickling_a_vit_leaves_later_wraps_traced():
+    """Its segments' code once re-registered fx's None check under a dotted name: every later trace failed."""
+    vit = timm_exits.wrap(timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32), stages=[3])
+    pickle.loads(pickle.dumps(vit)), copy.deepcopy(vit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback to forward_intermediates warns
+        assert resnet().steps()[0].skips
+
+
+class Gated(nn.Module):
+    """A block that runs its second conv only when the mean activation is positive: control flow on the data."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.a(x)
+        if x.mean() > 0:
+            x = self.b(x)
+        return x
+
+
+class GatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.stage = Gated(), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.stage(self.gate(x)).mean((2, 3)))
+
+
+def test_a_count_that_depends_on_the_input_says_so():
+    torch.manual_seed(0)
+    net = GatedNet()
+    wrapped = timm_exits.wrap(net, stages=["gate"], leaf_modules=[Gated], input_size=(3, 16, 16))
+    for model in (net, wrapped):
+        notes = timm_exits.flops_report(model, input_size=(3, 16, 16)).notes
+        assert any(n.startswith("the count depends on the example input: the model branches on tensor values (at ") and __file__ in n for n in notes), notes
+    resnet_notes = timm_exits.flops_report(resnet()).notes
+    vit = timm_exits.wrap(timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32), stages=[3])
+    assert not any("tensor values" in n for n in resnet_notes + timm_exits.flops_report(vit).notes)  # shape checks are not branches
 
 
 def test_a_feature_loss_with_a_head_that_gives_no_features():

@@ -16,6 +16,7 @@ import functools
 import itertools
 import json
 import math
+import os
 import warnings
 from collections import Counter
 from typing import Callable, Sequence
@@ -24,6 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from . import tracing
 from .model import ExitRun, ExitStep, MultiExitModel
 from .tracing import check_input_size, dummy_input, evaluating
 
@@ -260,7 +262,8 @@ def _analysis(module: nn.Module, inputs: tuple, handles: dict | None, failed: di
         analysis.set_op_handle(op, None if handle is None else _guard(op, handle, failed))
     # "caller": an op belongs to every module running when it runs, so the backbone's modules
     # (called from inside a segment) still count towards that segment
-    return analysis.ancestor_mode("caller").unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    # tracer warnings "all": `_count_once` records them to find data-dependent branches
+    return analysis.ancestor_mode("caller").unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("all")
 
 
 class _Probe(nn.Module):
@@ -362,17 +365,66 @@ def _hooks_restored(roots: Sequence[nn.Module]):
                 m._forward_hooks_always_called.pop(hook_id, None)
 
 
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
+def _branch_sites(caught: list[warnings.WarningMessage]) -> list[str]:
+    """Where the traced code turned a tensor into a Python bool or number, outside torch itself.
+
+    Inside torch these come from ``torch._assert`` and from formatting its message (timm's shape
+    checks), which do not change what is computed; elsewhere they are a branch, a loop count or a
+    size taken from the data, and the trace holds for this input only.
+    """
+    sites = []
+    for w in caught:
+        inside = w.filename.startswith(_TORCH_DIR) or w.filename == tracing.__file__  # tracing.assert_formatted: a shape check
+        if issubclass(w.category, torch.jit.TracerWarning) and "Converting a tensor to a Python" in str(w.message) and not inside:
+            site = f"{w.filename}:{w.lineno}"
+            if site not in sites:
+                sites.append(site)
+    return sites
+
+
 def _count(model: nn.Module, backbone: nn.Module, x: torch.Tensor, handles, failed: dict[str, str]) -> _Counts:
+    """`_count_once`, and a second count on ``-x`` where the trace read tensor values into Python.
+
+    The jit trace records one path through the code. Where the code branched on the data, the count
+    is that path's: the report says so, with the sites and what the other input cost.
+    """
+    counts, sites = _count_once(model, backbone, x, handles, failed)
+    if sites:
+        other, _ = _count_once(model, backbone, -x, handles, {})
+        where = ", ".join(sites[:3]) + (f" and {len(sites) - 3} more" if len(sites) > 3 else "")
+        if other.backbone_flops[-1] != counts.backbone_flops[-1] or other.head_flops != counts.head_flops:
+            first, second = (c.backbone_flops[-1] / x.shape[0] for c in (counts, other))
+            counts.notes.append(
+                f"the count depends on the example input: the model branches on tensor values (at {where}); "
+                f"the backbone counted {first:,.0f} FLOPs on this input and {second:,.0f} on its negation. "
+                "Pass example_input= with representative data, and read the counts as this input's"
+            )
+        else:
+            counts.notes.append(f"the model reads tensor values into Python (at {where}); a second input gave the same count, but other inputs may take another path")
+    return counts
+
+
+def _count_once(model: nn.Module, backbone: nn.Module, x: torch.Tensor, handles, failed: dict[str, str]) -> tuple[_Counts, list[str]]:
     """Count `model` in eval mode; every submodule's own mode comes back, and every hook the count added goes.
 
     fvcore scopes a trace with hooks on every module it analyses, and two counts over the same
     modules at once would push and pop each other's scopes (and abort the jit tracer). `evaluating`
-    holds the lock every mode-changing call takes, so counts take turns.
+    holds the lock every mode-changing call takes, so counts take turns. Also returns where the
+    trace read tensor values into Python (`_branch_sites`).
     """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        counts = _count_traced(model, backbone, x, handles, failed)
+    return counts, _branch_sites(caught)
+
+
+def _count_traced(model: nn.Module, backbone: nn.Module, x: torch.Tensor, handles, failed: dict[str, str]) -> _Counts:
     with evaluating(model):
         steps = model.steps() if isinstance(model, MultiExitModel) else []
-        with _hooks_restored([model, *steps]), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the jit tracer's warnings are about reusing the trace, which we do not do
+        with _hooks_restored([model, *steps]), torch.no_grad():
             if not isinstance(model, MultiExitModel):
                 analysis = _analysis(model, (x,), handles, failed)
                 note = f"{type(model).__name__} is not a MultiExitModel: reported as a single exit (timm_exits.wrap(model, stages=...) adds exits)"

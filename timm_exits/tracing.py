@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -135,9 +136,30 @@ class _PathTracer(fx.Tracer):
             self.module_path = parent
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        if kind == "call_function" and target is torch._assert:
+            target, args = self._assert_with_values(args)
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         self.paths[node] = target if kind == "call_module" else self.module_path
         return node
+
+
+    def _assert_with_values(self, args: tuple) -> tuple[Any, tuple]:
+        """``torch._assert(cond, f"... {h} ...")`` traced bakes ``Proxy(getitem_2)`` into the message; format it at run time instead."""
+        message = args[1] if len(args) == 2 else None
+        names = re.findall(r"Proxy\((\w+)\)", message) if isinstance(message, str) else []
+        nodes = {n.name: n for n in self.graph.nodes}
+        if not names or not all(n in nodes for n in names):
+            return torch._assert, args
+        template = re.sub(r"Proxy\(\w+\)", "{}", message.replace("{", "{{").replace("}", "}}"))
+        return assert_formatted, (args[0], template, *(nodes[n] for n in names))
+
+
+def assert_formatted(condition, template: str, *values) -> None:
+    """`torch._assert` whose message is formatted with the values the check read (a traced shape check)."""
+    if isinstance(condition, fx.Proxy):  # a segment traced again (unpickling does so): stay one node
+        return condition.tracer.create_proxy("call_function", assert_formatted, (condition, template, *values), {})
+    if not condition:
+        raise AssertionError(template.format(*values))
 
 
 def _class_name(obj) -> str:
@@ -217,7 +239,23 @@ def trace(model: nn.Module, training: bool, options: TraceOptions = TraceOptions
     finally:
         _drop_proxies(model)
         set_training(model, old)
+    _drop_none_checks(graph, tracer.paths)
     return TracedGraph(graph, tracer.paths)
+
+
+def _drop_none_checks(graph: fx.Graph, paths: dict[fx.Node, str]) -> None:
+    """Remove fx's checks that an optional argument left at None is None: wrap() never passes one.
+
+    fx emits ``wrap("torch.fx._symbolic_trace._assert_is_none")`` in the segment's code for them;
+    run again when the segment is unpickled or copied, that line registers a name no module has,
+    and every later fx trace in the process fails with a KeyError (a ViT, whose forward takes
+    ``attn_mask=None``, did this).
+    """
+    from torch.fx._symbolic_trace import _assert_is_none
+
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target is _assert_is_none]:
+        graph.erase_node(node)
+        paths.pop(node, None)
 
 
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:
