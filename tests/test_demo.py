@@ -1,4 +1,6 @@
-"""The main job runs end to end and learns something (two short epochs)."""
+"""The main job runs end to end and learns something (one short epoch)."""
+import pytest
+
 from timm_exits.cli import main
 from timm_exits.demo import load_digits_32, run_demo
 
@@ -9,24 +11,29 @@ def test_digits_split_is_fixed_and_32x32():
     assert (a[1] == b[1]).all() and (a[3] == b[3]).all()
 
 
-def test_demo_trains_and_reports_every_exit(tmp_path):
+def test_demo_trains_and_reports_every_exit_beside_its_baselines(tmp_path):
     lines = []
-    result = run_demo(epochs=2, log=lines.append, plot=str(tmp_path / "tradeoff.png"))
+    result = run_demo(epochs=3, variants=1, log=lines.append, plot=str(tmp_path / "tradeoff.png"))
     assert len(result["accuracy"]) == 4
-    assert result["accuracy"][-1] > 0.3  # well above chance (0.1) after two short epochs (0.51 when written)
-    assert any(line.strip().startswith("4  head (backbone)") for line in lines)
+    assert result["accuracy"][-1] > 0.3  # well above chance (0.1) after three short epochs on the corrupted digits
+    assert any(line.startswith("exit 4         head (backbone)") for line in lines)
+    assert [line.split()[0] for line in lines if line.startswith(("baseline ", "smaller plain "))] == ["baseline", "smaller"]
+    assert set(result["baselines"]) == {"baseline", "smaller plain"}
+    assert result["baselines"]["baseline"]["flops"] == result["flops"][-1] > result["baselines"]["smaller plain"]["flops"]
     assert result["flops"] == sorted(result["flops"]) and result["flops"][0] > 0
-    # the early-exit trade-off: five budgets from the first exit's cost to the whole model's
+    # the early-exit trade-off: five budgets from the first exit's cost to the whole model's, each speedup three ways
     budgets = result["early_exit"]["budgets"]
     assert len(budgets) == 5 and budgets[-1]["exit_shares"][-1] == 1.0 and budgets[0]["exit_shares"][0] == 1.0
-    assert result["early_exit"]["speedup"] > 0 and any("faster than the plain" in line for line in lines)
+    assert all(b["measured"] > 0 and b["time_predicted"] > 0 and b["flops_predicted"] > 0.99 for b in budgets)
+    assert budgets[-1]["flops_predicted"] == pytest.approx(1.0, abs=1e-3) and budgets[-1]["time_predicted"] <= 1.0 + 1e-9  # nobody leaves early: no gain, the heads' time extra
+    assert any("measured" in line and "time-predicted" in line and "FLOPs-predicted" in line for line in lines)
     assert (tmp_path / "tradeoff.png").stat().st_size > 1000
 
 
 def test_demo_takes_a_loss_by_name_and_trains_a_teacher_for_ekd():
     lines = []
-    result = run_demo(loss="ekd", epochs=1, log=lines.append)
-    assert result["loss"] == "ekd" and len(result["accuracy"]) == 4
+    result = run_demo(loss="ekd", epochs=1, variants=1, baselines=False, log=lines.append)
+    assert result["loss"] == "ekd" and len(result["accuracy"]) == 4 and "baselines" not in result
     assert any("training the teacher" in line for line in lines)
     assert any(line.startswith("loss: EnsembleKnowledgeDistillationLoss(") for line in lines)
 

@@ -484,7 +484,7 @@ def test_plot_tradeoff_draws_the_curve_and_the_exits(tmp_path, monkeypatch):
     path = timm_exits.plot_tradeoff(curve, tmp_path / "tradeoff.png", anytime=anytime)
     assert path == str(tmp_path / "tradeoff.png")
     png = (tmp_path / "tradeoff.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (660, 480)  # 5.5 x 4 in at 120 dpi
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (780, 540)  # 6.5 x 4.5 in at 120 dpi
     fig, ax = drawn[0]
     (budgeted, exits) = ax.get_lines()
     exact = dict(rel=1e-12)
@@ -496,9 +496,26 @@ def test_plot_tradeoff_draws_the_curve_and_the_exits(tmp_path, monkeypatch):
     assert (budgeted.get_marker(), budgeted.get_linestyle(), exits.get_marker(), exits.get_linestyle()) == ("o", "-", "s", "--")
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["early exit, budgeted (MSDNet protocol)", "each exit alone (anytime)"]
     assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("average MFLOPs per sample", "accuracy (%)", "accuracy vs FLOPs")
-    timm_exits.plot_tradeoff(curve, tmp_path / "alone.png", title="digits")
+    assert [t.get_text() for t in ax.texts] == [f"exit {k}" for k in range(1, len(anytime) + 1)]  # each exit labeled where it is drawn
+    assert [c for t in ax.texts for c in t.xy] == pytest.approx([c for p in anytime for c in (p.flops / 1e6, 100 * p.accuracy)], **exact)
+    timm_exits.plot_tradeoff(curve, tmp_path / "alone.png", title="digits", points={"plain": (cached.flops[-1], 0.5)})
     fig, ax = drawn[1]
-    assert len(ax.get_lines()) == 1 and ax.get_title() == "digits"
+    (_, plain) = ax.get_lines()
+    assert ax.get_title() == "digits" and plain.get_label() == "plain" and (plain.get_xdata()[0], plain.get_ydata()[0]) == (cached.flops[-1] / 1e6, 50.0)
+    low, high = ax.get_ylim()
+    values = [100 * p.accuracy for p in curve] + [50.0]
+    assert low <= min(values) and high >= max(values) and high - low >= 10  # everything shown, and never fewer than 10 points of accuracy
+
+
+def test_plot_tradeoff_does_not_magnify_a_few_images_into_a_cliff(tmp_path, monkeypatch):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    drawn = []
+    subplots = plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: drawn.append(subplots(*a, **k)) or drawn[-1])
+    curve = [timm_exits.calibration.CurvePoint(f, a, f, [1.0], []) for f, a in [(1e6, 0.9950), (2e6, 0.9956), (3e6, 0.9956)]]  # two images of 450
+    timm_exits.plot_tradeoff(curve, tmp_path / "flat.png")
+    low, high = drawn[0][1].get_ylim()
+    assert high - low >= 10 and high <= 100
 
 
 def test_plot_tradeoff_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):

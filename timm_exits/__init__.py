@@ -13,6 +13,7 @@ from .calibration import (
     plot_tradeoff,
 )
 from .placement import FlopsPlacement, at_flops
+from .profile import ExitProfile, profile_exits
 from .integrations import MultiExitTask, MultiExitTrainable
 from .heads import create_head, head_names, register_head
 from .losses import (
@@ -70,6 +71,8 @@ __all__ = [
     "anytime_accuracy",
     "budgeted_curve",
     "plot_tradeoff",
+    "profile_exits",
+    "ExitProfile",
     "MultiExitTask",
     "MultiExitTrainable",
     "export_exits",

@@ -245,8 +245,13 @@ def budgeted_curve(cached: CachedExits, budgets: Sequence[float] | int = 20, cri
     return points
 
 
-def plot_tradeoff(curve: Sequence[CurvePoint], path, anytime: Sequence[AnytimePoint] | None = None, title: str | None = None) -> str:
-    """Write accuracy against average FLOPs (the budgeted curve, and the exits' anytime points) to a PNG; returns its path."""
+def plot_tradeoff(curve: Sequence[CurvePoint], path, anytime: Sequence[AnytimePoint] | None = None, title: str | None = None, points: dict | None = None) -> str:
+    """Write accuracy against average FLOPs to a PNG; returns its path.
+
+    Draws the budgeted curve, each exit alone (`anytime`, labeled "exit k") and `points`
+    (``{label: (flops, accuracy)}``, other models such as the plain backbone). The accuracy axis
+    spans at least 10 points, so that a difference of a few images does not look like a cliff.
+    """
     try:
         import matplotlib
 
@@ -254,15 +259,27 @@ def plot_tradeoff(curve: Sequence[CurvePoint], path, anytime: Sequence[AnytimePo
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise ImportError("plot_tradeoff needs matplotlib: pip install 'timm-exits[demo]'") from err
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.plot([p.flops / 1e6 for p in curve], [100 * p.accuracy for p in curve], "o-", label="early exit, budgeted (MSDNet protocol)")
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    accuracies = [p.accuracy for p in curve]
+    ax.plot([p.flops / 1e6 for p in curve], [100 * p.accuracy for p in curve], "o-", ms=3, label="early exit, budgeted (MSDNet protocol)")
     if anytime:
         ax.plot([p.flops / 1e6 for p in anytime], [100 * p.accuracy for p in anytime], "s--", label="each exit alone (anytime)")
+        for p in anytime:
+            ax.annotate(f"exit {p.exit + 1}", (p.flops / 1e6, 100 * p.accuracy), textcoords="offset points", xytext=(4, -12), fontsize=8)
+        accuracies += [p.accuracy for p in anytime]
+    for (label, (flops, accuracy)), marker in zip((points or {}).items(), "D^vP*X"):
+        ax.plot([flops / 1e6], [100 * accuracy], marker, ms=8, linestyle="none", label=label)
+        accuracies.append(accuracy)
+    low, high = 100 * min(accuracies), 100 * max(accuracies)
+    pad = max(0.0, 10 - (high - low)) / 2 + 1
+    bottom, top = low - pad, high + pad
+    shift = max(0.0, top - 100) - max(0.0, -bottom)  # slide the window back inside [0, 100], keeping its span
+    ax.set_ylim(max(0.0, bottom - shift), min(100.0, top - shift))
     ax.set_xlabel("average MFLOPs per sample")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title or "accuracy vs FLOPs")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

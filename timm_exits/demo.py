@@ -1,8 +1,12 @@
-"""The main job: train a wrapped timm model on scikit-learn's handwritten digits, report each exit.
+"""The main job: train a wrapped timm model on the corrupted digits, against honest baselines.
 
-The digits (1,797 real 8x8 scans that ship with scikit-learn, so nothing is downloaded) are
-upscaled to 32x32 and split 75/25 with a fixed seed. A timm resnet10t with exits after
-layer1..layer3 is trained on the CPU with exit-ensemble distillation (or any loss by name).
+The task (`timm_exits.data.corrupted_digits`) is built from scikit-learn's 1,797 digit scans,
+each in six corrupted variants from trivial to hard, split by scan. A timm resnet18 with exits
+after layer1..layer3 is trained on the CPU with exit-ensemble distillation (or any loss by
+name); beside it, the same backbone trained alone with cross entropy (the baseline) and a
+narrower resnet18 of about an early exit's FLOPs, with the same epochs and batches. Early exit
+is calibrated on the validation split and reported on the test split, its speedup three ways:
+measured, predicted from each segment's measured time, and predicted from FLOPs.
 """
 from __future__ import annotations
 
@@ -12,11 +16,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-__all__ = ["load_digits_32", "evaluate", "fit", "run_demo", "early_exit_tradeoff"]
+__all__ = ["load_digits_32", "evaluate", "fit", "narrower", "run_demo", "early_exit_tradeoff"]
 
 
 def load_digits_32(seed: int = 0):
-    """(x_train, y_train, x_test, y_test): 1x32x32 standardized digit images and their labels."""
+    """(x_train, y_train, x_test, y_test): the plain digits, 1x32x32 standardized, split 75/25 (the task before the corrupted digits)."""
     try:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
@@ -33,11 +37,12 @@ def load_digits_32(seed: int = 0):
 
 @torch.no_grad()
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> list[float]:
-    """Test accuracy of every exit."""
+    """Test accuracy of every exit (one entry for a plain model)."""
     model.eval()
     correct = None
     for i in range(0, len(x), batch_size):
         outs = model(x[i : i + batch_size])
+        outs = [outs] if isinstance(outs, torch.Tensor) else outs
         hits = torch.stack([(z.argmax(1) == y[i : i + batch_size]).sum() for z in outs])
         correct = hits if correct is None else correct + hits
     return (correct.float() / len(x)).tolist()
@@ -80,105 +85,168 @@ def fit(model, loss_fn, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_siz
             on_epoch(epoch, total / seen)
 
 
+def narrower(model_name: str, target_flops: float, input_size, **kwargs):
+    """A narrower member of a timm ResNet family whose FLOPs are nearest `target_flops`: ``(model, width)``, or None.
+
+    Every stage's channels are scaled by one factor (the stem is kept), in steps of 1/8 of the
+    original width; ``None`` when the model is not a timm ResNet (no ``channels`` to scale).
+    """
+    import timm
+    from timm.models.resnet import ResNet
+
+    from .flops import flops_report
+
+    full = timm.create_model(model_name, **kwargs)
+    if not isinstance(full, ResNet):
+        return None
+    base = kwargs.pop("channels", (64, 128, 256, 512))  # timm's ResNet default
+    best = None
+    for eighths in range(1, 8):
+        channels = tuple(max(1, c * eighths // 8) for c in base)
+        model = timm.create_model(model_name, channels=channels, **kwargs)
+        flops = flops_report(model, input_size=input_size).backbone_flops
+        if best is None or abs(flops - target_flops) < abs(best[2] - target_flops):
+            best = (model, channels, flops)
+    return best[0], best[1]
+
+
 def run_demo(
-    model_name: str = "resnet10t", stages=(1, 2, 3), head: str = "linear", loss: str = "eed", epochs: int = 6, batch_size: int = 64, lr: float = 4e-3, seed: int = 0, log=print, plot: str | None = None
+    model_name: str = "resnet18", stages=(1, 2, 3), head: str = "linear", loss: str = "eed", epochs: int = 8, batch_size: int = 64, lr: float = 4e-3, seed: int = 0, log=print, plot: str | None = None,
+    baselines: bool = True, variants: int = 6,
 ) -> dict:
-    """Train and evaluate; returns the per-exit accuracies, the early-exit trade-off and timings (also printed through `log`).
+    """Train and evaluate; returns the per-exit accuracies, the baselines, the early-exit trade-off and timings (also printed through `log`).
 
     `loss` is a `timm_exits.create_loss` name (default ``"eed"``, exit-ensemble distillation).
     ``"ekd"`` distils from external teachers: the demo first trains the plain backbone with
-    cross entropy for the same epochs and uses it as the one teacher of every exit. `plot`: a
-    PNG path for the accuracy-vs-FLOPs plot (needs matplotlib).
+    cross entropy for the same epochs and uses it as the one teacher of every exit. With
+    `baselines`, the backbone alone (cross entropy) and a narrower member of its family are
+    trained on the same batches. `seed` fixes the weights and the batch order; the task is
+    always `corrupted_digits(seed=0, variants=variants)`. `plot`: a PNG path for the
+    accuracy-vs-FLOPs plot (needs matplotlib).
     """
     import timm
 
+    from .data import corrupted_digits
     from .flops import flops_report
-    from .presets import create_loss
     from .model import wrap
+    from .presets import create_loss
 
+    start = time.perf_counter()
+    task = corrupted_digits(seed=0, variants=variants)
+    size = tuple(task.train.x.shape[1:])
+    log(f"corrupted digits: {len(task.train)} train / {len(task.val)} validation / {len(task.test)} test images "
+        f"(1,797 scans x {variants} variants, corruptions at severity 1-5, split by scan), {'x'.join(map(str, size))}, 10 classes")
+    make = lambda: timm.create_model(model_name, pretrained=False, num_classes=10, in_chans=size[0])  # noqa: E731
     torch.manual_seed(seed)
-    x_train, y_train, x_test, y_test = load_digits_32(seed)
-    log(f"digits: {len(x_train)} train / {len(x_test)} test images, 1x32x32, 10 classes")
-    backbone = timm.create_model(model_name, pretrained=False, num_classes=10, in_chans=1)
-    model = wrap(backbone, stages=list(stages), head=head, input_size=(1, 32, 32))
+    model = wrap(make(), stages=list(stages), head=head, input_size=size)
     loss_fn = create_loss(loss, num_exits=model.num_exits, epochs=epochs)
     log(f"model: {model_name} with exits after {model.stages} ({head} heads) + its own head = {model.num_exits} exits")
     log(f"loss: {loss_fn}")
-    start = time.perf_counter()
+    x, y = task.train.tensors()
     teacher = None
     if loss == "ekd":
-        teacher = timm.create_model(model_name, pretrained=False, num_classes=10, in_chans=1)
+        torch.manual_seed(seed)
+        teacher = make()
         log(f"training the teacher (plain {model_name}, cross entropy, {epochs} epochs)")
-        fit(teacher, F.cross_entropy, x_train, y_train, epochs, batch_size, lr)
+        fit(teacher, F.cross_entropy, x, y, epochs, batch_size, lr)
 
     def report(epoch, mean_loss):
-        accs = evaluate(model, x_test, y_test)
-        log(f"epoch {epoch + 1}/{epochs}  loss {mean_loss:.3f}  test acc per exit " + " ".join(f"{a:.3f}" for a in accs) + f"  ({time.perf_counter() - start:.0f}s)")
+        accs = evaluate(model, task.val.x, task.val.y)
+        log(f"epoch {epoch + 1}/{epochs}  loss {mean_loss:.3f}  validation accuracy per exit " + " ".join(f"{a:.3f}" for a in accs) + f"  ({time.perf_counter() - start:.0f}s)")
 
-    fit(model, loss_fn, x_train, y_train, epochs, batch_size, lr, teacher=teacher, on_epoch=report)
-    accs = evaluate(model, x_test, y_test)
+    log(f"training: {epochs} epochs of {(len(x) + batch_size - 1) // batch_size} batches of {batch_size}")
+    torch.manual_seed(seed)  # the batch order: the same for the baselines
+    fit(model, loss_fn, x, y, epochs, batch_size, lr, teacher=teacher, on_epoch=report)
+    accs = evaluate(model, task.test.x, task.test.y)
     costs = flops_report(model).exits
-    names = list(model.stages) + ["head (backbone)"]
-    width = max(len(n) for n in names)
+    rows = [(f"exit {k}", name, acc, cost.flops) for k, (name, acc, cost) in enumerate(zip(list(model.stages) + ["head (backbone)"], accs, costs), start=1)]
+    result = {"accuracy": accs, "stages": [r[1] for r in rows], "flops": [c.flops for c in costs], "loss": loss}
+    points = {}
+    if baselines:
+        result["baselines"] = {}
+        torch.manual_seed(seed)
+        plain = make()
+        small = narrower(model_name, costs[len(costs) // 2 - 1].flops, size, num_classes=10, in_chans=size[0])
+        for label, net, what in [("baseline", plain, f"{model_name} alone, cross entropy")] + ([("smaller plain", small[0], f"{model_name}, channels {small[1]}")] if small else []):
+            log(f"training the {label} model ({what}, same epochs and batches)")
+            torch.manual_seed(seed)
+            fit(net, F.cross_entropy, x, y, epochs, batch_size, lr)
+            acc, flops = evaluate(net, task.test.x, task.test.y)[0], flops_report(net, input_size=size).backbone_flops
+            rows.append((label, what, acc, flops))
+            points[f"{label} ({what})"] = (flops, acc)
+            result["baselines"][label] = {"model": what, "accuracy": acc, "flops": flops}
+        if small is None:
+            log(f"(no smaller plain model: {model_name} is not a timm ResNet, whose channels the demo knows how to narrow)")
+    full = costs[-1].backbone_flops
+    width = max(len(r[1]) for r in rows)
     log("")
-    log(f"{'exit':>4}  {'attached after':<{width}}  test accuracy  MFLOPs per image  share of the backbone")
-    for k, (name, acc, cost) in enumerate(zip(names, accs, costs), start=1):
-        log(f"{k:>4}  {name:<{width}}  {acc:>13.4f}  {cost.flops / 1e6:>16.2f}  {cost.share:>21.1%}")
-    log("(FLOPs counted by timm_exits.flops_report: fvcore's convention, one multiply-add = 1 FLOP)")
-    tradeoff = early_exit_tradeoff(model, x_test, y_test, log=log, plot=plot)
-    return {"accuracy": accs, "stages": names, "flops": [c.flops for c in costs], "loss": loss, "early_exit": tradeoff, "seconds": time.perf_counter() - start}
+    log(f"{'':<13}  {'attached after / model':<{width}}  test accuracy  MFLOPs per image  share of the backbone")
+    for label, name, acc, flops in rows:
+        log(f"{label:<13}  {name:<{width}}  {acc:>13.4f}  {flops / 1e6:>16.2f}  {flops / full:>21.1%}")
+    log(f"(test split: {len(task.test)} images, so one image is {1 / len(task.test):.2%}; FLOPs counted by timm_exits.flops_report: fvcore's convention, one multiply-add = 1 FLOP)")
+    result["early_exit"] = early_exit_tradeoff(model, task, log=log, plot=plot, points=points)
+    result["seconds"] = time.perf_counter() - start
+    log(f"done in {result['seconds']:.0f}s")
+    return result
 
 
-def model_flops(model, x) -> float:
-    """FLOPs per sample of the plain backbone on inputs like `x`."""
-    from .flops import flops_report
+def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 5, log=print, plot: str | None = None, repeats: int = 3, batch_size: int = 64) -> dict:
+    """Calibrate early-exit thresholds on the validation split, report the test split at `budgets` budgets.
 
-    return flops_report(model, input_size=tuple(x.shape[1:])).backbone_flops
-
-
-def early_exit_tradeoff(model, x, y, points: int = 5, log=print, plot: str | None = None, repeats: int = 7) -> dict:
-    """Calibrate early-exit thresholds on half of (x, y), report the other half, time one operating point.
-
-    For `points` budgets evenly spaced from the first exit's cost to the whole model's, it prints
-    the accuracy, the average FLOPs and the share of samples leaving at each exit; then the
-    wall-clock speedup of ``model.early_exit`` over the plain backbone at the middle budget,
-    beside the speedup its FLOPs predict; and writes the accuracy-vs-FLOPs plot to `plot`.
+    The budgets are evenly spaced from the first exit's cost to the whole model's. For each,
+    it prints the test accuracy, the average FLOPs, the share of images leaving at each exit,
+    and the speedup over the plain backbone three ways: measured (``model.early_exit`` on the
+    test split in batches of `batch_size`, median of `repeats` alternating rounds), predicted
+    from each segment's and head's measured time (`timm_exits.profile_exits`: the physical limit
+    of skipping the rest) and predicted from FLOPs. Writes the accuracy-vs-FLOPs plot to `plot`,
+    with `points` (``{label: (flops, accuracy)}``) drawn beside the curve.
     """
     from .calibration import anytime_accuracy, budgeted_curve, calibrate_thresholds, collect_exit_logits, evaluate_thresholds, plot_tradeoff
+    from .flops import flops_report
+    from .profile import profile_exits
 
-    half = len(x) // 2
-    val = collect_exit_logits(model, [(x[:half], y[:half])])
-    test = collect_exit_logits(model, [(x[half:], y[half:])])
+    batches = lambda split: [(split.x[i : i + batch_size], split.y[i : i + batch_size]) for i in range(0, len(split), batch_size)]  # noqa: E731
+    val, test = collect_exit_logits(model, batches(task.val)), collect_exit_logits(model, batches(task.test))
     first, full = val.flops[0], val.flops[-1]
-    log("")
-    log(f"early exit: thresholds calibrated on {half} held-out images (MSDNet's budgeted batch), measured on the other {len(x) - half}")
-    log(f"{'budget MFLOPs':>13}  {'accuracy':>8}  {'avg MFLOPs':>10}  share of images leaving at exit " + " / ".join(str(k + 1) for k in range(test.num_exits)))
-    rows = []
-    for i in range(points):
-        budget = first + (full - first) * i / max(points - 1, 1)
+    report = flops_report(model).exits
+    backbone = report[-1].backbone_flops
+    profile = profile_exits(model, task.test.x[:batch_size], repeats=10)
+    model.eval()
+    rows, runs = [], {"plain": lambda: [model.backbone(b) for b, _ in batches(task.test)]}
+    for i in range(budgets):
+        budget = first + (full - first) * i / max(budgets - 1, 1)
         calibration = calibrate_thresholds(val, budget)
         result = evaluate_thresholds(test, calibration.thresholds)
-        rows.append({"budget": budget, "thresholds": calibration.thresholds, "accuracy": result.accuracy, "flops": result.flops, "exit_shares": result.exit_shares})
-        log(f"{budget / 1e6:>13.2f}  {result.accuracy:>8.4f}  {result.flops / 1e6:>10.2f}  " + " / ".join(f"{s:.0%}" for s in result.exit_shares))
-    point = rows[len(rows) // 2]
-    x_test = x[half:]
-    model.eval()
+        rows.append({"budget": budget, "thresholds": calibration.thresholds, "accuracy": result.accuracy, "flops": result.flops, "exit_shares": result.exit_shares,
+                     "flops_predicted": backbone / result.flops, "time_predicted": profile.predicted_speedup(result.exit_shares)})
+        runs[i] = lambda t=calibration.thresholds: [model.early_exit(b, threshold=t) for b, _ in batches(task.test)]
+    times = {k: [] for k in runs}
     with torch.no_grad():
-        model.early_exit(x_test, threshold=point["thresholds"]), model.backbone(x_test)  # warm-up
-        times = {"early": [], "plain": []}
-        for _ in range(repeats):
-            for label, run in (("early", lambda: model.early_exit(x_test, threshold=point["thresholds"])), ("plain", lambda: model.backbone(x_test))):
+        for round_ in range(repeats + 1):  # alternating rounds, the first a warm-up
+            for k, run in runs.items():
                 t = time.perf_counter()
                 run()
-                times[label].append(time.perf_counter() - t)
-    measured = statistics.median(times["plain"]) / statistics.median(times["early"])
-    predicted = model_flops(model, x) / point["flops"]
-    log(f"model.early_exit at the {point['budget'] / 1e6:.2f} MFLOPs budget on {len(x_test)} images: {measured:.2f}x faster than the plain {type(model.backbone).__name__} (its FLOPs predict {predicted:.2f}x)")
-    out = {"budgets": rows, "speedup": measured, "predicted_speedup": predicted}
+                if round_:
+                    times[k].append(time.perf_counter() - t)
+    plain = statistics.median(times["plain"])
+    for i, row in enumerate(rows):
+        row["measured"] = plain / statistics.median(times[i])
+    log("")
+    log(f"early exit: thresholds calibrated on the {len(task.val)} validation images (MSDNet's budgeted batch), reported on the {len(task.test)} test images")
+    log(f"speedup over the plain {type(model.backbone).__name__} at batch {batch_size}: measured (median of {repeats} rounds), time-predicted (from each segment's measured time), FLOPs-predicted")
+    log(f"{'budget MFLOPs':>13}  {'accuracy':>8}  {'avg MFLOPs':>10}  {'measured':>8}  {'time-predicted':>14}  {'FLOPs-predicted':>15}  share of images leaving at exit " + " / ".join(str(k + 1) for k in range(test.num_exits)))
+    for row in rows:
+        log(f"{row['budget'] / 1e6:>13.2f}  {row['accuracy']:>8.4f}  {row['flops'] / 1e6:>10.2f}  {row['measured']:>7.2f}x  {row['time_predicted']:>13.2f}x  {row['flops_predicted']:>14.2f}x  "
+            + " / ".join(f"{s:.0%}" for s in row["exit_shares"]))
+    reached = [c.backbone_flops for c in report]
+    time_shares = [t / sum(profile.segment_seconds) for t in profile.segment_seconds]
+    flops_shares = [(b - a) / backbone for a, b in zip([0] + reached, reached)]
+    log("where the time goes, segment by segment: share of the backbone's time " + " / ".join(f"{v:.0%}" for v in time_shares) + ", of its FLOPs " + " / ".join(f"{v:.0%}" for v in flops_shares))
+    out = {"budgets": rows, "profile": profile}
     if plot:
         try:
             curve = budgeted_curve(val, evaluate_on=test)
-            out["plot"] = plot_tradeoff(curve, plot, anytime=anytime_accuracy(test), title=f"digits, {len(x) - half} test images: accuracy vs FLOPs")
+            out["plot"] = plot_tradeoff(curve, plot, anytime=anytime_accuracy(test), points=points, title=f"corrupted digits, {len(task.test)} test images")
             log(f"accuracy-vs-FLOPs plot: {plot}")
         except ImportError as err:
             log(f"no plot: {err}")

@@ -1,0 +1,39 @@
+"""profile_exits: each segment and head timed apart; the speedup it predicts follows from the parts (no timing asserted)."""
+import pytest
+import timm
+import torch
+
+import timm_exits
+from conftest import exactly
+from timm_exits.profile import ExitProfile, profile_exits
+
+
+def test_a_profile_has_one_part_per_segment_and_head_and_restores_the_mode():
+    torch.manual_seed(0)
+    model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=10), stages=[1, 2, 3], input_size=(3, 32, 32)).train()
+    model.exits[0].eval()
+    profile = profile_exits(model, torch.randn(8, 3, 32, 32), repeats=2)
+    assert profile.batch_size == 8 and profile.stages == ["layer1", "layer2", "layer3", "final"] and profile.device == "cpu"
+    assert len(profile.segment_seconds) == 4 and profile.head_seconds[-1] == 0.0 and min(profile.head_seconds[:3]) > 0
+    assert profile.seconds == sorted(profile.seconds) and min(profile.seconds) > 0
+    assert model.training and not model.exits[0].training and model.exits[1].training
+
+
+def test_the_predicted_speedup_is_the_plain_time_over_the_shares_of_each_exit_cost():
+    profile = ExitProfile(batch_size=4, stages=["a", "b", "final"], segment_seconds=[0.4, 0.2, 0.2], head_seconds=[0.04, 0.04, 0.0], plain_seconds=0.8, device="cpu", repeats=1)
+    per_sample = [0.44 / 4, 0.68 / 4, 0.88 / 4]
+    assert profile.seconds == pytest.approx(per_sample)
+    assert profile.predicted_speedup([0.5, 0.25, 0.25]) == pytest.approx(0.2 / (0.5 * per_sample[0] + 0.25 * per_sample[1] + 0.25 * per_sample[2]))
+    assert profile.predicted_speedup([0, 0, 1]) == pytest.approx(0.8 / 0.88)  # nobody leaves: the heads are pure cost
+    with pytest.raises(ValueError, match=exactly("exit_shares must be 3 non-negative shares, one per exit, summing to 1; got [0.5, 0.5]")):
+        profile.predicted_speedup([0.5, 0.5])
+
+
+def test_bad_input_is_named():
+    model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=10), stages=[1], input_size=(3, 32, 32))
+    with pytest.raises(TypeError, match=exactly("model must be a MultiExitModel (timm_exits.wrap(...)), got ResNet")):
+        profile_exits(model.backbone, torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match=exactly("repeats must be an int >= 1, got 0")):
+        profile_exits(model, torch.randn(2, 3, 32, 32), repeats=0)
+    with pytest.raises(ValueError, match=r"^x of shape|^example_input of shape \(2, 1, 32, 32\) has 1 channel"):
+        profile_exits(model, torch.randn(2, 1, 32, 32))

@@ -1,0 +1,115 @@
+"""What each exit costs in time on the machine at hand, beside what it costs in FLOPs.
+
+FLOPs stand in for time only where every layer runs at the same speed; on a CPU a network's
+early, wide layers are memory-bound and take a larger share of the time than of the FLOPs.
+`profile_exits` times each segment of the backbone and each exit head on an example batch, in
+alternating rounds, so that a speedup can be predicted from measured times: the physical limit of
+skipping the rest of the backbone, against which `early_exit`'s measured speedup is judged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from .model import MultiExitModel
+from .tracing import evaluating
+
+__all__ = ["ExitProfile", "profile_exits"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitProfile:
+    """Median seconds of each segment and head, at one batch size, and of the plain backbone in the same rounds.
+
+    ``seconds[k]`` is what one sample leaving at exit k costs: segments 0..k and heads 0..k (every
+    head on the way is computed to decide), per sample, as `timm_exits.exit_costs` counts FLOPs.
+    """
+
+    batch_size: int
+    stages: list[str]
+    segment_seconds: list[float]
+    head_seconds: list[float]
+    plain_seconds: float
+    device: str
+    repeats: int
+
+    @property
+    def seconds(self) -> list[float]:
+        steps = [s + h for s, h in zip(self.segment_seconds, self.head_seconds)]
+        return [t / self.batch_size for t in itertools.accumulate(steps)]
+
+    def predicted_speedup(self, exit_shares: Sequence[float]) -> float:
+        """The plain backbone's time over early exit's, predicted from the measured parts when `exit_shares` of the samples leave at each exit."""
+        shares = [float(s) for s in exit_shares]
+        if len(shares) != len(self.stages) or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
+            raise ValueError(f"exit_shares must be {len(self.stages)} non-negative shares, one per exit, summing to 1; got {list(exit_shares)}")
+        spent = sum(share * cost for share, cost in zip(shares, self.seconds))
+        return self.plain_seconds / self.batch_size / spent
+
+
+def _synchronize(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def _timed(fn: Callable, sync: Callable[[], None]) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: int = 10) -> ExitProfile:
+    """Time every segment and exit head of `model` on `example_input`, and the plain backbone beside them.
+
+    Each round runs the plain backbone once, then every segment and head once on the values the
+    wrapped model passes it; one warm-up round is not counted, and each part's median over
+    `repeats` rounds is kept. The model runs in eval mode and gets its own mode back.
+    Example::
+
+        >>> profile = timm_exits.profile_exits(model, torch.randn(64, 3, 224, 224))
+        >>> profile.predicted_speedup([0.5, 0.2, 0.2, 0.1])   # half the images leave at exit 1, ...
+    """
+    if not isinstance(model, MultiExitModel):
+        raise TypeError(f"model must be a MultiExitModel (timm_exits.wrap(...)), got {type(model).__name__}")
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2 or example_input.shape[0] < 1:
+        raise ValueError(f"example_input must be a batch tensor (B, C, H, W), got {getattr(example_input, 'shape', type(example_input).__name__)}")
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    model.check_channels(example_input.shape[1], f"example_input of shape {tuple(example_input.shape)}")
+    sync = _synchronize(example_input.device)
+    with evaluating(model):
+        steps = model.steps()
+        if not steps[0].skips:
+            raise ValueError("this model runs through forward_intermediates (fx could not trace its backbone): its exits share one pass, so their parts cannot be timed apart")
+        parts: list[tuple[str, Callable]] = [("plain", lambda: model.backbone(example_input))]
+        carried: tuple = (example_input,)
+        for k, step in enumerate(steps):  # each part timed on the values the wrapped model passes it
+            out, after = step.segment(*carried)
+            parts.append((f"segment {k}", lambda s=step.segment, c=carried: s(*c)))
+            if step.head is not None:
+                parts.append((f"head {k}", lambda h=step.head, o=out: h(o)))
+            carried = after
+        times: dict[str, list[float]] = {name: [] for name, _ in parts}
+        for round_ in range(repeats + 1):
+            for name, fn in parts:
+                t = _timed(fn, sync)
+                if round_:
+                    times[name].append(t)
+    median = {name: statistics.median(v) for name, v in times.items()}
+    n = len(steps)
+    return ExitProfile(
+        batch_size=int(example_input.shape[0]),
+        stages=list(model.stages) + ["final"],
+        segment_seconds=[median[f"segment {k}"] for k in range(n)],
+        head_seconds=[median.get(f"head {k}", 0.0) for k in range(n)],
+        plain_seconds=median["plain"],
+        device=str(example_input.device),
+        repeats=repeats,
+    )
