@@ -7,8 +7,8 @@ catches is a hole in the suite. Prints one row per bug and exits 1 if any surviv
     python benchmarks/planted_bugs.py [--only NAME ...]
 
 The first six are the ones that passed every test before issue 13 (docs/testing.md; the third
-now plants its fallback slip in the steps, where issue 14 moved that path); the last five put back,
-one at a time, the runtime faults issue 14 fixed; the others are the kind of slip the suite must
+now plants its fallback slip in the steps, where issue 14 moved that path); the next five put back,
+one at a time, the runtime faults issue 14 fixed; the last three are slips in issue 16's evidence; the others are the kind of slip the suite must
 keep catching. `mutmut` (docs/testing.md) does the same thing
 mechanically and at scale; this list is the hand-picked, readable part.
 """
@@ -100,6 +100,16 @@ BUGS = [
         "any(a is not b for a, b in zip(built[0], parts))", "built[0][0] is not parts[0]", ("tests/test_runtime.py",)),
     Bug("early exit keeps what it learned after a head was replaced", "timm_exits/inference.py",
         "if learned is None or learned.steps is not steps:", "if learned is None:", ("tests/test_runtime.py",)),
+    # the evidence of issue 16: a task that leaks, or grades nothing, or a speedup predicted without the heads
+    Bug("images split instead of scans (a test digit's variants seen in training)", "timm_exits/data.py",
+        ".subset(part[source] == p) for p in range(3)]", ".subset(_split_by_scan(labels[source], fractions, torch.Generator().manual_seed(seed)) == p) for p in range(3)]",
+        ("tests/test_data.py",)),
+    Bug("every corruption at the same severity", "timm_exits/data.py",
+        "out[rows] = _APPLY[name](x[rows], severity[rows].to(x.dtype), g)", "out[rows] = _APPLY[name](x[rows], torch.full((len(rows),), 3.0), g)",
+        ("tests/test_data.py",)),
+    Bug("the time-predicted speedup leaves out the heads", "timm_exits/profile.py",
+        "steps = [s + h for s, h in zip(self.segment_seconds, self.head_seconds)]", "steps = list(self.segment_seconds)",
+        ("tests/test_profile.py",)),
 ]
 
 
