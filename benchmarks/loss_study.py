@@ -31,6 +31,7 @@ import random
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import timm
 import torch
@@ -39,14 +40,17 @@ import torch.nn.functional as F
 import timm_exits
 from timm_exits.calibration import budgeted_curve, collect_exit_logits
 from timm_exits.data import corrupted_digits
+from timm_exits.inference import exit_costs
 from timm_exits.demo import evaluate, fit, narrower
 
+ROOT = Path(__file__).resolve().parents[1]
 LOSSES = ["ce", "sdn", "distillation", "eed", "byot", "msd", "mate", "ekd"]
 LIMITED = ["limited/baseline", "limited/ce", "limited/distillation", "limited/distillation+unlabeled"]
 MODEL, STAGES, EPOCHS, BATCH, SIZE = "resnet18", [1, 2, 3], 8, 64, (1, 32, 32)
 BUDGETS = 20
-# two-sided 95 % Student t quantiles by degrees of freedom
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+# two-sided 95 % Student t quantiles by degrees of freedom (beyond 30: the normal's 1.96 is within 2 %)
+T95 = [math.nan, 12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 
 def plain(seed: int, **kwargs):
@@ -76,11 +80,11 @@ def record(model, task, epochs_val: list, budgets: list[float], seconds: float) 
     return out
 
 
-def train(model, loss_fn, x, y, task, epochs: int, seed: int, teacher=None) -> tuple[list, float]:
+def train(model, loss_fn, x, y, task, epochs: int, seed: int, teacher=None, batch: int = BATCH) -> tuple[list, float]:
     val_by_epoch = []
     start = time.perf_counter()
     torch.manual_seed(seed)  # the same batch order for every run of a seed
-    fit(model, loss_fn, x, y, epochs, BATCH, teacher=teacher, on_epoch=lambda e, l: val_by_epoch.append(evaluate(model, task.val.x, task.val.y)))
+    fit(model, loss_fn, x, y, epochs, batch, teacher=teacher, on_epoch=lambda e, l: val_by_epoch.append(evaluate(model, task.val.x, task.val.y)))
     return val_by_epoch, time.perf_counter() - start
 
 
@@ -88,11 +92,18 @@ def run_study(seeds, epochs: int, path: str, log, variants: int = 6) -> dict:
     results = json.load(open(path)) if os.path.exists(path) else {}
     task = corrupted_digits(seed=0, variants=variants)
     x, y = task.train.tensors()
-    limited = task.limited()
     x_lab, y_lab = repeated(*task.limited(unlabeled=False).tensors(), len(x))
-    costs = timm_exits.flops_report(multi_exit(0)).exits
-    budgets = [costs[0].flops + (costs[-1].flops - costs[0].flops) * i / (BUDGETS - 1) for i in range(BUDGETS)]
-    results["meta"] = {"model": MODEL, "stages": STAGES, "epochs": epochs, "batch": BATCH, "flops": [c.flops for c in costs], "budgets": budgets,
+    unlabeled = task.train.subset(~task.labeled)
+    # the semi-supervised run sees the same labeled stream plus the unlabeled images: batches twice
+    # as large, about as many steps
+    x_semi, y_semi = torch.cat([x_lab, unlabeled.x]), torch.cat([y_lab, torch.full_like(unlabeled.y, -100)])
+    costs = exit_costs(multi_exit(0), SIZE)  # backbone to exit k plus heads 0..k, as early exit spends
+    budgets = [costs[0] + (costs[-1] - costs[0]) * i / (BUDGETS - 1) for i in range(BUDGETS)]
+    settings = {"model": MODEL, "stages": STAGES, "epochs": epochs, "batch": BATCH, "variants": variants}
+    if "meta" in results and results["meta"]["settings"] != settings:
+        raise SystemExit(f"{path} holds a study with {results['meta']['settings']}, not {settings}: give another --results to start a new one")
+    backbone = timm_exits.flops_report(multi_exit(0)).backbone_flops
+    results["meta"] = {"settings": settings, "epochs": epochs, "batch": BATCH, "stages": STAGES, "flops": costs, "backbone_flops": backbone, "budgets": budgets,
                        "train": len(task.train), "val": len(task.val), "test": len(task.test), "labeled": int(task.labeled.sum())}
 
     def save(key, seed, value):
@@ -121,7 +132,7 @@ def run_study(seeds, epochs: int, path: str, log, variants: int = 6) -> dict:
             key = f"smaller@exit{k}"
             if pending(key, seed):
                 torch.manual_seed(seed)
-                model, channels = narrower(MODEL, cost.flops, SIZE, num_classes=10, in_chans=1)
+                model, channels = narrower(MODEL, cost, SIZE, num_classes=10, in_chans=1)
                 curve, seconds = train(model, F.cross_entropy, x, y, task, epochs, seed)
                 value = record(model, task, curve, budgets, seconds)
                 value.update(channels=list(channels), flops=timm_exits.flops_report(model, input_size=SIZE).backbone_flops)
@@ -133,8 +144,9 @@ def run_study(seeds, epochs: int, path: str, log, variants: int = 6) -> dict:
                 else:
                     model = multi_exit(seed)
                     loss_fn = timm_exits.create_loss(key.split("/")[1].split("+")[0], num_exits=model.num_exits, epochs=epochs)
-                    data = limited.tensors() if key.endswith("+unlabeled") else (x_lab, y_lab)
-                curve, seconds = train(model, loss_fn, *data, task, epochs, seed)
+                    data = (x_semi, y_semi) if key.endswith("+unlabeled") else (x_lab, y_lab)
+                batch = 2 * BATCH if key.endswith("+unlabeled") else BATCH
+                curve, seconds = train(model, loss_fn, *data, task, epochs, seed, batch=batch)
                 save(key, seed, record(model, task, curve, budgets, seconds))
     return results
 
@@ -146,12 +158,17 @@ def interval(values) -> tuple[float, float]:
     """Mean and the half-width of its two-sided 95 % Student t interval."""
     n = len(values)
     mean = statistics.fmean(values)
-    return mean, (T95.get(n - 1, 1.96) * statistics.stdev(values) / math.sqrt(n)) if n > 1 else math.nan
+    return mean, (T95[n - 1] if n - 1 < len(T95) else 1.96) * statistics.stdev(values) / math.sqrt(n) if n > 1 else math.nan
 
 
 def fmt(values, scale=100.0) -> str:
+    if not values:
+        return "–"
     mean, half = interval([scale * v for v in values])
-    return f"{mean:.2f} ± {half:.2f}"
+    return f"{mean:.2f} ± {half:.2f}" + ("" if len(values) == SEEDS_SHOWN[0] else f" (n={len(values)})")
+
+
+SEEDS_SHOWN = [0]  # the seed count of the report's header; a cell over fewer seeds says how many
 
 
 def runs(results, key) -> dict[str, dict]:
@@ -162,17 +179,21 @@ def column(results, key, field, index) -> list[float]:
     return [r[field][index] for r in runs(results, key).values()]
 
 
-def paired(results, a, b, field, index) -> list[float]:
-    """Per-seed differences a - b (same initial weights and batch order)."""
+def common(results, *keys) -> list[str]:
+    return sorted(set.intersection(*(set(runs(results, k)) for k in keys)), key=int)
+
+
+def paired(results, a, b, field, index, seeds=None) -> list[float]:
+    """Per-seed differences a - b (same initial weights and batch order), over the seeds both have (or `seeds`)."""
     ra, rb = runs(results, a), runs(results, b)
-    return [ra[s][field][index] - rb[s][field][index] for s in sorted(set(ra) & set(rb))]
+    return [ra[s][field][index] - rb[s][field][index] for s in (seeds if seeds is not None else common(results, a, b))]
 
 
 def verdict(parts: list[list[float]]) -> str:
     """confirmed: every part's interval lies on the claimed side of 0; contradicted: one lies on the other side; else not seen."""
+    if not parts or any(len(p) < 2 for p in parts):
+        return "not seen (fewer than two common seeds)"
     bounds = [interval(d) for d in parts]
-    if any(math.isnan(h) for _, h in bounds):
-        return "not seen (one seed)"
     if all(m - h > 0 for m, h in bounds):
         return "confirmed"
     if any(m + h < 0 for m, h in bounds):
@@ -181,14 +202,17 @@ def verdict(parts: list[list[float]]) -> str:
 
 
 def diff(values) -> str:
+    if len(values) < 2:
+        return "–"
     mean, half = interval([100 * v for v in values])
-    return f"{mean:+.2f} ± {half:.2f}"
+    return f"{mean:+.2f} ± {half:.2f}" + ("" if len(values) == SEEDS_SHOWN[0] else f" (n={len(values)})")
 
 
 def report(results: dict, figure: str | None) -> None:
     meta = results["meta"]
     n_exits = len(meta["flops"])
-    seeds = sorted(runs(results, "ce"))
+    seeds = sorted(runs(results, "ce"), key=int)
+    SEEDS_SHOWN[0] = len(seeds)
     print(f"Corrupted digits: {meta['train']} train / {meta['val']} validation / {meta['test']} test images; {MODEL}, exits after stages {meta['stages']}, "
           f"{meta['epochs']} epochs, batch {meta['batch']}; seeds {', '.join(seeds)}. Mean ± half-width of the 95 % t interval over seeds, in %.\n")
     names = [f"exit {k + 1} ({f / 1e6:.1f} MFLOPs)" for k, f in enumerate(meta["flops"])]
@@ -258,14 +282,16 @@ def print_claims(results, n_exits: int) -> None:
         parts, text = every_exit("distillation", "ce")
         claims.append(("Phuong & Lampert", "distillation from the last exit improves the early exits over per-exit CE", verdict(parts[:-1]), f"distillation − ce per exit: {text}"))
     if runs(results, "limited/distillation") and runs(results, "limited/ce"):
-        full = [paired(results, "distillation", "ce", "test", k) for k in range(last)]
-        few = [paired(results, "limited/distillation", "limited/ce", "test", k) for k in range(last)]
+        both = common(results, "distillation", "ce", "limited/distillation", "limited/ce")
+        full = [paired(results, "distillation", "ce", "test", k, both) for k in range(last)]
+        few = [paired(results, "limited/distillation", "limited/ce", "test", k, both) for k in range(last)]
         gaps = [[f - g for f, g in zip(a, b)] for a, b in zip(few, full)]
         claims.append(("Phuong & Lampert", "the gains are largest with little labeled data", verdict(gaps),
                        "gain with 20 labels per class minus gain with all labels, early exits: " + " / ".join(diff(g) for g in gaps)))
     if runs(results, "limited/distillation+unlabeled"):
         parts = [paired(results, "limited/distillation+unlabeled", "limited/distillation", "test", k) for k in range(n_exits)]
-        claims.append(("Phuong & Lampert", "unlabeled data helps (distillation on it, no labels)", verdict(parts), "with − without the unlabeled images, per exit: " + " / ".join(diff(p) for p in parts)))
+        claims.append(("Phuong & Lampert", "unlabeled data helps (distillation on it, no labels)", verdict(parts),
+                       "with − without the unlabeled images (the same labeled batches, unlabeled ones added), per exit: " + " / ".join(diff(p) for p in parts)))
     if runs(results, "byot"):
         parts, text = every_exit("byot", "ce")
         claims.append(("BYOT (Zhang et al.)", "self-distillation from the deepest exit improves every exit, the final one too", verdict(parts), f"byot − ce per exit: {text}"))
@@ -275,7 +301,8 @@ def print_claims(results, n_exits: int) -> None:
     if runs(results, "mate"):
         gains = [paired(results, "mate", "ce", "test", k) for k in range(n_exits)]
         shallow_most = [[a - b for a, b in zip(gains[0], gains[last])]]
-        claims.append(("MATE", "appropriate teachers help, shallow exits gain most", verdict(shallow_most), "mate − ce per exit: " + " / ".join(diff(g) for g in gains) + "; exit 1's gain − the final exit's: " + diff(shallow_most[0])))
+        claims.append(("MATE (Sun et al.)", "appropriate teachers improve every exit over per-exit CE", verdict(gains), "mate − ce per exit: " + " / ".join(diff(g) for g in gains)))
+        claims.append(("MATE", "the shallow exits gain most", verdict(shallow_most), "exit 1's gain over ce − the final exit's: " + diff(shallow_most[0])))
     if runs(results, "ekd"):
         parts, text = every_exit("ekd", "ce")
         claims.append(("EKD", "distilling from an external teacher improves every exit", verdict(parts), f"ekd − ce per exit: {text}"))
@@ -308,7 +335,7 @@ def draw(results: dict, path: str) -> None:
             flops = [statistics.fmean(v) / 1e6 for v in zip(*[r["curve_flops"] for r in runs(results, name).values()])]
             ax.plot(flops, [100 * statistics.fmean(v) for v in zip(*curves)], "-", lw=1.4, label=name)
     base = column(results, "baseline", "test", 0)
-    ax.errorbar([meta["flops"][-1] / 1e6], [100 * statistics.fmean(base)], yerr=[interval([100 * v for v in base])[1]], fmt="kD", ms=7, capsize=3, label=f"{MODEL} alone (CE)")
+    ax.errorbar([meta["backbone_flops"] / 1e6], [100 * statistics.fmean(base)], yerr=[interval([100 * v for v in base])[1]], fmt="kD", ms=7, capsize=3, label=f"{MODEL} alone (CE)")
     for k in range(len(meta["flops"]) - 1):
         key = f"smaller@exit{k + 1}"
         if runs(results, key):
@@ -318,7 +345,7 @@ def draw(results: dict, path: str) -> None:
                         label="narrower resnet18 alone (CE)" if k == 0 else None)
     ax.set_xlabel("average MFLOPs per image")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"corrupted digits: budgeted early exit per loss, mean of {len(runs(results, 'ce'))} seeds")
+    ax.set_title(f"corrupted digits: budgeted early exit per loss, mean over {SEEDS_SHOWN[0]} seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right", ncol=2)
     fig.tight_layout()
@@ -376,8 +403,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=EPOCHS)
-    parser.add_argument("--results", default="benchmarks/results/loss_study.json")
-    parser.add_argument("--figure", default="docs/figures/loss_study.png")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks/results/loss_study.json"))
+    parser.add_argument("--figure", default=str(ROOT / "docs/figures/loss_study.png"))
     parser.add_argument("--report", action="store_true", help="only print the report of the results file")
     parser.add_argument("--steps-only", action="store_true", help="only time the train steps")
     parser.add_argument("--repeats", type=int, default=40)

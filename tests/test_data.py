@@ -65,6 +65,9 @@ def test_every_corruption_and_severity_appears_and_severity_means_harder(task):
     ({"labels_per_class": 500}, "labels_per_class must be at most"),
     ({"fractions": (0.8, 0.3)}, "fractions must be (train, val) shares > 0 that sum below 1, got (0.8, 0.3)"),
     ({"seed": 1.5}, "seed must be an int, got 1.5"),
+    ({"variants": True}, "variants must be an int >= 1, got True"),
+    ({"fractions": 0.6}, "fractions must be (train, val) shares > 0 that sum below 1, got 0.6"),
+    ({"fractions": (0.6, 0.399)}, "fractions must be shares that leave every split a scan of every class, got (0.6, 0.399)"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):

@@ -8,6 +8,7 @@ accuracy at the least FLOPs. `anytime_accuracy` and `budgeted_curve` give the tr
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import numbers
 from collections import Counter
@@ -267,7 +268,7 @@ def plot_tradeoff(curve: Sequence[CurvePoint], path, anytime: Sequence[AnytimePo
         for p in anytime:
             ax.annotate(f"exit {p.exit + 1}", (p.flops / 1e6, 100 * p.accuracy), textcoords="offset points", xytext=(4, -12), fontsize=8)
         accuracies += [p.accuracy for p in anytime]
-    for (label, (flops, accuracy)), marker in zip((points or {}).items(), "D^vP*X"):
+    for (label, (flops, accuracy)), marker in zip((points or {}).items(), itertools.cycle("D^vP*X")):
         ax.plot([flops / 1e6], [100 * accuracy], marker, ms=8, linestyle="none", label=label)
         accuracies.append(accuracy)
     low, high = 100 * min(accuracies), 100 * max(accuracies)

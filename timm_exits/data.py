@@ -138,7 +138,7 @@ def _blur(x, s, g):
 
 
 def _elastic(x, s, g):
-    """Elastic distortion: a random displacement field smoothed over 3 px, up to 1.6 px per severity."""
+    """Elastic distortion: a random displacement field smoothed over 3 px, its standard deviation 0.8 px per severity."""
     n, _, h, w = x.shape
     field = _gaussian(torch.randn(n, 2, h, w, generator=g), torch.full((n,), 3.0 * w / 32))
     field = field / field.flatten(1).std(1).clamp_min(1e-6).view(n, 1, 1, 1)
@@ -203,16 +203,20 @@ def corrupted_digits(seed: int = 0, variants: int = 6, size: int = 32, labels_pe
 
         >>> task = corrupted_digits(seed=0)
         >>> len(task.train), len(task.val), len(task.test)
-        (6468, 1620, 2694)
+        (6468, 1614, 2700)
     """
-    _check("seed", seed, "an int", isinstance(seed, int) and not isinstance(seed, bool))
-    _check("variants", variants, "an int >= 1", isinstance(variants, int) and variants >= 1)
-    _check("size", size, "an int >= 8", isinstance(size, int) and size >= 8)
-    _check("labels_per_class", labels_per_class, "an int >= 1", isinstance(labels_per_class, int) and labels_per_class >= 1)
-    _check("fractions", fractions, "(train, val) shares > 0 that sum below 1", len(fractions) == 2 and min(fractions) > 0 and sum(fractions) < 1)
+    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    _check("seed", seed, "an int", integer(seed))
+    _check("variants", variants, "an int >= 1", integer(variants) and variants >= 1)
+    _check("size", size, "an int >= 8", integer(size) and size >= 8)
+    _check("labels_per_class", labels_per_class, "an int >= 1", integer(labels_per_class) and labels_per_class >= 1)
+    shares = isinstance(fractions, (tuple, list)) and len(fractions) == 2 and all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in fractions)
+    _check("fractions", fractions, "(train, val) shares > 0 that sum below 1", shares and min(fractions) > 0 and sum(fractions) < 1)
     g = torch.Generator().manual_seed(seed)
     scans, labels = _scans(size)
     part = _split_by_scan(labels, fractions, g)
+    empty = [name for p, name in enumerate(("train", "validation", "test")) if any(not bool(((part == p) & (labels == c)).any()) for c in range(10))]
+    _check("fractions", fractions, "shares that leave every split a scan of every class", not empty)
     source = torch.arange(len(labels)).repeat_interleave(variants)
     severity = torch.randint(1, 6, (len(source),), generator=g)
     kind = torch.randint(0, len(CORRUPTIONS), (len(source),), generator=g)

@@ -86,7 +86,7 @@ def fit(model, loss_fn, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_siz
 
 
 def narrower(model_name: str, target_flops: float, input_size, **kwargs):
-    """A narrower member of a timm ResNet family whose FLOPs are nearest `target_flops`: ``(model, width)``, or None.
+    """A narrower member of a timm ResNet family whose FLOPs are nearest `target_flops`: ``(model, channels)``, or None.
 
     Every stage's channels are scaled by one factor (the stem is kept), in steps of 1/8 of the
     original width; ``None`` when the model is not a timm ResNet (no ``channels`` to scale).

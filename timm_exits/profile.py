@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import statistics
 import time
 from typing import Callable, Sequence
@@ -46,7 +47,7 @@ class ExitProfile:
     def predicted_speedup(self, exit_shares: Sequence[float]) -> float:
         """The plain backbone's time over early exit's, predicted from the measured parts when `exit_shares` of the samples leave at each exit."""
         shares = [float(s) for s in exit_shares]
-        if len(shares) != len(self.stages) or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
+        if len(shares) != len(self.stages) or not all(math.isfinite(s) and s >= 0 for s in shares) or abs(sum(shares) - 1) > 1e-6:
             raise ValueError(f"exit_shares must be {len(self.stages)} non-negative shares, one per exit, summing to 1; got {list(exit_shares)}")
         spent = sum(share * cost for share, cost in zip(shares, self.seconds))
         return self.plain_seconds / self.batch_size / spent
