@@ -98,7 +98,7 @@ def test_a_classifier_changed_after_wrap_is_named_at_the_next_forward():
 
 def test_eval_output_is_checked_whenever_it_is_set():
     model = resnet()
-    with pytest.raises(ValueError, match=exactly("eval_output must be one of ('all', 'final', 'ensemble'), got 'last'")):
+    with pytest.raises(ValueError, match=exactly("eval_output must be one of ('all', 'final', 'ensemble') or an exit index 0..3, got 'last'")):
         model.eval_output = "last"
     model.eval_output = "final"
     copy = pickle.loads(pickle.dumps(model))

@@ -143,6 +143,11 @@ class _Head(nn.Module):
         logits = self.fc(f)
         return (logits, f) if return_features else logits
 
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new, freshly initialised classifier of `num_classes` outputs on the same pooled feature."""
+        old = self.fc
+        self.fc = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+
 
 @register_head("linear")
 class LinearHead(_Head):

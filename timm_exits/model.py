@@ -121,7 +121,7 @@ class ExitRun:
                 if self.num_classes is not None and logits.shape[-1] != self.num_classes:
                     raise RuntimeError(
                         f"the backbone's head now outputs {logits.shape[-1]} classes, the exits {self.num_classes}: its classifier was "
-                        "changed after wrap() (reset_classifier?); wrap the backbone again so that every exit has the new width"
+                        f"changed after wrap(); call reset_classifier({logits.shape[-1]}) on the wrapped model, which resets every exit, or wrap the backbone again"
                     )
                 yield ExitOutput(k, logits, carried if self.features else None)
                 return
@@ -205,26 +205,32 @@ class MultiExitModel(nn.Module):
     loop under fvcore.
     """
 
-    def __init__(self, backbone: nn.Module, plan: ExitPlan, exits: nn.ModuleList, eval_output: str = "all"):
+    def __init__(self, backbone: nn.Module, plan: ExitPlan, exits: nn.ModuleList, eval_output: str | int = "all"):
         super().__init__()
         self.backbone = backbone
         self.exits = exits
         self.eval_output = eval_output
         self.stages = list(plan.stage_names)
         self.input_size = plan.input_size
+        self._num_classes = plan.num_classes  # the model's own: reset_classifier changes it, the shared plan stays
         self.grad_checkpointing = False
         self._plan = plan
         self._steps = (self._parts(), *self._build_steps())  # (what they were built from, training steps, eval steps)
 
     @property
-    def eval_output(self) -> str:
-        """What ``forward`` returns in eval mode: ``"all"`` (every exit), ``"final"`` or ``"ensemble"`` (one tensor)."""
+    def eval_output(self) -> str | int:
+        """What ``forward`` returns in eval mode: ``"all"`` (every exit), or one tensor: ``"final"``,
+        ``"ensemble"`` (the mean of the exits' logits) or an exit index ``k`` (``model(x)[k]``, so that
+        code expecting a plain classifier, timm's validate.py say, scores exit k)."""
         return self._eval_output
 
     @eval_output.setter
-    def eval_output(self, value: str) -> None:
-        if value not in EVAL_OUTPUTS:
-            raise ValueError(f"eval_output must be one of {EVAL_OUTPUTS}, got {value!r}")
+    def eval_output(self, value: str | int) -> None:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not -self.num_exits <= value < self.num_exits:
+                raise ValueError(f"eval_output={value} is not an exit index: this model has {self.num_exits} exits, 0..{self.num_exits - 1} (or -{self.num_exits}..-1)")
+        elif value not in EVAL_OUTPUTS:
+            raise ValueError(f"eval_output must be one of {EVAL_OUTPUTS} or an exit index 0..{self.num_exits - 1}, got {value!r}")
         self._eval_output = value
 
     # -- steps ------------------------------------------------------------------------------------
@@ -289,6 +295,8 @@ class MultiExitModel(nn.Module):
     def __setstate__(self, state):
         if "eval_output" in state:  # pickled before eval_output became a checked property
             state["_eval_output"] = state.pop("eval_output")
+        if "_num_classes" not in state:  # pickled before reset_classifier
+            state["_num_classes"] = state["_plan"].num_classes
         super().__setstate__(state)
         self._steps = (self._parts(), *self._build_steps())
 
@@ -300,9 +308,11 @@ class MultiExitModel(nn.Module):
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         outputs = self.forward_exits(x, return_features)
-        if not return_features and not self.training and self.eval_output != "all":
-            return outputs[-1] if self.eval_output == "final" else torch.stack(outputs).mean(0)
-        return outputs
+        if return_features or self.training or self.eval_output == "all":
+            return outputs
+        if self.eval_output == "ensemble":
+            return torch.stack(outputs).mean(0)
+        return outputs[-1 if self.eval_output == "final" else self.eval_output]
 
     def forward_exits(self, x: torch.Tensor, return_features: bool = False):
         """Every exit's logits (and features), in eval mode too, whatever ``eval_output`` says."""
@@ -318,7 +328,7 @@ class MultiExitModel(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return self._plan.num_classes
+        return self._num_classes
 
     @property
     def pretrained_cfg(self):
@@ -330,6 +340,32 @@ class MultiExitModel(nn.Module):
 
     def get_classifier(self) -> nn.Module:
         return self.backbone.get_classifier()
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new classifier of `num_classes` outputs for the backbone and for every exit head, as timm's ``reset_classifier``.
+
+        The features and heads' other layers keep their weights; each new classifier is freshly
+        initialised (fine-tuning on a new label set). Heads of your own need a
+        ``reset_classifier(num_classes)`` method (the built-in ones have it).
+        """
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ValueError(f"num_classes must be an int >= 1 (a multi-exit model needs a classifier on every exit), got {num_classes!r}")
+        lacking = [f"exit {k + 1} ({type(h).__name__})" for k, h in enumerate(self.exits) if not callable(getattr(h, "reset_classifier", None))]
+        if lacking:
+            raise TypeError(f"the heads of {', '.join(lacking)} have no reset_classifier(num_classes): give them one, or wrap the backbone again after its own reset_classifier")
+        _reset_backbone_classifier(self.backbone, self._num_classes, num_classes)
+        for h in self.exits:
+            h.reset_classifier(num_classes)
+        self._num_classes = num_classes
+        self._steps = (self._parts(), *self._build_steps())
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's ``forward_features`` (its final feature map), as for a plain timm model."""
+        return self.backbone.forward_features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The backbone's ``forward_head`` on its final feature map: the last exit's classifier."""
+        return self.backbone.forward_head(x, pre_logits=pre_logits)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -398,6 +434,21 @@ class MultiExitModel(nn.Module):
         return f"stages={self.stages}, num_exits={self.num_exits}, eval_output={self.eval_output!r}"
 
 
+def _reset_backbone_classifier(backbone: nn.Module, old: int, new: int) -> None:
+    """timm's ``reset_classifier``; for a model without one (torchvision), its last ``nn.Linear`` of `old` outputs gets replaced."""
+    reset = getattr(backbone, "reset_classifier", None)
+    if callable(reset):
+        reset(new)
+        return
+    found = [(name, m) for name, m in backbone.named_modules() if isinstance(m, nn.Linear) and m.out_features == old]
+    if not found:
+        raise TypeError(f"{type(backbone).__name__} has no reset_classifier and no nn.Linear of {old} outputs to replace: replace its classifier yourself, then wrap it again")
+    name, layer = found[-1]
+    parent_name, _, attr = name.rpartition(".")
+    parent = backbone.get_submodule(parent_name) if parent_name else backbone
+    setattr(parent, attr, nn.Linear(layer.in_features, new, bias=layer.bias is not None, device=layer.weight.device, dtype=layer.weight.dtype))
+
+
 def _listed(keys: set[str], limit: int = 8) -> str:
     names = sorted(keys)
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
@@ -439,7 +490,7 @@ def wrap(
     num_classes: int | None = None,
     *,
     head_kwargs: dict | None = None,
-    eval_output: str = "all",
+    eval_output: str | int = "all",
     input_size: Sequence[int] | None = None,
     leaf_modules: Sequence[type] = (),
     autowrap_functions: Sequence = (),
@@ -460,7 +511,8 @@ def wrap(
             one per exit.
         num_classes: optional check; it must equal the backbone's output width.
         head_kwargs: extra keyword arguments for the head constructor.
-        eval_output: ``"all"`` (a list in eval too), ``"final"`` or ``"ensemble"`` (one tensor in eval).
+        eval_output: ``"all"`` (a list in eval too), ``"final"``, ``"ensemble"`` or an exit index
+            (one tensor in eval).
         input_size: ``(C, H, W)`` of the dummy input used to learn the features' shapes;
             defaults to the model's own (its patch embedding's, its pretrained_cfg's, or 3x224x224).
         leaf_modules, autowrap_functions: extra modules / functions fx should not trace into.
