@@ -170,7 +170,7 @@ def test_report_formats():
     assert data["model"] == "vit_tiny_patch16_224" and data["input_size"] == [3, 32, 32]
     assert data["backbone_flops"] == backbone[-1] and data["all_exits_flops"] == backbone[-1] + sum(heads)
     exits = data["exits"]
-    assert [e["index"] for e in exits] == [0, 1, 2]
+    assert [e["exit"] for e in exits] == [1, 2, 3] and "index" not in exits[0]  # numbered as the printed table
     assert [e["stage"] for e in exits] == ["blocks.3", "blocks.6", "final"]
     assert [e["head"] for e in exits] == ["LinearHead", "SDNHead", "backbone's own"]
     assert [e["backbone_flops"] for e in exits] == backbone and [e["head_flops"] for e in exits] == heads

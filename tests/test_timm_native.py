@@ -70,3 +70,129 @@ def test_forward_features_and_forward_head_are_the_backbones():
     assert torch.equal(feats, model.backbone.forward_features(x))
     assert torch.equal(model.forward_head(feats), model(x)[-1])
     assert torch.equal(model.forward_head(feats, pre_logits=True), model.backbone.forward_head(feats, pre_logits=True))
+
+
+# -- the command line --------------------------------------------------------------------------------
+
+
+def test_version_and_python_dash_m(capsys):
+    import subprocess
+    import sys
+
+    from timm_exits.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"timm-exits {timm_exits.__version__}\n"
+    done = subprocess.run([sys.executable, "-m", "timm_exits", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout == f"timm-exits {timm_exits.__version__}\n"
+
+
+def test_stages_as_json_number_the_rows_as_wrap_takes_them(capsys):
+    import json
+
+    from timm_exits.cli import main
+
+    assert main(["stages", "resnet18", "--num-classes", "10", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = data["stages"]
+    assert data["model"] == "resnet18" and [r["name"] for r in rows] == ["act1", "layer1", "layer2", "layer3", "layer4"]
+    assert [r["index"] for r in rows] == list(range(5)) and rows[-1]["final"] and all(r["usable"] for r in rows)
+    model = timm_exits.wrap(timm.create_model("resnet18", num_classes=10), stages=[rows[2]["index"]])
+    assert model.stages == [rows[2]["name"]]
+
+
+def test_flops_json_numbers_exits_as_the_table_does(capsys):
+    import json
+
+    from timm_exits.cli import main
+
+    assert main(["flops", "resnet18", "--num-classes", "10", "--stages", "1", "2", "--input-size", "3", "32", "32", "--json"]) == 0
+    exits = json.loads(capsys.readouterr().out)["exits"]
+    assert main(["flops", "resnet18", "--num-classes", "10", "--stages", "1", "2", "--input-size", "3", "32", "32"]) == 0
+    table = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:5]]
+    assert [str(e["exit"]) for e in exits] == table == ["1", "2", "3"]
+
+
+# -- saving and rebuilding ------------------------------------------------------------------------------
+
+
+def test_create_model_equals_wrapping_by_hand():
+    torch.manual_seed(0)
+    made = timm_exits.create_model("resnet18", stages=[1, 2, 3], num_classes=10, input_size=(3, 32, 32))
+    torch.manual_seed(0)
+    by_hand = timm_exits.wrap(timm.create_model("resnet18", num_classes=10), stages=[1, 2, 3], input_size=(3, 32, 32))
+    assert made.stages == by_hand.stages and made.state_dict().keys() == by_hand.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(made.state_dict().values(), by_hand.state_dict().values()))
+    with pytest.raises(ValueError, match=r"^unknown timm model 'resnet1O'; did you mean"):
+        timm_exits.create_model("resnet1O", stages=[1])
+
+
+@pytest.mark.parametrize("name, stages, kwargs", [
+    ("resnet18", [1, 2, 3], {"num_classes": 10, "in_chans": 1}),
+    ("vit_tiny_patch16_224", [3, 6], {"num_classes": 5, "img_size": 32}),
+    ("torchvision:resnet18", [1, 2], {"num_classes": 7}),
+])
+def test_save_pretrained_then_from_pretrained_gives_the_same_model(tmp_path, name, stages, kwargs):
+    import json
+
+    torch.manual_seed(0)
+    model = timm_exits.create_model(name, stages=stages, head=["linear", "sdn", "linear"][: len(stages)], eval_output="final", **kwargs)
+    model.train()
+    x = torch.randn(2, kwargs.get("in_chans", 3), *([kwargs["img_size"]] * 2 if "img_size" in kwargs else [32, 32]))
+    model(x)  # batch-norm statistics move: the saved state is not the initial one
+    model.eval()
+    folder = model.save_pretrained(tmp_path / "saved")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == name and config["num_classes"] == kwargs["num_classes"]
+    assert config["timm_exits"]["stages"] == model.stages and config["timm_exits"]["version"] == timm_exits.__version__
+    again = timm_exits.from_pretrained(folder)
+    assert again.stages == model.stages and again.eval_output == "final" and not again.training
+    assert again.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+        assert all(torch.equal(a, b) for a, b in zip(again.forward_exits(x), model.forward_exits(x)))
+
+
+def test_a_model_wrapped_by_hand_saves_too_and_another_wrap_is_refused(tmp_path):
+    model = timm_exits.wrap(timm.create_model("resnet18", num_classes=10, in_chans=1), stages=[1, 2], input_size=(1, 32, 32))
+    again = timm_exits.from_pretrained(model.save_pretrained(tmp_path / "a"))
+    assert again.backbone.conv1.in_channels == 1 and again.stages == ["layer1", "layer2"]
+    tv = timm_exits.wrap(torchvision.models.resnet18(num_classes=10), stages=[1], input_size=(3, 32, 32))
+    with pytest.raises(ValueError, match=r"^save_pretrained cannot tell which model ResNet is .*pass model_name='torchvision:NAME'"):
+        tv.save_pretrained(tmp_path / "tv")
+    assert timm_exits.from_pretrained(tv.save_pretrained(tmp_path / "tv", model_name="torchvision:resnet18")).stages == ["layer1"]
+    other = timm_exits.create_model("resnet18", stages=["layer1.0", "layer2"], num_classes=10, in_chans=1, input_size=(1, 32, 32))
+    torch.save(other.state_dict(), tmp_path / "other.pth")
+    with pytest.raises(RuntimeError, match=r"the checkpoint comes from a model wrapped at stages \['layer1.0', 'layer2'\]"):
+        timm_exits.create_model("resnet18", stages=[1, 2], num_classes=10, in_chans=1, input_size=(1, 32, 32), checkpoint_path=tmp_path / "other.pth")
+
+
+def test_a_head_that_cannot_be_imported_is_named_at_save(tmp_path):
+    def local_head(channels, num_classes, layout):
+        return timm_exits.heads.LinearHead(channels, num_classes, layout)
+
+    model = timm_exits.create_model("resnet18", stages=[1], head=local_head, num_classes=10, input_size=(3, 32, 32))
+    with pytest.raises(ValueError, match=r"^the head of exit 1 'test_timm_native:test_a_head_that_cannot_be_imported_is_named_at_save.<locals>.local_head' cannot be imported"):
+        model.save_pretrained(tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_backbone_writes_what_timm_loads(tmp_path):
+    from timm_exits.cli import main
+
+    torch.manual_seed(0)
+    model = timm_exits.create_model("resnet18", stages=[1, 2, 3], num_classes=10, input_size=(3, 32, 32)).eval()
+    torch.save({"epoch": 3, "arch": "resnet18", "state_dict": model.state_dict()}, tmp_path / "last.pth.tar")  # as timm's train.py saves
+    assert main(["export-backbone", str(tmp_path / "last.pth.tar"), str(tmp_path / "backbone.safetensors")]) == 0
+    plain = timm.create_model("resnet18", num_classes=10, checkpoint_path=str(tmp_path / "backbone.safetensors")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(plain(x), model(x)[-1])
+    folder = model.save_pretrained(tmp_path / "saved")
+    timm_exits.export_backbone(folder, tmp_path / "from_folder.pth")
+    assert timm.create_model("resnet18", num_classes=10, checkpoint_path=str(tmp_path / "from_folder.pth")) is not None
+    with pytest.raises(SystemExit):
+        main(["export-backbone", str(tmp_path / "missing.pth"), str(tmp_path / "out.pth")])

@@ -14,6 +14,7 @@ from .calibration import (
 )
 from .placement import FlopsPlacement, at_flops
 from .profile import ExitProfile, profile_exits
+from .hub import create_model, export_backbone, from_pretrained, save_pretrained
 from .integrations import MultiExitTask, MultiExitTrainable
 from .heads import create_head, head_names, register_head
 from .losses import (
@@ -33,6 +34,10 @@ from .tracing import TraceError, graph_node_names
 
 __all__ = [
     "wrap",
+    "create_model",
+    "save_pretrained",
+    "from_pretrained",
+    "export_backbone",
     "MultiExitModel",
     "ExitOutputs",
     "list_stages",

@@ -40,7 +40,15 @@ def _stages(args: argparse.Namespace) -> int:
     from .stages import list_stages
 
     model = _build(args.model, args.num_classes)
-    for s in list_stages(model, input_size=args.input_size):
+    stages = list_stages(model, input_size=args.input_size)
+    if args.json:
+        import json
+
+        rows = [{"index": s.index, "name": s.name, "channels": s.channels, "reduction": s.reduction, "layout": str(s.layout), "final": s.final,
+                 "usable": s.usable, "reason": s.reason} for s in stages]
+        print(json.dumps({"model": args.model, "stages": rows}, indent=2))
+        return 0
+    for s in stages:
         where = f"1/{s.reduction}" if s.reduction else "tokens"
         print(f"{s.index:>3}  {s.name:<40} {s.channels:>6} ch  {where:<7} {s.layout}" + ("  (final: feeds the head)" if s.final else ""))
     return 0
@@ -65,9 +73,20 @@ def _flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_backbone(args: argparse.Namespace) -> int:
+    from .hub import export_backbone
+
+    out = export_backbone(args.checkpoint, args.out)
+    print(f"wrote the plain backbone's weights to {out}: timm.create_model(NAME, checkpoint_path={str(out)!r}) and timm's validate.py load them")
+    return 0
+
+
 def _check_name(name: str) -> None:
-    """A timm model name, or ``torchvision:NAME``, that exists; else the closest names."""
+    """A timm model name, or ``torchvision:NAME``, that exists; else the closest names (``hf-hub:`` names go to timm as they are)."""
     import difflib
+
+    if name.startswith(("hf-hub:", "hf_hub:")):
+        return
 
     if name.startswith("torchvision:"):
         import torchvision
@@ -100,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     from .heads import head_names
     from .presets import loss_names
 
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="timm-exits", description="Multi-exit networks from timm and torchvision classifiers.")
+    parser.add_argument("--version", action="version", version=f"timm-exits {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train a multi-exit resnet18 on the corrupted digits (CPU, ~3 minutes) against the plain backbone and a narrower one; print each exit's accuracy, FLOPs and early-exit speedup")
@@ -124,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     stages.add_argument("model", help="timm model name, or torchvision:NAME")
     stages.add_argument("--num-classes", type=_positive_int, default=1000, help="classes of the backbone's head (default: 1000)")
     stages.add_argument("--input-size", type=_positive_int, nargs=3, default=None, metavar=("C", "H", "W"), help="dummy input size (default: the model's own)")
+    stages.add_argument("--json", action="store_true", help="print the stage table as JSON (index as wrap(stages=[index]) takes it)")
     stages.set_defaults(run=_stages)
 
     flops = sub.add_parser(
@@ -145,11 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     flops.epilog = "Without --stages or --at-flops the plain model is reported as a single exit."
     flops.set_defaults(run=_flops)
 
+    export = sub.add_parser("export-backbone", help="write the plain backbone's checkpoint from a multi-exit one, for timm's own tools")
+    export.add_argument("checkpoint", help="a checkpoint with backbone.* keys (timm's train.py writes one), or a save_pretrained folder")
+    export.add_argument("out", help="where to write the backbone's weights (.safetensors, or a torch.save file)")
+    export.set_defaults(run=_export_backbone)
+
     args = parser.parse_args(argv)
     try:
         try:
             return args.run(args)
-        except (ValueError, TypeError) as err:  # the library's own errors name the argument and what is valid
+        except (ValueError, TypeError, FileNotFoundError) as err:  # the library's own errors name the argument and what is valid
             raise BadArgument(args.command, " ".join(line.strip() for line in str(err).splitlines())) from None
     except BadArgument as err:
         print(err, file=sys.stderr)

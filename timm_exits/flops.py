@@ -180,14 +180,14 @@ class FlopsReport:
     convention: str = CONVENTION
 
     def to_dict(self) -> dict:
-        """Plain Python data (the rows as dicts), ready for JSON."""
+        """Plain Python data (the rows as dicts), ready for JSON; ``"exit"`` counts from 1, as the printed table does."""
         return {
             "model": self.model,
             "input_size": list(self.input_size),
             "convention": self.convention,
             "backbone_flops": self.backbone_flops,
             "all_exits_flops": self.all_exits_flops,
-            "exits": [dataclasses.asdict(e) for e in self.exits],
+            "exits": [{"exit": e.index + 1, **{k: v for k, v in dataclasses.asdict(e).items() if k != "index"}} for e in self.exits],
             "uncounted_ops": dict(self.uncounted_ops),
             "failed_ops": dict(self.failed_ops),
             "notes": list(self.notes),

@@ -419,6 +419,12 @@ class MultiExitModel(nn.Module):
         """
         return self.backbone
 
+    def save_pretrained(self, save_directory, model_name: str | None = None, model_args: dict | None = None):
+        """Write ``config.json`` and ``model.safetensors`` to `save_directory`; see `timm_exits.save_pretrained`."""
+        from .hub import save_pretrained  # lazy: hub builds models through this module
+
+        return save_pretrained(self, save_directory, model_name, model_args)
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """`nn.Module.load_state_dict`, with an error that says how a strict mismatch came about.
 
@@ -552,4 +558,16 @@ def wrap(
     for k, (h, site, module) in enumerate(zip(heads, plan.sites, exits)):
         check_head(module, site, plan.num_classes, f"the head of exit {k + 1} ({site.stage!r}, {h if isinstance(h, str) else getattr(h, '__name__', type(h).__name__)})")
     plan.sites = []  # the heads are built; drop the traced graphs the sites refer to
-    return MultiExitModel(model, plan, exits, eval_output=eval_output)
+    wrapped = MultiExitModel(model, plan, exits, eval_output=eval_output)
+    # what rebuilds this wrap from the backbone (timm_exits.save_pretrained writes it to config.json)
+    wrapped.wrap_args = {"stages": list(plan.stage_names), "head": [_reference(h) for h in heads], "head_kwargs": dict(head_kwargs or {}),
+                         "input_size": list(plan.input_size), "leaf_modules": [_reference(m) for m in leaf_modules],
+                         "autowrap_functions": [_reference(f) for f in autowrap_functions]}
+    return wrapped
+
+
+def _reference(obj) -> str:
+    """A head name as it is; a class or function as ``module:qualname`` (``<locals>`` in it: not importable)."""
+    if isinstance(obj, str):
+        return obj
+    return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', type(obj).__qualname__)}"

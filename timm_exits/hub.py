@@ -1,0 +1,250 @@
+"""Multi-exit models by name, saved and rebuilt as timm models are: a folder with config.json and model.safetensors.
+
+`create_model` builds a backbone by name (a timm name, ``hf-hub:...`` through timm, or
+``torchvision:NAME``) and wraps it. `save_pretrained` writes the folder timm's hub files use: a
+``config.json`` describing the backbone as timm does (``architecture``, ``num_classes``,
+``model_args``, ``pretrained_cfg``), with the wrap under ``"timm_exits"`` (stages, heads and their
+arguments, the input size, the library version), beside the weights in ``model.safetensors``.
+`from_pretrained` rebuilds the model, its exits and weights from that folder alone.
+`export_backbone` writes the plain backbone's checkpoint that timm's own tools load.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .model import MultiExitModel, wrap
+
+__all__ = ["create_model", "save_pretrained", "from_pretrained", "export_backbone"]
+
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
+
+
+def _create_backbone(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"model_name must be a model name (a timm name, 'hf-hub:...' or 'torchvision:NAME'), got {name!r}")
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        tv_name = name.split(":", 1)[1]
+        if tv_name not in torchvision.models.list_models(module=torchvision.models):
+            import difflib
+
+            close = difflib.get_close_matches(tv_name, torchvision.models.list_models(module=torchvision.models), n=5)
+            raise ValueError(f"unknown torchvision model {tv_name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        return torchvision.models.get_model(tv_name, weights="DEFAULT" if pretrained else None, **kwargs)
+    import timm
+
+    if not name.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=5)
+        raise ValueError(f"unknown timm model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def _read_checkpoint(path) -> dict:
+    """A state dict from a file timm or torch wrote (nested ``state_dict`` / EMA and DDP prefixes handled by timm)."""
+    from timm.models import load_state_dict
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint_path {str(path)!r} is not a file")
+    return load_state_dict(str(path))
+
+
+def create_model(
+    model_name: str,
+    stages: Sequence[int | str],
+    head="linear",
+    pretrained: bool = False,
+    checkpoint_path: str | os.PathLike | None = None,
+    *,
+    head_kwargs: dict | None = None,
+    eval_output: str | int = "all",
+    input_size: Sequence[int] | None = None,
+    leaf_modules: Sequence[type] = (),
+    autowrap_functions: Sequence = (),
+    **kwargs,
+) -> MultiExitModel:
+    """Build `model_name` and wrap it with exits after `stages`: ``timm.create_model`` for multi-exit models.
+
+    Args:
+        model_name: a timm name (``"resnet50"``), ``"hf-hub:org/name"`` (through timm) or
+            ``"torchvision:NAME"``.
+        stages, head, head_kwargs, eval_output, input_size, leaf_modules, autowrap_functions:
+            as `timm_exits.wrap` takes them.
+        pretrained: the backbone's pretrained weights (downloaded by timm or torchvision).
+        checkpoint_path: weights to load after wrapping: a multi-exit checkpoint (keys
+            ``backbone.*`` and ``exits.*``, from the same wrap: another wrap is refused by name), or
+            a plain backbone checkpoint (loaded into the backbone; the exits keep their initialisation).
+        **kwargs: for the backbone's constructor (``num_classes``, ``in_chans``, ``img_size``, ...).
+
+    Example::
+
+        >>> model = timm_exits.create_model("resnet18", stages=[1, 2, 3], num_classes=10)
+        >>> model.save_pretrained("my-model")   # config.json + model.safetensors
+        >>> again = timm_exits.from_pretrained("my-model")
+    """
+    state = _read_checkpoint(checkpoint_path) if checkpoint_path is not None else None
+    backbone = _create_backbone(model_name, pretrained, kwargs)
+    if state is not None and not any(k.startswith(("backbone.", "exits.")) for k in state):
+        backbone.load_state_dict(state)  # a plain checkpoint: the backbone's, before the wrap
+        state = None
+    model = wrap(backbone, stages, head, head_kwargs=head_kwargs, eval_output=eval_output, input_size=input_size,
+                 leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+    if state is not None:
+        model.load_state_dict(state)
+    model.backbone_spec = {"architecture": model_name, "model_args": _json_ready(kwargs, "model_args")}
+    return model
+
+
+def _json_ready(value: Any, what: str) -> Any:
+    """`value` as JSON data (tuples become lists), or a ValueError naming `what`."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} must be JSON data to be saved in config.json ({err}); pass plain numbers, strings, lists and dicts") from None
+
+
+def _backbone_spec(model: MultiExitModel, model_name: str | None, model_args: dict | None) -> dict:
+    """How to build the backbone again: what `create_model` recorded, or what timm records on its models."""
+    spec = getattr(model, "backbone_spec", None)
+    if model_name is not None or spec is None:
+        cfg = getattr(model.backbone, "pretrained_cfg", None) or {}
+        name = model_name or cfg.get("architecture")
+        if not name:
+            raise ValueError(
+                f"save_pretrained cannot tell which model {type(model.backbone).__name__} is (it was not built by timm_exits.create_model "
+                "and has no timm pretrained_cfg): pass model_name='torchvision:NAME' (or the timm name) and its model_args"
+            )
+        try:
+            from timm.models._input import get_model_args  # timm >= 1.0.25 records the factory's arguments
+
+            recorded = get_model_args(model.backbone)
+        except (ImportError, AttributeError):
+            recorded = {"num_classes": model.num_classes}
+        spec = {"architecture": name, "model_args": recorded if not name.startswith("torchvision:") else {"num_classes": model.num_classes}}
+    args = {**spec["model_args"], **(model_args or {})}
+    return {"architecture": spec["architecture"], "model_args": _json_ready(args, "model_args")}
+
+
+def _importable(reference: str, what: str) -> str:
+    if ":" in reference and ("<locals>" in reference or "<lambda>" in reference or reference.startswith("__main__:")):
+        raise ValueError(
+            f"{what} {reference!r} cannot be imported when the model is rebuilt: define it at the top level of a module "
+            "(or register the head with timm_exits.register_head and wrap by its name)"
+        )
+    return reference
+
+
+def _resolve(reference: str) -> Any:
+    """A head name as it is; ``module:qualname`` imported."""
+    if ":" not in reference:
+        return reference
+    module, _, qualname = reference.partition(":")
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def save_pretrained(model: MultiExitModel, save_directory: str | os.PathLike, model_name: str | None = None, model_args: dict | None = None) -> Path:
+    """Write `model` to `save_directory` as ``config.json`` and ``model.safetensors``; returns the folder.
+
+    `model_name` and `model_args` name the backbone for a model not built by `create_model` and
+    not a timm model (a torchvision one: ``model_name="torchvision:resnet18"``); for timm models
+    they are read from the model. Heads and leaf modules given as callables must be importable.
+    """
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    if not isinstance(model, MultiExitModel):
+        raise TypeError(f"model must be a MultiExitModel (timm_exits.wrap or create_model), got {type(model).__name__}")
+    wrap_args = getattr(model, "wrap_args", None)
+    if wrap_args is None:
+        raise ValueError("this model was wrapped by a version of timm-exits that did not record its wrap: wrap its backbone again, then save")
+    config = _backbone_spec(model, model_name, model_args)
+    config["num_classes"] = model.num_classes
+    cfg = getattr(model.backbone, "pretrained_cfg", None)
+    if cfg:
+        config["pretrained_cfg"] = {k: v for k, v in cfg.items() if _serialisable(v)}
+    exits = {**wrap_args, "eval_output": model.eval_output, "version": __version__}
+    exits["head"] = [_importable(h, f"the head of exit {k + 1}") for k, h in enumerate(wrap_args["head"])]
+    exits["leaf_modules"] = [_importable(m, "leaf module") for m in wrap_args["leaf_modules"]]
+    exits["autowrap_functions"] = [_importable(f, "autowrap function") for f in wrap_args["autowrap_functions"]]
+    config["timm_exits"] = _json_ready(exits, "head_kwargs")
+    folder = Path(save_directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}  # clones: no shared storage
+    save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
+    with open(folder / CONFIG, "w") as f:
+        json.dump(config, f, indent=2)
+    return folder
+
+
+def _serialisable(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> MultiExitModel:
+    """Rebuild a model `save_pretrained` wrote: the backbone from ``config.json``, wrapped as it was, with its weights.
+
+    The model comes back in eval mode, as Hugging Face's ``from_pretrained`` gives it; ``.train()`` to fine-tune.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not a folder save_pretrained wrote: it needs {CONFIG} and {WEIGHTS}")
+    config = json.loads((folder / CONFIG).read_text())
+    exits = config.get("timm_exits")
+    if exits is None:
+        raise ValueError(f"{folder / CONFIG} describes a plain model (no 'timm_exits' section): build it with timm.create_model, then wrap it")
+    model = create_model(
+        config["architecture"],
+        exits["stages"],
+        head=[_resolve(h) for h in exits["head"]],
+        head_kwargs=exits["head_kwargs"],
+        eval_output=exits["eval_output"],
+        input_size=exits["input_size"],
+        leaf_modules=[_resolve(m) for m in exits["leaf_modules"]],
+        autowrap_functions=[_resolve(f) for f in exits["autowrap_functions"]],
+        **config.get("model_args", {}),
+    )
+    model.load_state_dict(load_file(str(folder / WEIGHTS), device=str(map_location)))
+    return model.eval()
+
+
+def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the plain backbone's weights from a multi-exit checkpoint, for timm's own tools.
+
+    `checkpoint`: a file a trainer wrote (timm's ``train.py``: a dict whose ``state_dict`` has
+    ``backbone.*`` and ``exits.*`` keys; its EMA weights are taken when present, as timm does) or
+    a folder `save_pretrained` wrote. `out` (``.safetensors``, or anything else for ``torch.save``)
+    then loads with ``timm.create_model(name, checkpoint_path=out)`` and timm's ``validate.py``.
+    """
+    source = Path(checkpoint)
+    state = _read_checkpoint(source / WEIGHTS) if source.is_dir() else _read_checkpoint(source)
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    if not backbone:
+        raise ValueError(f"{str(checkpoint)!r} has no 'backbone.*' keys: it is not a multi-exit checkpoint (a plain one loads into timm as it is)")
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in backbone.items()}, str(target), metadata={"format": "pt"})
+    else:
+        torch.save(backbone, target)
+    return target
