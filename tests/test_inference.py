@@ -474,18 +474,18 @@ def test_collect_calibrate_early_exit_end_to_end(criterion, ensemble):
     assert result.exit_counts(3) == [round(s * 32) for s in calibration.exit_shares]
 
 
-def test_plot_tradeoff_draws_the_curve_and_the_exits(tmp_path, monkeypatch):
-    plt = pytest.importorskip("matplotlib.pyplot")
+def test_plot_tradeoff_draws_the_curve_and_the_exits(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    backend = matplotlib.get_backend()
     cached = cached_digits_like()
     curve, anytime = timm_exits.budgeted_curve(cached, 5), timm_exits.anytime_accuracy(cached)
-    drawn = []
-    subplots = plt.subplots
-    monkeypatch.setattr(plt, "subplots", lambda *a, **k: drawn.append(subplots(*a, **k)) or drawn[-1])
-    path = timm_exits.plot_tradeoff(curve, tmp_path / "tradeoff.png", anytime=anytime)
-    assert path == str(tmp_path / "tradeoff.png")
+    fig = timm_exits.plot_tradeoff(curve, tmp_path / "tradeoff.png", anytime=anytime)
+    assert type(fig).__name__ == "Figure" and matplotlib.get_backend() == backend  # returned, and the global backend untouched
     png = (tmp_path / "tradeoff.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (780, 540)  # 6.5 x 4.5 in at 120 dpi
-    fig, ax = drawn[0]
+    (ax,) = fig.axes
     (budgeted, exits) = ax.get_lines()
     exact = dict(rel=1e-12)
     assert budgeted.get_xdata() == pytest.approx([p.flops / 1e6 for p in curve], **exact)
@@ -498,8 +498,8 @@ def test_plot_tradeoff_draws_the_curve_and_the_exits(tmp_path, monkeypatch):
     assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("average MFLOPs per sample", "accuracy (%)", "accuracy vs FLOPs")
     assert [t.get_text() for t in ax.texts] == [f"exit {k}" for k in range(1, len(anytime) + 1)]  # each exit labeled where it is drawn
     assert [c for t in ax.texts for c in t.xy] == pytest.approx([c for p in anytime for c in (p.flops / 1e6, 100 * p.accuracy)], **exact)
-    timm_exits.plot_tradeoff(curve, tmp_path / "alone.png", title="digits", points={"plain": (cached.flops[-1], 0.5)})
-    fig, ax = drawn[1]
+    fig = timm_exits.plot_tradeoff(curve, title="digits", points={"plain": (cached.flops[-1], 0.5)})  # no path: nothing written
+    (ax,) = fig.axes
     (_, plain) = ax.get_lines()
     assert ax.get_title() == "digits" and plain.get_label() == "plain" and (plain.get_xdata()[0], plain.get_ydata()[0]) == (cached.flops[-1] / 1e6, 50.0)
     low, high = ax.get_ylim()
@@ -507,14 +507,23 @@ def test_plot_tradeoff_draws_the_curve_and_the_exits(tmp_path, monkeypatch):
     assert low <= min(values) and high >= max(values) and high - low >= 10  # everything shown, and never fewer than 10 points of accuracy
 
 
-def test_plot_tradeoff_does_not_magnify_a_few_images_into_a_cliff(tmp_path, monkeypatch):
-    plt = pytest.importorskip("matplotlib.pyplot")
-    drawn = []
-    subplots = plt.subplots
-    monkeypatch.setattr(plt, "subplots", lambda *a, **k: drawn.append(subplots(*a, **k)) or drawn[-1])
+def test_plot_tradeoff_draws_into_a_given_axes_in_gflops_and_any_format(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    figure = Figure()
+    left, right = figure.subplots(1, 2)
+    curve = [timm_exits.calibration.CurvePoint(f, a, f, [1.0], []) for f, a in [(1.2e9, 0.70), (2.4e9, 0.75), (4.6e9, 0.80)]]
+    assert timm_exits.plot_tradeoff(curve, tmp_path / "vit.pdf", ax=right) is figure
+    assert not left.get_lines() and right.get_lines()[0].get_xdata() == pytest.approx([1.2, 2.4, 4.6])
+    assert right.get_xlabel() == "average GFLOPs per sample"
+    assert (tmp_path / "vit.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def test_plot_tradeoff_does_not_magnify_a_few_images_into_a_cliff():
+    pytest.importorskip("matplotlib")
     curve = [timm_exits.calibration.CurvePoint(f, a, f, [1.0], []) for f, a in [(1e6, 0.9950), (2e6, 0.9956), (3e6, 0.9956)]]  # two images of 450
-    timm_exits.plot_tradeoff(curve, tmp_path / "flat.png")
-    low, high = drawn[0][1].get_ylim()
+    low, high = timm_exits.plot_tradeoff(curve).axes[0].get_ylim()
     assert high - low >= 10 and high <= 100
 
 

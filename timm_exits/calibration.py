@@ -246,42 +246,48 @@ def budgeted_curve(cached: CachedExits, budgets: Sequence[float] | int = 20, cri
     return points
 
 
-def plot_tradeoff(curve: Sequence[CurvePoint], path, anytime: Sequence[AnytimePoint] | None = None, title: str | None = None, points: dict | None = None) -> str:
-    """Write accuracy against average FLOPs to a PNG; returns its path.
+def plot_tradeoff(curve: Sequence[CurvePoint], path=None, anytime: Sequence[AnytimePoint] | None = None, title: str | None = None, points: dict | None = None, ax=None):
+    """Draw accuracy against average FLOPs; returns the matplotlib Figure (saved to `path` too if given).
 
     Draws the budgeted curve, each exit alone (`anytime`, labeled "exit k") and `points`
-    (``{label: (flops, accuracy)}``, other models such as the plain backbone). The accuracy axis
-    spans at least 10 points, so that a difference of a few images does not look like a cliff.
+    (``{label: (flops, accuracy)}``, other models such as the plain backbone) into `ax`, or into a
+    new Figure. FLOPs are in MFLOPs or GFLOPs, whichever reads better. The accuracy axis spans at
+    least 10 points, so that a difference of a few images does not look like a cliff. pyplot and
+    its backend are never touched: the Figure shows in a notebook, and `path` may end in any
+    format matplotlib writes (.png, .pdf, .svg).
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError("plot_tradeoff needs matplotlib: pip install 'timm-exits[demo]'") from err
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    if ax is None:
+        fig = Figure(figsize=(6.5, 4.5))
+        ax = fig.subplots()
+    fig = ax.figure
+    flops = [p.flops for p in curve] + [p.flops for p in anytime or []] + [f for f, _ in (points or {}).values()]
+    scale, unit = (1e9, "GFLOPs") if flops and max(flops) >= 1e9 else (1e6, "MFLOPs")
     accuracies = [p.accuracy for p in curve]
-    ax.plot([p.flops / 1e6 for p in curve], [100 * p.accuracy for p in curve], "o-", ms=3, label="early exit, budgeted (MSDNet protocol)")
+    ax.plot([p.flops / scale for p in curve], [100 * p.accuracy for p in curve], "o-", ms=3, label="early exit, budgeted (MSDNet protocol)")
     if anytime:
-        ax.plot([p.flops / 1e6 for p in anytime], [100 * p.accuracy for p in anytime], "s--", label="each exit alone (anytime)")
+        ax.plot([p.flops / scale for p in anytime], [100 * p.accuracy for p in anytime], "s--", label="each exit alone (anytime)")
         for p in anytime:
-            ax.annotate(f"exit {p.exit + 1}", (p.flops / 1e6, 100 * p.accuracy), textcoords="offset points", xytext=(4, -12), fontsize=8)
+            ax.annotate(f"exit {p.exit + 1}", (p.flops / scale, 100 * p.accuracy), textcoords="offset points", xytext=(4, -12), fontsize=8)
         accuracies += [p.accuracy for p in anytime]
-    for (label, (flops, accuracy)), marker in zip((points or {}).items(), itertools.cycle("D^vP*X")):
-        ax.plot([flops / 1e6], [100 * accuracy], marker, ms=8, linestyle="none", label=label)
+    for (label, (cost, accuracy)), marker in zip((points or {}).items(), itertools.cycle("D^vP*X")):
+        ax.plot([cost / scale], [100 * accuracy], marker, ms=8, linestyle="none", label=label)
         accuracies.append(accuracy)
-    low, high = 100 * min(accuracies), 100 * max(accuracies)
-    pad = max(0.0, 10 - (high - low)) / 2 + 1
-    bottom, top = low - pad, high + pad
-    shift = max(0.0, top - 100) - max(0.0, -bottom)  # slide the window back inside [0, 100], keeping its span
-    ax.set_ylim(max(0.0, bottom - shift), min(100.0, top - shift))
-    ax.set_xlabel("average MFLOPs per sample")
+    if accuracies:
+        low, high = 100 * min(accuracies), 100 * max(accuracies)
+        pad = max(0.0, 10 - (high - low)) / 2 + 1
+        bottom, top = low - pad, high + pad
+        shift = max(0.0, top - 100) - max(0.0, -bottom)  # slide the window back inside [0, 100], keeping its span
+        ax.set_ylim(max(0.0, bottom - shift), min(100.0, top - shift))
+    ax.set_xlabel(f"average {unit} per sample")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title or "accuracy vs FLOPs")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig

@@ -246,7 +246,8 @@ def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 
     if plot:
         try:
             curve = budgeted_curve(val, evaluate_on=test)
-            out["plot"] = plot_tradeoff(curve, plot, anytime=anytime_accuracy(test), points=points, title=f"corrupted digits, {len(task.test)} test images")
+            plot_tradeoff(curve, plot, anytime=anytime_accuracy(test), points=points, title=f"corrupted digits, {len(task.test)} test images")
+            out["plot"] = str(plot)
             log(f"accuracy-vs-FLOPs plot: {plot}")
         except ImportError as err:
             log(f"no plot: {err}")
