@@ -291,11 +291,16 @@ def main() -> None:
     parser.add_argument("--out", default="docs/coverage.md")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    from tqdm.auto import tqdm
+
     results = []
-    for source, family, name, build, size in cases(args.only):
-        r = check(build, source, family, name, size)
-        print(f"{source:12s} {name:45s} {r.status:12s} {r.seconds:6.1f}s {r.reason[:150]}", flush=True)
-        results.append(r)
+    todo = list(cases(args.only))
+    with tqdm(todo, desc="wrapping models", unit="model") as bar:  # a bar on stderr, one line per model on stdout
+        for source, family, name, build, size in bar:
+            bar.set_postfix_str(name)
+            r = check(build, source, family, name, size)
+            bar.write(f"{source:12s} {name:45s} {r.status:12s} {r.seconds:6.1f}s {r.reason[:150]}")
+            results.append(r)
     with open(args.out, "w") as f:
         f.write(to_markdown(results))
     for problem in filter(None, map(verdict, results)):

@@ -52,3 +52,18 @@ def test_cli_lists_stages(capsys):
     assert main(["stages", "resnet18", "--num-classes", "10"]) == 0
     out = capsys.readouterr().out
     assert "layer3" in out and "(final: feeds the head)" in out
+
+
+def test_long_loops_show_progress_on_standard_error(capsys):
+    import torch
+
+    import timm_exits
+
+    run_demo(epochs=1, variants=1, baselines=False, progress=True, log=lambda line: None)
+    err = capsys.readouterr().err
+    assert "eed epoch 1/1" in err and "collecting exit logits" in err and "batch" in err
+    model = timm_exits.wrap(__import__("timm").create_model("resnet10t", num_classes=10), stages=[1], input_size=(3, 32, 32))
+    timm_exits.collect_exit_logits(model, [(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))], progress=False)
+    assert capsys.readouterr().err == ""  # off when asked, and by default where standard error is not a terminal
+    timm_exits.collect_exit_logits(model, [(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))])
+    assert capsys.readouterr().err == ""

@@ -180,13 +180,14 @@ def test_report_formats():
     assert exits[0]["backbone_params"] == first_params
     assert exits[-1]["backbone_params"] == sum(p.numel() for p in model.backbone.parameters())
     assert all(e["params"] == e["backbone_params"] + e["head_params"] for e in exits)
-    for row, cost in zip(exits, report.exits):  # the JSON carries the attributes unchanged
-        assert row == {field: getattr(cost, field) for field in row}
+    for row, cost in zip(exits, report.exits):  # the JSON carries the attributes unchanged, the exit numbered from 1
+        assert row == {"exit": cost.index + 1, **{field: getattr(cost, field) for field in row if field != "exit"}}
     assert "aten::gelu" in data["uncounted_ops"] and not set(data["uncounted_ops"]) & set(FLOP_HANDLES)
 
     # ~27 MFLOPs: the table shows MFLOPs to 4 digits, shares to 0.1 %, parameters in millions to 3 digits
     md = report.to_markdown()
-    assert "| exit | attached after | head | backbone MFLOPs | head MFLOPs | total MFLOPs | share | params (M) |" in md
+    header = next(line for line in md.splitlines() if line.startswith("| "))
+    assert [c.strip() for c in header.strip("|").split("|")] == ["exit", "attached after", "head", "backbone MFLOPs", "head MFLOPs", "total MFLOPs", "share", "params (M)"]
     rows = table_rows(md)
     assert [r[:3] for r in rows] == [["1", "blocks.3", "LinearHead"], ["2", "blocks.6", "SDNHead"], ["3", "final", "backbone's own"]]
     for row, e in zip(rows, exits):

@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import math
 import numbers
+import sys
 from collections import Counter
 from typing import NamedTuple, Sequence
 
@@ -77,13 +78,24 @@ class CachedExits:
 
 
 @torch.no_grad()
-def collect_exit_logits(model: MultiExitModel, loader, device=None) -> CachedExits:
-    """One pass over `loader` (batches of ``(inputs, labels, ...)``) caching every exit's logits, on the CPU."""
+def progress_default() -> bool:
+    """Progress bars by default only where someone watches: standard error is a terminal."""
+    return sys.stderr.isatty()
+
+
+def collect_exit_logits(model: MultiExitModel, loader, device=None, progress: bool | None = None) -> CachedExits:
+    """One pass over `loader` (batches of ``(inputs, labels, ...)``) caching every exit's logits, on the CPU.
+
+    `progress`: a tqdm bar over the batches, on standard error; by default when it is a terminal.
+    """
+    from tqdm.auto import tqdm
+
     if not isinstance(model, MultiExitModel):
         raise TypeError(f"collect_exit_logits needs a MultiExitModel, got {type(model).__name__}")
     logits, labels, sizes = [], [], Counter()
+    show = progress_default() if progress is None else bool(progress)
     with evaluating(model):
-        for batch in loader:
+        for batch in tqdm(loader, desc="collecting exit logits", unit="batch", disable=not show, leave=False):
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                 raise ValueError("each batch of the loader must be (inputs, labels, ...)")
             x, y = batch[0], batch[1]

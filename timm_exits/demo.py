@@ -15,6 +15,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tabulate import tabulate
 
 __all__ = ["load_digits_32", "evaluate", "fit", "narrower", "run_demo", "early_exit_tradeoff"]
 
@@ -48,12 +49,16 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> 
     return (correct.float() / len(x)).tolist()
 
 
-def fit(model, loss_fn, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int = 64, lr: float = 4e-3, teacher=None, on_epoch=None) -> None:
+def fit(model, loss_fn, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int = 64, lr: float = 4e-3, teacher=None, on_epoch=None,
+        progress: str | None = None) -> None:
     """Train `model` with `loss_fn(model(x), y)` (AdamW, one-cycle schedule), the loss's own parameters too.
 
     With a `teacher` (a module), the loss is called as ``loss_fn(outputs, y, teacher(x))``, the
     teacher in eval mode under ``no_grad``. ``on_epoch(epoch, mean_loss)`` is called after each epoch.
+    `progress`: a name to show a tqdm bar over each epoch's batches under (on standard error).
     """
+    from tqdm.auto import tqdm
+
     params = list(model.parameters()) + (list(loss_fn.parameters()) if isinstance(loss_fn, torch.nn.Module) else [])
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     steps = epochs * ((len(x) + batch_size - 1) // batch_size)
@@ -66,7 +71,8 @@ def fit(model, loss_fn, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_siz
         model.train()
         order = torch.randperm(len(x))
         total, seen = 0.0, 0
-        for i in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        for i in tqdm(starts, desc=f"{progress} epoch {epoch + 1}/{epochs}", unit="batch", leave=False, disable=progress is None):
             idx = order[i : i + batch_size]
             outputs = model(x[idx])
             if teacher is None:
@@ -112,7 +118,7 @@ def narrower(model_name: str, target_flops: float, input_size, **kwargs):
 
 def run_demo(
     model_name: str = "resnet18", stages=(1, 2, 3), head: str = "linear", loss: str = "eed", epochs: int = 8, batch_size: int = 64, lr: float = 4e-3, seed: int = 0, log=print, plot: str | None = None,
-    baselines: bool = True, variants: int = 6,
+    baselines: bool = True, variants: int = 6, progress: bool | None = None,
 ) -> dict:
     """Train and evaluate; returns the per-exit accuracies, the baselines, the early-exit trade-off and timings (also printed through `log`).
 
@@ -120,18 +126,22 @@ def run_demo(
     ``"ekd"`` distils from external teachers: the demo first trains the plain backbone with
     cross entropy for the same epochs and uses it as the one teacher of every exit. With
     `baselines`, the backbone alone (cross entropy) and a narrower member of its family are
-    trained on the same batches. `seed` fixes the weights and the batch order; the task is
+    trained on the same batches. `progress`: tqdm bars over the batches (default: when standard
+    error is a terminal). `seed` fixes the weights and the batch order; the task is
     always `corrupted_digits(seed=0, variants=variants)`. `plot`: a PNG path for the
     accuracy-vs-FLOPs plot (needs matplotlib).
     """
     import timm
 
+    from .calibration import progress_default
     from .data import corrupted_digits
     from .flops import flops_report
     from .model import wrap
     from .presets import create_loss
 
     start = time.perf_counter()
+    show = progress_default() if progress is None else progress
+    bar = lambda name: name if show else None  # noqa: E731
     task = corrupted_digits(seed=0, variants=variants)
     size = tuple(task.train.x.shape[1:])
     log(f"corrupted digits: {len(task.train)} train / {len(task.val)} validation / {len(task.test)} test images "
@@ -148,7 +158,7 @@ def run_demo(
         torch.manual_seed(seed)
         teacher = make()
         log(f"training the teacher (plain {model_name}, cross entropy, {epochs} epochs)")
-        fit(teacher, F.cross_entropy, x, y, epochs, batch_size, lr)
+        fit(teacher, F.cross_entropy, x, y, epochs, batch_size, lr, progress=bar("teacher"))
 
     def report(epoch, mean_loss):
         accs = evaluate(model, task.val.x, task.val.y)
@@ -156,7 +166,7 @@ def run_demo(
 
     log(f"training: {epochs} epochs of {(len(x) + batch_size - 1) // batch_size} batches of {batch_size}")
     torch.manual_seed(seed)  # the batch order: the same for the baselines
-    fit(model, loss_fn, x, y, epochs, batch_size, lr, teacher=teacher, on_epoch=report)
+    fit(model, loss_fn, x, y, epochs, batch_size, lr, teacher=teacher, on_epoch=report, progress=bar(loss))
     accs = evaluate(model, task.test.x, task.test.y)
     costs = flops_report(model).exits
     rows = [(f"exit {k}", name, acc, cost.flops) for k, (name, acc, cost) in enumerate(zip(list(model.stages) + ["head (backbone)"], accs, costs), start=1)]
@@ -170,7 +180,7 @@ def run_demo(
         for label, net, what in [("baseline", plain, f"{model_name} alone, cross entropy")] + ([("smaller plain", small[0], f"{model_name}, channels {small[1]}")] if small else []):
             log(f"training the {label} model ({what}, same epochs and batches)")
             torch.manual_seed(seed)
-            fit(net, F.cross_entropy, x, y, epochs, batch_size, lr)
+            fit(net, F.cross_entropy, x, y, epochs, batch_size, lr, progress=bar(label))
             acc, flops = evaluate(net, task.test.x, task.test.y)[0], flops_report(net, input_size=size).backbone_flops
             rows.append((label, what, acc, flops))
             points[f"{label} ({what})"] = (flops, acc)
@@ -178,19 +188,20 @@ def run_demo(
         if small is None:
             log(f"(no smaller plain model: {model_name} is not a timm ResNet, whose channels the demo knows how to narrow)")
     full = costs[-1].backbone_flops
-    width = max(len(r[1]) for r in rows)
     log("")
-    log(f"{'':<13}  {'attached after / model':<{width}}  test accuracy  MFLOPs per image  share of the backbone")
-    for label, name, acc, flops in rows:
-        log(f"{label:<13}  {name:<{width}}  {acc:>13.4f}  {flops / 1e6:>16.2f}  {flops / full:>21.1%}")
+    table = [[label, name, f"{acc:.4f}", f"{flops / 1e6:.2f}", f"{flops / full:.1%}"] for label, name, acc, flops in rows]
+    for line in tabulate(table, ["", "attached after / model", "test accuracy", "MFLOPs per image", "share of the backbone"], tablefmt="plain",
+                         disable_numparse=True, colalign=["left", "left", "right", "right", "right"]).splitlines():
+        log(line)
     log(f"(test split: {len(task.test)} images, so one image is {1 / len(task.test):.2%}; FLOPs counted by timm_exits.flops_report: fvcore's convention, one multiply-add = 1 FLOP)")
-    result["early_exit"] = early_exit_tradeoff(model, task, log=log, plot=plot, points=points)
+    result["early_exit"] = early_exit_tradeoff(model, task, log=log, plot=plot, points=points, progress=show)
     result["seconds"] = time.perf_counter() - start
     log(f"done in {result['seconds']:.0f}s")
     return result
 
 
-def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 5, log=print, plot: str | None = None, repeats: int = 3, batch_size: int = 64) -> dict:
+def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 5, log=print, plot: str | None = None, repeats: int = 3, batch_size: int = 64,
+                        progress: bool | None = None) -> dict:
     """Calibrate early-exit thresholds on the validation split, report the test split at `budgets` budgets.
 
     The budgets are evenly spaced from the first exit's cost to the whole model's. For each,
@@ -206,7 +217,7 @@ def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 
     from .profile import profile_exits
 
     batches = lambda split: [(split.x[i : i + batch_size], split.y[i : i + batch_size]) for i in range(0, len(split), batch_size)]  # noqa: E731
-    val, test = collect_exit_logits(model, batches(task.val)), collect_exit_logits(model, batches(task.test))
+    val, test = collect_exit_logits(model, batches(task.val), progress=progress), collect_exit_logits(model, batches(task.test), progress=progress)
     first, full = val.flops[0], val.flops[-1]
     report = flops_report(model).exits
     backbone = report[-1].backbone_flops
@@ -234,10 +245,11 @@ def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 
     log("")
     log(f"early exit: thresholds calibrated on the {len(task.val)} validation images (MSDNet's budgeted batch), reported on the {len(task.test)} test images")
     log(f"speedup over the plain {type(model.backbone).__name__} at batch {batch_size}: measured (median of {repeats} rounds), time-predicted (from each segment's measured time), FLOPs-predicted")
-    log(f"{'budget MFLOPs':>13}  {'accuracy':>8}  {'avg MFLOPs':>10}  {'measured':>8}  {'time-predicted':>14}  {'FLOPs-predicted':>15}  share of images leaving at exit " + " / ".join(str(k + 1) for k in range(test.num_exits)))
-    for row in rows:
-        log(f"{row['budget'] / 1e6:>13.2f}  {row['accuracy']:>8.4f}  {row['flops'] / 1e6:>10.2f}  {row['measured']:>7.2f}x  {row['time_predicted']:>13.2f}x  {row['flops_predicted']:>14.2f}x  "
-            + " / ".join(f"{s:.0%}" for s in row["exit_shares"]))
+    header = ["budget MFLOPs", "accuracy", "avg MFLOPs", "measured", "time-predicted", "FLOPs-predicted", "share of images leaving at exit " + " / ".join(str(k + 1) for k in range(test.num_exits))]
+    table = [[f"{row['budget'] / 1e6:.2f}", f"{row['accuracy']:.4f}", f"{row['flops'] / 1e6:.2f}", f"{row['measured']:.2f}x", f"{row['time_predicted']:.2f}x", f"{row['flops_predicted']:.2f}x",
+              " / ".join(f"{s:.0%}" for s in row["exit_shares"])] for row in rows]
+    for line in tabulate(table, header, tablefmt="plain", disable_numparse=True, colalign=["right"] * 6 + ["left"]).splitlines():
+        log(line)
     reached = [c.backbone_flops for c in report]
     time_shares = [t / sum(profile.segment_seconds) for t in profile.segment_seconds]
     flops_shares = [(b - a) / backbone for a, b in zip([0] + reached, reached)]

@@ -217,16 +217,19 @@ class FlopsReport:
         return lines + list(self.notes)
 
     def to_markdown(self) -> str:
+        from tabulate import tabulate
+
         header, rows, title = self._table()
-        lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "|".join("---:" if i not in (1, 2) else "---" for i in range(len(header))) + "|"]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines + [""] + [f"- {line}" for line in self._footer()]) + "\n"
+        align = ["left" if i in (1, 2) else "right" for i in range(len(header))]
+        table = tabulate(rows, header, tablefmt="github", disable_numparse=True, colalign=align)
+        return "\n".join([f"**{title}**", "", table, ""] + [f"- {line}" for line in self._footer()]) + "\n"
 
     def __str__(self) -> str:
+        from tabulate import tabulate
+
         header, rows, title = self._table()
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        fmt = lambda r: "  ".join(c.ljust(w) if i in (1, 2) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-        return "\n".join([title, fmt(header), *map(fmt, rows), *self._footer()])
+        align = ["left" if i in (1, 2) else "right" for i in range(len(header))]
+        return "\n".join([title, tabulate(rows, header, tablefmt="plain", disable_numparse=True, colalign=align), *self._footer()])
 
 
 def _unit(flops: float) -> tuple[float, str]:
