@@ -1,76 +1,132 @@
-"""Training with timm's factories (model, mixup, optimizer, scheduler, EMA, checkpoints) and our task.
+"""Training with timm's own data pipeline and factories, and our task: an ImageFolder in, summary.csv out.
 
-Lines marked ``# timm-exits`` are the ones that differ from training the plain model with timm's
-``ClassificationTask``; everything else is what timm's own training script does.
+Lines marked ``# timm-exits`` are the ones that differ from training the plain model the way
+timm's ``train.py`` does (``create_dataset`` / ``create_loader``, mixup, ``create_optimizer_v2``,
+``create_scheduler_v2``, EMA, ``update_summary``, a checkpoint as its ``CheckpointSaver`` writes).
+The per-exit loss terms reach ``summary.csv`` beside the loss, and every exit's top-1 beside them.
 
-    python examples/train_timm.py            # 6 epochs on the bundled digits
-    python examples/train_timm.py --smoke    # a few steps, for the test suite
+    python examples/train_timm.py --data DIR   # DIR/train/<class>/*.png and DIR/validation/<class>/*.png
+    python examples/train_timm.py              # first writes such a folder from the corrupted digits
+    python examples/train_timm.py --smoke      # a tiny folder and a few steps, for the test suite
 """
 import argparse
+import csv
 import os
 import tempfile
+from collections import defaultdict
 
 import timm
 import torch
-from timm.data import Mixup
+from timm.data import Mixup, create_dataset, create_loader
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.utils import update_summary
 
 import timm_exits
-from timm_exits.demo import load_digits_32
+from timm_exits.data import corrupted_digits
+
+
+def write_image_folder(root: str, per_class: int | None = None) -> str:
+    """The corrupted digits as PNG files in root/{train,validation}/<digit>/ (one variant per scan)."""
+    from PIL import Image
+
+    task = corrupted_digits(seed=0, variants=1)
+    for split, data in (("train", task.train), ("validation", task.test)):
+        counts = defaultdict(int)
+        for image, label in zip(data.x, data.y.tolist()):
+            if per_class is not None and counts[label] >= per_class:
+                continue
+            folder = os.path.join(root, split, str(label))
+            os.makedirs(folder, exist_ok=True)
+            pixels = ((image[0] - image.min()) / (image.max() - image.min()).clamp_min(1e-6) * 255).round().byte().numpy()
+            Image.fromarray(pixels, mode="L").save(os.path.join(folder, f"{counts[label]:05d}.png"))
+            counts[label] += 1
+    return root
+
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--epochs", type=int, default=6)
-parser.add_argument("--smoke", action="store_true", help="a few steps on a few samples")
+parser.add_argument("--data", help="an ImageFolder root with train/ and validation/ (default: written from the corrupted digits)")
+parser.add_argument("--epochs", type=int, default=4)
+parser.add_argument("--output", default=None, help="where summary.csv and the checkpoint go (default: a temporary folder)")
+parser.add_argument("--smoke", action="store_true", help="a tiny folder and two short epochs")
 args = parser.parse_args()
 torch.manual_seed(0)
-
-x_train, y_train, x_test, y_test = load_digits_32()
 if args.smoke:
-    x_train, y_train, x_test, y_test, args.epochs = x_train[:64], y_train[:64], x_test[:64], y_test[:64], 2
-batches = len(y_train) // 32
+    args.epochs = 2
+root = args.data or write_image_folder(tempfile.mkdtemp(), per_class=4 if args.smoke else None)
+output = args.output or tempfile.mkdtemp()
+os.makedirs(output, exist_ok=True)
 
-model = timm.create_model("resnet18", num_classes=10, in_chans=1)
-model = timm_exits.wrap(model, stages=[1, 2, 3], input_size=(1, 32, 32), eval_output="final")  # timm-exits
+# timm's train.py: datasets and loaders from a folder, as `--data-dir DIR` gives them
+dataset_train = create_dataset("", root=root, split="train", is_training=True)
+dataset_eval = create_dataset("", root=root, split="validation")
+common = dict(input_size=(3, 32, 32), use_prefetcher=False, num_workers=0, persistent_workers=False, mean=(0.5,) * 3, std=(0.5,) * 3)
+loader_train = create_loader(dataset_train, batch_size=32, is_training=True, scale=(0.7, 1.0), hflip=0.0, color_jitter=0.0, **common)
+loader_eval = create_loader(dataset_eval, batch_size=64, crop_pct=1.0, **common)
+
+model = timm.create_model("resnet18", num_classes=10)
+model = timm_exits.wrap(model, stages=[1, 2, 3], input_size=(3, 32, 32), eval_output="final")  # timm-exits
 # timm: task = ClassificationTask(model, criterion=SoftTargetCrossEntropy())
 task = timm_exits.MultiExitTask(model, "eed", verbose=False)  # timm-exits: exit-ensemble distillation
 task.setup_ema(decay=0.9)
 
 mixup = Mixup(mixup_alpha=0.2, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=10)
 optimizer = create_optimizer_v2(task.get_trainable_module(), opt="adamw", lr=2e-3, weight_decay=0.05)
-scheduler, epochs = create_scheduler_v2(optimizer, sched="cosine", num_epochs=args.epochs, warmup_epochs=0, updates_per_epoch=batches)
+scheduler, epochs = create_scheduler_v2(optimizer, sched="cosine", num_epochs=args.epochs, warmup_epochs=0, updates_per_epoch=len(loader_train))
 
 
-def validate(eval_model):
+def validate(eval_model) -> dict:
+    """timm's validate loop, with every exit's top-1 beside the final one's."""
     evaluator = task.create_evaluator()
     eval_model.eval()
+    correct, seen = torch.zeros(eval_model.num_exits), 0
     with torch.no_grad():
-        for batch in torch.arange(len(y_test)).split(128):
-            evaluator.update(eval_model(x_test[batch]), y_test[batch])  # eval_output="final": one tensor
-    return evaluator.summary()
+        for images, target in loader_eval:
+            exits = eval_model.forward_exits(images)  # timm-exits: every exit; eval_model(images) is the final one alone
+            evaluator.update(exits[-1], target)
+            correct += torch.stack([(z.argmax(1) == target).sum() for z in exits]).float()
+            seen += len(target)
+    return {**evaluator.summary(), **{f"top1/exit{k + 1}": round(100 * float(c) / seen, 2) for k, c in enumerate(correct)}}  # timm-exits
 
 
+summary = os.path.join(output, "summary.csv")
 for epoch in range(epochs):
     task.train()
     task.set_epoch(epoch)  # timm-exits: the loss's per-epoch schedules
-    order = torch.randperm(len(y_train))[: batches * 32].view(batches, 32)
-    for step, batch in enumerate(order):
-        images, target = mixup(x_train[batch], y_train[batch])
+    sums, steps = defaultdict(float), 0
+    for step, (images, target) in enumerate(loader_train):
+        images, target = mixup(images, target)
         result = task(images, target)
         optimizer.zero_grad(set_to_none=True)
         result["loss"].backward()
         optimizer.step()
-        task.update_ema(step=epoch * batches + step)
-        scheduler.step_update(epoch * batches + step + 1)
+        task.update_ema(step=epoch * len(loader_train) + step)
+        scheduler.step_update(epoch * len(loader_train) + step + 1)
+        for key, value in result.items():  # timm-exits: "loss" and every exit's terms ("ce/exit1", ...), averaged over the epoch
+            if key != "output" and torch.is_tensor(value) and value.numel() == 1:
+                sums[key] += float(value.detach())
+        steps += 1
+    if not steps:
+        raise SystemExit(f"{root}/train holds fewer images than one batch of 32 (timm's training loader drops an incomplete last batch)")
     scheduler.step(epoch + 1)
-    per_exit = {k: round(v.item(), 3) for k, v in result.items() if k.startswith("ce/")}  # timm-exits: per-exit terms
-    metrics = validate(task.get_eval_model())
-    print(f"epoch {epoch}: loss {result['loss'].item():.3f} {per_exit} final-exit top1 {metrics['top1']:.1f}")
+    train_metrics = {key: total / steps for key, total in sums.items()}  # timm's train_one_epoch returns {"loss": ...}
+    eval_metrics = validate(task.get_eval_model())
+    update_summary(epoch, train_metrics, eval_metrics, filename=summary, write_header=epoch == 0)
+    print(f"epoch {epoch}: loss {train_metrics['loss']:.3f}, top-1 per exit " + " / ".join(f"{eval_metrics[f'top1/exit{k}']:.1f}" for k in range(1, 5)))
+
+with open(summary) as f:
+    columns = next(csv.reader(f))
+print(f"summary.csv columns: {', '.join(columns)}")
 
 # a checkpoint as timm's CheckpointSaver writes it: model weights, task state (the loss's), optimizer
-path = os.path.join(tempfile.mkdtemp(), "checkpoint.pth.tar")
+path = os.path.join(output, "checkpoint.pth.tar")
 torch.save({"epoch": epochs - 1, "version": 2, **task.get_checkpoint_state(), **task.get_checkpoint_state(ema=True), "optimizer": optimizer.state_dict()}, path)
-resumed = timm_exits.MultiExitTask(timm_exits.wrap(timm.create_model("resnet18", num_classes=10, in_chans=1), stages=[1, 2, 3], input_size=(1, 32, 32)), "eed", verbose=False)
+resumed = timm_exits.MultiExitTask(timm_exits.wrap(timm.create_model("resnet18", num_classes=10), stages=[1, 2, 3], input_size=(3, 32, 32)), "eed", verbose=False)
 checkpoint = torch.load(path, weights_only=True)
 resumed.load_checkpoint_state(checkpoint["state_dict"], checkpoint["task_state"])
 print(f"resumed from {os.path.basename(path)} (epoch {checkpoint['epoch']}); EMA final-exit top1 {validate(task.get_eval_model(ema=True))['top1']:.1f}")
+
+# the plain backbone for timm's own validate.py: `timm-exits export-backbone CHECKPOINT OUT` does the same
+plain = timm_exits.export_backbone(path, os.path.join(output, "backbone.safetensors"))
+reloaded = timm.create_model("resnet18", num_classes=10, checkpoint_path=str(plain))
+print(f"export-backbone: {os.path.basename(str(plain))} loads with timm.create_model(..., checkpoint_path=...)")

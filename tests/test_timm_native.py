@@ -196,3 +196,22 @@ def test_export_backbone_writes_what_timm_loads(tmp_path):
     assert timm.create_model("resnet18", num_classes=10, checkpoint_path=str(tmp_path / "from_folder.pth")) is not None
     with pytest.raises(SystemExit):
         main(["export-backbone", str(tmp_path / "missing.pth"), str(tmp_path / "out.pth")])
+
+
+def test_timms_validate_route_scores_exit_k_from_a_training_checkpoint(tmp_path):
+    """docs/timm_scripts.md: validate.py wraps with eval_output=k before timm's load_checkpoint, then scores exit k alone."""
+    from timm.models import load_checkpoint
+
+    torch.manual_seed(0)
+    trained = timm_exits.create_model("resnet18", stages=[1, 2, 3], num_classes=10, input_size=(3, 32, 32))
+    task = timm_exits.MultiExitTask(trained, "eed", criterion_kwargs={"base_loss": nn.CrossEntropyLoss(label_smoothing=0.1)}, verbose=False)
+    torch.save({"epoch": 0, **task.get_checkpoint_state()}, tmp_path / "model_best.pth.tar")
+    x = torch.randn(2, 3, 32, 32)
+    for k in range(4):
+        model = timm_exits.wrap(timm.create_model("resnet18", num_classes=10), stages=[1, 2, 3], input_size=(3, 32, 32), eval_output=k)
+        load_checkpoint(model, str(tmp_path / "model_best.pth.tar"), use_ema=True)
+        with torch.no_grad():
+            assert torch.equal(model.eval()(x), trained.eval()(x)[k])
+    other = timm_exits.wrap(timm.create_model("resnet18", num_classes=10), stages=["layer1.0", "layer2", "layer3"], input_size=(3, 32, 32))
+    with pytest.raises(RuntimeError, match=r"the checkpoint comes from a model wrapped at stages \['layer1', 'layer2', 'layer3'\]"):
+        load_checkpoint(other, str(tmp_path / "model_best.pth.tar"))
