@@ -215,3 +215,31 @@ def test_timms_validate_route_scores_exit_k_from_a_training_checkpoint(tmp_path)
     other = timm_exits.wrap(timm.create_model("resnet18", num_classes=10), stages=["layer1.0", "layer2", "layer3"], input_size=(3, 32, 32))
     with pytest.raises(RuntimeError, match=r"the checkpoint comes from a model wrapped at stages \['layer1', 'layer2', 'layer3'\]"):
         load_checkpoint(other, str(tmp_path / "model_best.pth.tar"))
+
+
+# -- pictures --------------------------------------------------------------------------------------------
+
+
+def test_plot_exits_draws_the_segments_the_carried_values_and_the_heads(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    from timm_exits.diagram import describe_exits
+
+    backend = matplotlib.get_backend()
+    model = resnet()
+    steps = describe_exits(model)
+    report = timm_exits.flops_report(model).exits
+    assert [s.stage for s in steps] == ["layer1", "layer2", "layer3", "final"]
+    assert [s.feature for s in steps[:3]] == [(64, 8, 8), (128, 4, 4), (256, 2, 2)] and steps[-1].feature == (10,)
+    assert [s.carried for s in steps] == [[(64, 8, 8)], [(128, 4, 4)], [(256, 2, 2)], []]
+    assert sum(s.segment_flops for s in steps) == report[-1].backbone_flops and [s.head_flops for s in steps] == [e.head_flops for e in report]
+    fig = timm_exits.plot_exits(model, tmp_path / "resnet18.png")
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert type(fig).__name__ == "Figure" and matplotlib.get_backend() == backend
+    assert [t.split("\n")[1] for t in texts if t.startswith("segment ")] == ["→ layer1", "→ layer2", "→ layer3", "→ output"]
+    assert "64×8×8" in texts and "128×4×4" in texts and "3×32×32" in texts  # the carried values, and the input
+    assert [t for t in texts if t.endswith("logits")] == [f"exit {k} logits" for k in range(1, 5)]
+    assert (tmp_path / "resnet18.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(TypeError, match=exactly("model must be a MultiExitModel (timm_exits.wrap(...)), got ResNet")):
+        timm_exits.plot_exits(model.backbone)

@@ -15,6 +15,7 @@ from .calibration import (
 from .placement import FlopsPlacement, at_flops
 from .profile import ExitProfile, profile_exits
 from .hub import create_model, export_backbone, from_pretrained, save_pretrained
+from .diagram import plot_exits
 from .integrations import MultiExitTask, MultiExitTrainable
 from .heads import create_head, head_names, register_head
 from .losses import (
@@ -76,6 +77,7 @@ __all__ = [
     "anytime_accuracy",
     "budgeted_curve",
     "plot_tradeoff",
+    "plot_exits",
     "profile_exits",
     "ExitProfile",
     "MultiExitTask",
