@@ -48,9 +48,11 @@ def _stages(args: argparse.Namespace) -> int:
                  "usable": s.usable, "reason": s.reason} for s in stages]
         print(json.dumps({"model": args.model, "stages": rows}, indent=2))
         return 0
-    for s in stages:
-        where = f"1/{s.reduction}" if s.reduction else "tokens"
-        print(f"{s.index:>3}  {s.name:<40} {s.channels:>6} ch  {where:<7} {s.layout}" + ("  (final: feeds the head)" if s.final else ""))
+    from tabulate import tabulate
+
+    rows = [[s.index, s.name, f"{s.channels} ch", "–" if not s.usable else f"1/{s.reduction}" if s.reduction else "tokens", s.layout or "–",
+             "(final: feeds the head)" if s.final else "" if s.usable else f"(no exit here: {s.reason})"] for s in stages]
+    print(tabulate(rows, ["index", "stage", "channels", "resolution", "layout", ""], tablefmt="plain", disable_numparse=True, colalign=["right", "left", "right", "left", "left", "left"]))
     return 0
 
 
