@@ -8,7 +8,7 @@ catches is a hole in the suite. Prints one row per bug and exits 1 if any surviv
 
 The first six are the ones that passed every test before issue 13 (docs/testing.md; the third
 now plants its fallback slip in the steps, where issue 14 moved that path); the next five put back,
-one at a time, the runtime faults issue 14 fixed; the last three are slips in issue 16's evidence; the others are the kind of slip the suite must
+one at a time, the runtime faults issue 14 fixed; the next three are slips in issue 16's evidence, the last three in issue 17's timm-native saving; the others are the kind of slip the suite must
 keep catching. `mutmut` (docs/testing.md) does the same thing
 mechanically and at scale; this list is the hand-picked, readable part.
 """
@@ -110,6 +110,14 @@ BUGS = [
     Bug("the time-predicted speedup leaves out the heads", "timm_exits/profile.py",
         "steps = [s + h for s, h in zip(self.segment_seconds, self.head_seconds)]", "steps = list(self.segment_seconds)",
         ("tests/test_profile.py",)),
+    # issue 17: a model that saves, loads and resets like a timm model
+    Bug("reset_classifier forgets the exit heads", "timm_exits/model.py",
+        "        for h in self.exits:\n            h.reset_classifier(num_classes)\n", "", ("tests/test_timm_native.py",)),
+    Bug("from_pretrained drops the saved eval_output", "timm_exits/hub.py",
+        'eval_output=exits["eval_output"],', 'eval_output="all",', ("tests/test_timm_native.py",)),
+    Bug("export-backbone keeps the 'backbone.' prefix", "timm_exits/hub.py",
+        'backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}',
+        'backbone = {k: v for k, v in state.items() if k.startswith("backbone.")}', ("tests/test_timm_native.py",)),
 ]
 
 
