@@ -124,9 +124,9 @@ torch.save({"epoch": epochs - 1, "version": 2, **task.get_checkpoint_state(), **
 resumed = timm_exits.MultiExitTask(timm_exits.wrap(timm.create_model("resnet18", num_classes=10), stages=[1, 2, 3], input_size=(3, 32, 32)), "eed", verbose=False)
 checkpoint = torch.load(path, weights_only=True)
 resumed.load_checkpoint_state(checkpoint["state_dict"], checkpoint["task_state"])
-print(f"resumed from {os.path.basename(path)} (epoch {checkpoint['epoch']}); EMA final-exit top1 {validate(task.get_eval_model(ema=True))['top1']:.1f}")
+print(f"resumed from {os.path.basename(path)} (epoch {checkpoint['epoch']}); its final-exit top1 {validate(resumed.get_eval_model())['top1']:.1f}")
 
 # the plain backbone for timm's own validate.py: `timm-exits export-backbone CHECKPOINT OUT` does the same
-plain = timm_exits.export_backbone(path, os.path.join(output, "backbone.safetensors"))
+plain, _ = timm_exits.export_backbone(path, os.path.join(output, "backbone.safetensors"))
 reloaded = timm.create_model("resnet18", num_classes=10, checkpoint_path=str(plain))
 print(f"export-backbone: {os.path.basename(str(plain))} loads with timm.create_model(..., checkpoint_path=...)")

@@ -539,7 +539,7 @@ def test_plot_tradeoff_without_matplotlib_says_how_to_get_it(tmp_path, monkeypat
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(ImportError, match=r"^plot_tradeoff needs matplotlib: pip install 'timm-exits\[demo\]'$"):
-        timm_exits.plot_tradeoff([], tmp_path / "x.png")
+        timm_exits.plot_tradeoff([1], tmp_path / "x.png")
 
 
 def named_score(z):

@@ -310,3 +310,12 @@ def test_early_exit_learns_again_when_a_head_is_replaced():
     assert torch.equal(again.flops, torch.full((4,), float(cost))) and not torch.equal(again.flops, first.flops)
     with torch.no_grad():
         torch.testing.assert_close(again.logits, model.exits[0](model.segments()[0](X)[0]))
+
+
+def test_cached_exit_logits_keep_no_autograd_graph():
+    """Each batch's graph would stay alive through the cache: memory growing with the data set."""
+    import timm
+
+    model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=10), stages=[1], input_size=(3, 32, 32)).train()
+    cached = timm_exits.collect_exit_logits(model, [(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))] * 2)
+    assert not cached.logits.requires_grad and cached.logits.grad_fn is None and model.training

@@ -180,22 +180,60 @@ def test_a_head_that_cannot_be_imported_is_named_at_save(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_export_backbone_writes_what_timm_loads(tmp_path):
+def test_export_backbone_writes_what_timm_loads(tmp_path, capsys):
     from timm_exits.cli import main
 
     torch.manual_seed(0)
     model = timm_exits.create_model("resnet18", stages=[1, 2, 3], num_classes=10, input_size=(3, 32, 32)).eval()
-    torch.save({"epoch": 3, "arch": "resnet18", "state_dict": model.state_dict()}, tmp_path / "last.pth.tar")  # as timm's train.py saves
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}  # other weights, to tell them apart
+    torch.save({"epoch": 3, "arch": "resnet18", "state_dict": model.state_dict(), "state_dict_ema": ema}, tmp_path / "last.pth.tar")  # as timm's train.py saves
     assert main(["export-backbone", str(tmp_path / "last.pth.tar"), str(tmp_path / "backbone.safetensors")]) == 0
+    assert "from its 'state_dict' of" in capsys.readouterr().out
     plain = timm.create_model("resnet18", num_classes=10, checkpoint_path=str(tmp_path / "backbone.safetensors")).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(plain(x), model(x)[-1])
+    assert main(["export-backbone", str(tmp_path / "last.pth.tar"), str(tmp_path / "ema.pth"), "--use-ema"]) == 0
+    assert "from its 'state_dict_ema' of" in capsys.readouterr().out
+    assert torch.equal(torch.load(tmp_path / "ema.pth")["conv1.weight"], ema["backbone.conv1.weight"])
     folder = model.save_pretrained(tmp_path / "saved")
-    timm_exits.export_backbone(folder, tmp_path / "from_folder.pth")
-    assert timm.create_model("resnet18", num_classes=10, checkpoint_path=str(tmp_path / "from_folder.pth")) is not None
-    with pytest.raises(SystemExit):
-        main(["export-backbone", str(tmp_path / "missing.pth"), str(tmp_path / "out.pth")])
+    path, where = timm_exits.export_backbone(folder, tmp_path / "from_folder.pth")
+    assert where == "the file" and torch.equal(torch.load(path)["fc.weight"], model.backbone.fc.weight)
+    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
+    torch.save(model.backbone.state_dict(), tmp_path / "plain.pth")
+    for argv, message in [
+        ([str(tmp_path / "missing.pth"), str(tmp_path / "out.pth")], f"checkpoint '{tmp_path / 'missing.pth'}' is not a file"),
+        ([str(tmp_path / "broken.pth"), str(tmp_path / "out.pth")], f"checkpoint '{tmp_path / 'broken.pth'}' could not be read as a checkpoint: "),
+        ([str(tmp_path / "plain.pth"), str(tmp_path / "out.pth")], f"'{tmp_path / 'plain.pth'}' has no 'backbone.*' keys"),
+        ([str(tmp_path / "last.pth.tar"), str(tmp_path)], f"out '{tmp_path}' is a folder"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["export-backbone", *argv])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith(f"timm-exits export-backbone: error: {message}") and err.count("\n") == 1, err
+
+
+def test_a_reset_model_saves_and_loads_with_its_new_classes_and_everything_it_was_wrapped_with(tmp_path):
+    torch.manual_seed(0)
+    model = timm_exits.create_model("resnet18", stages=[-4, "layer2"], head=["sdn", "conv"],
+                                    num_classes=10, input_size=(3, 32, 32), eval_output=1, dtype=torch.float32)
+    model.reset_classifier(4)
+    again = timm_exits.from_pretrained(model.save_pretrained(tmp_path / "reset"))
+    x = torch.randn(2, 3, 32, 32)
+    assert again.num_classes == 4 and again.eval_output == 1 and again.stages == model.stages == ["layer1", "layer2"]
+    with torch.no_grad():
+        assert torch.equal(again(x), model.eval()(x)) and again(x).shape == (2, 4)
+    sdn = timm_exits.create_model("resnet18", stages=[1, 2], head="sdn", head_kwargs={"grid": 2}, num_classes=10, input_size=(3, 32, 32))
+    assert timm_exits.from_pretrained(sdn.save_pretrained(tmp_path / "sdn")).exits[0].grid == 2
+
+
+def test_callables_no_name_imports_are_refused_at_save(tmp_path):
+    import functools
+
+    head = functools.partial(timm_exits.heads.LinearHead)
+    model = timm_exits.create_model("resnet18", stages=[1], head=head, num_classes=10, input_size=(3, 32, 32))
+    with pytest.raises(ValueError, match=r"^the head of exit 1 '<a partial instance>' cannot be imported"):
+        model.save_pretrained(tmp_path / "x")
 
 
 def test_timms_validate_route_scores_exit_k_from_a_training_checkpoint(tmp_path):

@@ -77,12 +77,12 @@ class CachedExits:
         return anytime_ensemble(list(self.logits))
 
 
-@torch.no_grad()
 def progress_default() -> bool:
     """Progress bars by default only where someone watches: standard error is a terminal."""
     return sys.stderr.isatty()
 
 
+@torch.no_grad()
 def collect_exit_logits(model: MultiExitModel, loader, device=None, progress: bool | None = None) -> CachedExits:
     """One pass over `loader` (batches of ``(inputs, labels, ...)``) caching every exit's logits, on the CPU.
 
@@ -272,7 +272,10 @@ def plot_tradeoff(curve: Sequence[CurvePoint], path=None, anytime: Sequence[Anyt
         from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError("plot_tradeoff needs matplotlib: pip install 'timm-exits[demo]'") from err
-    if ax is None:
+    if not curve:
+        raise ValueError("curve is empty: pass the points of timm_exits.budgeted_curve(...)")
+    own = ax is None
+    if own:
         fig = Figure(figsize=(6.5, 4.5))
         ax = fig.subplots()
     fig = ax.figure
@@ -299,7 +302,8 @@ def plot_tradeoff(curve: Sequence[CurvePoint], path=None, anytime: Sequence[Anyt
     ax.set_title(title or "accuracy vs FLOPs")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
+    if own:  # a figure of the caller's keeps its own layout
+        fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig

@@ -50,7 +50,7 @@ def _stages(args: argparse.Namespace) -> int:
         return 0
     from tabulate import tabulate
 
-    rows = [[s.index, s.name, f"{s.channels} ch", "–" if not s.usable else f"1/{s.reduction}" if s.reduction else "tokens", s.layout or "–",
+    rows = [[s.index, s.name, "–" if s.channels is None else f"{s.channels} ch", "–" if not s.usable else f"1/{s.reduction}" if s.reduction else "tokens", s.layout or "–",
              "(final: feeds the head)" if s.final else "" if s.usable else f"(no exit here: {s.reason})"] for s in stages]
     print(tabulate(rows, ["index", "stage", "channels", "resolution", "layout", ""], tablefmt="plain", disable_numparse=True, colalign=["right", "left", "right", "left", "left", "left"]))
     return 0
@@ -78,8 +78,8 @@ def _flops(args: argparse.Namespace) -> int:
 def _export_backbone(args: argparse.Namespace) -> int:
     from .hub import export_backbone
 
-    out = export_backbone(args.checkpoint, args.out)
-    print(f"wrote the plain backbone's weights to {out}: timm.create_model(NAME, checkpoint_path={str(out)!r}) and timm's validate.py load them")
+    out, where = export_backbone(args.checkpoint, args.out, use_ema=args.use_ema)
+    print(f"wrote the plain backbone's weights (from {where} of {args.checkpoint}) to {out}: timm.create_model(NAME, checkpoint_path={str(out)!r}) and timm's validate.py load them")
     return 0
 
 
@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     export = sub.add_parser("export-backbone", help="write the plain backbone's checkpoint from a multi-exit one, for timm's own tools")
     export.add_argument("checkpoint", help="a checkpoint with backbone.* keys (timm's train.py writes one), or a save_pretrained folder")
     export.add_argument("out", help="where to write the backbone's weights (.safetensors, or a torch.save file)")
+    export.add_argument("--use-ema", action="store_true", help="take the checkpoint's EMA weights (state_dict_ema), as validate.py --use-ema does")
     export.set_defaults(run=_export_backbone)
 
     args = parser.parse_args(argv)

@@ -78,7 +78,8 @@ def plot_exits(model: MultiExitModel, path=None, input_size: Sequence[int] | Non
     total = sum(s.segment_flops for s in steps) or 1.0
     scale, unit = (1e9, "GFLOPs") if total >= 1e9 else (1e6, "MFLOPs")
     n = len(steps)
-    if ax is None:
+    own = ax is None
+    if own:
         fig = Figure(figsize=(2.6 * (n + 1), 3.6))
         ax = fig.subplots()
     fig = ax.figure
@@ -114,7 +115,8 @@ def plot_exits(model: MultiExitModel, path=None, input_size: Sequence[int] | Non
     cfg = getattr(model.backbone, "pretrained_cfg", None) or {}
     name = cfg.get("architecture") or type(model.backbone).__name__
     ax.set_title(title or f"{name} cut at {', '.join(model.stages)}: segments, the values carried between them, and the exit heads", fontsize=9)
-    fig.tight_layout()
+    if own:
+        fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=130)
     return fig

@@ -49,13 +49,36 @@ def _create_backbone(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
-def _read_checkpoint(path) -> dict:
-    """A state dict from a file timm or torch wrote (nested ``state_dict`` / EMA and DDP prefixes handled by timm)."""
-    from timm.models import load_state_dict
+def _read_checkpoint(path, what: str, use_ema: bool) -> tuple[dict, str]:
+    """The state dict in a file timm or torch wrote, and where in the file it was.
 
+    A training checkpoint (a dict) gives its ``state_dict_ema`` when `use_ema` and it has one,
+    else its ``state_dict`` (or ``model``); the wrappers' prefixes (``module.``, ``_orig_mod.``) go.
+    """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint_path {str(path)!r} is not a file")
-    return load_state_dict(str(path))
+        raise FileNotFoundError(f"{what} {str(path)!r} is not a file")
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state, where = load_file(str(path)), "the file"
+        else:
+            state, where = torch.load(path, map_location="cpu", weights_only=True), "the file"
+            if isinstance(state, dict):
+                for key in (("state_dict_ema", "model_ema") if use_ema else ()) + ("state_dict", "model"):
+                    if isinstance(state.get(key), dict):
+                        state, where = state[key], f"its {key!r}"
+                        break
+    except Exception as err:  # noqa: BLE001 - unpickling and safetensors raise many kinds; all mean an unreadable file
+        raise ValueError(f"{what} {str(path)!r} could not be read as a checkpoint: {type(err).__name__}: {err}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{what} {str(path)!r} holds no state dict of tensors (found {type(state).__name__} in {where})")
+    clean = {}
+    for key, value in state.items():
+        for prefix in ("_orig_mod.", "module.", "_orig_mod."):
+            key = key[len(prefix):] if key.startswith(prefix) else key
+        clean[key] = value
+    return clean, where
 
 
 def create_model(
@@ -65,6 +88,7 @@ def create_model(
     pretrained: bool = False,
     checkpoint_path: str | os.PathLike | None = None,
     *,
+    use_ema: bool = True,
     head_kwargs: dict | None = None,
     eval_output: str | int = "all",
     input_size: Sequence[int] | None = None,
@@ -83,6 +107,8 @@ def create_model(
         checkpoint_path: weights to load after wrapping: a multi-exit checkpoint (keys
             ``backbone.*`` and ``exits.*``, from the same wrap: another wrap is refused by name), or
             a plain backbone checkpoint (loaded into the backbone; the exits keep their initialisation).
+        use_ema: take a training checkpoint's EMA weights when it has them, as
+            ``timm.create_model(checkpoint_path=...)`` does.
         **kwargs: for the backbone's constructor (``num_classes``, ``in_chans``, ``img_size``, ...).
 
     Example::
@@ -91,7 +117,7 @@ def create_model(
         >>> model.save_pretrained("my-model")   # config.json + model.safetensors
         >>> again = timm_exits.from_pretrained("my-model")
     """
-    state = _read_checkpoint(checkpoint_path) if checkpoint_path is not None else None
+    state = _read_checkpoint(checkpoint_path, "checkpoint_path", use_ema)[0] if checkpoint_path is not None else None
     backbone = _create_backbone(model_name, pretrained, kwargs)
     if state is not None and not any(k.startswith(("backbone.", "exits.")) for k in state):
         backbone.load_state_dict(state)  # a plain checkpoint: the backbone's, before the wrap
@@ -100,7 +126,7 @@ def create_model(
                  leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     if state is not None:
         model.load_state_dict(state)
-    model.backbone_spec = {"architecture": model_name, "model_args": _json_ready(kwargs, "model_args")}
+    model.backbone_spec = {"architecture": model_name, "model_args": dict(kwargs)}  # checked for JSON only when saved
     return model
 
 
@@ -113,29 +139,40 @@ def _json_ready(value: Any, what: str) -> Any:
 
 
 def _backbone_spec(model: MultiExitModel, model_name: str | None, model_args: dict | None) -> dict:
-    """How to build the backbone again: what `create_model` recorded, or what timm records on its models."""
-    spec = getattr(model, "backbone_spec", None)
-    if model_name is not None or spec is None:
-        cfg = getattr(model.backbone, "pretrained_cfg", None) or {}
-        name = model_name or cfg.get("architecture")
-        if not name:
-            raise ValueError(
-                f"save_pretrained cannot tell which model {type(model.backbone).__name__} is (it was not built by timm_exits.create_model "
-                "and has no timm pretrained_cfg): pass model_name='torchvision:NAME' (or the timm name) and its model_args"
-            )
-        try:
-            from timm.models._input import get_model_args  # timm >= 1.0.25 records the factory's arguments
+    """How to build the backbone again: its timm architecture and the arguments timm records, or what `create_model` was given.
 
-            recorded = get_model_args(model.backbone)
-        except (ImportError, AttributeError):
-            recorded = {"num_classes": model.num_classes}
-        spec = {"architecture": name, "model_args": recorded if not name.startswith("torchvision:") else {"num_classes": model.num_classes}}
-    args = {**spec["model_args"], **(model_args or {})}
-    return {"architecture": spec["architecture"], "model_args": _json_ready(args, "model_args")}
+    timm models are described as timm describes them (an ``hf-hub:`` name by the architecture it
+    resolved to, so that the folder alone rebuilds it); the current ``num_classes`` always wins,
+    so a model saved after ``reset_classifier`` rebuilds with its new heads.
+    """
+    spec = getattr(model, "backbone_spec", None) or {}
+    cfg = getattr(model.backbone, "pretrained_cfg", None) or {}
+    name = model_name or (cfg.get("architecture") if cfg else None) or spec.get("architecture")
+    if not name:
+        raise ValueError(
+            f"save_pretrained cannot tell which model {type(model.backbone).__name__} is (it was not built by timm_exits.create_model "
+            "and has no timm pretrained_cfg): pass model_name='torchvision:NAME' (or the timm name) and its model_args"
+        )
+    args = dict(spec.get("model_args", {})) if not cfg else {}
+    if cfg:  # a timm model: the arguments its factory recorded, with what changed since (classes, pooling)
+        try:
+            from timm.models._input import get_model_args  # timm >= 1.0.25
+        except ImportError:
+            if model_args is None and not spec:
+                raise ValueError(
+                    "this timm version does not record a model's constructor arguments: pass model_args= with those it was "
+                    "created with (beyond num_classes), or build it with timm_exits.create_model"
+                ) from None
+            args = dict(spec.get("model_args", {}))
+        else:
+            args = get_model_args(model.backbone)
+    args = {k: v for k, v in {**args, **(model_args or {})}.items() if k not in ("device", "dtype")}  # where it runs is not what it is
+    args["num_classes"] = model.num_classes
+    return {"architecture": name, "model_args": _json_ready(args, "model_args")}
 
 
 def _importable(reference: str, what: str) -> str:
-    if ":" in reference and ("<locals>" in reference or "<lambda>" in reference or reference.startswith("__main__:")):
+    if reference.startswith("<") or ":" in reference and ("<locals>" in reference or "<lambda>" in reference or reference.startswith("__main__:")):
         raise ValueError(
             f"{what} {reference!r} cannot be imported when the model is rebuilt: define it at the top level of a module "
             "(or register the head with timm_exits.register_head and wrap by its name)"
@@ -179,7 +216,8 @@ def save_pretrained(model: MultiExitModel, save_directory: str | os.PathLike, mo
     exits["head"] = [_importable(h, f"the head of exit {k + 1}") for k, h in enumerate(wrap_args["head"])]
     exits["leaf_modules"] = [_importable(m, "leaf module") for m in wrap_args["leaf_modules"]]
     exits["autowrap_functions"] = [_importable(f, "autowrap function") for f in wrap_args["autowrap_functions"]]
-    config["timm_exits"] = _json_ready(exits, "head_kwargs")
+    exits["head_kwargs"] = _json_ready(exits["head_kwargs"], "head_kwargs")
+    config["timm_exits"] = exits
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}  # clones: no shared storage
@@ -200,7 +238,9 @@ def _serialisable(value) -> bool:
 def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> MultiExitModel:
     """Rebuild a model `save_pretrained` wrote: the backbone from ``config.json``, wrapped as it was, with its weights.
 
-    The model comes back in eval mode, as Hugging Face's ``from_pretrained`` gives it; ``.train()`` to fine-tune.
+    The model comes back in eval mode, as Hugging Face's ``from_pretrained`` gives it (``.train()``
+    to fine-tune), on `map_location`. Heads, leaf modules and functions named in ``config.json`` are
+    imported by name: load folders you trust, as with any pickle.
     """
     from safetensors.torch import load_file
 
@@ -211,6 +251,9 @@ def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
     exits = config.get("timm_exits")
     if exits is None:
         raise ValueError(f"{folder / CONFIG} describes a plain model (no 'timm_exits' section): build it with timm.create_model, then wrap it")
+    needed = {"stages", "head", "head_kwargs", "eval_output", "input_size", "leaf_modules", "autowrap_functions"}
+    if "architecture" not in config or not needed <= set(exits):
+        raise ValueError(f"{folder / CONFIG} lacks {sorted(needed - set(exits)) + ([] if 'architecture' in config else ['architecture'])}: it was not written by save_pretrained, or was edited")
     model = create_model(
         config["architecture"],
         exits["stages"],
@@ -222,29 +265,35 @@ def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
         autowrap_functions=[_resolve(f) for f in exits["autowrap_functions"]],
         **config.get("model_args", {}),
     )
-    model.load_state_dict(load_file(str(folder / WEIGHTS), device=str(map_location)))
-    return model.eval()
+    model.load_state_dict(load_file(str(folder / WEIGHTS)))
+    return model.to(map_location).eval()
 
 
-def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write the plain backbone's weights from a multi-exit checkpoint, for timm's own tools.
+def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, use_ema: bool = False) -> tuple[Path, str]:
+    """Write the plain backbone's weights from a multi-exit checkpoint, for timm's own tools; returns the file and where the weights came from.
 
     `checkpoint`: a file a trainer wrote (timm's ``train.py``: a dict whose ``state_dict`` has
-    ``backbone.*`` and ``exits.*`` keys; its EMA weights are taken when present, as timm does) or
-    a folder `save_pretrained` wrote. `out` (``.safetensors``, or anything else for ``torch.save``)
-    then loads with ``timm.create_model(name, checkpoint_path=out)`` and timm's ``validate.py``.
+    ``backbone.*`` and ``exits.*`` keys) or a folder `save_pretrained` wrote. `use_ema`: take the
+    checkpoint's ``state_dict_ema`` instead (off by default, as in timm's ``validate.py``). `out`
+    (``.safetensors``, or anything else for ``torch.save``) then loads with
+    ``timm.create_model(name, checkpoint_path=out)`` and timm's ``validate.py``.
     """
     source = Path(checkpoint)
-    state = _read_checkpoint(source / WEIGHTS) if source.is_dir() else _read_checkpoint(source)
+    state, where = _read_checkpoint(source / WEIGHTS if source.is_dir() else source, "checkpoint", use_ema)
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     if not backbone:
         raise ValueError(f"{str(checkpoint)!r} has no 'backbone.*' keys: it is not a multi-exit checkpoint (a plain one loads into timm as it is)")
     target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    if target.is_dir():
+        raise ValueError(f"out {str(out)!r} is a folder: give the file to write, e.g. {str(target / 'backbone.safetensors')!r}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.suffix == ".safetensors":
+            from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in backbone.items()}, str(target), metadata={"format": "pt"})
-    else:
-        torch.save(backbone, target)
-    return target
+            save_file({k: v.contiguous() for k, v in backbone.items()}, str(target), metadata={"format": "pt"})
+        else:
+            torch.save(backbone, target)
+    except OSError as err:
+        raise ValueError(f"out {str(out)!r} could not be written: {err}") from None
+    return target, where

@@ -1,6 +1,7 @@
 """MultiExitModel: the backbone's graph cut into segments, an exit head after each cut."""
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple, Sequence
 
 import torch
@@ -567,7 +568,9 @@ def wrap(
 
 
 def _reference(obj) -> str:
-    """A head name as it is; a class or function as ``module:qualname`` (``<locals>`` in it: not importable)."""
+    """A head name as it is; a class or function as ``module:qualname`` (``<locals>`` in it: not importable); anything else ``<...>``."""
     if isinstance(obj, str):
         return obj
-    return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+    if not (inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj)):
+        return f"<a {type(obj).__qualname__} instance>"  # a functools.partial, a callable object: no name imports it
+    return f"{obj.__module__}:{obj.__qualname__}"
