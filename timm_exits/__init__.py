@@ -16,6 +16,7 @@ from .placement import FlopsPlacement, at_flops
 from .profile import ExitProfile, profile_exits
 from .hub import create_model, export_backbone, from_pretrained, save_pretrained
 from .diagram import plot_exits
+from .temperature import TemperatureFit, calibrate_temperature, expected_calibration_error
 from .integrations import MultiExitTask, MultiExitTrainable
 from .heads import create_head, head_names, register_head
 from .losses import (
@@ -78,6 +79,9 @@ __all__ = [
     "budgeted_curve",
     "plot_tradeoff",
     "plot_exits",
+    "calibrate_temperature",
+    "TemperatureFit",
+    "expected_calibration_error",
     "profile_exits",
     "ExitProfile",
     "MultiExitTask",

@@ -17,8 +17,9 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .inference import Calibration, check_criterion, confidence_thresholds, exit_confidence, exit_costs
+from .inference import Calibration, calibration_temperature, check_criterion, confidence_thresholds, exit_confidence, exit_costs
 from .model import MultiExitModel
+from .temperature import check_temperatures
 from .tracing import evaluating
 
 __all__ = [
@@ -68,6 +69,14 @@ class CachedExits:
     def predictions(self, ensemble: bool = False) -> torch.Tensor:
         """``(E, N)`` predicted class of every exit (or anytime ensemble)."""
         return torch.stack([z.argmax(-1) for z in self._outputs(ensemble)])
+
+    def scaled(self, temperature) -> "CachedExits":
+        """The same cache with exit k's logits divided by temperature k (`calibrate_temperature`'s, or one number per exit)."""
+        values = check_temperatures(temperature, self.num_exits)
+        if values is None:
+            return self
+        t = torch.tensor(values, dtype=self.logits.dtype).view(-1, 1, 1)
+        return CachedExits(self.logits / t, self.labels, self.flops, self.stages)
 
     def _outputs(self, ensemble: bool) -> list[torch.Tensor]:
         if not ensemble:
@@ -134,16 +143,23 @@ def _outcome(conf: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, cost
     return _Outcome(_accuracy(preds[exit_index, torch.arange(n)], labels), (costs.double()[exit_index]).mean().item(), (counts / n).tolist())
 
 
-def evaluate_thresholds(cached: CachedExits, threshold, criterion="max_prob", ensemble: bool = False) -> Calibration:
-    """Accuracy, average FLOPs and exit shares of `threshold` on cached exits (what `early_exit` would do)."""
+def evaluate_thresholds(cached: CachedExits, threshold, criterion="max_prob", ensemble: bool = False, temperature=None) -> Calibration:
+    """Accuracy, average FLOPs and exit shares of `threshold` on cached exits (what `early_exit` would do).
+
+    `temperature`: per-exit temperatures (`calibrate_temperature`) the confidences are read after;
+    a `Calibration` given as `threshold` brings its own.
+    """
+    temperature = calibration_temperature(threshold, temperature, cached.num_exits)
     conf_thresholds = confidence_thresholds(threshold, criterion, cached.num_exits, ensemble)
-    out = _outcome(cached.confidences(criterion, ensemble), cached.predictions(ensemble), cached.labels, torch.tensor(cached.flops), conf_thresholds)
-    return _calibration(conf_thresholds, criterion, ensemble, out)
+    scaled = cached.scaled(temperature)
+    out = _outcome(scaled.confidences(criterion, ensemble), scaled.predictions(ensemble), cached.labels, torch.tensor(cached.flops), conf_thresholds)
+    return _calibration(conf_thresholds, criterion, ensemble, out, temperature)
 
 
-def _calibration(conf_thresholds, criterion, ensemble, out: _Outcome) -> Calibration:
+def _calibration(conf_thresholds, criterion, ensemble, out: _Outcome, temperature=None) -> Calibration:
     user = [-t for t in conf_thresholds] if criterion == "entropy" else list(conf_thresholds)
-    return Calibration(user, criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "callable"), ensemble, out.accuracy, out.flops, out.exit_shares)
+    name = criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "callable")
+    return Calibration(user, name, ensemble, out.accuracy, out.flops, out.exit_shares, temperature)
 
 
 def _msdnet_thresholds(conf: torch.Tensor, q: float) -> list[float]:
@@ -165,7 +181,8 @@ def _msdnet_thresholds(conf: torch.Tensor, q: float) -> list[float]:
     return thresholds
 
 
-def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, max_accuracy_drop: float | None = None, criterion="max_prob", ensemble: bool = False) -> Calibration:
+def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, max_accuracy_drop: float | None = None, criterion="max_prob", ensemble: bool = False,
+                         temperature=None) -> Calibration:
     """Thresholds that meet an average-FLOPs `budget`, or lose at most `max_accuracy_drop` at the least FLOPs.
 
     With `budget` (FLOPs per sample, between the first exit's cost and the full model's), the
@@ -173,13 +190,17 @@ def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, ma
     ``q^k`` leaves at exit k, the most confident first, with the largest ``q`` whose average
     cost on `cached` is within the budget. With `max_accuracy_drop` (a fraction: 0.01 = one
     point below the last exit's accuracy), the cheapest of MSDNet's thresholds and of single
-    shared thresholds (SDN's rule) that stays within the drop. Returns a `Calibration` whose
+    shared thresholds (SDN's rule) that stays within the drop. `temperature`: per-exit
+    temperatures (`calibrate_temperature`) the confidences are read after; the `Calibration`
+    keeps them, and `early_exit` given it applies them. Returns a `Calibration` whose
     ``thresholds`` `early_exit` takes as they are.
     """
     if (budget is None) == (max_accuracy_drop is None):
         raise ValueError("give exactly one of budget (average FLOPs per sample) or max_accuracy_drop")
     check_criterion(criterion)
-    conf, preds, labels = cached.confidences(criterion, ensemble), cached.predictions(ensemble), cached.labels
+    temperature = check_temperatures(temperature, cached.num_exits)
+    scaled = cached.scaled(temperature)
+    conf, preds, labels = scaled.confidences(criterion, ensemble), scaled.predictions(ensemble), cached.labels
     costs = torch.tensor(cached.flops, dtype=torch.float64)
 
     def run(thresholds) -> _Outcome:
@@ -193,7 +214,7 @@ def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, ma
             raise ValueError(f"budget must be an average FLOPs per sample between the first exit's cost ({lo_cost:,.0f}) and the full model's ({hi_cost:,.0f}), got {budget!r}")
         never = [math.inf] * (cached.num_exits - 1)
         if run(never).flops <= budget:  # the whole model fits
-            return _calibration(never, criterion, ensemble, run(never))
+            return _calibration(never, criterion, ensemble, run(never), temperature)
         best = [-math.inf] * (cached.num_exits - 1)  # everyone leaves at exit 1: the budget's floor
         lo, hi = math.log(1e-4), math.log(1e4)  # log q: the larger q, the later samples leave
         for _ in range(50):
@@ -203,7 +224,7 @@ def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, ma
                 lo, best = mid, thresholds
             else:
                 hi = mid
-        return _calibration(best, criterion, ensemble, run(best))
+        return _calibration(best, criterion, ensemble, run(best), temperature)
     if not isinstance(max_accuracy_drop, (int, float)) or math.isnan(max_accuracy_drop) or not 0 <= max_accuracy_drop <= 1:
         raise ValueError(f"max_accuracy_drop must be a fraction in [0, 1] (0.01 = one point), got {max_accuracy_drop!r}")
     if not bool((labels >= 0).any()):
@@ -214,7 +235,7 @@ def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, ma
     candidates += [[t] * (cached.num_exits - 1) for t in torch.quantile(conf[:-1].flatten().double(), torch.linspace(0, 1, 101, dtype=torch.float64)).tolist()]
     outcomes = [(run(t), t) for t in candidates]
     out, best = min(((o, t) for o, t in outcomes if o.accuracy >= target - 1e-12), key=lambda pair: (pair[0].flops, -pair[0].accuracy))
-    return _calibration(best, criterion, ensemble, out)
+    return _calibration(best, criterion, ensemble, out, temperature)
 
 
 class AnytimePoint(NamedTuple):
@@ -238,11 +259,13 @@ def anytime_accuracy(cached: CachedExits, ensemble: bool = False) -> list[Anytim
     return [AnytimePoint(k, cached.stages[k], _accuracy(preds[k], cached.labels), cached.flops[k]) for k in range(cached.num_exits)]
 
 
-def budgeted_curve(cached: CachedExits, budgets: Sequence[float] | int = 20, criterion="max_prob", ensemble: bool = False, evaluate_on: CachedExits | None = None) -> list[CurvePoint]:
+def budgeted_curve(cached: CachedExits, budgets: Sequence[float] | int = 20, criterion="max_prob", ensemble: bool = False, evaluate_on: CachedExits | None = None,
+                   temperature=None) -> list[CurvePoint]:
     """Accuracy against average FLOPs over a sweep of budgets (default: 20 from the first exit's cost to the full model's).
 
     Thresholds are calibrated on `cached` for each budget; with `evaluate_on` (say, the test
     set's cached exits) the accuracy and FLOPs are those on it, as a paper reports them.
+    `temperature`: per-exit temperatures (`calibrate_temperature`), applied to both.
     """
     if evaluate_on is not None and evaluate_on.num_exits != cached.num_exits:
         raise ValueError(f"evaluate_on has {evaluate_on.num_exits} exits, the calibration data {cached.num_exits}: they must come from the same model")
@@ -251,9 +274,9 @@ def budgeted_curve(cached: CachedExits, budgets: Sequence[float] | int = 20, cri
         budgets = [lo + (hi - lo) * i / (budgets - 1) for i in range(budgets)] if budgets > 1 else [hi]
     points = []
     for b in budgets:
-        c = calibrate_thresholds(cached, b, criterion=criterion, ensemble=ensemble)
+        c = calibrate_thresholds(cached, b, criterion=criterion, ensemble=ensemble, temperature=temperature)
         if evaluate_on is not None:
-            c = evaluate_thresholds(evaluate_on, c.thresholds, criterion, ensemble)
+            c = evaluate_thresholds(evaluate_on, c.thresholds, criterion, ensemble, temperature=temperature)
         points.append(CurvePoint(float(b), c.accuracy, c.flops, c.exit_shares, c.thresholds))
     return points
 

@@ -128,6 +128,24 @@ class Calibration:
     accuracy: float
     flops: float  # average per sample
     exit_shares: list[float]  # share of the samples leaving at each exit
+    temperature: list[float] | None = None  # per-exit temperatures the confidences were read after (calibrate_temperature)
+
+
+def calibration_temperature(threshold, temperature, num_exits: int) -> list[float] | None:
+    """The temperatures to read confidences after: `temperature`, or those a `Calibration` given as `threshold` was made with.
+
+    Both given and different is an error: the thresholds hold only on the confidences they were calibrated on.
+    """
+    from .temperature import check_temperatures  # lazy: temperature.py reads calibration's CachedExits
+
+    given = check_temperatures(temperature, num_exits)
+    if isinstance(threshold, Calibration) and threshold.temperature is not None:
+        if given is not None and given != threshold.temperature:
+            raise ValueError(f"the calibration was made with temperature={threshold.temperature}, not {given}: its thresholds are for those confidences")
+        return list(threshold.temperature)
+    if isinstance(threshold, Calibration) and given is not None:
+        raise ValueError("the calibration was made without temperatures: calibrate again with temperature=..., or leave temperature out")
+    return given
 
 
 @dataclasses.dataclass
@@ -245,7 +263,7 @@ def exit_costs(model: MultiExitModel, input_size: tuple[int, ...]) -> list[float
         return learned.costs[input_size]
 
 
-def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion="max_prob", ensemble: bool = False) -> EarlyExitResult:
+def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion="max_prob", ensemble: bool = False, temperature=None) -> EarlyExitResult:
     """Classify `x`, each sample stopping at the first exit where it is confident enough.
 
     Args:
@@ -258,6 +276,9 @@ def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion=
             confidence (higher = more confident).
         ensemble: decide on (and return) the mean logits of the exits so far instead of the
             current exit's alone (the anytime ensemble).
+        temperature: one temperature per exit (`timm_exits.calibrate_temperature`): exit k's
+            logits are divided by it before the criterion reads them, and returned so. A
+            `Calibration` made with temperatures brings its own.
 
     Runs under `torch.no_grad`; only the rows of samples still in the batch are computed after
     each exit. Equivalent, per sample, to computing every exit and selecting.
@@ -271,15 +292,16 @@ def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion=
     model.check_channels(x.shape[1], f"x of shape {tuple(x.shape)}")
     if model.num_classes == 1 and isinstance(criterion, str):
         raise ValueError(f"criterion={criterion!r} reads a softmax, which is always 1 over one logit (every sample would leave at exit 1); pass a callable criterion, e.g. lambda z: (z.sigmoid() - 0.5).abs().squeeze(1)")
+    temperatures = calibration_temperature(threshold, temperature, model.num_exits)
     thresholds = confidence_thresholds(threshold, criterion, model.num_exits, ensemble)
     if not all(step.skips for step in model.steps()):
         _warn("this model runs through forward_intermediates (fx could not trace it): every exit is computed, then one is selected")
     with torch.no_grad():
         spent = torch.tensor(exit_costs(model, tuple(x.shape[1:])), device=x.device)
-        return _early_exit(model, x, thresholds, criterion, ensemble, spent)
+        return _early_exit(model, x, thresholds, criterion, ensemble, spent, temperatures)
 
 
-def _early_exit(model: MultiExitModel, x, thresholds, criterion, ensemble, spent) -> EarlyExitResult:
+def _early_exit(model: MultiExitModel, x, thresholds, criterion, ensemble, spent, temperatures=None) -> EarlyExitResult:
     batch, last = x.shape[0], model.num_exits - 1
     kinds = _batch_kinds(model, x) if batch > 1 else None
     rows = torch.arange(batch, device=x.device)  # original positions of the samples still running
@@ -288,6 +310,8 @@ def _early_exit(model: MultiExitModel, x, thresholds, criterion, ensemble, spent
     run = model.run(x)
     for out in run:
         k, z = out.index, out.logits
+        if temperatures is not None:
+            z = z / temperatures[k]
         if ensemble:
             total = z.float() if total is None else total + z.float()
             z = (total / (k + 1)).to(z.dtype)
