@@ -17,7 +17,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .inference import Calibration, calibration_temperature, check_criterion, confidence_thresholds, exit_confidence, exit_costs
+from .inference import Calibration, calibration_temperature, check_criterion, confidence_thresholds, exit_confidence, exit_costs, patience_streaks, patience_threshold
 from .model import MultiExitModel
 from .temperature import check_temperatures
 from .tracing import evaluating
@@ -63,7 +63,9 @@ class CachedExits:
         return self.logits.shape[0]
 
     def confidences(self, criterion="max_prob", ensemble: bool = False) -> torch.Tensor:
-        """``(E, N)`` confidence of every exit (or of the anytime ensemble) on every sample."""
+        """``(E, N)`` confidence of every exit (or of the anytime ensemble) on every sample (for ``"patience"``: the streaks)."""
+        if criterion == "patience":
+            return patience_streaks(self.predictions(ensemble)).double()
         return torch.stack([exit_confidence(z, criterion) for z in self._outputs(ensemble)])
 
     def predictions(self, ensemble: bool = False) -> torch.Tensor:
@@ -143,12 +145,15 @@ def _outcome(conf: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, cost
     return _Outcome(_accuracy(preds[exit_index, torch.arange(n)], labels), (costs.double()[exit_index]).mean().item(), (counts / n).tolist())
 
 
-def evaluate_thresholds(cached: CachedExits, threshold, criterion="max_prob", ensemble: bool = False, temperature=None) -> Calibration:
+def evaluate_thresholds(cached: CachedExits, threshold=None, criterion="max_prob", ensemble: bool = False, temperature=None, patience=None) -> Calibration:
     """Accuracy, average FLOPs and exit shares of `threshold` on cached exits (what `early_exit` would do).
 
     `temperature`: per-exit temperatures (`calibrate_temperature`) the confidences are read after;
     a `Calibration` given as `threshold` brings its own.
     """
+    threshold = patience_threshold(threshold, criterion, patience)
+    if threshold is None:
+        raise ValueError("give threshold (or, with criterion='patience', patience)")
     temperature = calibration_temperature(threshold, temperature, cached.num_exits)
     conf_thresholds = confidence_thresholds(threshold, criterion, cached.num_exits, ensemble)
     scaled = cached.scaled(temperature)

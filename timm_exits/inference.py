@@ -23,7 +23,7 @@ from .model import MultiExitModel
 
 __all__ = ["CRITERIA", "EarlyExitResult", "Calibration", "early_exit", "exit_confidence", "exit_costs"]
 
-CRITERIA = ("max_prob", "entropy", "margin")
+CRITERIA = ("max_prob", "entropy", "margin", "patience")
 
 
 # -- criteria and thresholds ------------------------------------------------------------------------
@@ -50,7 +50,28 @@ def exit_confidence(logits: torch.Tensor, criterion="max_prob") -> torch.Tensor:
         return top[:, 0] - (top[:, 1] if top.shape[1] > 1 else 0)
     if criterion == "entropy":
         return (probs * probs.clamp_min(1e-12).log()).sum(-1)
+    if criterion == "patience":
+        raise ValueError("the patience criterion reads the exits before this one (how long the prediction has held): use patience_streaks on every exit's logits")
     raise ValueError(f"unknown criterion {criterion!r}; use one of {CRITERIA} or a callable (logits) -> (B,) confidence")
+
+
+def patience_streaks(predictions: torch.Tensor) -> torch.Tensor:
+    """``(E, N)`` predicted classes -> for each exit, for how many consecutive exits up to it the prediction has held (1 at a change).
+
+    The patience criterion (PBEE, Zhou et al. 2020) lets a sample leave at the first exit whose
+    streak reaches the patience p: its prediction has stayed the same for p consecutive exits.
+    """
+    streaks = torch.ones_like(predictions, dtype=torch.long)
+    for k in range(1, predictions.shape[0]):
+        streaks[k] = torch.where(predictions[k] == predictions[k - 1], streaks[k - 1] + 1, 1)
+    return streaks
+
+
+def _streak(previous: torch.Tensor | None, streak: torch.Tensor | None, predicted: torch.Tensor) -> torch.Tensor:
+    """One exit of `patience_streaks`, for the samples still running."""
+    if previous is None:
+        return torch.ones_like(predicted)
+    return torch.where(predicted == previous, streak + 1, 1)
 
 
 def check_criterion(criterion) -> None:
@@ -66,6 +87,7 @@ def confidence_thresholds(threshold, criterion, num_exits: int, ensemble: bool =
     surely a slip, such as 90 for 0.9: it gets a warning. ``inf`` and ``-inf`` are deliberate.
     """
     check_criterion(criterion)
+    threshold_given = threshold
     if isinstance(threshold, Calibration):
         if not callable(criterion) and threshold.criterion != criterion:
             raise ValueError(f"the calibration was made for criterion={threshold.criterion!r}, not {criterion!r}")
@@ -86,8 +108,26 @@ def confidence_thresholds(threshold, criterion, num_exits: int, ensemble: bool =
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
             raise ValueError(f"thresholds must be numbers (inf allowed, NaN not), got {values}")
     values = [float(v) for v in values]
+    if criterion == "patience" and not isinstance(threshold_given, Calibration):
+        bad = [v for v in values if math.isfinite(v) and not (v == int(v) and 1 <= v <= num_exits - 1)]
+        if bad:
+            raise ValueError(
+                f"patience must be a whole number of exits from 1 to {num_exits - 1} (the last exit takes every sample left; inf keeps everyone "
+                f"going), got {bad[0]:g}"
+            )
     _warn_unreachable(values, criterion)
     return [-v for v in values] if criterion == "entropy" else values
+
+
+def patience_threshold(threshold, criterion, patience):
+    """`patience` as the threshold of the patience criterion (and only with it)."""
+    if patience is None:
+        return threshold
+    if criterion != "patience":
+        raise ValueError(f"patience={patience!r} is for criterion='patience', not criterion={criterion!r}")
+    if isinstance(patience, bool) or not isinstance(patience, numbers.Integral):
+        raise ValueError(f"patience must be a whole number of exits (1 = leave at the first exit), got {patience!r}")
+    return int(patience)
 
 
 def _warn(message: str) -> None:
@@ -263,7 +303,7 @@ def exit_costs(model: MultiExitModel, input_size: tuple[int, ...]) -> list[float
         return learned.costs[input_size]
 
 
-def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion="max_prob", ensemble: bool = False, temperature=None) -> EarlyExitResult:
+def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion="max_prob", ensemble: bool = False, temperature=None, patience=None) -> EarlyExitResult:
     """Classify `x`, each sample stopping at the first exit where it is confident enough.
 
     Args:
@@ -272,8 +312,11 @@ def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion=
         threshold: one number for every early exit, one per early exit (``num_exits - 1``), or a
             `Calibration`. A sample leaves at exit k when its confidence is ``>= threshold[k]``
             (for ``"entropy"``: when its entropy is ``<= threshold[k]``); ``inf`` keeps everyone.
-        criterion: ``"max_prob"``, ``"entropy"``, ``"margin"`` or a callable ``(logits) -> (B,)``
-            confidence (higher = more confident).
+        criterion: ``"max_prob"``, ``"entropy"``, ``"margin"``, ``"patience"`` or a callable
+            ``(logits) -> (B,)`` confidence (higher = more confident). ``"patience"`` (PBEE, Zhou et
+            al. 2020): a sample leaves once its predicted class has stayed the same for `patience`
+            consecutive exits (the threshold is that count).
+        patience: with ``criterion="patience"``, the count (it replaces `threshold`).
         ensemble: decide on (and return) the mean logits of the exits so far instead of the
             current exit's alone (the anytime ensemble).
         temperature: one temperature per exit (`timm_exits.calibrate_temperature`): exit k's
@@ -292,6 +335,7 @@ def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion=
     model.check_channels(x.shape[1], f"x of shape {tuple(x.shape)}")
     if model.num_classes == 1 and isinstance(criterion, str):
         raise ValueError(f"criterion={criterion!r} reads a softmax, which is always 1 over one logit (every sample would leave at exit 1); pass a callable criterion, e.g. lambda z: (z.sigmoid() - 0.5).abs().squeeze(1)")
+    threshold = patience_threshold(threshold, criterion, patience)
     temperatures = calibration_temperature(threshold, temperature, model.num_exits)
     thresholds = confidence_thresholds(threshold, criterion, model.num_exits, ensemble)
     if not all(step.skips for step in model.steps()):
@@ -306,7 +350,7 @@ def _early_exit(model: MultiExitModel, x, thresholds, criterion, ensemble, spent
     kinds = _batch_kinds(model, x) if batch > 1 else None
     rows = torch.arange(batch, device=x.device)  # original positions of the samples still running
     exit_index = torch.full((batch,), last, dtype=torch.long, device=x.device)
-    logits = total = None
+    logits = total = previous = streak = None
     run = model.run(x)
     for out in run:
         k, z = out.index, out.logits
@@ -320,7 +364,12 @@ def _early_exit(model: MultiExitModel, x, thresholds, criterion, ensemble, spent
         if k == last:
             logits[rows] = z
             break
-        passed = exit_confidence(z, criterion) >= thresholds[k]
+        if criterion == "patience":
+            streak = _streak(previous, streak, z.argmax(-1))
+            previous = z.argmax(-1)
+            passed = streak >= thresholds[k]
+        else:
+            passed = exit_confidence(z, criterion) >= thresholds[k]
         leaving = passed.nonzero().squeeze(1)
         if leaving.numel() == 0:
             continue
@@ -333,6 +382,8 @@ def _early_exit(model: MultiExitModel, x, thresholds, criterion, ensemble, spent
         run.carried = _take(run.carried, kinds[k], staying)
         if ensemble:
             total = total[staying]
+        if streak is not None:
+            streak, previous = streak[staying], previous[staying]
     return EarlyExitResult(logits, exit_index, spent[exit_index])
 
 

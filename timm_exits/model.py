@@ -404,11 +404,11 @@ class MultiExitModel(nn.Module):
         if callable(inner):
             inner(enable)
 
-    def early_exit(self, x: torch.Tensor, threshold=0.9, criterion="max_prob", ensemble: bool = False, temperature=None):
+    def early_exit(self, x: torch.Tensor, threshold=0.9, criterion="max_prob", ensemble: bool = False, temperature=None, patience=None):
         """Classify `x`, each sample stopping at its first confident exit; see `timm_exits.early_exit`."""
         from .inference import early_exit  # lazy: inference builds on this module, not the other way round
 
-        return early_exit(self, x, threshold, criterion, ensemble, temperature)
+        return early_exit(self, x, threshold, criterion, ensemble, temperature, patience)
 
     # -- checkpoints ------------------------------------------------------------------------------
 
