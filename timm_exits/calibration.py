@@ -19,6 +19,7 @@ import torch
 
 from .inference import Calibration, calibration_temperature, check_criterion, confidence_thresholds, exit_confidence, exit_costs, patience_streaks, patience_threshold
 from .model import MultiExitModel
+from .risk import risk_controlled_thresholds
 from .temperature import check_temperatures
 from .tracing import evaluating
 
@@ -186,8 +187,8 @@ def _msdnet_thresholds(conf: torch.Tensor, q: float) -> list[float]:
     return thresholds
 
 
-def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, max_accuracy_drop: float | None = None, criterion="max_prob", ensemble: bool = False,
-                         temperature=None) -> Calibration:
+def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, max_accuracy_drop: float | None = None, delta: float | None = None,
+                         criterion="max_prob", ensemble: bool = False, temperature=None) -> Calibration:
     """Thresholds that meet an average-FLOPs `budget`, or lose at most `max_accuracy_drop` at the least FLOPs.
 
     With `budget` (FLOPs per sample, between the first exit's cost and the full model's), the
@@ -195,13 +196,19 @@ def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, ma
     ``q^k`` leaves at exit k, the most confident first, with the largest ``q`` whose average
     cost on `cached` is within the budget. With `max_accuracy_drop` (a fraction: 0.01 = one
     point below the last exit's accuracy), the cheapest of MSDNet's thresholds and of single
-    shared thresholds (SDN's rule) that stays within the drop. `temperature`: per-exit
+    shared thresholds (SDN's rule) that stays within the drop on `cached`. With `delta` too, a
+    guarantee on new data from the same distribution: the accuracy drop against the last exit is
+    at most `max_accuracy_drop` with probability at least ``1 - delta`` over the draw of `cached`
+    (Learn-then-Test with a Hoeffding-Bentkus bound, as Jazbec et al. 2024 do; see
+    `timm_exits.risk`). `temperature`: per-exit
     temperatures (`calibrate_temperature`) the confidences are read after; the `Calibration`
     keeps them, and `early_exit` given it applies them. Returns a `Calibration` whose
     ``thresholds`` `early_exit` takes as they are.
     """
     if (budget is None) == (max_accuracy_drop is None):
         raise ValueError("give exactly one of budget (average FLOPs per sample) or max_accuracy_drop")
+    if delta is not None and max_accuracy_drop is None:
+        raise ValueError("delta goes with max_accuracy_drop: the guarantee bounds the accuracy lost against the last exit")
     check_criterion(criterion)
     temperature = check_temperatures(temperature, cached.num_exits)
     scaled = cached.scaled(temperature)
@@ -234,6 +241,13 @@ def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, ma
         raise ValueError(f"max_accuracy_drop must be a fraction in [0, 1] (0.01 = one point), got {max_accuracy_drop!r}")
     if not bool((labels >= 0).any()):
         raise ValueError("max_accuracy_drop needs labeled samples: every label of the cached exits is negative (unlabeled)")
+    if delta is not None:
+        if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 < delta < 1:
+            raise ValueError(f"delta must be a probability in (0, 1): the chance the guarantee may fail (0.1 = 90 % confidence), got {delta!r}")
+        if criterion == "patience":
+            raise ValueError("delta (a guarantee) works with confidence criteria; the patience criterion's thresholds are counts")
+        best = risk_controlled_thresholds(conf, preds, labels, float(max_accuracy_drop), float(delta))
+        return _calibration(best, criterion, ensemble, run(best), temperature)
     target = _accuracy(preds[-1], labels) - max_accuracy_drop
     candidates = [[math.inf] * (cached.num_exits - 1)]
     candidates += [_msdnet_thresholds(conf, q) for q in torch.logspace(-3, 3, 61, dtype=torch.float64).tolist()]
