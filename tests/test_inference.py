@@ -639,7 +639,7 @@ def test_exit_confidence_on_its_own():
     torch.testing.assert_close(exit_confidence(torch.zeros(3, 1), "margin"), torch.ones(3))  # one class: nothing to be unsure about
     with pytest.raises(ValueError, match=exactly("the criterion callable must return one score per sample, shape (1,); it returned float")):
         exit_confidence(z, lambda logits: 0.5)
-    with pytest.raises(ValueError, match=exactly("unknown criterion 'top1'; use one of ('max_prob', 'entropy', 'margin') or a callable (logits) -> (B,) confidence")):
+    with pytest.raises(ValueError, match=exactly("unknown criterion 'top1'; use one of ('max_prob', 'entropy', 'margin', 'patience') or a callable (logits) -> (B,) confidence")):
         exit_confidence(z, "top1")
 
 

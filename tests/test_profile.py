@@ -40,3 +40,35 @@ def test_bad_input_is_named():
         profile_exits(model, torch.randn(2, 3, 32, 32), repeats=0)
     with pytest.raises(ValueError, match=r"^example_input of shape \(2, 1, 32, 32\) has 1 channel"):
         profile_exits(model, torch.randn(2, 1, 32, 32))
+
+
+def test_a_time_budget_is_met_on_the_profiles_own_costs():
+    """calibrate_thresholds(costs=profile): the budget in seconds per sample, met on the cached data, as a FLOPs budget is."""
+    torch.manual_seed(0)
+    model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=10), stages=[1, 2], input_size=(3, 32, 32)).eval()
+    x = torch.randn(24, 3, 32, 32)
+    cached = timm_exits.collect_exit_logits(model, [(x, torch.randint(0, 10, (24,)))])
+    profile = ExitProfile(batch_size=8, stages=["layer1", "layer2", "final"], segment_seconds=[0.004, 0.002, 0.002], head_seconds=[0.0004, 0.0004, 0.0],
+                          plain_seconds=0.008, device="cpu", repeats=1)  # made up: the rule, not the clock, is under test
+    seconds = profile.seconds
+    for budget in (seconds[0], (seconds[0] + seconds[-1]) / 2, seconds[-1]):
+        calibration = timm_exits.calibrate_thresholds(cached, budget, costs=profile)
+        spent = sum(share * cost for share, cost in zip(calibration.exit_shares, seconds))
+        assert calibration.cost == pytest.approx(spent) and spent <= budget + 1e-15
+        assert calibration.flops == pytest.approx(sum(share * cost for share, cost in zip(calibration.exit_shares, cached.flops)))  # flops stay FLOPs
+    curve = timm_exits.budgeted_curve(cached, 4, costs=profile)
+    assert [p.budget for p in curve] == pytest.approx([seconds[0] + (seconds[-1] - seconds[0]) * i / 3 for i in range(4)])
+    assert timm_exits.calibrate_thresholds(cached, cached.flops[-1]).cost is None
+
+
+@pytest.mark.parametrize("costs, message", [
+    ([1.0, 2.0], "costs has 2 values; give one per exit (3): what a sample leaving there costs"),
+    ([1.0, 3.0, 2.0], "costs must not decrease from exit to exit (leaving later computes more), got [1.0, 3.0, 2.0]"),
+    ([1.0, 0.0, 2.0], "costs must be finite numbers > 0, got [1.0, 0.0, 2.0]"),
+    (ExitProfile(1, ["layer1", "layer3", "final"], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], 3.0, "cpu", 1),
+     "costs is a profile of a model with exits at ['layer1', 'layer3', 'final'], the cached exits are at ['layer1', 'layer2', 'final']: profile the same model"),
+])
+def test_bad_costs_are_named(costs, message):
+    cached = timm_exits.CachedExits(torch.randn(3, 4, 5), torch.zeros(4, dtype=torch.long), [1.0, 2.0, 3.0], ["layer1", "layer2", "final"])
+    with pytest.raises(ValueError, match=exactly(message)):
+        timm_exits.calibrate_thresholds(cached, 1.5, costs=costs)

@@ -187,8 +187,28 @@ def _msdnet_thresholds(conf: torch.Tensor, q: float) -> list[float]:
     return thresholds
 
 
+def _costs(cached: CachedExits, costs) -> list[float] | None:
+    """Per-exit costs in another unit (seconds from `profile_exits`), checked against `cached`; None for FLOPs."""
+    if costs is None:
+        return None
+    from .profile import ExitProfile
+
+    if isinstance(costs, ExitProfile):
+        if costs.stages != cached.stages:
+            raise ValueError(f"costs is a profile of a model with exits at {costs.stages}, the cached exits are at {cached.stages}: profile the same model")
+        costs = costs.seconds
+    values = costs.tolist() if isinstance(costs, torch.Tensor) else list(costs)
+    if len(values) != cached.num_exits:
+        raise ValueError(f"costs has {len(values)} values; give one per exit ({cached.num_exits}): what a sample leaving there costs")
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"costs must be finite numbers > 0, got {values}")
+    if any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"costs must not decrease from exit to exit (leaving later computes more), got {values}")
+    return [float(v) for v in values]
+
+
 def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, max_accuracy_drop: float | None = None, delta: float | None = None,
-                         criterion="max_prob", ensemble: bool = False, temperature=None) -> Calibration:
+                         criterion="max_prob", ensemble: bool = False, temperature=None, costs=None) -> Calibration:
     """Thresholds that meet an average-FLOPs `budget`, or lose at most `max_accuracy_drop` at the least FLOPs.
 
     With `budget` (FLOPs per sample, between the first exit's cost and the full model's), the
@@ -200,7 +220,9 @@ def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, ma
     guarantee on new data from the same distribution: the accuracy drop against the last exit is
     at most `max_accuracy_drop` with probability at least ``1 - delta`` over the draw of `cached`
     (Learn-then-Test with a Hoeffding-Bentkus bound, as Jazbec et al. 2024 do; see
-    `timm_exits.risk`). `temperature`: per-exit
+    `timm_exits.risk`). `costs`: what leaving at each exit costs in another unit, such as
+    `profile_exits`' seconds (or the profile itself); `budget` is then in that unit, and the
+    `Calibration`'s ``cost`` is the average in it (its ``flops`` stay FLOPs). `temperature`: per-exit
     temperatures (`calibrate_temperature`) the confidences are read after; the `Calibration`
     keeps them, and `early_exit` given it applies them. Returns a `Calibration` whose
     ``thresholds`` `early_exit` takes as they are.
@@ -213,20 +235,27 @@ def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, ma
     temperature = check_temperatures(temperature, cached.num_exits)
     scaled = cached.scaled(temperature)
     conf, preds, labels = scaled.confidences(criterion, ensemble), scaled.predictions(ensemble), cached.labels
-    costs = torch.tensor(cached.flops, dtype=torch.float64)
+    custom = _costs(cached, costs)
+    flops = torch.tensor(cached.flops, dtype=torch.float64)
+    costs = torch.tensor(custom, dtype=torch.float64) if custom is not None else flops
 
     def run(thresholds) -> _Outcome:
         return _outcome(conf, preds, labels, costs, thresholds)
+
+    def done(thresholds) -> Calibration:
+        out = _outcome(conf, preds, labels, flops, thresholds)
+        return dataclasses.replace(_calibration(thresholds, criterion, ensemble, out, temperature), cost=run(thresholds).flops if custom is not None else None)
 
     if isinstance(budget, torch.Tensor) and budget.dim() == 0:
         budget = budget.item()
     if budget is not None:
         lo_cost, hi_cost = costs[0].item(), costs[-1].item()
         if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or math.isnan(budget) or not lo_cost <= budget <= hi_cost:
-            raise ValueError(f"budget must be an average FLOPs per sample between the first exit's cost ({lo_cost:,.0f}) and the full model's ({hi_cost:,.0f}), got {budget!r}")
+            unit = "FLOPs" if custom is None else "cost (in the unit of costs)"
+            raise ValueError(f"budget must be an average {unit} per sample between the first exit's cost ({lo_cost:,.6g}) and the full model's ({hi_cost:,.6g}), got {budget!r}")
         never = [math.inf] * (cached.num_exits - 1)
         if run(never).flops <= budget:  # the whole model fits
-            return _calibration(never, criterion, ensemble, run(never), temperature)
+            return done(never)
         best = [-math.inf] * (cached.num_exits - 1)  # everyone leaves at exit 1: the budget's floor
         lo, hi = math.log(1e-4), math.log(1e4)  # log q: the larger q, the later samples leave
         for _ in range(50):
@@ -236,7 +265,7 @@ def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, ma
                 lo, best = mid, thresholds
             else:
                 hi = mid
-        return _calibration(best, criterion, ensemble, run(best), temperature)
+        return done(best)
     if not isinstance(max_accuracy_drop, (int, float)) or math.isnan(max_accuracy_drop) or not 0 <= max_accuracy_drop <= 1:
         raise ValueError(f"max_accuracy_drop must be a fraction in [0, 1] (0.01 = one point), got {max_accuracy_drop!r}")
     if not bool((labels >= 0).any()):
@@ -246,15 +275,14 @@ def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, ma
             raise ValueError(f"delta must be a probability in (0, 1): the chance the guarantee may fail (0.1 = 90 % confidence), got {delta!r}")
         if criterion == "patience":
             raise ValueError("delta (a guarantee) works with confidence criteria; the patience criterion's thresholds are counts")
-        best = risk_controlled_thresholds(conf, preds, labels, float(max_accuracy_drop), float(delta))
-        return _calibration(best, criterion, ensemble, run(best), temperature)
+        return done(risk_controlled_thresholds(conf, preds, labels, float(max_accuracy_drop), float(delta)))
     target = _accuracy(preds[-1], labels) - max_accuracy_drop
     candidates = [[math.inf] * (cached.num_exits - 1)]
     candidates += [_msdnet_thresholds(conf, q) for q in torch.logspace(-3, 3, 61, dtype=torch.float64).tolist()]
     candidates += [[t] * (cached.num_exits - 1) for t in torch.quantile(conf[:-1].flatten().double(), torch.linspace(0, 1, 101, dtype=torch.float64)).tolist()]
     outcomes = [(run(t), t) for t in candidates]
-    out, best = min(((o, t) for o, t in outcomes if o.accuracy >= target - 1e-12), key=lambda pair: (pair[0].flops, -pair[0].accuracy))
-    return _calibration(best, criterion, ensemble, out, temperature)
+    _, best = min(((o, t) for o, t in outcomes if o.accuracy >= target - 1e-12), key=lambda pair: (pair[0].flops, -pair[0].accuracy))
+    return done(best)
 
 
 class AnytimePoint(NamedTuple):
@@ -279,21 +307,23 @@ def anytime_accuracy(cached: CachedExits, ensemble: bool = False) -> list[Anytim
 
 
 def budgeted_curve(cached: CachedExits, budgets: Sequence[float] | int = 20, criterion="max_prob", ensemble: bool = False, evaluate_on: CachedExits | None = None,
-                   temperature=None) -> list[CurvePoint]:
+                   temperature=None, costs=None) -> list[CurvePoint]:
     """Accuracy against average FLOPs over a sweep of budgets (default: 20 from the first exit's cost to the full model's).
 
     Thresholds are calibrated on `cached` for each budget; with `evaluate_on` (say, the test
     set's cached exits) the accuracy and FLOPs are those on it, as a paper reports them.
-    `temperature`: per-exit temperatures (`calibrate_temperature`), applied to both.
+    `temperature`: per-exit temperatures (`calibrate_temperature`), applied to both. `costs`:
+    budgets in another unit (`profile_exits`' seconds); the points' FLOPs stay FLOPs.
     """
     if evaluate_on is not None and evaluate_on.num_exits != cached.num_exits:
         raise ValueError(f"evaluate_on has {evaluate_on.num_exits} exits, the calibration data {cached.num_exits}: they must come from the same model")
     if isinstance(budgets, int):
-        lo, hi = cached.flops[0], cached.flops[-1]
+        scale = _costs(cached, costs) or cached.flops
+        lo, hi = scale[0], scale[-1]
         budgets = [lo + (hi - lo) * i / (budgets - 1) for i in range(budgets)] if budgets > 1 else [hi]
     points = []
     for b in budgets:
-        c = calibrate_thresholds(cached, b, criterion=criterion, ensemble=ensemble, temperature=temperature)
+        c = calibrate_thresholds(cached, b, criterion=criterion, ensemble=ensemble, temperature=temperature, costs=costs)
         if evaluate_on is not None:
             c = evaluate_thresholds(evaluate_on, c.thresholds, criterion, ensemble, temperature=temperature)
         points.append(CurvePoint(float(b), c.accuracy, c.flops, c.exit_shares, c.thresholds))

@@ -169,6 +169,7 @@ class Calibration:
     flops: float  # average per sample
     exit_shares: list[float]  # share of the samples leaving at each exit
     temperature: list[float] | None = None  # per-exit temperatures the confidences were read after (calibrate_temperature)
+    cost: float | None = None  # average cost per sample in the unit of the costs calibrated with (seconds from profile_exits), if any
 
 
 def calibration_temperature(threshold, temperature, num_exits: int) -> list[float] | None:

@@ -38,6 +38,7 @@ class ExitProfile:
     plain_seconds: float
     device: str
     repeats: int
+    input_size: tuple[int, ...] = ()  # one sample's shape, as profiled
 
     @property
     def seconds(self) -> list[float]:
@@ -113,4 +114,5 @@ def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: i
         plain_seconds=median["plain"],
         device=str(example_input.device),
         repeats=repeats,
+        input_size=tuple(int(d) for d in example_input.shape[1:]),
     )
