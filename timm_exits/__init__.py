@@ -17,6 +17,7 @@ from .profile import ExitProfile, profile_exits
 from .hub import create_model, export_backbone, from_pretrained, save_pretrained
 from .diagram import plot_exits
 from .temperature import TemperatureFit, calibrate_temperature, expected_calibration_error
+from .ztw import GeometricEnsemble, fit_geometric_ensemble
 from .integrations import MultiExitTask, MultiExitTrainable
 from .heads import create_head, head_names, register_head
 from .losses import (
@@ -82,6 +83,8 @@ __all__ = [
     "calibrate_temperature",
     "TemperatureFit",
     "expected_calibration_error",
+    "GeometricEnsemble",
+    "fit_geometric_ensemble",
     "profile_exits",
     "ExitProfile",
     "MultiExitTask",

@@ -17,7 +17,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .inference import Calibration, calibration_temperature, check_criterion, confidence_thresholds, exit_confidence, exit_costs, patience_streaks, patience_threshold
+from .inference import Calibration, calibration_temperature, check_criterion, check_ensemble, confidence_thresholds, exit_confidence, exit_costs, patience_streaks, patience_threshold
 from .model import MultiExitModel
 from .risk import risk_controlled_thresholds
 from .temperature import check_temperatures
@@ -81,7 +81,13 @@ class CachedExits:
         t = torch.tensor(values, dtype=self.logits.dtype).view(-1, 1, 1)
         return CachedExits(self.logits / t, self.labels, self.flops, self.stages)
 
-    def _outputs(self, ensemble: bool) -> list[torch.Tensor]:
+    def _outputs(self, ensemble) -> list[torch.Tensor]:
+        from .ztw import GeometricEnsemble
+
+        if isinstance(ensemble, GeometricEnsemble):
+            check_ensemble(ensemble, self.num_exits)
+            with torch.no_grad():
+                return ensemble(list(self.logits))
         if not ensemble:
             return list(self.logits)
         from .ensemble import anytime_ensemble

@@ -119,6 +119,17 @@ def confidence_thresholds(threshold, criterion, num_exits: int, ensemble: bool =
     return [-v for v in values] if criterion == "entropy" else values
 
 
+def check_ensemble(ensemble, num_exits: int) -> None:
+    """`ensemble` is a bool (the anytime mean) or a fitted `GeometricEnsemble` of as many exits."""
+    from .ztw import GeometricEnsemble
+
+    if isinstance(ensemble, GeometricEnsemble):
+        if ensemble.num_exits != num_exits:
+            raise ValueError(f"the geometric ensemble was fit for {ensemble.num_exits} exits, this model has {num_exits}")
+    elif not isinstance(ensemble, bool):
+        raise TypeError(f"ensemble must be True (the mean of the exits so far), False, or a GeometricEnsemble (fit_geometric_ensemble), got {type(ensemble).__name__}")
+
+
 def patience_threshold(threshold, criterion, patience):
     """`patience` as the threshold of the patience criterion (and only with it)."""
     if patience is None:
@@ -319,7 +330,8 @@ def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion=
             consecutive exits (the threshold is that count).
         patience: with ``criterion="patience"``, the count (it replaces `threshold`).
         ensemble: decide on (and return) the mean logits of the exits so far instead of the
-            current exit's alone (the anytime ensemble).
+            current exit's alone (the anytime ensemble), or a fitted `GeometricEnsemble`
+            (`fit_geometric_ensemble`: Zero Time Waste's learned geometric ensembling).
         temperature: one temperature per exit (`timm_exits.calibrate_temperature`): exit k's
             logits are divided by it before the criterion reads them, and returned so. A
             `Calibration` made with temperatures brings its own.
@@ -337,6 +349,7 @@ def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion=
     if model.num_classes == 1 and isinstance(criterion, str):
         raise ValueError(f"criterion={criterion!r} reads a softmax, which is always 1 over one logit (every sample would leave at exit 1); pass a callable criterion, e.g. lambda z: (z.sigmoid() - 0.5).abs().squeeze(1)")
     threshold = patience_threshold(threshold, criterion, patience)
+    check_ensemble(ensemble, model.num_exits)
     temperatures = calibration_temperature(threshold, temperature, model.num_exits)
     thresholds = confidence_thresholds(threshold, criterion, model.num_exits, ensemble)
     if not all(step.skips for step in model.steps()):
@@ -352,12 +365,17 @@ def _early_exit(model: MultiExitModel, x, thresholds, criterion, ensemble, spent
     rows = torch.arange(batch, device=x.device)  # original positions of the samples still running
     exit_index = torch.full((batch,), last, dtype=torch.long, device=x.device)
     logits = total = previous = streak = None
+    geometric = not isinstance(ensemble, bool)
+    history: list[torch.Tensor] = []  # for a geometric ensemble: the exits so far, rows of the samples still running
     run = model.run(x)
     for out in run:
         k, z = out.index, out.logits
         if temperatures is not None:
             z = z / temperatures[k]
-        if ensemble:
+        if geometric:
+            history.append(z)
+            z = ensemble.combine(history).to(z.dtype)
+        elif ensemble:
             total = z.float() if total is None else total + z.float()
             z = (total / (k + 1)).to(z.dtype)
         if logits is None:
@@ -381,8 +399,10 @@ def _early_exit(model: MultiExitModel, x, thresholds, criterion, ensemble, spent
         staying = (~passed).nonzero().squeeze(1)
         rows = rows[staying]
         run.carried = _take(run.carried, kinds[k], staying)
-        if ensemble:
+        if ensemble is True:
             total = total[staying]
+        if geometric:
+            history = [h[staying] for h in history]
         if streak is not None:
             streak, previous = streak[staying], previous[staying]
     return EarlyExitResult(logits, exit_index, spent[exit_index])

@@ -1,0 +1,78 @@
+"""Zero Time Waste's geometric ensembling: each exit decides on a learned, weighted product of the exits so far.
+
+Wołczyk et al. (2021, "Zero Time Waste: Recycling Predictions in Early Exit Neural Networks")
+combine, at exit k, the predictions of exits 0..k as a weighted geometric mean of their
+probabilities. Their code (gmum/Zero-Time-Waste, ``ztw_cv_original/architectures/weighted_avg_model.py``)
+computes ``mean_i(exp(w_ki) * log_softmax(z_i)) + b_k`` with one learned scalar ``w_ki`` per
+member (initialised from N(0, 0.01)) and a learned per-class bias ``b_k`` (zeros), one small
+model per exit, each fitted on cached logits with cross entropy (Adam, lr 5e-4, batch 512,
+501 epochs; ``train_networks.py``). `fit_geometric_ensemble` does the same on a `CachedExits`;
+the result goes where ``ensemble=`` is taken (`early_exit` with real skipping, and the calibration
+functions). The authors fit on the training set's logits; a held-out split is the careful choice.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["GeometricEnsemble", "fit_geometric_ensemble"]
+
+
+class GeometricEnsemble(nn.Module):
+    """One weighted geometric ensemble per exit: ``combine([z_0, ..., z_k])`` is exit k's ensemble logits."""
+
+    def __init__(self, num_exits: int, num_classes: int, generator: torch.Generator | None = None):
+        super().__init__()
+        if not isinstance(num_exits, int) or num_exits < 1 or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_exits and num_classes must be ints >= 1, got {num_exits!r} and {num_classes!r}")
+        self.weights = nn.ParameterList([nn.Parameter(torch.randn(k + 1, generator=generator) * 0.01) for k in range(num_exits)])
+        self.biases = nn.ParameterList([nn.Parameter(torch.zeros(num_classes)) for _ in range(num_exits)])
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.weights)
+
+    def combine(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        """Exit ``len(logits) - 1``'s ensemble of `logits` (exits 0..k, each ``(B, C)``): unnormalised logits."""
+        k = len(logits) - 1
+        if not 0 <= k < self.num_exits:
+            raise ValueError(f"the ensemble has {self.num_exits} exits, given the logits of {len(logits)}")
+        logp = torch.stack([F.log_softmax(z.float(), dim=-1) for z in logits])  # (k + 1, B, C)
+        w = self.weights[k].exp().view(-1, 1, 1)
+        return (w * logp).mean(0) + self.biases[k]
+
+    def forward(self, logits: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every exit's ensemble logits."""
+        return [self.combine(list(logits[: k + 1])) for k in range(len(logits))]
+
+
+def fit_geometric_ensemble(cached, epochs: int = 501, lr: float = 5e-4, batch_size: int = 512, seed: int = 0) -> GeometricEnsemble:
+    """Fit a `GeometricEnsemble` on cached exits' labeled samples, as the ZTW code does (Adam, cross entropy, the defaults above)."""
+    from .calibration import CachedExits
+
+    if not isinstance(cached, CachedExits):
+        raise TypeError(f"cached must be a CachedExits (timm_exits.collect_exit_logits(...)), got {type(cached).__name__}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    labeled = cached.labels >= 0
+    if int(labeled.sum()) == 0:
+        raise ValueError("fit_geometric_ensemble needs labeled samples: every label of the cached exits is negative (unlabeled)")
+    logits, labels = cached.logits[:, labeled].float(), cached.labels[labeled]
+    g = torch.Generator().manual_seed(seed)
+    ensemble = GeometricEnsemble(cached.num_exits, logits.shape[-1], generator=g)
+    optimizer = torch.optim.Adam(ensemble.parameters(), lr=lr)
+    n = labels.shape[0]
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for rows in torch.randperm(n, generator=g).split(batch_size):
+                batch = list(logits[:, rows])
+                # each exit's ensemble has parameters of its own: the sum trains each as alone (Adam is per parameter)
+                loss = sum(F.cross_entropy(z, labels[rows]) for z in ensemble(batch))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    return ensemble.eval().requires_grad_(False)
