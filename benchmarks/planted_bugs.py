@@ -8,7 +8,7 @@ catches is a hole in the suite. Prints one row per bug and exits 1 if any surviv
 
 The first six are the ones that passed every test before issue 13 (docs/testing.md; the third
 now plants its fallback slip in the steps, where issue 14 moved that path); the next five put back,
-one at a time, the runtime faults issue 14 fixed; the next three are slips in issue 16's evidence, the last three in issue 17's timm-native saving; the others are the kind of slip the suite must
+one at a time, the runtime faults issue 14 fixed; the next three are slips in issue 16's evidence, the next three in issue 17's timm-native saving, the last four in issue 18's inference; the others are the kind of slip the suite must
 keep catching. `mutmut` (docs/testing.md) does the same thing
 mechanically and at scale; this list is the hand-picked, readable part.
 """
@@ -118,6 +118,16 @@ BUGS = [
     Bug("export-backbone keeps the 'backbone.' prefix", "timm_exits/hub.py",
         'backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}',
         'backbone = {k: v for k, v in state.items() if k.startswith("backbone.")}', ("tests/test_timm_native.py",)),
+    # issue 18: inference beyond the anchors
+    Bug("early exit reads confidences before the temperatures", "timm_exits/inference.py",
+        "        if temperatures is not None:\n            z = z / temperatures[k]\n", "", ("tests/test_temperature.py",)),
+    Bug("the patience streak never restarts when the prediction changes", "timm_exits/inference.py",
+        "return torch.where(predicted == previous, streak + 1, 1)", "return streak + 1", ("tests/test_patience.py",)),
+    Bug("Learn-then-Test keeps testing past the first failure", "timm_exits/risk.py",
+        "        if hoeffding_bentkus_p(risk, n, eps) > delta:\n            break\n        accepted = t",
+        "        if hoeffding_bentkus_p(risk, n, eps) <= delta:\n            accepted = t", ("tests/test_risk.py",)),
+    Bug("the geometric ensemble forgets the rows of samples that left", "timm_exits/inference.py",
+        "            history = [h[staying] for h in history]\n", "            history = history\n", ("tests/test_ztw.py",)),
 ]
 
 

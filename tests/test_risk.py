@@ -66,3 +66,16 @@ def test_bad_delta_is_named(kwargs, message):
     cached = timm_exits.CachedExits(logits, labels, [1.0, 2.0, 3.0], ["a", "b", "c"])
     with pytest.raises(ValueError, match=exactly(message)):
         timm_exits.calibrate_thresholds(cached, **kwargs)
+
+
+def test_testing_stops_at_the_first_threshold_not_rejected(monkeypatch):
+    """Fixed-sequence testing controls the error only if it stops at the first failure, even when a later threshold would pass."""
+    import timm_exits.risk as risk
+
+    logits, labels = population(n=500)
+    conf = torch.stack([z.softmax(-1).amax(-1) for z in logits])
+    preds = logits.argmax(-1)
+    candidates = torch.quantile(conf[:-1].flatten().double(), torch.linspace(1, 0, 201, dtype=torch.float64)).unique(sorted=True).flip(0).tolist()
+    verdicts = iter([0.0, 0.0, 0.5] + [0.0] * len(candidates))  # the third fails, every later one would pass
+    monkeypatch.setattr(risk, "hoeffding_bentkus_p", lambda *args: next(verdicts))
+    assert risk.risk_controlled_thresholds(conf, preds, labels, 0.05, 0.1) == [candidates[1]] * 2
