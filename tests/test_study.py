@@ -1,0 +1,53 @@
+"""The loss study's statistics: intervals, paired differences over common seeds, and verdicts (benchmarks/loss_study.py)."""
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def study():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("loss_study", ROOT / "benchmarks" / "loss_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_interval_is_students_t(study):
+    mean, half = study.interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    assert study.interval([1.0, 3.0] * 10)[1] == pytest.approx(2.093 * math.sqrt(20 / 19) / math.sqrt(20), rel=1e-3)  # 19 degrees of freedom
+    assert math.isnan(study.interval([1.0])[1])
+
+
+def test_verdicts_need_every_part_on_the_claimed_side(study):
+    assert study.verdict([[1.0, 1.1, 0.9], [0.5, 0.6, 0.4]]) == "confirmed"
+    assert study.verdict([[1.0, 1.1, 0.9], [-0.5, -0.6, -0.4]]) == "contradicted"
+    assert study.verdict([[1.0, -1.0, 0.5]]) == "not seen"
+    assert study.verdict([]) == study.verdict([[1.0]]) == "not seen (fewer than two common seeds)"
+
+
+def test_differences_pair_the_same_seeds(study):
+    results = {"a": {"0": {"test": [0.5]}, "1": {"test": [0.7]}, "2": {"test": [0.9]}}, "b": {"2": {"test": [0.1]}, "0": {"test": [0.4]}}}
+    assert study.paired(results, "a", "b", "test", 0) == pytest.approx([0.1, 0.8])  # seeds 0 and 2, in order
+
+
+def test_a_report_of_a_resumed_study_with_uneven_seeds_runs(study, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = lambda acc: {"test": [acc] * 4, "anytime_ensemble": [acc] * 4, "val_by_epoch": [[acc] * 4] * 2, "curve": [acc] * 20, "curve_flops": [1e6 * (i + 1) for i in range(20)], "seconds": 1.0}  # noqa: E731
+    results = {"meta": {"epochs": 2, "batch": 64, "stages": [1, 2, 3], "flops": [1e6, 2e6, 3e6, 4e6], "backbone_flops": 4e6, "budgets": [1e6 * (i + 1) for i in range(20)],
+                        "train": 10, "val": 5, "test": 5, "labeled": 2},
+               "baseline": {"0": {"test": [0.8], "val_by_epoch": [[0.7], [0.8]], "seconds": 1.0}, "1": {"test": [0.82], "val_by_epoch": [[0.7], [0.8]], "seconds": 1.0}},
+               **{name: {"0": run(0.80), "1": run(0.81), "2": run(0.83)} for name in study.LOSSES},
+               "eed": {"0": run(0.85), "1": run(0.86)}}
+    study.report(results, str(tmp_path / "study.png"))
+    out = capsys.readouterr().out
+    ce_row = next(line for line in out.splitlines() if line.startswith("| ce |"))
+    eed_row = next(line for line in out.splitlines() if line.startswith("| eed |"))
+    assert "(n=" not in ce_row and eed_row.count("(n=2)") == 4  # a cell over fewer seeds than the header's says how many
+    assert (tmp_path / "study.png").exists()
