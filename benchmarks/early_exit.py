@@ -27,25 +27,12 @@ import torch
 from overhead import cpu_name
 
 import timm_exits
+from timm_exits.profile import alternating_medians
 
 CASES = {"resnet50": ("resnet50", [1, 2, 3]), "vit_small_patch16_224": ("vit_small_patch16_224", [3, 6, 9])}
 
 
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def medians(runs: dict, repeats: int) -> dict:
-    """Time every callable of `runs` once per round, `repeats` rounds after a warm-up round."""
-    times = {k: [] for k in runs}
-    for round_ in range(repeats + 1):
-        for label, fn in runs.items():
-            t = timed(fn)
-            if round_:
-                times[label].append(t)
-    return {k: statistics.median(v) for k, v in times.items()}
+medians = alternating_medians  # time every callable once per round, `repeats` rounds after a warm-up round
 
 
 def one_by_one(fn, x):

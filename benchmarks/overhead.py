@@ -18,6 +18,7 @@ import timm
 import torch
 
 import timm_exits
+from timm_exits.profile import alternating_medians
 
 CASES = {
     "resnet50, exits after layer1-3": ("resnet50", [1, 2, 3]),
@@ -82,15 +83,8 @@ def breakdown(batch: int, size: int, repeats: int) -> dict:
         model.steps()[-1].segment(*state)
 
     runs = {"plain": lambda: plain(x), "fx whole graph": lambda: traced(x), "segments only": segments_only, "wrapped": lambda: model(x)}
-    times = {k: [] for k in runs}
-    for round_ in range(repeats + 1):
-        for label, fn in runs.items():
-            t = time.perf_counter()
-            fn()
-            if round_:
-                times[label].append(time.perf_counter() - t)
-    base = statistics.median(times["plain"])
-    return {label: statistics.median(v) / base for label, v in times.items()}
+    times = alternating_medians(runs, repeats)
+    return {label: t / times["plain"] for label, t in times.items()}
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ import timm_exits
 from timm_exits.calibration import calibrate_thresholds, collect_exit_logits
 from timm_exits.data import corrupted_digits
 from timm_exits.demo import fit
+from timm_exits.profile import alternating_medians
 
 
 def percentile(values, q: float) -> float:
@@ -52,15 +53,8 @@ def latencies(fn, images: torch.Tensor) -> list[float]:
 @torch.no_grad()
 def throughput(runs: dict, images: torch.Tensor, batch: int, repeats: int) -> dict:
     """Images per second of each callable over `images` in batches, median of alternating rounds after a warm-up round."""
-    times = {k: [] for k in runs}
-    for round_ in range(repeats + 1):
-        for label, fn in runs.items():
-            t = time.perf_counter()
-            for i in range(0, len(images), batch):
-                fn(images[i : i + batch])
-            if round_:
-                times[label].append(time.perf_counter() - t)
-    return {k: len(images) / statistics.median(v) for k, v in times.items()}
+    passes = {label: (lambda fn=fn: [fn(images[i : i + batch]) for i in range(0, len(images), batch)]) for label, fn in runs.items()}
+    return {label: len(images) / t for label, t in alternating_medians(passes, repeats).items()}
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ measured, predicted from each segment's measured time, and predicted from FLOPs.
 """
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
@@ -214,7 +213,7 @@ def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 
     """
     from .calibration import anytime_accuracy, budgeted_curve, calibrate_thresholds, collect_exit_logits, evaluate_thresholds, plot_tradeoff
     from .flops import flops_report
-    from .profile import profile_exits
+    from .profile import alternating_medians, profile_exits
 
     batches = lambda split: [(split.x[i : i + batch_size], split.y[i : i + batch_size]) for i in range(0, len(split), batch_size)]  # noqa: E731
     val, test = collect_exit_logits(model, batches(task.val), progress=progress), collect_exit_logits(model, batches(task.test), progress=progress)
@@ -231,17 +230,10 @@ def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 
         rows.append({"budget": budget, "thresholds": calibration.thresholds, "accuracy": result.accuracy, "flops": result.flops, "exit_shares": result.exit_shares,
                      "flops_predicted": backbone / result.flops, "time_predicted": profile.predicted_speedup(result.exit_shares)})
         runs[i] = lambda t=calibration.thresholds: [model.early_exit(b, threshold=t) for b, _ in batches(task.test)]
-    times = {k: [] for k in runs}
     with torch.no_grad():
-        for round_ in range(repeats + 1):  # alternating rounds, the first a warm-up
-            for k, run in runs.items():
-                t = time.perf_counter()
-                run()
-                if round_:
-                    times[k].append(time.perf_counter() - t)
-    plain = statistics.median(times["plain"])
+        times = alternating_medians(runs, repeats)
     for i, row in enumerate(rows):
-        row["measured"] = plain / statistics.median(times[i])
+        row["measured"] = times["plain"] / times[i]
     log("")
     log(f"early exit: thresholds calibrated on the {len(task.val)} validation images (MSDNet's budgeted batch), reported on the {len(task.test)} test images")
     log(f"speedup over the plain {type(model.backbone).__name__} at batch {batch_size}: measured (median of {repeats} rounds), time-predicted (from each segment's measured time), FLOPs-predicted")

@@ -66,6 +66,21 @@ def _timed(fn: Callable, sync: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
+def alternating_medians(runs: dict, repeats: int, sync: Callable[[], None] = lambda: None) -> dict:
+    """Median seconds of each callable of `runs`, timed once per round for `repeats` rounds after one warm-up round.
+
+    Alternating rounds spread the machine's drift over every callable alike (the project's rule
+    for ratios measured in one run); `sync` waits for an accelerator before and after each call.
+    """
+    times = {name: [] for name in runs}
+    for round_ in range(repeats + 1):
+        for name, fn in runs.items():
+            t = _timed(fn, sync)
+            if round_:
+                times[name].append(t)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 @torch.no_grad()
 def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: int = 10) -> ExitProfile:
     """Time every segment and exit head of `model` on `example_input`, and the plain backbone beside them.
@@ -90,21 +105,15 @@ def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: i
         steps = model.steps()
         if not steps[0].skips:
             raise ValueError("this model runs through forward_intermediates (fx could not trace its backbone): its exits share one pass, so their parts cannot be timed apart")
-        parts: list[tuple[str, Callable]] = [("plain", lambda: model.backbone(example_input))]
+        parts: dict[str, Callable] = {"plain": lambda: model.backbone(example_input)}
         carried: tuple = (example_input,)
         for k, step in enumerate(steps):  # each part timed on the values the wrapped model passes it
             out, after = step.segment(*carried)
-            parts.append((f"segment {k}", lambda s=step.segment, c=carried: s(*c)))
+            parts[f"segment {k}"] = lambda s=step.segment, c=carried: s(*c)
             if step.head is not None:
-                parts.append((f"head {k}", lambda h=step.head, o=out: h(o)))
+                parts[f"head {k}"] = lambda h=step.head, o=out: h(o)
             carried = after
-        times: dict[str, list[float]] = {name: [] for name, _ in parts}
-        for round_ in range(repeats + 1):
-            for name, fn in parts:
-                t = _timed(fn, sync)
-                if round_:
-                    times[name].append(t)
-    median = {name: statistics.median(v) for name, v in times.items()}
+        median = alternating_medians(parts, repeats, sync)
     n = len(steps)
     return ExitProfile(
         batch_size=int(example_input.shape[0]),
