@@ -72,3 +72,26 @@ def test_bad_costs_are_named(costs, message):
     cached = timm_exits.CachedExits(torch.randn(3, 4, 5), torch.zeros(4, dtype=torch.long), [1.0, 2.0, 3.0], ["layer1", "layer2", "final"])
     with pytest.raises(ValueError, match=exactly(message)):
         timm_exits.calibrate_thresholds(cached, 1.5, costs=costs)
+
+
+def test_a_failing_profile_or_drawing_leaves_the_model_as_it_was():
+    """profile_exits and describe_exits switch the model to eval and run it: a failure mid-way gives every mode back and adds no hook."""
+    from torch import nn
+
+    from timm_exits.diagram import describe_exits
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("the second head breaks")
+
+    model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=10), stages=[1, 2], input_size=(3, 32, 32)).train()
+    model.exits[1] = Broken()
+    model.exits[0].eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    with pytest.raises(RuntimeError, match="the second head breaks"):
+        profile_exits(model, torch.randn(2, 3, 32, 32))
+    with pytest.raises(RuntimeError, match="the second head breaks"):
+        describe_exits(model)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
