@@ -62,4 +62,8 @@ dist.all_reduce(largest, op=dist.ReduceOp.MAX)
 if rank == 0:
     print(f"{world} replicas, largest difference from rank 0: {largest.item():.3g}")
     print("replicas identical" if largest.item() == 0 else "replicas DIFFER")
+# release DDP's hold on the process group before destroying it, after every rank is done with it:
+# a gloo group torn down while a DDP reducer still refers to it can abort at interpreter exit
+del task, optimizer, result
+dist.barrier()
 dist.destroy_process_group()
