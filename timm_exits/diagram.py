@@ -47,7 +47,10 @@ def describe_exits(model: MultiExitModel, input_size: Sequence[int] | None = Non
         steps = model.steps()
         run = ExitRun(steps, dummy_input(model.backbone, size))
         for k, step in enumerate(steps):
-            out, carried = step.segment(*run.carried)
+            read, previous = step.split(run.carried)
+            out, carried = step.segment(*read)
+            if step.head is not None:
+                carried = step.onward(carried, step.logits(out, previous))
             run.carried = carried if step.head is not None else ()
             feature = out if isinstance(out, torch.Tensor) else out[0]
             head = type(step.head).__name__ if step.head is not None else "backbone's own head"

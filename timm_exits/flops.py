@@ -343,7 +343,9 @@ def _count_standalone(backbone: nn.Module, steps: list[ExitStep], x: torch.Tenso
         if step.head is None:
             counts.head_flops.append(0)
             continue
-        head_analysis = _analysis(step.head, (alone(x),), handles, failed)
+        feature = alone(x)
+        previous = (torch.zeros(x.shape[0], step.head.previous.in_features, dtype=x.dtype, device=x.device),) if step.cascaded else ()  # FLOPs follow shapes
+        head_analysis = _analysis(step.head, (feature, *previous), handles, failed)
         counts.head_flops.append(head_analysis.total())
         counts.uncounted.update(head_analysis.unsupported_ops())
     return counts

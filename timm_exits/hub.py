@@ -94,6 +94,7 @@ def create_model(
     input_size: Sequence[int] | None = None,
     leaf_modules: Sequence[type] = (),
     autowrap_functions: Sequence = (),
+    cascade: bool | str = False,
     **kwargs,
 ) -> MultiExitModel:
     """Build `model_name` and wrap it with exits after `stages`: ``timm.create_model`` for multi-exit models.
@@ -101,7 +102,7 @@ def create_model(
     Args:
         model_name: a timm name (``"resnet50"``), ``"hf-hub:org/name"`` (through timm) or
             ``"torchvision:NAME"``.
-        stages, head, head_kwargs, eval_output, input_size, leaf_modules, autowrap_functions:
+        stages, head, head_kwargs, eval_output, input_size, leaf_modules, autowrap_functions, cascade:
             as `timm_exits.wrap` takes them.
         pretrained: the backbone's pretrained weights (downloaded by timm or torchvision).
         checkpoint_path: weights to load after wrapping: a multi-exit checkpoint (keys
@@ -123,7 +124,7 @@ def create_model(
         backbone.load_state_dict(state)  # a plain checkpoint: the backbone's, before the wrap
         state = None
     model = wrap(backbone, stages, head, head_kwargs=head_kwargs, eval_output=eval_output, input_size=input_size,
-                 leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+                 leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, cascade=cascade)
     if state is not None:
         model.load_state_dict(state)
     model.backbone_spec = {"architecture": model_name, "model_args": dict(kwargs)}  # checked for JSON only when saved
@@ -263,6 +264,7 @@ def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
         input_size=exits["input_size"],
         leaf_modules=[_resolve(m) for m in exits["leaf_modules"]],
         autowrap_functions=[_resolve(f) for f in exits["autowrap_functions"]],
+        cascade=exits.get("cascade", False),  # absent in folders saved before cascades existed
         **config.get("model_args", {}),
     )
     model.load_state_dict(load_file(str(folder / WEIGHTS)))

@@ -9,7 +9,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .heads import ExitHeads, check_head, create_head
+from .heads import CascadedHead, ExitHeads, check_head, create_head
 from .surgery import ExitPlan, plan_exits
 from .tracing import TraceOptions
 
@@ -62,6 +62,11 @@ class ExitStep(nn.Module):
     ``(logits, *carried for step k+1)`` (the last: the logits alone), the form an exit-by-exit
     runtime runs and `timm_exits.export_exits` exports.
 
+    In a cascade (``wrap(..., cascade=True)``) a head also reads the previous exit's logits: the
+    step before it carries its logits on, last (``passes_on``), and this step takes them off
+    before its segment runs (``cascaded``), so that every runtime which carries values from step
+    to step, early exit's row selection among them, carries those logits too.
+
     ``standalone`` is None when each step computes only its own segment, so that leaving at
     step k skips the rest (``skips``). A backbone fx could not trace runs through timm's
     ``forward_intermediates``, which computes every exit's feature in the first step; there
@@ -69,23 +74,44 @@ class ExitStep(nn.Module):
     an exit would cost.
     """
 
-    def __init__(self, segment: nn.Module, head: nn.Module | None, stage: str = "", standalone: nn.Module | None = None):
+    def __init__(self, segment: nn.Module, head: nn.Module | None, stage: str = "", standalone: nn.Module | None = None, passes_on: bool = False):
         super().__init__()
         self.segment = segment
         self.head = head
         self.stage = stage
         self.standalone = standalone
+        self.passes_on = passes_on
 
     @property
     def skips(self) -> bool:
         """Whether leaving at this step skips the backbone's later work."""
         return self.standalone is None
 
+    @property
+    def cascaded(self) -> bool:
+        """Whether this step's head also reads the previous exit's logits (carried last into this step)."""
+        return bool(getattr(self.head, "cascaded", False))
+
+    def split(self, carried: tuple) -> tuple[tuple, torch.Tensor | None]:
+        """What the segment reads, and the previous exit's logits for a cascaded head (else None)."""
+        return (tuple(carried[:-1]), carried[-1]) if self.cascaded else (tuple(carried), None)
+
+    def logits(self, out, previous: torch.Tensor | None, return_features: bool = False):
+        """The head on the segment's output (and on the previous exit's logits, in a cascade)."""
+        extra = {"return_features": True} if return_features else {}
+        return self.head(out, previous, **extra) if self.cascaded else self.head(out, **extra)
+
+    def onward(self, carried, logits: torch.Tensor) -> tuple:
+        """What the next step reads: the segment's carried values, then these logits when the next head is cascaded."""
+        return (*carried, logits) if self.passes_on else tuple(carried)
+
     def forward(self, *carried):
+        carried, previous = self.split(carried)
         out, carried = self.segment(*carried)
         if self.head is None:
             return _main_output(out)
-        return (self.head(out), *carried)
+        z = self.logits(out, previous)
+        return (z, *self.onward(carried, z))
 
 
 def _main_output(out):
@@ -108,14 +134,15 @@ class ExitRun:
         self.checkpointed = checkpointed
         self.num_classes = num_classes
 
-    def _segment(self, step: ExitStep):
+    def _segment(self, step: ExitStep, carried: tuple):
         if self.checkpointed and isinstance(step.segment, fx.GraphModule):
-            return checkpoint(step.segment, *self.carried, use_reentrant=False)
-        return step.segment(*self.carried)
+            return checkpoint(step.segment, *carried, use_reentrant=False)
+        return step.segment(*carried)
 
     def __iter__(self):
         for k, step in enumerate(self.steps):
-            out, carried = self._segment(step)
+            carried, previous = step.split(self.carried)
+            out, carried = self._segment(step, carried)
             if step.head is None:  # the backbone's own head: carried is its pre-logits feature
                 self.carried = ()
                 logits = _main_output(out)
@@ -126,10 +153,9 @@ class ExitRun:
                     )
                 yield ExitOutput(k, logits, carried if self.features else None)
                 return
-            self.carried = carried
             if self.features:
                 try:
-                    z, feature = step.head(out, return_features=True)
+                    z, feature = step.logits(out, previous, return_features=True)
                 except TypeError as err:  # looked at only on failure: the training step's hot path stays as it was
                     if "return_features" not in str(err):
                         raise
@@ -137,9 +163,10 @@ class ExitRun:
                         f"the head of exit {k + 1} ({type(step.head).__name__}) takes no return_features: a feature term needs heads whose "
                         "forward(x, return_features=True) also returns the pooled feature its classifier read (the built-in heads do)"
                     ) from err
-                yield ExitOutput(k, z, feature)
             else:
-                yield ExitOutput(k, step.head(out), None)
+                z, feature = step.logits(out, previous), None
+            self.carried = step.onward(carried, z)
+            yield ExitOutput(k, z, feature)
 
 
 class _Intermediates(nn.Module):
@@ -241,17 +268,22 @@ class MultiExitModel(nn.Module):
 
     def _build_steps(self, whole: bool = True) -> tuple[list[ExitStep], list[ExitStep]]:
         heads, stages = list(self.exits) + [None], self.stages + ["final"]
+        passes = [bool(getattr(h, "cascaded", False)) for h in heads[1:]] + [False]  # step k carries its logits on to a cascaded head k+1
         indices = self._plan.feature_indices
         if indices is not None:  # fx could not trace it: timm's own API computes every feature at once
             segments = [_Intermediates(self.backbone, indices)] + [_Handed() for _ in indices[1:]] + [_OwnHead(self.backbone)]
             alone = [_UpTo(self.backbone, i) for i in indices] + [self.backbone]
-            steps = [ExitStep(s, h, n, a) for s, h, n, a in zip(segments, heads, stages, alone)]
+            steps = [ExitStep(s, h, n, a, p) for s, h, n, a, p in zip(segments, heads, stages, alone, passes)]
             return steps, steps
-        eval_steps = [ExitStep(_bind(g, self.backbone, whole), h, n) for g, h, n in zip(self._plan.eval_segments, heads, stages)]
+
+        def build(graphs):
+            return [ExitStep(_bind(g, self.backbone, whole), h, n, passes_on=p) for g, h, n, p in zip(graphs, heads, stages, passes)]
+
+        eval_steps = build(self._plan.eval_segments)
         code = [[g.python_code("self").src for g in gs] for gs in (self._plan.train_segments, self._plan.eval_segments)]
         if code[0] == code[1]:  # most models trace alike in both modes: then one set of steps serves both
             return eval_steps, eval_steps
-        return [ExitStep(_bind(g, self.backbone, whole), h, n) for g, h, n in zip(self._plan.train_segments, heads, stages)], eval_steps
+        return build(self._plan.train_segments), eval_steps
 
     def steps(self, training: bool | None = None, *, portable: bool = False) -> list[ExitStep]:
         """The model's steps, one per exit, for its current mode (or for `training`).
@@ -351,7 +383,8 @@ class MultiExitModel(nn.Module):
         """
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"num_classes must be an int >= 1 (a multi-exit model needs a classifier on every exit), got {num_classes!r}")
-        lacking = [f"exit {k + 1} ({type(h).__name__})" for k, h in enumerate(self.exits) if not callable(getattr(h, "reset_classifier", None))]
+        inner = [h.head if isinstance(h, CascadedHead) else h for h in self.exits]  # a cascade resets the head it wraps
+        lacking = [f"exit {k + 1} ({type(h).__name__})" for k, h in enumerate(inner) if not callable(getattr(h, "reset_classifier", None))]
         if lacking:
             raise TypeError(f"the heads of {', '.join(lacking)} have no reset_classifier(num_classes): give them one, or wrap the backbone again after its own reset_classifier")
         _reset_backbone_classifier(self.backbone, self._num_classes, num_classes)
@@ -501,6 +534,7 @@ def wrap(
     input_size: Sequence[int] | None = None,
     leaf_modules: Sequence[type] = (),
     autowrap_functions: Sequence = (),
+    cascade: bool | str = False,
 ) -> MultiExitModel:
     """Attach exit classifiers to `model` after each of `stages`; returns a `MultiExitModel`.
 
@@ -523,6 +557,9 @@ def wrap(
         input_size: ``(C, H, W)`` of the dummy input used to learn the features' shapes;
             defaults to the model's own (its patch embedding's, its pretrained_cfg's, or 3x224x224).
         leaf_modules, autowrap_functions: extra modules / functions fx should not trace into.
+        cascade: ``True`` makes every exit head after the first also read the previous exit's
+            logits (Zero Time Waste's cascade, `timm_exits.heads.CascadedHead`); ``"layernorm"``
+            puts a LayerNorm on those logits first. The backbone's own head is not cascaded.
 
     Example::
 
@@ -549,6 +586,10 @@ def wrap(
             f"create the backbone with num_classes={num_classes} (timm: create_model(name, num_classes={num_classes}); "
             "or reset_classifier) or leave num_classes out"
         )
+    if cascade not in (False, True, "layernorm") or not isinstance(cascade, (bool, str)):
+        raise ValueError(f"cascade must be False, True or 'layernorm', got {cascade!r}")
+    if cascade and len(plan.sites) < 2:
+        raise ValueError(f"cascade={cascade!r} needs at least two exit heads (a head after the first reads the one before it); stages {plan.stage_names} give {len(plan.sites)}")
     heads = list(head) if isinstance(head, (list, tuple)) else [head] * len(plan.sites)
     if len(heads) != len(plan.sites):
         raise ValueError(f"head has {len(heads)} entries but there are {len(plan.sites)} stages {plan.stage_names}; give one head or one per stage")
@@ -558,12 +599,14 @@ def wrap(
         exits.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
     for k, (h, site, module) in enumerate(zip(heads, plan.sites, exits)):
         check_head(module, site, plan.num_classes, f"the head of exit {k + 1} ({site.stage!r}, {h if isinstance(h, str) else getattr(h, '__name__', type(h).__name__)})")
+    for k in range(1, len(exits) if cascade else 0):
+        exits[k] = CascadedHead(exits[k], plan.num_classes, norm=cascade == "layernorm")
     plan.sites = []  # the heads are built; drop the traced graphs the sites refer to
     wrapped = MultiExitModel(model, plan, exits, eval_output=eval_output)
     # what rebuilds this wrap from the backbone (timm_exits.save_pretrained writes it to config.json)
     wrapped.wrap_args = {"stages": list(plan.stage_names), "head": [_reference(h) for h in heads], "head_kwargs": dict(head_kwargs or {}),
                          "input_size": list(plan.input_size), "leaf_modules": [_reference(m) for m in leaf_modules],
-                         "autowrap_functions": [_reference(f) for f in autowrap_functions]}
+                         "autowrap_functions": [_reference(f) for f in autowrap_functions], "cascade": cascade}
     return wrapped
 
 

@@ -108,11 +108,12 @@ def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: i
         parts: dict[str, Callable] = {"plain": lambda: model.backbone(example_input)}
         carried: tuple = (example_input,)
         for k, step in enumerate(steps):  # each part timed on the values the wrapped model passes it
-            out, after = step.segment(*carried)
-            parts[f"segment {k}"] = lambda s=step.segment, c=carried: s(*c)
+            read, previous = step.split(carried)
+            out, carried = step.segment(*read)
+            parts[f"segment {k}"] = lambda s=step.segment, c=read: s(*c)
             if step.head is not None:
-                parts[f"head {k}"] = lambda h=step.head, o=out: h(o)
-            carried = after
+                parts[f"head {k}"] = lambda st=step, o=out, p=previous: st.logits(o, p)
+                carried = step.onward(carried, step.logits(out, previous))
         median = alternating_medians(parts, repeats, sync)
     n = len(steps)
     return ExitProfile(
