@@ -2,18 +2,23 @@
 
     python benchmarks/train_step.py                 # eager and torch.compile (inductor), batch 32, 224x224
     python benchmarks/train_step.py --no-compile    # eager only
+    python benchmarks/train_step.py --memory-only   # peak memory alone (load does not change it)
     python benchmarks/train_step.py --saved         # activations saved for backward only (exact, seconds)
 
 Step times are measured in one process, wrapped and plain alternating, and reported as the
 median ratio (absolute times on a shared machine are noise). Peak memory of a step is measured
-per configuration in a fresh process: on CUDA `max_memory_allocated`, on CPU the peak resident
-set above the resident set before the step (Linux VmHWM, reset after warm-up). The prediction is
-the heads' share of the FLOPs (`flops_report`): a training step costs about three forwards, in
-both models, so the ratio should be 1 + that share.
+per configuration in a fresh process, after two warm-up steps, above what is in use before the
+step: on CUDA `max_memory_allocated`; on CPU the bytes glibc's malloc has handed out and not yet
+taken back (``mallinfo2``: ``uordblks + hblkhd``), read after every aten op of an eager step
+(the allocator-level measurement), and beside it the peak resident set (Linux VmHWM, reset
+before the step), which also counts memory malloc has freed but kept. The prediction is the
+heads' share of the FLOPs (`flops_report`): a training step costs about three forwards, in both
+models, so the ratio should be 1 + that share.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import subprocess
@@ -79,6 +84,43 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def malloc_in_use():
+    """A function returning the bytes glibc's malloc has handed out and not taken back, or None without glibc >= 2.33."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+
+    def in_use() -> int:
+        info = libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    return in_use
+
+
+def allocated_peak(step, x, y, in_use) -> float:
+    """MiB: the most malloc had handed out after any aten op of one step, above what it had before the step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Peak(TorchDispatchMode):
+        peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.peak = max(self.peak, in_use())
+            return out
+
+    base = in_use()
+    with Peak() as peak:
+        step(x, y)
+    return (peak.peak - base) / 2**20
+
+
 def memory(kind: str, compiled: bool, batch: int, size: int) -> dict:
     """Peak memory of a step above what the model and optimizer hold (run in a fresh process)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,7 +138,11 @@ def memory(kind: str, compiled: bool, batch: int, size: int) -> dict:
     base = rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     step(x, y)
-    return {"peak_mib": (rss_kib("VmHWM") - base) / 1024}
+    result = {"rss_peak_mib": (rss_kib("VmHWM") - base) / 1024}
+    in_use = malloc_in_use()
+    if in_use is not None and not compiled:  # inductor's kernels allocate outside aten ops: the samples would miss them
+        result["peak_mib"] = allocated_peak(step, x, y, in_use)
+    return result
 
 
 def saved_for_backward(kind: str, batch: int, size: int) -> float:
@@ -125,6 +171,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--memory-only", action="store_true", help="peak memory alone, no step times")
     parser.add_argument("--saved", action="store_true", help="only the activations saved for backward, eager, plain vs wrapped")
     parser.add_argument("--memory", nargs=2, metavar=("KIND", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -142,32 +189,37 @@ def main() -> None:
     print(f"# batch {args.batch}, {args.size}x{args.size}, SGD; {torch.cuda.get_device_name() if device.type == 'cuda' else cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"# heads' share of the FLOPs: {100 * share:.2f} % -> goal: ratio <= {1 + share + 0.05:.3f}")
     print()
-    print("| mode | plain step (s) | wrapped step (s) | time ratio | plain peak (MiB) | wrapped peak (MiB) | memory ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("| mode | plain step (s) | wrapped step (s) | time ratio | plain peak (MiB) | wrapped peak (MiB) | memory ratio | plain / wrapped peak RSS (MiB), ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(0, 1000, (args.batch,), device=device)
-    for mode in ["eager"] + ([] if args.no_compile else ["compiled"]):
-        steps = {kind: make_step(kind, mode == "compiled", device) for kind in ("plain", "wrapped")}
-        for step in steps.values():
-            for _ in range(2):
-                step(x, y)
-        times = {kind: [] for kind in steps}
-        ratios = []
-        for _ in range(args.rounds):
-            for kind, step in steps.items():
-                times[kind].append(timed(step, x, y, device))
-            ratios.append(times["wrapped"][-1] / times["plain"][-1])
-        del steps
+    for mode in ["eager"] + ([] if args.no_compile or args.memory_only else ["compiled"]):
+        cells = ["–"] * 3
+        if not args.memory_only:
+            steps = {kind: make_step(kind, mode == "compiled", device) for kind in ("plain", "wrapped")}
+            for step in steps.values():
+                for _ in range(2):
+                    step(x, y)
+            times = {kind: [] for kind in steps}
+            ratios = []
+            for _ in range(args.rounds):
+                for kind, step in steps.items():
+                    times[kind].append(timed(step, x, y, device))
+                ratios.append(times["wrapped"][-1] / times["plain"][-1])
+            del steps
+            cells = [f"{statistics.median(times['plain']):.3f}", f"{statistics.median(times['wrapped']):.3f}", f"{statistics.median(ratios):.3f}"]
         peaks = {}
         for kind in ("plain", "wrapped"):
             out = subprocess.run([sys.executable, __file__, "--memory", kind, mode, "--batch", str(args.batch), "--size", str(args.size)], capture_output=True, text=True, check=True)
-            peaks[kind] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
-        print(
-            f"| {mode} | {statistics.median(times['plain']):.3f} | {statistics.median(times['wrapped']):.3f} | {statistics.median(ratios):.3f} "
-            f"| {peaks['plain']:.0f} | {peaks['wrapped']:.0f} | {peaks['wrapped'] / peaks['plain']:.3f} |",
-            flush=True,
-        )
-
+            peaks[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+        for field in ("peak_mib",):
+            if all(field in p for p in peaks.values()):
+                cells += [f"{peaks['plain'][field]:.0f}", f"{peaks['wrapped'][field]:.0f}", f"{peaks['wrapped'][field] / peaks['plain'][field]:.3f}"]
+            else:
+                cells += ["–"] * 3
+        rss = [p.get("rss_peak_mib") for p in (peaks["plain"], peaks["wrapped"])]
+        cells.append(f"{rss[0]:.0f} / {rss[1]:.0f}, {rss[1] / rss[0]:.3f}" if None not in rss else "–")
+        print(f"| {mode} | " + " | ".join(cells) + " |", flush=True)
 
 if __name__ == "__main__":
     main()
