@@ -8,7 +8,7 @@ catches is a hole in the suite. Prints one row per bug and exits 1 if any surviv
 
 The first six are the ones that passed every test before issue 13 (docs/testing.md; the third
 now plants its fallback slip in the steps, where issue 14 moved that path); the next five put back,
-one at a time, the runtime faults issue 14 fixed; the next three are slips in issue 16's evidence, the next three in issue 17's timm-native saving, the last four in issue 18's inference; the others are the kind of slip the suite must
+one at a time, the runtime faults issue 14 fixed; the next three are slips in issue 16's evidence, the next three in issue 17's timm-native saving, the last six in issue 18's inference; the others are the kind of slip the suite must
 keep catching. `mutmut` (docs/testing.md) does the same thing
 mechanically and at scale; this list is the hand-picked, readable part.
 """
@@ -128,6 +128,10 @@ BUGS = [
         "        if hoeffding_bentkus_p(risk, n, eps) <= delta:\n            accepted = t", ("tests/test_risk.py",)),
     Bug("the geometric ensemble forgets the rows of samples that left", "timm_exits/inference.py",
         "            history = [h[staying] for h in history]\n", "            history = history\n", ("tests/test_ztw.py",)),
+    Bug("a cascaded head lets its loss flow into the previous exit", "timm_exits/heads.py",
+        "previous = self.norm(previous.detach() if self.detach else previous)", "previous = self.norm(previous)", ("tests/test_cascade.py",)),
+    Bug("a cascaded head starts as a layer of the feature's width alone", "timm_exits/heads.py",
+        "bound = 1.0 / math.sqrt(fc.in_features + self.previous.in_features)", "bound = 1.0 / math.sqrt(fc.in_features)", ("tests/test_cascade.py",)),
 ]
 
 
