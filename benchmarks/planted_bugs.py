@@ -8,7 +8,7 @@ catches is a hole in the suite. Prints one row per bug and exits 1 if any surviv
 
 The first six are the ones that passed every test before issue 13 (docs/testing.md; the third
 now plants its fallback slip in the steps, where issue 14 moved that path); the next five put back,
-one at a time, the runtime faults issue 14 fixed; the next three are slips in issue 16's evidence, the next three in issue 17's timm-native saving, the last six in issue 18's inference; the others are the kind of slip the suite must
+one at a time, the runtime faults issue 14 fixed; the next three are slips in issue 16's evidence, the next three in issue 17's timm-native saving, the next six in issue 18's inference, the last two in issue 19's compiled early exit; the others are the kind of slip the suite must
 keep catching. `mutmut` (docs/testing.md) does the same thing
 mechanically and at scale; this list is the hand-picked, readable part.
 """
@@ -132,6 +132,11 @@ BUGS = [
         "previous = self.norm(previous.detach() if self.detach else previous)", "previous = self.norm(previous)", ("tests/test_cascade.py",)),
     Bug("a cascaded head starts as a layer of the feature's width alone", "timm_exits/heads.py",
         "bound = 1.0 / math.sqrt(fc.in_features + self.previous.in_features)", "bound = 1.0 / math.sqrt(fc.in_features)", ("tests/test_cascade.py",)),
+    # issue 19: performance
+    Bug("compiled parts get a graph per batch size", "timm_exits/compiled.py",
+        "self.compiled = torch.compile(module, **compile_kwargs)", "self.compiled = torch.compile(module, **{**compile_kwargs, 'dynamic': False})", ("tests/test_compiled.py",)),
+    Bug("FLOPs counted through the compiled parts", "timm_exits/flops.py",
+        "steps = [step.uncompiled() for step in model.steps()] if", "steps = [step for step in model.steps()] if", ("tests/test_compiled.py",)),
 ]
 
 

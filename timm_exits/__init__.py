@@ -18,6 +18,7 @@ from .hub import create_model, export_backbone, from_pretrained, save_pretrained
 from .diagram import plot_exits
 from .temperature import TemperatureFit, calibrate_temperature, expected_calibration_error
 from .ztw import GeometricEnsemble, fit_geometric_ensemble
+from .compiled import compile_exits
 from .integrations import MultiExitTask, MultiExitTrainable
 from .heads import create_head, head_names, register_head
 from .losses import (
@@ -86,6 +87,7 @@ __all__ = [
     "GeometricEnsemble",
     "fit_geometric_ensemble",
     "profile_exits",
+    "compile_exits",
     "ExitProfile",
     "MultiExitTask",
     "MultiExitTrainable",

@@ -428,7 +428,7 @@ def _count_once(model: nn.Module, backbone: nn.Module, x: torch.Tensor, handles,
 
 def _count_traced(model: nn.Module, backbone: nn.Module, x: torch.Tensor, handles, failed: dict[str, str]) -> _Counts:
     with evaluating(model):
-        steps = model.steps() if isinstance(model, MultiExitModel) else []
+        steps = [step.uncompiled() for step in model.steps()] if isinstance(model, MultiExitModel) else []  # fvcore traces the plain parts
         with _hooks_restored([model, *steps]), torch.no_grad():
             if not isinstance(model, MultiExitModel):
                 analysis = _analysis(model, (x,), handles, failed)

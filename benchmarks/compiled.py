@@ -1,0 +1,144 @@
+"""Compiled training and compiled early exit (issue 19, item 2), on the machine at hand.
+
+1. **Train step.** resnet18 at 64x64, batch 32: wrapped (exits after layer1-3, linear heads,
+   `ExitEnsembleLoss`) against plain (cross entropy), eager and through `torch.compile`
+   (inductor), SGD. Median step-time ratio over alternating rounds after two warm-up steps (the
+   first compiles); the compile time of each is the first step's. Goal: the heads' FLOPs share + 5 %.
+2. **Early exit with compiled parts** (`timm_exits.compile_exits`) against the compiled plain
+   model, at batch 1 and 64, on the demo's model shape (resnet18, 1x32x32, 10 classes; untrained
+   weights, thresholds at each exit's median confidence on the images, so that about half of
+   them leave at each exit). Speedups measured, time-predicted (`profile_exits` on the compiled
+   parts, against the compiled plain model's time) and FLOPs-predicted; the graphs dynamo compiled
+   during the timed runs (after warm-up), which should be none.
+
+    python benchmarks/compiled.py [--rounds 5] [--images 200]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import timm
+import torch
+import torch.nn.functional as F
+from overhead import cpu_name
+
+import timm_exits
+from timm_exits.profile import alternating_medians
+
+
+def train_steps(compiled: bool, size: int, batch: int):
+    """Plain and wrapped train steps (forward, backward, SGD), each a callable, and the seconds each first call took."""
+    steps, first = {}, {}
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+    for kind in ("plain", "wrapped"):
+        torch.manual_seed(0)
+        backbone = timm.create_model("resnet18", num_classes=10)
+        if kind == "plain":
+            model, loss_fn = backbone, F.cross_entropy
+        else:
+            model, loss_fn = timm_exits.wrap(backbone, stages=[1, 2, 3], input_size=(3, size, size)), timm_exits.ExitEnsembleLoss()
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        loss_of = (lambda m=model, f=loss_fn: f(m(x), y))
+        loss_of = torch.compile(loss_of) if compiled else loss_of
+
+        def step(loss_of=loss_of, optimizer=optimizer):
+            loss = loss_of()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        t = time.perf_counter()
+        step()
+        first[kind] = time.perf_counter() - t
+        step()
+        steps[kind] = step
+    return steps, first
+
+
+@torch.no_grad()
+def mean_latency(fn, images: torch.Tensor) -> float:
+    fn(images[:1])
+    t = time.perf_counter()
+    for i in range(len(images)):
+        fn(images[i : i + 1])
+    return (time.perf_counter() - t) / len(images)
+
+
+def graphs() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--images", type=int, default=200, help="images timed one at a time at batch 1")
+    parser.add_argument("--size", type=int, default=64, help="train step's image size")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}, timm {timm.__version__}.")
+    print(f"Command: `python benchmarks/compiled.py --rounds {args.rounds} --images {args.images} --size {args.size}`\n")
+
+    size = args.size
+    report = timm_exits.flops_report(timm_exits.wrap(timm.create_model("resnet18", num_classes=10), stages=[1, 2, 3], input_size=(3, size, size)), input_size=(3, size, size))
+    share = report.all_exits_flops / report.backbone_flops - 1
+    print(f"Train step, resnet18 at {size}x{size}, batch 32; the heads' share of the FLOPs {100 * share:.2f} %, goal: ratio <= {1 + share + 0.05:.3f}\n")
+    print("| mode | plain step (ms) | wrapped step (ms) | ratio | first step, plain / wrapped (s) |")
+    print("|---|---:|---:|---:|---|")
+    for compiled in (False, True):
+        steps, first = train_steps(compiled, size, 32)
+        times = {kind: [] for kind in steps}
+        for _ in range(args.rounds):
+            for kind, step in steps.items():
+                t = time.perf_counter()
+                step()
+                times[kind].append(time.perf_counter() - t)
+        ratio = statistics.median(w / p for w, p in zip(times["wrapped"], times["plain"]))
+        print(f"| {'compiled (inductor)' if compiled else 'eager'} | {1e3 * statistics.median(times['plain']):.1f} | {1e3 * statistics.median(times['wrapped']):.1f} "
+              f"| {ratio:.3f} | {first['plain']:.1f} / {first['wrapped']:.1f} |", flush=True)
+        del steps
+
+    torch.manual_seed(0)
+    model = timm_exits.wrap(timm.create_model("resnet18", num_classes=10, in_chans=1), stages=[1, 2, 3], input_size=(1, 32, 32)).eval()
+    images = torch.randn(max(640, args.images), 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        every = model.forward_exits(images)
+    thresholds = [float(z.softmax(-1).amax(-1).median()) for z in every[:-1]]
+    flops = timm_exits.flops_report(model, input_size=(1, 32, 32))
+    plain = torch.compile(model.backbone)
+    timm_exits.compile_exits(model)
+    t = time.perf_counter()
+    with torch.no_grad():
+        for n in (1, 8, 64):  # warm-up: every part at each size class
+            plain(images[:n])
+            model.forward_exits(images[:n])
+            model.early_exit(images[:n], threshold=thresholds)
+    warm_up = time.perf_counter() - t
+    before = graphs()
+    print(f"\nEarly exit with compiled parts (inductor) against the compiled plain resnet18, 1x32x32; warm-up (compiling) {warm_up:.0f} s.\n")
+    print("| batch | plain (ms / image) | early exit (ms / image) | leaving at exit 1 / 2 / 3 / 4 | measured | time-predicted | FLOPs-predicted |")
+    print("|---:|---:|---:|---|---:|---:|---:|")
+    for batch in (1, 64):
+        timed = images[: args.images] if batch == 1 else images[:640]
+        result = model.early_exit(timed, threshold=thresholds)
+        shares = [c / len(timed) for c in result.exit_counts(4)]
+        if batch == 1:
+            t_plain, t_exit = mean_latency(plain, timed), mean_latency(lambda x: model.early_exit(x, threshold=thresholds), timed)
+        else:
+            runs = {"plain": lambda: [plain(timed[i : i + 64]) for i in range(0, len(timed), 64)],
+                    "exit": lambda: [model.early_exit(timed[i : i + 64], threshold=thresholds) for i in range(0, len(timed), 64)]}
+            with torch.no_grad():
+                medians = alternating_medians(runs, args.rounds)
+            t_plain, t_exit = medians["plain"] / len(timed), medians["exit"] / len(timed)
+        profile = timm_exits.profile_exits(model, images[:batch], repeats=args.rounds)
+        predicted_time = t_plain / sum(s * c for s, c in zip(shares, profile.seconds))
+        predicted_flops = flops.exits[-1].flops / float(result.flops.float().mean())
+        print(f"| {batch} | {1e3 * t_plain:.3f} | {1e3 * t_exit:.3f} | {' / '.join(f'{100 * s:.0f} %' for s in shares)} | {t_plain / t_exit:.2f}x | {predicted_time:.2f}x | {predicted_flops:.2f}x |", flush=True)
+    print(f"\nGraphs compiled during the timed runs, after warm-up: {graphs() - before}.")
+
+
+if __name__ == "__main__":
+    main()

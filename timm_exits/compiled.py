@@ -1,0 +1,69 @@
+"""Compiled early exit: every step's segment and head through `torch.compile` on its own.
+
+Early exit runs each later segment on a smaller batch, a different size at every call. Compiled
+as one piece, the model could not stop between exits; compiled with static shapes, every new
+size would be a new graph. `compile_exits` compiles each eval step's segment and head as its own
+function, and torch's automatic dynamic shapes make the batch dimension dynamic at the first
+size change. After a warm-up at a batch of 1 (always specialised), one of 2 to 15 and one of 16
+or more (CPU convolution picks its path by batch size, and the graphs follow), no batch size from
+1 to 64 compiles again: `tests/test_compiled.py` counts the graphs. Pass ``dynamic=False`` and
+every size is a graph of its own.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .model import MultiExitModel
+
+__all__ = ["compile_exits"]
+
+
+class CompiledPart(nn.Module):
+    """A segment or head, compiled on its own.
+
+    ``compiled_from`` is the part itself (its weights are shared, not copied: FLOPs are counted on
+    it); ``cascaded`` is passed through, so a compiled cascaded head still reads the previous
+    exit's logits.
+    """
+
+    def __init__(self, module: nn.Module, **compile_kwargs):
+        super().__init__()
+        self.compiled_from = module
+        self.compiled = torch.compile(module, **compile_kwargs)
+
+    @property
+    def cascaded(self) -> bool:
+        return bool(getattr(self.compiled_from, "cascaded", False))
+
+    def forward(self, *args, **kwargs):
+        return self.compiled(*args, **kwargs)
+
+
+def compile_exits(model: MultiExitModel, **compile_kwargs) -> MultiExitModel:
+    """Compile each eval-mode step of `model` (segment and head) for early exit; returns `model`.
+
+    The steps are compiled in place: ``model.early_exit`` (and every other eval-mode pass) then
+    runs them. ``compile_kwargs`` go to `torch.compile` (``backend``, ``mode``, ...). Replacing a
+    head or resetting the classifier rebuilds the steps uncompiled: compile again after it.
+    Where the backbone traces alike in both modes the training steps are the same objects, and
+    run compiled too.
+
+    Example::
+
+        >>> model = timm_exits.compile_exits(model.eval())
+        >>> for n in (1, 8, 64):                                # warm-up: the graphs of every size class
+        ...     model.forward_exits(images[:n])
+        >>> result = model.early_exit(images, threshold=0.9)   # shrinking batches, no new graph
+    """
+    if not isinstance(model, MultiExitModel):
+        raise TypeError(f"model must be a MultiExitModel (timm_exits.wrap(...)), got {type(model).__name__}")
+    steps = model.steps(training=False)
+    if not steps[0].skips:
+        raise ValueError("this model runs through forward_intermediates (fx could not trace its backbone): it has no segments to compile one by one; compile the whole model instead")
+    for step in steps:
+        if not isinstance(step.segment, CompiledPart):
+            step.segment = CompiledPart(step.segment, **compile_kwargs)
+        if step.head is not None and not isinstance(step.head, CompiledPart):
+            step.head = CompiledPart(step.head, **compile_kwargs)
+    return model
