@@ -33,4 +33,8 @@ reference = full.clone()
 dist.broadcast(reference, src=0)
 if rank == 0:
     print(f"fsdp2: {len(blocks)} block units, moved {(full - initial).abs().max().item():.3g}, largest difference from rank 0: {(full - reference).abs().max().item():.3g}")
+# as in examples/train_ddp.py: release what holds the gloo group, and meet, before destroying it
+# (a rank that tears down while the other still holds it can abort at exit)
+del task, optimizer, result, model, blocks
+dist.barrier()
 dist.destroy_process_group()
