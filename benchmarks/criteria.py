@@ -11,8 +11,8 @@ per-exit temperature scaling, the anytime ensemble, and Zero Time Waste's geomet
 Zero Time Waste as a method follows the authors' pipeline (gmum/Zero-Time-Waste,
 ``ztw_cv_original``: ``train_networks.py`` with ``-t sdn_ic --stacking --detach_prev``, then
 ``running_ensb``): the plain backbone trained with cross entropy, then frozen (its batch norm
-too), then its exit heads trained alone with the sum of their cross entropies (Adam, lr 1e-3,
-weight decay 1e-4, lr x0.1 after 30 % of the epochs: their 15 of 50), once with plain heads (the
+too), then its exit heads (theirs: a 3x3 conv, ReLU, SDN's mixed pooling, linear) trained alone
+with the sum of their cross entropies (Adam, lr 1e-3, weight decay 1e-4, lr x0.1 after 30 % of the epochs: their 15 of 50), once with plain heads (the
 SDN "IC-only" baseline they compare with) and once cascaded; then the geometric ensemble.
 Also each exit's NLL and expected calibration error before and after temperature scaling
 (fitted on validation, measured on test), and each model's per-exit test accuracy.
@@ -29,12 +29,14 @@ import warnings
 import timm
 import torch
 import torch.nn.functional as F
+from torch import nn
 from loss_study import interval
 from overhead import cpu_name
 
 import timm_exits
 from timm_exits.data import corrupted_digits
 from timm_exits.demo import fit
+from timm_exits.heads import SDNHead
 
 SHARES = (0.35, 0.5, 0.75)  # of the full model's FLOPs
 
@@ -65,6 +67,17 @@ def equal_budgets(val, test, kwargs: dict) -> list[float]:
         calibration = timm_exits.calibrate_thresholds(val, share * val.flops[-1], **kwargs)
         accs.append(timm_exits.evaluate_thresholds(test, calibration.thresholds, **kwargs).accuracy)
     return accs
+
+
+class ZTWHead(SDNHead):
+    """The authors' internal classifier at these feature sizes (``--head_arch conv sdn_pool``): a 3x3 conv keeping the width, ReLU, SDN's mixed pooling, linear."""
+
+    def __init__(self, channels: int, num_classes: int, layout):
+        super().__init__(channels, num_classes, layout)
+        self.conv = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=True), nn.ReLU())
+
+    def features(self, x):
+        return super().features(self.conv(x))
 
 
 def train_heads(model, x, y, epochs: int, batch_size: int = 64) -> None:
@@ -110,7 +123,7 @@ def run(seed: int, epochs: int, variants: int, log) -> tuple[dict, list, dict]:
     fit(backbone, F.cross_entropy, *task.train.tensors(), epochs)
     for cascade, name in ((False, "plain heads on the frozen CE backbone (SDN IC-only)"), (True, "ZTW: cascaded heads on the frozen CE backbone")):
         torch.manual_seed(seed)
-        ztw = timm_exits.wrap(copy.deepcopy(backbone), stages=[1, 2, 3], input_size=(1, 32, 32), cascade=cascade)
+        ztw = timm_exits.wrap(copy.deepcopy(backbone), stages=[1, 2, 3], head=ZTWHead, input_size=(1, 32, 32), cascade=cascade)
         train_heads(ztw, *task.train.tensors(), epochs)
         train, val, test = (timm_exits.collect_exit_logits(ztw, batches(s), progress=False) for s in (task.train, task.val, task.test))
         accuracies[name] = exit_accuracies(test)
