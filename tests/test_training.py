@@ -153,6 +153,17 @@ def test_compiled_training_step_equals_eager():
     assert compiled.get_eval_model() is eval_model and isinstance(compiled.model, timm_exits.MultiExitModel)
 
 
+@pytest.mark.parametrize("name", ["ce", "eed", "byot", "mate"])
+def test_a_compiled_loss_is_one_graph(name):
+    """The target's range check reads a tensor's value: compiled, it is skipped rather than breaking the graph (torch checks the range itself)."""
+    logits, target = [torch.randn(8, 10) for _ in range(4)], torch.randint(0, 10, (8,))
+    loss = timm_exits.create_loss(name, num_exits=4)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(loss)(logits, target).graph_break_count == 0
+    with pytest.raises(ValueError, match=r"^target holds class 10, outside \[0, 10\)"):
+        loss(logits, torch.full((8,), 10))  # eager still names a bad class
+
+
 def test_bf16_autocast_and_channels_last():
     task = timm_exits.MultiExitTask(small_model(), "eed", verbose=False)
     x, y = batch()

@@ -115,8 +115,10 @@ class MultiExitLoss(nn.Module):
         if target.dim() == 1 and not target.dtype.is_floating_point:
             if len(target) != batch:
                 raise ValueError(f"target has {len(target)} labels but the exits' logits have batch size {batch}")
+            if torch.compiler.is_compiling() or target.device.type == "meta":
+                return target  # reading the check's answer would break the compiled graph (and wait for the device)
             outside = (target != self.ignore_index) & ((target < 0) | (target >= classes))
-            if target.device.type != "meta" and bool(outside.any()):  # on a GPU, torch's own check is a device-side assert
+            if bool(outside.any()):  # on a GPU, torch's own check is a device-side assert
                 raise ValueError(
                     f"target holds class {int(target[outside][0])}, outside [0, {classes}) for {classes}-class logits "
                     f"(unlabeled samples take ignore_index={self.ignore_index})"
