@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 import warnings
@@ -108,6 +109,7 @@ def main() -> None:
         every = model.forward_exits(images)
     thresholds = [float(z.softmax(-1).amax(-1).median()) for z in every[:-1]]
     flops = timm_exits.flops_report(model, input_size=(1, 32, 32))
+    eager = copy.deepcopy(model)  # the same weights, uncompiled: the reference row
     plain = torch.compile(model.backbone)
     timm_exits.compile_exits(model)
     t = time.perf_counter()
@@ -119,24 +121,26 @@ def main() -> None:
     warm_up = time.perf_counter() - t
     before = graphs()
     print(f"\nEarly exit with compiled parts (inductor) against the compiled plain resnet18, 1x32x32; warm-up (compiling) {warm_up:.0f} s.\n")
-    print("| batch | plain (ms / image) | early exit (ms / image) | leaving at exit 1 / 2 / 3 / 4 | measured | time-predicted | FLOPs-predicted |")
-    print("|---:|---:|---:|---|---:|---:|---:|")
+    print("| batch | plain (ms / image) | early exit (ms / image) | leaving at exit 1 / 2 / 3 / 4 | measured | time-predicted | FLOPs-predicted | eager: plain / early exit (ms / image) |")
+    print("|---:|---:|---:|---|---:|---:|---:|---|")
     for batch in (1, 64):
         timed = images[: args.images] if batch == 1 else images[:640]
         result = model.early_exit(timed, threshold=thresholds)
         shares = [c / len(timed) for c in result.exit_counts(4)]
+        fns = {"plain": plain, "exit": lambda x: model.early_exit(x, threshold=thresholds),
+               "eager plain": eager.backbone, "eager exit": lambda x: eager.early_exit(x, threshold=thresholds)}
         if batch == 1:
-            t_plain, t_exit = mean_latency(plain, timed), mean_latency(lambda x: model.early_exit(x, threshold=thresholds), timed)
+            per_image = {name: mean_latency(fn, timed) for name, fn in fns.items()}
         else:
-            runs = {"plain": lambda: [plain(timed[i : i + 64]) for i in range(0, len(timed), 64)],
-                    "exit": lambda: [model.early_exit(timed[i : i + 64], threshold=thresholds) for i in range(0, len(timed), 64)]}
+            runs = {name: (lambda fn=fn: [fn(timed[i : i + 64]) for i in range(0, len(timed), 64)]) for name, fn in fns.items()}
             with torch.no_grad():
-                medians = alternating_medians(runs, args.rounds)
-            t_plain, t_exit = medians["plain"] / len(timed), medians["exit"] / len(timed)
+                per_image = {name: t / len(timed) for name, t in alternating_medians(runs, args.rounds).items()}
+        t_plain, t_exit = per_image["plain"], per_image["exit"]
         profile = timm_exits.profile_exits(model, images[:batch], repeats=args.rounds)
         predicted_time = t_plain / sum(s * c for s, c in zip(shares, profile.seconds))
         predicted_flops = flops.exits[-1].flops / float(result.flops.float().mean())
-        print(f"| {batch} | {1e3 * t_plain:.3f} | {1e3 * t_exit:.3f} | {' / '.join(f'{100 * s:.0f} %' for s in shares)} | {t_plain / t_exit:.2f}x | {predicted_time:.2f}x | {predicted_flops:.2f}x |", flush=True)
+        print(f"| {batch} | {1e3 * t_plain:.3f} | {1e3 * t_exit:.3f} | {' / '.join(f'{100 * s:.0f} %' for s in shares)} | {t_plain / t_exit:.2f}x | {predicted_time:.2f}x | {predicted_flops:.2f}x "
+              f"| {1e3 * per_image['eager plain']:.3f} / {1e3 * per_image['eager exit']:.3f} |", flush=True)
     print(f"\nGraphs compiled during the timed runs, after warm-up: {graphs() - before}.")
 
 
