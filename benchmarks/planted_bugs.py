@@ -8,7 +8,7 @@ catches is a hole in the suite. Prints one row per bug and exits 1 if any surviv
 
 The first six are the ones that passed every test before issue 13 (docs/testing.md; the third
 now plants its fallback slip in the steps, where issue 14 moved that path); the next five put back,
-one at a time, the runtime faults issue 14 fixed; the next three are slips in issue 16's evidence, the next three in issue 17's timm-native saving, the next six in issue 18's inference, the last two in issue 19's compiled early exit; the others are the kind of slip the suite must
+one at a time, the runtime faults issue 14 fixed; the next three are slips in issue 16's evidence, the next three in issue 17's timm-native saving, the next six in issue 18's inference, the last three in issue 19's compiled and streamed early exit; the others are the kind of slip the suite must
 keep catching. `mutmut` (docs/testing.md) does the same thing
 mechanically and at scale; this list is the hand-picked, readable part.
 """
@@ -137,6 +137,8 @@ BUGS = [
         "self.compiled = torch.compile(module, **compile_kwargs)", "self.compiled = torch.compile(module, **{**compile_kwargs, 'dynamic': False})", ("tests/test_compiled.py",)),
     Bug("FLOPs counted through the compiled parts", "timm_exits/flops.py",
         "steps = [step.uncompiled() for step in model.steps()] if", "steps = [step for step in model.steps()] if", ("tests/test_compiled.py",)),
+    Bug("the stream's queue hands out the rows it keeps", "timm_exits/stream.py",
+        "parts.append(_take(carried, self.kind, rows[:wanted]))", "parts.append(_take(carried, self.kind, rows[-wanted:]))", ("tests/test_stream.py",)),
 ]
 
 

@@ -19,6 +19,7 @@ from .diagram import plot_exits
 from .temperature import TemperatureFit, calibrate_temperature, expected_calibration_error
 from .ztw import GeometricEnsemble, fit_geometric_ensemble
 from .compiled import compile_exits
+from .stream import early_exit_stream
 from .integrations import MultiExitTask, MultiExitTrainable
 from .heads import create_head, head_names, register_head
 from .losses import (
@@ -88,6 +89,7 @@ __all__ = [
     "fit_geometric_ensemble",
     "profile_exits",
     "compile_exits",
+    "early_exit_stream",
     "ExitProfile",
     "MultiExitTask",
     "MultiExitTrainable",

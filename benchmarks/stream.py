@@ -1,0 +1,68 @@
+"""Early exit at batch 64, per batch (`early_exit`) and over a stream (`early_exit_stream`), against the time prediction.
+
+For each model (untrained weights; thresholds at each exit's median confidence on the images, so
+that about half of those still running leave at each exit): images per second of the plain
+backbone, of `early_exit` batch by batch, and of `early_exit_stream` (every segment on full
+batches), over `--images` images in batches of 64, median of `--rounds` alternating rounds; each
+speedup over the plain model measured, time-predicted (`profile_exits` at batch 64) and
+FLOPs-predicted, and the measured share of the time-predicted one (issue 19's goal: 95 %).
+
+    python benchmarks/stream.py [--rounds 5] [--images 640]
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import timm
+import torch
+from overhead import cpu_name
+
+import timm_exits
+from timm_exits.profile import alternating_medians
+
+MODELS = {
+    "resnet18, 1x32x32 (the demo's shape)": (lambda: timm.create_model("resnet18", num_classes=10, in_chans=1), [1, 2, 3], (1, 32, 32)),
+    "resnet50, 3x64x64": (lambda: timm.create_model("resnet50", num_classes=10), [1, 2, 3], (3, 64, 64)),
+    "vit_tiny_patch16, 3x64x64": (lambda: timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=64), [3, 6, 9], (3, 64, 64)),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--images", type=int, default=640)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}, timm {timm.__version__}.")
+    print(f"Command: `python benchmarks/stream.py --rounds {args.rounds} --images {args.images}`\n")
+    print("| model | leaving at each exit | plain (images/s) | early exit per batch: measured / share of time-predicted | stream: measured / share of time-predicted | time-predicted | FLOPs-predicted |")
+    print("|---|---|---:|---|---|---:|---:|")
+    for name, (build, stages, size) in MODELS.items():
+        torch.manual_seed(0)
+        model = timm_exits.wrap(build(), stages=stages, input_size=size).eval()
+        images = torch.randn(args.images, *size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            every = model.forward_exits(images)
+        thresholds = [float(z.softmax(-1).amax(-1).median()) for z in every[:-1]]
+        batches = [images[i : i + 64] for i in range(0, len(images), 64)]
+        result = timm_exits.early_exit_stream(model, batches, threshold=thresholds)
+        shares = [c / len(images) for c in result.exit_counts(model.num_exits)]
+        runs = {
+            "plain": lambda: [model.backbone(b) for b in batches],
+            "per batch": lambda: [model.early_exit(b, threshold=thresholds) for b in batches],
+            "stream": lambda: timm_exits.early_exit_stream(model, batches, threshold=thresholds),
+        }
+        with torch.no_grad():
+            seconds = alternating_medians(runs, args.rounds)
+        predicted = timm_exits.profile_exits(model, batches[0], repeats=args.rounds).predicted_speedup(shares)
+        flops = timm_exits.flops_report(model, input_size=size).exits[-1].flops / float(result.flops.float().mean())
+        cells = []
+        for label in ("per batch", "stream"):
+            speedup = seconds["plain"] / seconds[label]
+            cells.append(f"{speedup:.2f}x / {speedup / predicted:.0%}")
+        print(f"| {name} | {' / '.join(f'{100 * s:.0f} %' for s in shares)} | {len(images) / seconds['plain']:.0f} | {cells[0]} | {cells[1]} | {predicted:.2f}x | {flops:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
