@@ -162,3 +162,10 @@ def test_bad_cascades_are_named():
         cascaded("yes")
     with pytest.raises(ValueError, match=r"^cascade=True needs at least two exit heads"):
         cascaded(stages=(2,))
+
+
+def test_a_first_head_cascaded_by_hand_is_named():
+    model = cascaded(False).eval()
+    model.exits[0] = CascadedHead(model.exits[0], 5)
+    with pytest.raises(ValueError, match=exactly("the head of exit 1 (CascadedHead) is cascaded, but there is no exit before it to read: cascade the heads after the first")):
+        model(torch.randn(2, 3, 32, 32))

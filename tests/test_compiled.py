@@ -53,3 +53,17 @@ def test_bad_models_are_named():
         timm_exits.compile_exits(timm.create_model("resnet10t"))
     with pytest.raises(ValueError, match=r"^this model runs through forward_intermediates"):
         timm_exits.compile_exits(fallback_resnet())
+
+
+def test_gradient_checkpointing_still_checkpoints_compiled_segments(monkeypatch):
+    import timm_exits.model as model_module
+
+    model, x, _ = model_and_thresholds()
+    timm_exits.compile_exits(model, backend=CompileCounter())
+    calls = []
+    real = model_module.checkpoint
+    monkeypatch.setattr(model_module, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    model.train()
+    model.set_grad_checkpointing(True)
+    sum(z.sum() for z in model(x[:4])).backward()
+    assert len(calls) == model.num_exits  # every segment, the uncompiled graph each time

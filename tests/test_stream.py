@@ -48,9 +48,21 @@ def test_bad_streams_are_named():
     model, x, thresholds = model_and_data()
     with pytest.raises(ValueError, match=exactly("criterion='patience' reads each sample's earlier exits: use model.early_exit for it")):
         timm_exits.early_exit_stream(model, [x], criterion="patience")
-    with pytest.raises(ValueError, match=exactly("batches is empty: there is nothing to classify")):
+    with pytest.raises(ValueError, match=exactly("batches is empty (or every batch in it is): there is nothing to classify")):
         timm_exits.early_exit_stream(model, [])
+    with pytest.raises(ValueError, match=r"^batches is empty \(or every batch in it is\)"):
+        timm_exits.early_exit_stream(model, [x[:0], x[:0]])
+    cached = timm_exits.collect_exit_logits(model, [(x, torch.randint(0, 5, (150,)))], progress=False)
+    with pytest.raises(ValueError, match=r"^the calibration was made with ensemble=True: early_exit_stream decides on each exit's own logits"):
+        timm_exits.early_exit_stream(model, [x], threshold=timm_exits.calibrate_thresholds(cached, cached.flops[-1], ensemble=True))
     with pytest.raises(ValueError, match=exactly("every batch must have one sample shape: the first had (3, 32, 32), this one (3, 64, 64)")):
         timm_exits.early_exit_stream(model, [x[:4], torch.randn(4, 3, 64, 64)])
     with pytest.raises(ValueError, match=exactly("batch_size must be an int >= 1, got 0")):
         timm_exits.early_exit_stream(model, [x], batch_size=0)
+
+
+def test_empty_batches_are_skipped_wherever_they_come():
+    model, x, thresholds = model_and_data()
+    expected = timm_exits.early_exit_stream(model, [x[:64], x[64:]], threshold=thresholds)
+    result = timm_exits.early_exit_stream(model, [x[:0], x[:64], x[:0], x[64:]], threshold=thresholds)  # the batch size comes from the first non-empty one
+    assert torch.equal(result.exit_index, expected.exit_index)

@@ -142,8 +142,10 @@ class ExitRun:
         self.num_classes = num_classes
 
     def _segment(self, step: ExitStep, carried: tuple):
-        if self.checkpointed and isinstance(step.segment, fx.GraphModule):
-            return checkpoint(step.segment, *carried, use_reentrant=False)
+        if self.checkpointed:
+            segment = getattr(step.segment, "compiled_from", step.segment)  # compile_exits' parts: checkpoint the graph itself
+            if isinstance(segment, fx.GraphModule):
+                return checkpoint(segment, *carried, use_reentrant=False)
         return step.segment(*carried)
 
     def __iter__(self):
@@ -275,6 +277,8 @@ class MultiExitModel(nn.Module):
 
     def _build_steps(self, whole: bool = True) -> tuple[list[ExitStep], list[ExitStep]]:
         heads, stages = list(self.exits) + [None], self.stages + ["final"]
+        if getattr(heads[0], "cascaded", False):
+            raise ValueError(f"the head of exit 1 ({type(heads[0]).__name__}) is cascaded, but there is no exit before it to read: cascade the heads after the first")
         passes = [bool(getattr(h, "cascaded", False)) for h in heads[1:]] + [False]  # step k carries its logits on to a cascaded head k+1
         indices = self._plan.feature_indices
         if indices is not None:  # fx could not trace it: timm's own API computes every feature at once

@@ -16,6 +16,12 @@ from .ensemble import check_logits
 __all__ = ["MultiExitLoss", "kd_loss", "kd_matrix", "soft", "feature_adapters"]
 
 
+def _compiling() -> bool:
+    """Whether torch.compile is tracing this call (``torch.compiler.is_compiling`` from torch 2.3, dynamo's own before)."""
+    check = getattr(torch.compiler, "is_compiling", None)
+    return check() if check is not None else torch._dynamo.is_compiling()
+
+
 def kd_loss(student: torch.Tensor, teacher_probs: torch.Tensor, temperature: float, t_squared: bool = True) -> torch.Tensor:
     """T^2 KL(teacher_probs || softmax(student / T)), summed over classes, averaged over the batch.
 
@@ -115,7 +121,7 @@ class MultiExitLoss(nn.Module):
         if target.dim() == 1 and not target.dtype.is_floating_point:
             if len(target) != batch:
                 raise ValueError(f"target has {len(target)} labels but the exits' logits have batch size {batch}")
-            if torch.compiler.is_compiling() or target.device.type == "meta":
+            if _compiling() or target.device.type == "meta":
                 return target  # reading the check's answer would break the compiled graph (and wait for the device)
             outside = (target != self.ignore_index) & ((target < 0) | (target >= classes))
             if bool(outside.any()):  # on a GPU, torch's own check is a device-side assert

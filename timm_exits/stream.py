@@ -95,6 +95,10 @@ def early_exit_stream(model: MultiExitModel, batches: Iterable[torch.Tensor], th
     if criterion == "patience":
         raise ValueError("criterion='patience' reads each sample's earlier exits: use model.early_exit for it")
     check_criterion(criterion)
+    if model.num_classes == 1 and isinstance(criterion, str):
+        raise ValueError(f"criterion={criterion!r} reads a softmax, which is always 1 over one logit (every sample would leave at exit 1); pass a callable criterion")
+    if getattr(threshold, "ensemble", False):
+        raise ValueError("the calibration was made with ensemble=True: early_exit_stream decides on each exit's own logits; use model.early_exit(..., ensemble=True) for it, or calibrate without the ensemble")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     steps = model.steps()
@@ -128,6 +132,8 @@ def early_exit_stream(model: MultiExitModel, batches: Iterable[torch.Tensor], th
     for x in batches:
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
             raise ValueError(f"each batch must be a tensor (B, ...), got {getattr(x, 'shape', type(x).__name__)}")
+        if x.shape[0] == 0:
+            continue
         if shape is None:
             model.check_channels(x.shape[1], f"a batch of shape {tuple(x.shape)}")
             shape, batch_size = tuple(x.shape[1:]), batch_size or x.shape[0]
@@ -136,15 +142,13 @@ def early_exit_stream(model: MultiExitModel, batches: Iterable[torch.Tensor], th
             spent = torch.tensor(exit_costs(model, shape), device=x.device)
         elif tuple(x.shape[1:]) != shape:
             raise ValueError(f"every batch must have one sample shape: the first had {shape}, this one {tuple(x.shape[1:])}")
-        if x.shape[0] == 0:
-            continue
         queues[0].push(torch.arange(seen, seen + x.shape[0], device=x.device), (x,))
         seen += x.shape[0]
         for k, queue in enumerate(queues):
             while queue.size >= batch_size:
                 run(k, *queue.pop(batch_size))
     if shape is None:
-        raise ValueError("batches is empty: there is nothing to classify")
+        raise ValueError("batches is empty (or every batch in it is): there is nothing to classify")
     for k, queue in enumerate(queues):  # the stream has ended: the last partial batches, shallow to deep
         while queue.size:
             run(k, *queue.pop(min(batch_size, queue.size)))
