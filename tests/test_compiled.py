@@ -67,3 +67,11 @@ def test_gradient_checkpointing_still_checkpoints_compiled_segments(monkeypatch)
     model.set_grad_checkpointing(True)
     sum(z.sum() for z in model(x[:4])).backward()
     assert len(calls) == model.num_exits  # every segment, the uncompiled graph each time
+
+
+def test_a_failed_compile_leaves_every_step_as_it_was():
+    model, _, _ = model_and_thresholds()
+    before = [(step.segment, step.head) for step in model.steps(training=False)]
+    with pytest.raises(Exception, match="no-such-backend"):
+        timm_exits.compile_exits(model, backend="no-such-backend")
+    assert [(step.segment, step.head) for step in model.steps(training=False)] == before

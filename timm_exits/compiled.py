@@ -61,9 +61,10 @@ def compile_exits(model: MultiExitModel, **compile_kwargs) -> MultiExitModel:
     steps = model.steps(training=False)
     if not steps[0].skips:
         raise ValueError("this model runs through forward_intermediates (fx could not trace its backbone): it has no segments to compile one by one; compile the whole model instead")
-    for step in steps:
-        if not isinstance(step.segment, CompiledPart):
-            step.segment = CompiledPart(step.segment, **compile_kwargs)
-        if step.head is not None and not isinstance(step.head, CompiledPart):
-            step.head = CompiledPart(step.head, **compile_kwargs)
+    def compiled(part):
+        return part if part is None or isinstance(part, CompiledPart) else CompiledPart(part, **compile_kwargs)
+
+    parts = [(compiled(step.segment), compiled(step.head)) for step in steps]  # all built first: a bad argument leaves the model as it was
+    for step, (segment, head) in zip(steps, parts):
+        step.segment, step.head = segment, head
     return model
