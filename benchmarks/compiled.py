@@ -25,6 +25,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from overhead import cpu_name
+from speedup import latencies
 
 import timm_exits
 from timm_exits.profile import alternating_medians
@@ -58,15 +59,6 @@ def train_steps(compiled: bool, size: int, batch: int):
         step()
         steps[kind] = step
     return steps, first
-
-
-@torch.no_grad()
-def mean_latency(fn, images: torch.Tensor) -> float:
-    fn(images[:1])
-    t = time.perf_counter()
-    for i in range(len(images)):
-        fn(images[i : i + 1])
-    return (time.perf_counter() - t) / len(images)
 
 
 def graphs() -> int:
@@ -130,7 +122,7 @@ def main() -> None:
         fns = {"plain": plain, "exit": lambda x: model.early_exit(x, threshold=thresholds),
                "eager plain": eager.backbone, "eager exit": lambda x: eager.early_exit(x, threshold=thresholds)}
         if batch == 1:
-            per_image = {name: mean_latency(fn, timed) for name, fn in fns.items()}
+            per_image = {name: statistics.fmean(latencies(fn, timed)) for name, fn in fns.items()}
         else:
             runs = {name: (lambda fn=fn: [fn(timed[i : i + 64]) for i in range(0, len(timed), 64)]) for name, fn in fns.items()}
             with torch.no_grad():
