@@ -1,0 +1,58 @@
+"""Why early exit at batch 64 falls short of the time prediction: each segment timed at the batch it really sees.
+
+The demo's model shape (resnet18, 1x32x32, untrained, thresholds at each exit's median
+confidence on 64 images). Times, in alternating rounds: each segment and head at the batch size
+it sees inside `early_exit`, the plain model and `early_exit` at 64; then the speedup predicted
+from those sizes, the one measured, and the one `profile_exits` predicts from batch-64 rates.
+
+    python benchmarks/batch_gap.py [--rounds 15]
+"""
+from __future__ import annotations
+
+import argparse
+
+import timm
+import torch
+
+import timm_exits
+from timm_exits.profile import alternating_medians
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = timm_exits.wrap(timm.create_model("resnet18", num_classes=10, in_chans=1), stages=[1, 2, 3], input_size=(1, 32, 32)).eval()
+    x = torch.randn(64, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        thresholds = [float(z.softmax(-1).amax(-1).median()) for z in model.forward_exits(x)[:-1]]
+    counts = model.early_exit(x, threshold=thresholds).exit_counts(4)
+    sizes = [64 - sum(counts[:k]) for k in range(4)]
+    print(f"leaving at each exit {counts}; the batch each segment sees {sizes}")
+    parts = {}
+    with torch.no_grad():
+        carried = (x,)
+        for k, step in enumerate(model.steps(training=False)):
+            read, previous = step.split(carried)
+            read_n = tuple(t[: sizes[k]] if isinstance(t, torch.Tensor) else t for t in read)
+            out, _ = step.segment(*read_n)
+            parts[f"segment {k + 1} at {sizes[k]}"] = lambda s=step.segment, c=read_n: s(*c)
+            if step.head is not None:
+                parts[f"head {k + 1} at {sizes[k]}"] = lambda st=step, o=out, p=previous: st.logits(o, p if p is None else p[: sizes[k]])
+            full, carried = step.segment(*read)
+            if step.head is not None:
+                carried = step.onward(carried, step.logits(full, previous))
+        parts["plain at 64"] = lambda: model.backbone(x)
+        parts["early exit at 64"] = lambda: model.early_exit(x, threshold=thresholds)
+        seconds = alternating_medians(parts, args.rounds)
+    for name, t in seconds.items():
+        print(f"{name:>18}: {1e3 * t:.3f} ms")
+    aware = sum(t for name, t in seconds.items() if name.startswith(("segment", "head")))
+    predicted = timm_exits.profile_exits(model, x, repeats=args.rounds).predicted_speedup([c / 64 for c in counts])
+    print(f"predicted at the sizes seen {1e3 * aware:.3f} ms: {seconds['plain at 64'] / aware:.2f}x; measured {seconds['plain at 64'] / seconds['early exit at 64']:.2f}x "
+          f"(bookkeeping {1e3 * (seconds['early exit at 64'] - aware):.3f} ms); time-predicted from batch-64 rates {predicted:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
