@@ -153,15 +153,33 @@ def test_compiled_training_step_equals_eager():
     assert compiled.get_eval_model() is eval_model and isinstance(compiled.model, timm_exits.MultiExitModel)
 
 
-@pytest.mark.parametrize("name", ["ce", "eed", "byot", "mate"])
+ONE_GRAPH = {  # every loss, with what reads state: the SDN ramp and MSD's hint weight (the epoch), the adaptive temperature
+    "ce": {}, "sdn": dict(epochs=4), "distillation": {}, "eed": dict(feature_weight=1.0), "byot": dict(feature_weight=0.03),
+    "msd": dict(epochs=4, feature_weight=0.5), "mate": {}, "ekd": {},
+}
+
+
+@pytest.mark.parametrize("name", list(ONE_GRAPH))
 def test_a_compiled_loss_is_one_graph(name):
-    """The target's range check reads a tensor's value: compiled, it is skipped rather than breaking the graph (torch checks the range itself)."""
+    """No loss reads a tensor into Python: compiled it is one graph, and on a GPU a step does not wait for the device.
+    The target's range check is skipped under compile (torch checks the range itself); schedules and the adaptive
+    temperature are computed from their buffers. Equal to eager, the state updates included."""
+    assert sorted(ONE_GRAPH) == sorted(timm_exits.loss_names())
+    torch.manual_seed(0)
     logits, target = [torch.randn(8, 10) for _ in range(4)], torch.randint(0, 10, (8,))
-    loss = timm_exits.create_loss(name, num_exits=4)
+    outputs = timm_exits.ExitOutputs(logits, [torch.randn(8, 6) for _ in range(4)])
+    extra = ([torch.randn(8, 10)],) if name == "ekd" else ()
+    eager = timm_exits.create_loss(name, num_exits=4, **ONE_GRAPH[name]).train()
+    eager.set_epoch(1)
+    compiled = copy.deepcopy(eager)
     torch._dynamo.reset()
-    assert torch._dynamo.explain(loss)(logits, target).graph_break_count == 0
+    assert torch._dynamo.explain(copy.deepcopy(eager))(outputs, target, *extra).graph_break_count == 0
+    run = torch.compile(compiled, backend="eager", fullgraph=True)
+    for _ in range(2):  # the adaptive temperature grows on the first call and is read by the second
+        torch.testing.assert_close(run(outputs, target, *extra), eager(outputs, target, *extra))
+    torch.testing.assert_close(dict(compiled.named_buffers()), dict(eager.named_buffers()))
     with pytest.raises(ValueError, match=r"^target holds class 10, outside \[0, 10\)"):
-        loss(logits, torch.full((8,), 10))  # eager still names a bad class
+        eager(outputs, torch.full((8,), 10), *extra)  # eager still names a bad class
 
 
 def test_bf16_autocast_and_channels_last():

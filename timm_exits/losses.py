@@ -81,15 +81,21 @@ class MultiExitCELoss(MultiExitLoss):
 
     def current_weights(self, num_exits: int) -> list[float]:
         """The per-exit weights in use now (for the SDN ramp: at the current epoch)."""
+        return self._weights(num_exits, self.epoch.device).tolist()
+
+    def _weights(self, num_exits: int, device: torch.device) -> torch.Tensor:
+        # the ramp is computed from the epoch buffer where it lives: no host read, so a compiled
+        # loss stays one graph and a CUDA step does not wait for the device
         if self.schedule is None:
-            return self.weights or [1.0] * num_exits
-        depths = self.depths or [i / num_exits for i in range(1, num_exits)]
-        e = int(self.epoch) + 1
-        return [min(c, 0.01 + e * c / self.epochs) for c in depths] + [1.0]
+            return torch.tensor(self.weights or [1.0] * num_exits, device=device)
+        depths = torch.tensor(self.depths or [i / num_exits for i in range(1, num_exits)], dtype=torch.float64, device=device)
+        e = self.epoch.to(device) + 1
+        ramp = torch.minimum(depths, 0.01 + e * depths / self.epochs)
+        return torch.cat([ramp, ramp.new_ones(1)]).float()
 
     def objective(self, logits, features, target):
         ce = torch.stack([self.supervised(z, target) for z in logits])
-        w = torch.tensor(self.current_weights(len(logits)), device=ce.device)
+        w = self._weights(len(logits), ce.device)
         loss = (w * ce).sum()
         self._record(ce=ce, weight=w)
         return loss
@@ -148,15 +154,17 @@ class DistillationBasedLoss(MultiExitLoss):
         self.register_buffer("temperature", torch.tensor(1.0 if adaptive else float(temperature), dtype=torch.float64))
 
     def objective(self, logits, features, target):
-        T = float(self.temperature)
+        # a float32 copy of the buffer (which grows in place below): reading it into Python would be a host sync and a graph break
+        T = self.temperature.to(logits[-1].device, torch.float32, copy=True)
         teacher = soft(logits[-1], T)
         ce = torch.stack([self.supervised(z, target) for z in logits])
         distill = torch.stack([kd_loss(z, teacher, T, self.t_squared) for z in logits[:-1]] + [ce.new_zeros(())])
         loss = self.scale * ((1.0 - self.C) * ce.sum() + self.C * distill.sum())
         teacher_maxprob = teacher.max(dim=1).values.mean()
         self._record(ce=ce, distill=distill, temperature=T, teacher_maxprob=teacher_maxprob)
-        if self.adaptive and self.training and torch.is_grad_enabled() and float(teacher_maxprob) > self.maxprob:
-            self.temperature.mul_(self.t_mult)
+        if self.adaptive and self.training and torch.is_grad_enabled():
+            grow = (teacher_maxprob.detach() > self.maxprob).to(self.temperature.device)
+            self.temperature.mul_(torch.where(grow, self.temperature.new_tensor(self.t_mult), self.temperature.new_tensor(1.0)))
         return loss
 
     def extra_repr(self) -> str:
@@ -330,8 +338,14 @@ class MultiSelfDistillationLoss(_HintLoss):
         """b(e): the hint weight at the current epoch."""
         if self.epochs is None:
             return self.feature_weight
-        progress = min(int(self.epoch), self.epochs) / self.epochs
-        return self.feature_weight * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self._feature_weight(self.epoch.device).item()
+
+    def _feature_weight(self, device: torch.device) -> torch.Tensor:
+        # from the epoch buffer where it lives: no host read in the loss (see `MultiExitCELoss._weights`)
+        if self.epochs is None:
+            return torch.tensor(self.feature_weight, device=device)
+        progress = self.epoch.to(device).clamp_max(self.epochs).double() / self.epochs
+        return (self.feature_weight * 0.5 * (1.0 + torch.cos(math.pi * progress))).float()
 
     def objective(self, logits, features, target):
         T = self.temperature
@@ -342,7 +356,7 @@ class MultiSelfDistillationLoss(_HintLoss):
         distill = (pairs.sum(1) - pairs.diagonal()) / (n - 1)
         loss = (1.0 - self.alpha) * ce.sum() + self.alpha * distill.sum()
         terms = dict(ce=ce, distill=distill)
-        b = self.current_feature_weight()
+        b = self._feature_weight(ce.device)
         if self.feature_weight:
             hint = self.hints(features, n)
             loss = loss + b * hint.sum()
