@@ -1,10 +1,13 @@
 """profile_exits: each segment and head timed apart; the speedup it predicts follows from the parts (no timing asserted)."""
+import warnings
+
 import pytest
 import timm
 import torch
 
 import timm_exits
 from conftest import exactly
+from timm_exits.inference import exit_confidence
 from timm_exits.profile import ExitProfile, profile_exits
 
 
@@ -95,3 +98,46 @@ def test_a_failing_profile_or_drawing_leaves_the_model_as_it_was():
         describe_exits(model)
     assert {name: m.training for name, m in model.named_modules()} == modes
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
+
+
+def test_host_syncs_counts_the_ops_that_read_the_device_on_the_host():
+    x = torch.randn(6, 3)
+    with timm_exits.host_syncs() as syncs:
+        y = x.exp().sum(0) * 2  # stays on the device
+        x.sum().item()
+        bool(x.max() > 0)
+        x.nonzero()
+        x[x > 0]
+        x.masked_select(x > 0)
+        torch.repeat_interleave(torch.tensor([1, 2]))
+        torch.repeat_interleave(torch.tensor([1, 2]), output_size=3)  # the size is given: no read
+    assert dict(syncs.counts) == {"_local_scalar_dense": 2, "nonzero": 1, "index (boolean mask)": 1, "masked_select": 1, "repeat_interleave": 1}
+    assert syncs.total == 6 and y.shape == (3,)
+
+
+def _median_thresholds(model, x):
+    """Thresholds at each early exit's median confidence on `x`: about half of those still running leave at each exit."""
+    with torch.no_grad():
+        return [exit_confidence(z).median().item() for z in model(x)[:-1]]
+
+
+def test_early_exit_reads_the_device_once_per_exit_it_decides_at():
+    """One read per early exit reached (how many stay: the next segment's batch size), none in the forward.
+    With a nonzero for each side it was two per exit; the stream, which decides the same way, is the reference."""
+    torch.manual_seed(0)
+    model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=10), stages=[1, 2, 3], input_size=(3, 32, 32)).eval()
+    x = torch.randn(32, 3, 32, 32)
+    median = _median_thresholds(model, x)
+    timm_exits.early_exit(model, x, threshold=median)  # learns the batch layout and the costs once
+    with timm_exits.host_syncs() as forward:
+        model(x)
+    assert forward.total == 0
+    for threshold, decided in [(median, 3), ([0.0, 0.0, 0.0], 1), ([2.0, 2.0, 2.0], 3)]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # 2.0 is above any probability: it warns, and keeps everyone
+            with timm_exits.host_syncs() as syncs:
+                result = timm_exits.early_exit(model, x, threshold=threshold)
+            reference = timm_exits.early_exit_stream(model, [x], threshold=threshold)
+        assert dict(syncs.counts) == {"_local_scalar_dense": decided}, threshold
+        assert torch.equal(result.exit_index, reference.exit_index) and torch.equal(result.logits, reference.logits)
+    assert len(set(timm_exits.early_exit(model, x, threshold=median).exit_index.tolist())) == 4  # the median case splits at every exit

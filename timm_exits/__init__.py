@@ -13,7 +13,7 @@ from .calibration import (
     plot_tradeoff,
 )
 from .placement import FlopsPlacement, at_flops
-from .profile import ExitProfile, profile_exits
+from .profile import ExitProfile, HostSyncs, host_syncs, profile_exits
 from .hub import create_model, export_backbone, from_pretrained, save_pretrained
 from .diagram import plot_exits
 from .temperature import TemperatureFit, calibrate_temperature, expected_calibration_error
@@ -88,6 +88,8 @@ __all__ = [
     "GeometricEnsemble",
     "fit_geometric_ensemble",
     "profile_exits",
+    "host_syncs",
+    "HostSyncs",
     "compile_exits",
     "early_exit_stream",
     "ExitProfile",

@@ -237,6 +237,21 @@ def _slot_kinds(a, b, na: int, nb: int):
     return "same"
 
 
+def split_rows(passed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows where `passed` holds and those where it does not, each in order, at one host read.
+
+    How many leave must be known on the host (it sizes the next segment's batch); that count is the
+    only read. A stable sort puts the passing rows first, so neither list needs a ``nonzero`` of
+    its own (on a GPU, each is a wait for the device).
+    """
+    n = int(passed.sum())
+    if n in (0, passed.numel()):
+        rows = torch.arange(passed.numel(), device=passed.device)
+        return (rows[:0], rows) if n == 0 else (rows, rows[:0])
+    order = torch.argsort(passed.logical_not().to(torch.uint8), stable=True)
+    return order[:n], order[n:]
+
+
 def _take(value, kind, rows: torch.Tensor):
     """The rows `rows` of a carried value whose batch parts are described by `kind`."""
     if kind == "batch":
@@ -389,14 +404,13 @@ def _early_exit(model: MultiExitModel, x, thresholds, criterion, ensemble, spent
             passed = streak >= thresholds[k]
         else:
             passed = exit_confidence(z, criterion) >= thresholds[k]
-        leaving = passed.nonzero().squeeze(1)
+        leaving, staying = split_rows(passed)
         if leaving.numel() == 0:
             continue
         logits[rows[leaving]] = z[leaving]
         exit_index[rows[leaving]] = k
-        if leaving.numel() == rows.numel():
+        if staying.numel() == 0:
             break  # everyone has left: the later steps never run
-        staying = (~passed).nonzero().squeeze(1)
         rows = rows[staying]
         run.carried = _take(run.carried, kinds[k], staying)
         if ensemble is True:

@@ -8,6 +8,7 @@ skipping the rest of the backbone, against which `early_exit`'s measured speedup
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import math
@@ -16,11 +17,12 @@ import time
 from typing import Callable, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .model import MultiExitModel
 from .tracing import evaluating
 
-__all__ = ["ExitProfile", "profile_exits"]
+__all__ = ["ExitProfile", "HostSyncs", "host_syncs", "profile_exits"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,3 +128,61 @@ def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: i
         repeats=repeats,
         input_size=tuple(int(d) for d in example_input.shape[1:]),
     )
+
+
+# ops whose result size or value the host must read: on a GPU each makes the host wait for the device
+_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::equal"}
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the ops of a call that make the host wait for the device on a GPU, by name (see `host_syncs`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if name in _READS:
+            self.counts[name.removeprefix("aten::")] += 1
+        elif name == "aten::repeat_interleave" and kwargs.get("output_size") is None and isinstance(args[0], torch.Tensor) and len(args) == 1:
+            self.counts["repeat_interleave"] += 1  # the output's size is the repeats' sum
+        elif name in ("aten::index", "aten::index_put", "aten::index_put_") and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+            self.counts[f"{name.removeprefix('aten::')} (boolean mask)"] += 1  # a mask's row count is read on the host
+        elif name in ("aten::_to_copy", "aten::copy_") and _device_to_host(name, args, kwargs):
+            self.counts["copy to host"] += 1
+        return func(*args, **kwargs)
+
+
+def _device_to_host(name: str, args, kwargs) -> bool:
+    if name == "aten::copy_":
+        dst, src = args[0], args[1]
+        return src.device.type not in ("cpu", "meta") and dst.device.type == "cpu" and not (len(args) > 2 and args[2])
+    device = kwargs.get("device")
+    return args[0].device.type not in ("cpu", "meta") and device is not None and torch.device(device).type == "cpu" and not kwargs.get("non_blocking")
+
+
+def host_syncs() -> HostSyncs:
+    """Count, in a ``with`` block, the ops that would make the host wait for a GPU.
+
+    Early exit must read on the host how many samples stay at each exit (the next segment's batch
+    size), so it waits for the device there; everything else should stay on the device. This
+    counts, on any device (a CPU run counts what a GPU run would wait for), each op that reads a
+    tensor's value or result size on the host: ``.item()``/``bool()``/``int()`` of a tensor,
+    ``nonzero``, ``masked_select``, ``unique``, boolean-mask indexing, ``repeat_interleave`` without
+    ``output_size``, and blocking copies from a GPU to the host. ``tolist()`` and ``numpy()`` of a
+    CPU tensor dispatch no op and are not seen::
+
+        with timm_exits.host_syncs() as syncs:
+            timm_exits.early_exit(model, x, threshold=0.9)
+        print(syncs.total, dict(syncs.counts))
+
+    On a GPU, ``torch.cuda.set_sync_debug_mode("warn")`` reports the synchronisations CUDA itself sees.
+    """
+    return HostSyncs()
+

@@ -24,6 +24,7 @@ from .inference import (
     confidence_thresholds,
     exit_confidence,
     exit_costs,
+    split_rows,
 )
 from .model import MultiExitModel, _main_output
 
@@ -123,7 +124,7 @@ def early_exit_stream(model: MultiExitModel, batches: Iterable[torch.Tensor], th
         if temperatures is not None:
             z = z / temperatures[k]
         passed = exit_confidence(z, criterion) >= thresholds[k]
-        leaving, staying = passed.nonzero().squeeze(1), (~passed).nonzero().squeeze(1)
+        leaving, staying = split_rows(passed)
         if leaving.numel():
             done.append((ids[leaving], z[leaving], k))
         if staying.numel():
