@@ -21,6 +21,7 @@ import torch
 import torchvision
 
 import timm_exits
+from timm_exits.stages import candidate_stages
 
 # The smallest model (by parameter count, counted on the meta device) of each timm module, as
 # selected for timm 1.0.31. Families whose models all fail to build without weights are absent.
@@ -178,12 +179,15 @@ def verdict(result: Result) -> str | None:
     return f"{name} no longer wraps{why}: fix it, or add it to KNOWN_FAILURES in benchmarks/coverage.py with the reason"
 
 
-def _pick_stages(table) -> list[int]:
-    """Two stage indices a third and two thirds of the way through the stages that can take an exit."""
+def _pick_stages(table, model=None, input_size=None) -> list:
+    """Two stage indices a third and two thirds of the way through the stages that can take an exit
+    (where no row of the table can, as in hrnet, two of the clean cuts between blocks, by name)."""
     indices = [s.index for s in table if s.usable and not s.final]  # the final stage is the head's
+    if not indices and model is not None:
+        indices = candidate_stages(model, "blocks", input_size)
     if len(indices) < 2:
         return indices[:1] or [0]
-    return sorted({indices[len(indices) // 3], indices[(2 * len(indices)) // 3]})
+    return list(dict.fromkeys([indices[len(indices) // 3], indices[(2 * len(indices)) // 3]]))
 
 
 def check(build, source: str, family: str, name: str, input_size=None) -> Result:
@@ -198,7 +202,7 @@ def check(build, source: str, family: str, name: str, input_size=None) -> Result
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                stages = _pick_stages(timm_exits.list_stages(model, input_size=input_size))
+                stages = _pick_stages(timm_exits.list_stages(model, input_size=input_size), model, input_size)
             except timm_exits.TraceError:  # wrap() may still fall back to forward_intermediates
                 stages = [1, 2]
             wrapped = timm_exits.wrap(model, stages=stages, input_size=input_size)

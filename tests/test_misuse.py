@@ -262,10 +262,34 @@ def test_a_timm_stage_index_is_its_feature_info_index():
     model = timm.create_model("hrnet_w18_small", num_classes=5)  # feature_info: stem, stage1, stage2, stage3, stage4
     table = timm_exits.list_stages(model, input_size=(3, 64, 64))
     assert [s.name for s in table] == [i["module"] for i in model.feature_info] and [s.index for s in table] == [0, 1, 2, 3, 4]
-    assert [s.usable for s in table] == [False, False, True, True, True] and table[-1].final
-    with pytest.raises(ValueError, match=r"^stage 1 \('stage1'\) cannot take an exit: 'stage1' is not computed by the classifier's forward"):
+    # stem and stage1 name modules of timm's features_only model; the classifier's stage2-4 end in their
+    # lowest-resolution branch (32-128 channels), not the merged 256-1024-channel features feature_info describes
+    assert not any(s.usable for s in table) and not any(s.final for s in table)
+    with pytest.raises(ValueError, match=r"^stage 1 \('stage1'\) cannot take an exit: the classifier has no module 'stage1' \(feature_info names timm's features_only model\)"):
         timm_exits.wrap(model, stages=[1], input_size=(3, 64, 64))
-    assert timm_exits.wrap(model, stages=[2], input_size=(3, 64, 64)).stages == ["stage2"]
+    with pytest.raises(ValueError, match=r"^stage 3 \('stage3'\) cannot take an exit: the classifier's 'stage3' ends in a 64-channel tensor, not the 512-channel feature feature_info\[3\] describes"):
+        timm_exits.wrap(model, stages=[3], input_size=(3, 64, 64))
+    wrapped = timm_exits.wrap(model, stages=["layer1"], input_size=(3, 64, 64))  # by the classifier's own module name
+    assert [tuple(z.shape) for z in wrapped(torch.randn(2, 3, 64, 64))] == [(2, 5)] * 2
+
+
+@pytest.mark.parametrize("name, size, refused", [("resnet18", (3, 64, 64), []), ("efficientvim_m1", (3, 224, 224), [0, 1]), ("crossvit_tiny_240", (3, 240, 240), [0, 1, 2])])
+def test_every_row_that_takes_an_exit_gives_its_head_the_width_the_table_says(name, size, refused):
+    """efficientvim's stage modules end in the next stage's downsampling, and crossvit lists each block once per
+    scale while the block ends in its wider branch: the rows whose module does not output feature_info's width are
+    refused by name, where they used to be cut at another width than the table showed."""
+    model = timm.create_model(name, num_classes=5)
+    table = timm_exits.list_stages(model, input_size=size)
+    assert [s.index for s in table if not s.usable] == refused and all("-channel tensor, not the" in table[i].reason for i in refused)
+    rows = [s for s in table if s.usable and not s.final]
+    if not rows:  # efficientvim: only its final row; exits go after its own modules, by name
+        return
+    wrapped = timm_exits.wrap(model, stages=[s.index for s in rows], input_size=size)
+    seen = []
+    for head in wrapped.exits:
+        head.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1] if args[0].dim() == 4 else args[0].shape[-1]))
+    wrapped.eval()(torch.randn(1, *size))
+    assert seen == [s.channels for s in rows]
 
 
 @pytest.mark.parametrize("build", [torchvision.models.resnet18, torchvision.models.mobilenet_v3_small])

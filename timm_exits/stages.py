@@ -86,7 +86,7 @@ def _outermost_module(traced: TracedGraph, node: fx.Node, module_names: set[str]
     return node.name
 
 
-def _stages_from_feature_info(model, traced, shapes) -> list[tuple]:
+def _stages_from_feature_info(model, traced, shapes, input_hw) -> list[tuple]:
     """One row per ``feature_info`` entry, so that index i is ``feature_info[i]`` as in timm; a row whose
     output is not a cut of the classifier's graph says why (its node is None)."""
     rows, seen = [], {}
@@ -94,10 +94,16 @@ def _stages_from_feature_info(model, traced, shapes) -> list[tuple]:
         info = info if isinstance(info, dict) else vars(info)
         name, chans = info["module"], int(info["num_chs"])
         node = traced.find(name)
-        if node is None:
+        if node is None and name not in dict(model.named_modules()):
+            rows.append((name, None, chans, f"the classifier has no module {name!r} (feature_info names timm's features_only model); "
+                         "cut the classifier after one of its own modules by name"))
+        elif node is None:
             rows.append((name, None, chans, f"{name!r} is not computed by the classifier's forward (it belongs to timm's features_only model)"))
         elif shapes.get(node) is None:
             rows.append((name, None, chans, f"{name!r} outputs no single feature tensor"))
+        elif (found := read_feature(shapes[node], chans, model, input_hw)[1]) != chans:  # hrnet: its stage modules output branches, feature_info their merge
+            rows.append((name, None, chans, f"the classifier's {name!r} ends in a {found}-channel tensor, not the {chans}-channel feature feature_info[{i}] "
+                         "describes (timm's features_only model takes that one elsewhere); cut the classifier after one of its own modules by name"))
         elif node in seen:  # coat lists one module several times (one per scale it emits): one cut
             rows.append((name, None, chans, f"it is the same cut as stage {seen[node]}"))
         else:
@@ -196,10 +202,10 @@ def stage_table(model, traced, shapes, last_use, input_hw, found_at=None) -> lis
     """
     raw = []
     if getattr(model, "feature_info", None):
-        raw = _stages_from_feature_info(model, traced, shapes)
-    if not any(row[1] is not None for row in raw):
+        raw = _stages_from_feature_info(model, traced, shapes, input_hw)
+    if not any(row[1] is not None or traced.find(row[0]) is not None for row in raw):  # no feature_info name is in the classifier's graph
         raw = sorted(((*row, None) for row in _stages_from_graph(model, traced, found_at or shapes, last_use)), key=lambda row: traced.position[row[1]])
-    last = max(i for i, row in enumerate(raw) if row[1] is not None) if raw else -1
+    last = max((i for i, row in enumerate(raw) if row[1] is not None), default=-1)
     stages = []
     for i, (name, node, chans, reason) in enumerate(raw):
         if node is None:
@@ -210,9 +216,9 @@ def stage_table(model, traced, shapes, last_use, input_hw, found_at=None) -> lis
     return stages
 
 
-def final_stage(table: Sequence[Stage]) -> Stage:
-    """The stage that feeds the backbone's own head."""
-    return next(s for s in table if s.final)
+def final_stage(table: Sequence[Stage]) -> Stage | None:
+    """The stage that feeds the backbone's own head (None where no row of the table can take an exit)."""
+    return next((s for s in table if s.final), None)
 
 
 def read_feature(shape: tuple[int, ...], channels: int | None, model: nn.Module, input_hw) -> tuple[FeatureLayout, int, int | None]:
@@ -290,10 +296,15 @@ def candidate_stages(model: nn.Module, candidates: str, input_size=None, options
     table = stage_table(model, traced, shapes, last, size[1:], own_size_shapes(model, traced, size, shapes))
     if candidates == "stages":
         return [s.name for s in table if s.usable and not s.final]
-    limit = traced.position[traced.find(final_stage(table).name)]
+    final = final_stage(table)
+    cuts = single_cuts(traced, last)
+    if final is not None:
+        limit = traced.position[traced.find(final.name)]
+    else:  # no row of the table takes an exit (hrnet): the head reads the last feature map
+        limit = max((traced.position[n] for n in cuts if shapes.get(n) is not None and len(shapes[n]) in (3, 4)), default=len(traced.position))
     modules = {n for n, _ in model.named_modules()}
     names: list[str] = []
-    for node in single_cuts(traced, last):
+    for node in cuts:
         shape = shapes.get(node)
         name = _outermost_module(traced, node, modules)
         if traced.position[node] < limit and shape is not None and len(shape) in (3, 4) and name in modules and name not in names:

@@ -253,7 +253,7 @@ def plan_exits(model: nn.Module, stages, input_size=None, options: TraceOptions 
         raise ValueError(f"the backbone must return logits of shape (B, num_classes) in eval mode; {type(model).__name__} returned {_shape_of(out)}")
     last_use = last_uses(eval_traced)
     table = stage_table(model, eval_traced, shapes, last_use, size[1:], own_size_shapes(model, eval_traced, size, shapes))
-    final = final_stage(table) if table else None
+    final = final_stage(table)
     module_names = {n for n, _ in model.named_modules()}
 
     resolved = [_resolve(s, table, eval_traced, module_names) for s in stages]
@@ -290,7 +290,7 @@ def plan_exits(model: nn.Module, stages, input_size=None, options: TraceOptions 
     sites = []
     for name, node in resolved:
         row = next((s for s in table if s.name == name), None)
-        layout, channels, reduction = read_feature(shapes[node], row.channels if row else None, model, size[1:])
+        layout, channels, reduction = read_feature(shapes[node], row.channels if row and row.usable else None, model, size[1:])  # a refused row's width is not this node's
         sites.append(
             ExitSite(
                 stage=name,
