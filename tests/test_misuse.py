@@ -1,7 +1,10 @@
 """Misuse a user could make, as they would write it: each gets a clear error (or a warning where the
 input is legal but almost surely a mistake) at the call, naming the argument and what is valid."""
 import copy
+import os
 import pickle
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -214,6 +217,16 @@ def test_one_logit_models_need_a_criterion_that_is_not_a_softmax():
         model.early_exit(torch.randn(2, 3, 32, 32))
     result = model.early_exit(torch.randn(2, 3, 32, 32), threshold=0.2, criterion=lambda z: (z.sigmoid() - 0.5).abs().squeeze(1))
     assert result.logits.shape == (2, 1)
+    with pytest.raises(ValueError, match=exactly("the model outputs one logit per sample: thresholds need class logits (CachedExits says why); early_exit takes a callable criterion instead")):
+        timm_exits.collect_exit_logits(model, [(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))], progress=False)
+    with pytest.raises(ValueError, match=r"^logits hold one logit per sample \(C = 1\): thresholds read a prediction as the argmax"):
+        timm_exits.CachedExits(torch.randn(3, 4, 1), torch.zeros(4, dtype=torch.long), [1.0, 2.0, 3.0], ["a", "b", "final"])  # it used to send everyone out at exit 1
+
+
+def test_cached_labels_outside_the_classes_are_refused():
+    """A label of C was counted as an error without a word."""
+    with pytest.raises(ValueError, match=exactly("labels hold class 4, outside [0, 4) for 4-class logits (unlabeled samples take a negative label)")):
+        timm_exits.CachedExits(torch.randn(3, 2, 4), torch.tensor([0, 4]), [1.0, 2.0, 3.0], ["a", "b", "final"])
 
 
 def test_empty_cached_exits_are_refused():
@@ -455,3 +468,29 @@ def test_ekd_is_given_the_teachers_logits_not_the_teachers():
         with pytest.raises(TypeError, match=exactly(message)):
             loss(logits, torch.zeros(2, dtype=torch.long), given)
     assert torch.isfinite(loss(logits, torch.zeros(2, dtype=torch.long), [torch.randn(2, 5)]))
+
+
+def test_sizes_a_model_cannot_run_are_named_outside_wrap_too():
+    """list_stages and flops_report ran the model on the size without a check: torch's or fx's message, and a traceback on the command line."""
+    resnet = timm.create_model("resnet18", num_classes=5)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32, depth=2)
+    with pytest.raises(ValueError, match=r"^ResNet cannot run on a dummy input of input_size=\(1, 64, 64\): RuntimeError: Given groups=1"):
+        timm_exits.list_stages(resnet, input_size=(1, 64, 64))
+    with pytest.raises(ValueError, match=r"^VisionTransformer cannot run on a dummy input of input_size=\(3, 64, 64\): AssertionError: Input height \(64\) doesn't match model \(32\)"):
+        timm_exits.list_stages(vit, input_size=(3, 64, 64))
+    with pytest.raises(ValueError, match=r"^MultiExitModel cannot run on an input of shape \(1, 3, 64, 64\) \(from input_size\): AssertionError: Input height"):
+        timm_exits.flops_report(timm_exits.wrap(vit, stages=[0]), input_size=(3, 64, 64))
+    with pytest.raises(ValueError, match=r"^ResNet cannot run on an input of shape \(1, 1, 32, 32\) \(from example_input\)"):
+        timm_exits.flops_report(resnet, example_input=torch.randn(1, 1, 32, 32))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in resnet.modules())  # the failed count left no hook
+    with pytest.raises(ValueError, match=exactly("input_size must be three positive ints (channels, height, width), got 32")):
+        timm_exits.wrap(resnet, stages=[1], input_size=32)
+    with pytest.raises(ValueError, match=exactly("threshold must be a number, one number per early exit, or a Calibration; got '0.9'")):
+        timm_exits.wrap(resnet, stages=[1], input_size=(3, 32, 32)).eval().early_exit(torch.randn(2, 3, 32, 32), threshold="0.9")
+
+
+@pytest.mark.parametrize("args", [["stages", "resnet18", "--input-size", "1", "64", "64"], ["flops", "vit_tiny_patch16_224", "--input-size", "3", "64", "64"]])
+def test_the_command_line_names_a_size_the_model_cannot_run(args):
+    done = subprocess.run([sys.executable, "-m", "timm_exits", *args], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "cannot run on" in done.stderr and "input_size" in done.stderr

@@ -58,6 +58,15 @@ class CachedExits:
             raise ValueError(f"labels must be (N,) = ({self.logits.shape[1]},), got shape {tuple(self.labels.shape)}")
         if len(self.flops) != self.logits.shape[0]:
             raise ValueError(f"flops has {len(self.flops)} values for {self.logits.shape[0]} exits")
+        classes = self.logits.shape[2]
+        if classes == 1:
+            raise ValueError(
+                "logits hold one logit per sample (C = 1): thresholds read a prediction as the argmax over classes and a confidence from "
+                "a softmax, both constant over one logit; cache two-class logits instead, torch.cat([torch.zeros_like(z), z], -1) "
+                "(their softmax is sigmoid(z))"
+            )
+        if self.labels.numel() and int(self.labels.max()) >= classes:
+            raise ValueError(f"labels hold class {int(self.labels.max())}, outside [0, {classes}) for {classes}-class logits (unlabeled samples take a negative label)")
 
     @property
     def num_exits(self) -> int:
@@ -110,6 +119,8 @@ def collect_exit_logits(model: MultiExitModel, loader, device=None, progress: bo
 
     if not isinstance(model, MultiExitModel):
         raise TypeError(f"collect_exit_logits needs a MultiExitModel, got {type(model).__name__}")
+    if model.num_classes == 1:  # named before the pass over the data, not after it
+        raise ValueError("the model outputs one logit per sample: thresholds need class logits (CachedExits says why); early_exit takes a callable criterion instead")
     logits, labels, sizes = [], [], Counter()
     show = progress_default() if progress is None else bool(progress)
     with evaluating(model):

@@ -456,6 +456,18 @@ def _sample(model: nn.Module, backbone: nn.Module, input_size, example_input) ->
     return example_input
 
 
+def _check_runs(model: nn.Module, x: torch.Tensor, argument: str, counting_error: Exception) -> None:
+    """After a failed count: if the model cannot run on `x` at all, name the argument that gave `x`."""
+    try:
+        with evaluating(model), torch.no_grad():
+            model(x)
+    except Exception as err:
+        raise ValueError(
+            f"{type(model).__name__} cannot run on an input of shape {tuple(x.shape)} (from {argument}): {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}; give {argument} as the model takes it"
+        ) from counting_error
+
+
 def _labels(model: nn.Module) -> tuple[list[str], list[str], list[int]]:
     """Each exit's stage, head name and head parameters."""
     if not isinstance(model, MultiExitModel):
@@ -495,7 +507,11 @@ def flops_report(model: nn.Module, input_size: Sequence[int] | None = None, *, e
     x = _sample(model, backbone, input_size, example_input)
     batch = x.shape[0]
     failed: dict[str, str] = {}
-    counts = _count(model, backbone, x, handles, failed)
+    try:
+        counts = _count(model, backbone, x, handles, failed)
+    except Exception as err:
+        _check_runs(model, x, "example_input" if example_input is not None else "input_size", err)
+        raise
     unused = sum(p.numel() for p in backbone.parameters()) - counts.backbone_params[-1]
     if unused > 0:
         counts.notes.append(f"{unused:,} backbone parameters are not used in eval mode (auxiliary heads, for instance) and are not counted")

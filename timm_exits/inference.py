@@ -98,6 +98,8 @@ def confidence_thresholds(threshold, criterion, num_exits: int, ensemble: bool =
         threshold = threshold.item()
     if isinstance(threshold, numbers.Real):  # a Python, numpy or 0-d tensor scalar
         values = [threshold]
+    elif isinstance(threshold, (str, bytes)) or not hasattr(threshold, "__iter__"):
+        raise ValueError(f"threshold must be a number, one number per early exit, or a Calibration; got {threshold!r}")
     else:
         values = list(threshold.tolist() if hasattr(threshold, "tolist") else threshold)
     if len(values) == 1:

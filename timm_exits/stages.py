@@ -12,7 +12,7 @@ from typing import Sequence
 import torch.fx as fx
 from torch import nn
 
-from .tracing import TracedGraph, TraceError, TraceOptions, check_input_size, default_input_size, dummy_input, last_uses, run_shapes, single_cuts, trace
+from .tracing import TracedGraph, TraceError, TraceOptions, check_input_size, default_input_size, dummy_input, last_uses, run_shapes, shapes_at, single_cuts, trace
 
 __all__ = ["Stage", "FeatureLayout", "feature_layout", "read_feature", "list_stages", "stage_table", "candidate_stages"]
 
@@ -259,7 +259,7 @@ def list_stages(model: nn.Module, input_size: Sequence[int] | None = None, leaf_
 def _traced_with_shapes(model: nn.Module, input_size, options: TraceOptions):
     traced = trace(model, False, options)
     size = check_input_size(input_size, model)
-    shapes, _ = run_shapes(model, traced, dummy_input(model, size))
+    shapes, _ = shapes_at(model, traced, size)
     return traced, shapes, size
 
 

@@ -29,7 +29,7 @@ import torch.fx as fx
 from torch import nn
 
 from .stages import FeatureLayout, Stage, describe, feature_layout, final_stage, own_size_shapes, read_feature, stage_table
-from .tracing import TracedGraph, TraceError, TraceOptions, check_input_size, closes_block, dummy_input, last_uses, live_after, run_shapes, set_training, trace
+from .tracing import TracedGraph, TraceError, TraceOptions, check_input_size, closes_block, dummy_input, last_uses, live_after, set_training, shapes_at, trace
 
 __all__ = ["ExitPlan", "ExitSite", "plan_exits", "split"]
 
@@ -242,13 +242,7 @@ def plan_exits(model: nn.Module, stages, input_size=None, options: TraceOptions 
             raise
         warnings.warn(f"{err} Falling back to {type(model).__name__}.forward_intermediates: every exit is computed on every call, so early exits save no compute.", stacklevel=3)
         return _plan_from_intermediates(model, stages, size)
-    try:
-        shapes, out = run_shapes(model, eval_traced, dummy_input(model, size))
-    except Exception as err:  # a conv's channel check, a ViT's size assertion: say which argument to change
-        raise ValueError(
-            f"{type(model).__name__} cannot run on a dummy input of input_size={size}: {type(err).__name__}: {str(err).splitlines()[0]}; "
-            "give input_size as the (channels, height, width) the model takes"
-        ) from err
+    shapes, out = shapes_at(model, eval_traced, size)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ValueError(f"the backbone must return logits of shape (B, num_classes) in eval mode; {type(model).__name__} returned {_shape_of(out)}")
     last_use = last_uses(eval_traced)

@@ -275,6 +275,8 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
 def check_input_size(input_size, model) -> tuple[int, ...]:
     if input_size is None:
         return default_input_size(model)
+    if isinstance(input_size, (str, bytes)) or not hasattr(input_size, "__iter__"):
+        raise ValueError(f"input_size must be three positive ints (channels, height, width), got {input_size!r}")
     size = tuple(input_size)
     if len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
         raise ValueError(f"input_size must be three positive ints (channels, height, width), got {input_size!r}")
@@ -300,6 +302,17 @@ class _ShapeRecorder(fx.Interpreter):
         out = super().run_node(n)
         self.shapes[n] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
         return out
+
+
+def shapes_at(model: nn.Module, traced: TracedGraph, size) -> tuple:
+    """`run_shapes` on a dummy input of `size`; a model that cannot run on it is named with the size to change."""
+    try:
+        return run_shapes(model, traced, dummy_input(model, size))
+    except Exception as err:  # a conv's channel check, a ViT's size assertion: say which argument to change
+        raise ValueError(
+            f"{type(model).__name__} cannot run on a dummy input of input_size={tuple(size)}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
+            "give input_size as the (channels, height, width) the model takes"
+        ) from err
 
 
 def run_shapes(model: nn.Module, traced: TracedGraph, x: torch.Tensor):
