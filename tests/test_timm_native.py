@@ -63,6 +63,29 @@ def test_reset_classifier_names_what_it_cannot_do():
     assert custom.num_classes == 10 and custom.backbone.num_classes == 10  # refused before anything changed
 
 
+def test_timms_reset_signature_and_torchvision_backbones_get_clear_answers():
+    model = resnet()
+    with pytest.raises(ValueError, match=exactly("global_pool='max' would change the backbone's final features after wrap: build the backbone with global_pool='max', then wrap it")):
+        model.reset_classifier(5, global_pool="max")
+    model.reset_classifier(5, global_pool=None)
+    assert model.num_classes == 5
+    vision = timm_exits.wrap(torchvision.models.resnet18(num_classes=10), stages=[1, 2], input_size=(3, 32, 32))
+    for call in (vision.get_classifier, lambda: vision.forward_features(torch.randn(1, 3, 32, 32))):
+        with pytest.raises(AttributeError, match=r"^the backbone \(ResNet\) has no (get_classifier|forward_features)\(\): it is a timm model method"):
+            call()
+
+
+def test_the_saved_pretrained_cfg_describes_the_saved_weights(tmp_path):
+    """As timm's save_config_for_hf: not where the original weights came from, and the classes the model now has."""
+    import json
+
+    model = timm_exits.create_model("resnet18", stages=[1], num_classes=10, input_size=(3, 32, 32))
+    assert model.backbone.pretrained_cfg.get("hf_hub_id") and model.backbone.pretrained_cfg["num_classes"] == 1000
+    cfg = json.loads((model.save_pretrained(tmp_path / "saved") / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["num_classes"] == 10 and not {"url", "hf_hub_id", "file", "source", "label_names"} & set(cfg)
+    assert cfg["input_size"] == list(model.backbone.pretrained_cfg["input_size"]) and cfg["architecture"] == "resnet18"
+
+
 def test_forward_features_and_forward_head_are_the_backbones():
     model = resnet().eval()
     x = torch.randn(2, 3, 32, 32)
@@ -199,6 +222,11 @@ def test_export_backbone_writes_what_timm_loads(tmp_path, capsys):
     folder = model.save_pretrained(tmp_path / "saved")
     path, where = timm_exits.export_backbone(folder, tmp_path / "from_folder.pth")
     assert where == "the file" and torch.equal(torch.load(path)["fc.weight"], model.backbone.fc.weight)
+    assert main(["export-backbone", str(folder), str(tmp_path / "folder_ema.pth"), "--use-ema"]) == 0
+    out = capsys.readouterr().out  # asked for EMA weights where there are none: said, and the folder names its backbone
+    assert "(from the file (it holds no EMA weights) of" in out and "timm.create_model('resnet18', checkpoint_path=" in out
+    again = timm_exits.create_model("resnet18", stages=[1, 2, 3], num_classes=10, input_size=(3, 32, 32), checkpoint_path=folder)  # a folder as a checkpoint
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
     (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
     torch.save(model.backbone.state_dict(), tmp_path / "plain.pth")
     for argv, message in [

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -79,7 +81,9 @@ def _export_backbone(args: argparse.Namespace) -> int:
     from .hub import export_backbone
 
     out, where = export_backbone(args.checkpoint, args.out, use_ema=args.use_ema)
-    print(f"wrote the plain backbone's weights (from {where} of {args.checkpoint}) to {out}: timm.create_model(NAME, checkpoint_path={str(out)!r}) and timm's validate.py load them")
+    config = Path(args.checkpoint) / "config.json"
+    name = json.loads(config.read_text()).get("architecture", "NAME") if config.is_file() else "NAME"  # a save_pretrained folder knows its backbone
+    print(f"wrote the plain backbone's weights (from {where} of {args.checkpoint}) to {out}: timm.create_model({name!r}, checkpoint_path={str(out)!r}) and timm's validate.py load them")
     return 0
 
 

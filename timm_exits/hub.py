@@ -55,8 +55,10 @@ def _read_checkpoint(path, what: str, use_ema: bool) -> tuple[dict, str]:
     A training checkpoint (a dict) gives its ``state_dict_ema`` when `use_ema` and it has one,
     else its ``state_dict`` (or ``model``); the wrappers' prefixes (``module.``, ``_orig_mod.``) go.
     """
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, WEIGHTS)):  # a folder save_pretrained wrote
+        path = os.path.join(path, WEIGHTS)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {str(path)!r} is not a file")
+        raise FileNotFoundError(f"{what} {str(path)!r} is not a file" + (f" (nor a folder with {WEIGHTS})" if os.path.isdir(path) else ""))
     try:
         if str(path).endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -73,6 +75,8 @@ def _read_checkpoint(path, what: str, use_ema: bool) -> tuple[dict, str]:
         raise ValueError(f"{what} {str(path)!r} could not be read as a checkpoint: {type(err).__name__}: {err}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{what} {str(path)!r} holds no state dict of tensors (found {type(state).__name__} in {where})")
+    if use_ema and "ema" not in where:
+        where += " (it holds no EMA weights)"
     clean = {}
     for key, value in state.items():
         for prefix in ("_orig_mod.", "module.", "_orig_mod."):
@@ -212,7 +216,7 @@ def save_pretrained(model: MultiExitModel, save_directory: str | os.PathLike, mo
     config["num_classes"] = model.num_classes
     cfg = getattr(model.backbone, "pretrained_cfg", None)
     if cfg:
-        config["pretrained_cfg"] = {k: v for k, v in cfg.items() if _serialisable(v)}
+        config["pretrained_cfg"] = _current_cfg(cfg, model.num_classes)
     exits = {**wrap_args, "eval_output": model.eval_output, "version": __version__}
     exits["head"] = [_importable(h, f"the head of exit {k + 1}") for k, h in enumerate(wrap_args["head"])]
     exits["leaf_modules"] = [_importable(m, "leaf module") for m in wrap_args["leaf_modules"]]
@@ -226,6 +230,20 @@ def save_pretrained(model: MultiExitModel, save_directory: str | os.PathLike, mo
     with open(folder / CONFIG, "w") as f:
         json.dump(config, f, indent=2)
     return folder
+
+
+_SOURCE_KEYS = {"url", "file", "hf_hub_id", "hf_hub_filename", "source", "state_dict"}
+
+
+def _current_cfg(cfg: dict, num_classes: int) -> dict:
+    """The backbone's pretrained_cfg as it describes the weights saved, as timm's ``save_config_for_hf`` writes it:
+    without where the original weights came from, with the current number of classes (and no labels of another set)."""
+    kept = {k: v for k, v in cfg.items() if k not in _SOURCE_KEYS and (v is not None or k in ("pool_size", "first_conv", "classifier")) and _serialisable(v)}
+    if kept.get("num_classes") != num_classes:
+        for key in ("label_names", "label_descriptions", "label_offset"):
+            kept.pop(key, None)
+    kept["num_classes"] = num_classes
+    return kept
 
 
 def _serialisable(value) -> bool:
@@ -281,7 +299,7 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, use_e
     ``timm.create_model(name, checkpoint_path=out)`` and timm's ``validate.py``.
     """
     source = Path(checkpoint)
-    state, where = _read_checkpoint(source / WEIGHTS if source.is_dir() else source, "checkpoint", use_ema)
+    state, where = _read_checkpoint(source, "checkpoint", use_ema)
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     if not backbone:
         raise ValueError(f"{str(checkpoint)!r} has no 'backbone.*' keys: it is not a multi-exit checkpoint (a plain one loads into timm as it is)")

@@ -382,10 +382,16 @@ class MultiExitModel(nn.Module):
     def default_cfg(self):
         return self.pretrained_cfg
 
-    def get_classifier(self) -> nn.Module:
-        return self.backbone.get_classifier()
+    def _backbone_method(self, name: str):
+        method = getattr(self.backbone, name, None)
+        if not callable(method):  # torchvision models have none of timm's methods
+            raise AttributeError(f"the backbone ({type(self.backbone).__name__}) has no {name}(): it is a timm model method; use model.backbone's own layers, or a timm backbone")
+        return method
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def get_classifier(self) -> nn.Module:
+        return self._backbone_method("get_classifier")()
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new classifier of `num_classes` outputs for the backbone and for every exit head, as timm's ``reset_classifier``.
 
         The features and heads' other layers keep their weights; each new classifier is freshly
@@ -394,6 +400,8 @@ class MultiExitModel(nn.Module):
         """
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"num_classes must be an int >= 1 (a multi-exit model needs a classifier on every exit), got {num_classes!r}")
+        if global_pool is not None:  # timm's signature takes it; a new pool changes the final features the exits were cut from
+            raise ValueError(f"global_pool={global_pool!r} would change the backbone's final features after wrap: build the backbone with global_pool={global_pool!r}, then wrap it")
         inner = [h.head if isinstance(h, CascadedHead) else h for h in self.exits]  # a cascade resets the head it wraps
         lacking = [f"exit {k + 1} ({type(h).__name__})" for k, h in enumerate(inner) if not callable(getattr(h, "reset_classifier", None))]
         if lacking:
@@ -406,11 +414,11 @@ class MultiExitModel(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's ``forward_features`` (its final feature map), as for a plain timm model."""
-        return self.backbone.forward_features(x)
+        return self._backbone_method("forward_features")(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """The backbone's ``forward_head`` on its final feature map: the last exit's classifier."""
-        return self.backbone.forward_head(x, pre_logits=pre_logits)
+        return self._backbone_method("forward_head")(x, pre_logits=pre_logits)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
