@@ -8,7 +8,7 @@ catches is a hole in the suite. Prints one row per bug and exits 1 if any surviv
 
 The first six are the ones that passed every test before issue 13 (docs/testing.md; the third
 now plants its fallback slip in the steps, where issue 14 moved that path); the next five put back,
-one at a time, the runtime faults issue 14 fixed; the next three are slips in issue 16's evidence, the next three in issue 17's timm-native saving, the next six in issue 18's inference, the last three in issue 19's compiled and streamed early exit; the others are the kind of slip the suite must
+one at a time, the runtime faults issue 14 fixed; the next three are slips in issue 16's evidence, the next three in issue 17's timm-native saving, the next six in issue 18's inference, three in issue 19's compiled and streamed early exit, four in its host reads and device-side schedules, one in issue 15's stage widths; the others are the kind of slip the suite must
 keep catching. `mutmut` (docs/testing.md) does the same thing
 mechanically and at scale; this list is the hand-picked, readable part.
 """
@@ -139,6 +139,17 @@ BUGS = [
         "steps = [step.uncompiled() for step in model.steps()] if", "steps = [step for step in model.steps()] if", ("tests/test_compiled.py",)),
     Bug("the stream's queue hands out the rows it keeps", "timm_exits/stream.py",
         "parts.append(_take(carried, self.kind, rows[:wanted]))", "parts.append(_take(carried, self.kind, rows[-wanted:]))", ("tests/test_stream.py",)),
+    Bug("one sample that should leave stays when some but not all leave", "timm_exits/inference.py",
+        "    return order[:n], order[n:]\n", "    return order[: n - 1], order[n - 1 :]\n", ("tests/test_inference.py",)),
+    Bug("early exit reads the device twice per exit", "timm_exits/inference.py",
+        "    n = int(passed.sum())\n", "    n = int(passed.sum())\n    passed.nonzero()\n", ("tests/test_profile.py",)),
+    Bug("the SDN ramp reads the epoch one late", "timm_exits/losses.py",
+        "e = self.epoch.to(device) + 1", "e = self.epoch.to(device)", ("tests/test_losses.py",)),
+    Bug("the adaptive temperature grows whatever the teacher's confidence", "timm_exits/losses.py",
+        "grow = (teacher_maxprob.detach() > self.maxprob)", "grow = (teacher_maxprob.detach() > -1.0)", ("tests/test_losses.py",)),
+    # issue 15's last part: a stage row whose module outputs another width than feature_info's
+    Bug("a stage row is cut at a width other than its table's", "timm_exits/stages.py",
+        "elif (found := read_feature(shapes[node], chans, model, input_hw)[1]) != chans:", "elif (found := read_feature(shapes[node], chans, model, input_hw)[1]) < 0:", ("tests/test_misuse.py",)),
 ]
 
 

@@ -7,7 +7,12 @@ batches), over `--images` images in batches of 64, median of `--rounds` alternat
 speedup over the plain model measured, time-predicted (`profile_exits` at batch 64) and
 FLOPs-predicted, and the measured share of the time-predicted one (issue 19's goal: 95 %).
 
-    python benchmarks/stream.py [--rounds 5] [--images 640]
+    python benchmarks/stream.py [--rounds 5] [--images 640] [--channels-last]
+
+``--channels-last`` adds, for the convolutional models, a copy of the model and images in
+``torch.channels_last`` timed in the same alternating rounds: the plain model in each memory
+format, and early exit in channels_last against the plain model in channels_last and its own
+time prediction.
 """
 from __future__ import annotations
 
@@ -32,7 +37,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--images", type=int, default=640)
+    parser.add_argument("--channels-last", action="store_true")
     args = parser.parse_args()
+    if args.channels_last:
+        return channels_last(args)
     warnings.filterwarnings("ignore")
     print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}, timm {timm.__version__}.")
     print(f"Command: `python benchmarks/stream.py --rounds {args.rounds} --images {args.images}`\n")
@@ -62,6 +70,47 @@ def main() -> None:
             speedup = seconds["plain"] / seconds[label]
             cells.append(f"{speedup:.2f}x / {speedup / predicted:.0%}")
         print(f"| {name} | {' / '.join(f'{100 * s:.0f} %' for s in shares)} | {len(images) / seconds['plain']:.0f} | {cells[0]} | {cells[1]} | {predicted:.2f}x | {flops:.2f}x |", flush=True)
+
+
+def channels_last(args) -> None:
+    """Each CNN in both memory formats, timed in the same rounds."""
+    import copy
+
+    print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}, timm {timm.__version__}.")
+    print(f"Command: `python benchmarks/stream.py --channels-last --rounds {args.rounds} --images {args.images}`\n")
+    print("| model | plain: channels_last over contiguous (time) | early exit per batch, channels_last: speedup / share of time-predicted | stream, channels_last: speedup / share | contiguous, same rounds: per batch / stream speedups |")
+    print("|---|---:|---|---|---|")
+    for name, (build, stages, size) in MODELS.items():
+        if "vit" in name:
+            continue  # no convolutions after the patch embedding: the memory format does not apply
+        torch.manual_seed(0)
+        model = timm_exits.wrap(build(), stages=stages, input_size=size).eval()
+        last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        images = torch.randn(args.images, *size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            every = model.forward_exits(images)
+        thresholds = [float(z.softmax(-1).amax(-1).median()) for z in every[:-1]]
+        batches = [images[i : i + 64] for i in range(0, len(images), 64)]
+        batches_last = [b.contiguous(memory_format=torch.channels_last) for b in batches]
+        result = timm_exits.early_exit_stream(model, batches, threshold=thresholds)
+        shares = [c / len(images) for c in result.exit_counts(model.num_exits)]
+        runs = {
+            "plain": lambda: [model.backbone(b) for b in batches],
+            "plain, channels_last": lambda: [last.backbone(b) for b in batches_last],
+            "per batch": lambda: [model.early_exit(b, threshold=thresholds) for b in batches],
+            "per batch, channels_last": lambda: [last.early_exit(b, threshold=thresholds) for b in batches_last],
+            "stream": lambda: timm_exits.early_exit_stream(model, batches, threshold=thresholds),
+            "stream, channels_last": lambda: timm_exits.early_exit_stream(last, batches_last, threshold=thresholds),
+        }
+        with torch.no_grad():
+            seconds = alternating_medians(runs, args.rounds)
+        predicted = timm_exits.profile_exits(last, batches_last[0], repeats=args.rounds).predicted_speedup(shares)
+        cells = []
+        for label in ("per batch, channels_last", "stream, channels_last"):
+            speedup = seconds["plain, channels_last"] / seconds[label]
+            cells.append(f"{speedup:.2f}x / {speedup / predicted:.0%}")
+        contiguous = " / ".join(f"{seconds['plain'] / seconds[k]:.2f}x" for k in ("per batch", "stream"))
+        print(f"| {name} | {seconds['plain, channels_last'] / seconds['plain']:.2f} | {cells[0]} | {cells[1]} | {contiguous} |", flush=True)
 
 
 if __name__ == "__main__":

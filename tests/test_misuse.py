@@ -118,7 +118,7 @@ def test_eval_output_is_checked_whenever_it_is_set():
     (["demo", "--head", "foo"], "argument --head: invalid choice: 'foo'"),
     (["demo", "--model", "resnet1O"], "timm-exits demo: error: unknown timm model 'resnet1O'; did you mean resnet18"),
     (["demo", "--stages", "9"], "timm-exits demo: error: stage index 9 is out of range: this model has 5 stages"),
-    (["flops", "resnet18", "--input-size", "1", "64", "64"], "timm-exits flops: error: ResNet cannot run on an input of size [1, 64, 64]"),
+    (["flops", "resnet18", "--input-size", "1", "64", "64"], "timm-exits flops: error: ResNet cannot run on an input of shape (1, 1, 64, 64) (from input_size): RuntimeError: Given groups=1"),
     (["flops", "resnet18", "--stages", "1", "--input-size", "1", "64", "64"],
      "timm-exits flops: error: ResNet cannot run on a dummy input of input_size=(1, 64, 64): RuntimeError: Given groups=1"),
     (["flops", "resnet18", "--stages", "layer9"], "timm-exits flops: error: unknown stage 'layer9'"),

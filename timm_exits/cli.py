@@ -64,15 +64,12 @@ def _flops(args: argparse.Namespace) -> int:
     from .placement import at_flops
 
     model = _build(args.model, args.num_classes)
-    try:
-        if args.at_flops:
-            model = wrap(model, stages=at_flops(*args.at_flops), head=args.head, input_size=args.input_size)
-        elif args.stages:
-            model = wrap(model, stages=[int(s) if s.lstrip("-").isdigit() else s for s in args.stages], head=args.head, input_size=args.input_size)
-        report = flops_report(model, input_size=args.input_size)
-        report.model = args.model
-    except RuntimeError as err:  # the plain model's own forward refused the input (a conv's channel count, say)
-        raise ValueError(f"{type(model).__name__} cannot run on an input of size {args.input_size}: {str(err).splitlines()[0]}") from None
+    if args.at_flops:  # a size the model cannot run is named by the library (a ValueError: one line, exit 2)
+        model = wrap(model, stages=at_flops(*args.at_flops), head=args.head, input_size=args.input_size)
+    elif args.stages:
+        model = wrap(model, stages=[int(s) if s.lstrip("-").isdigit() else s for s in args.stages], head=args.head, input_size=args.input_size)
+    report = flops_report(model, input_size=args.input_size)
+    report.model = args.model
     print(report.to_json() if args.json else report.to_markdown() if args.markdown else report)
     return 0
 
