@@ -75,7 +75,7 @@ def main() -> None:
             median = [exit_confidence(z).median().item() for z in model(x)[:-1]]
         warnings.filterwarnings("ignore")
         timm_exits.early_exit(model, x, threshold=median)  # learn the batch layout and the costs first
-        print(f"**{name}** at {args.size}x{args.size}, exits after {model.stages[:-1]}\n")
+        print(f"**{name}** at {args.size}x{args.size}, exits after {list(model.stages)}\n")
         print(f"| call | host reads | which{cuda_column} | note |")
         print("|---|---:|---|---|" + ("---:|" if cuda_column else ""))
         with counted(device) as syncs, torch.no_grad():
@@ -85,7 +85,7 @@ def main() -> None:
             with counted(device) as syncs:
                 result = timm_exits.early_exit(model, x[:batch], threshold=median)
             reached = min(model.num_exits - 1, int(result.exit_index.max()) + 1)
-            print(row(f"early_exit, batch {batch}", syncs, f"{reached} early exits decided"))
+            print(row(f"early_exit, batch {batch}", syncs, f"early exits decided at: {reached}"))
         with counted(device) as syncs:
             timm_exits.early_exit_stream(model, [x] * 4, threshold=median)
         print(row("early_exit_stream, 4 batches of 64", syncs, "one read per segment run with a head"))

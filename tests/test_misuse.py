@@ -118,7 +118,7 @@ def test_eval_output_is_checked_whenever_it_is_set():
     (["demo", "--head", "foo"], "argument --head: invalid choice: 'foo'"),
     (["demo", "--model", "resnet1O"], "timm-exits demo: error: unknown timm model 'resnet1O'; did you mean resnet18"),
     (["demo", "--stages", "9"], "timm-exits demo: error: stage index 9 is out of range: this model has 5 stages"),
-    (["flops", "resnet18", "--input-size", "1", "64", "64"], "timm-exits flops: error: ResNet cannot run on an input of shape (1, 1, 64, 64) (from input_size): RuntimeError: Given groups=1"),
+    (["flops", "resnet18", "--input-size", "1", "64", "64"], "timm-exits flops: error: ResNet cannot run on an input of shape (1, 1, 64, 64) (from input_size), where it runs on its own (3, 224, 224): RuntimeError: Given groups=1"),
     (["flops", "resnet18", "--stages", "1", "--input-size", "1", "64", "64"],
      "timm-exits flops: error: ResNet cannot run on a dummy input of input_size=(1, 64, 64): RuntimeError: Given groups=1"),
     (["flops", "resnet18", "--stages", "layer9"], "timm-exits flops: error: unknown stage 'layer9'"),
@@ -350,9 +350,11 @@ def test_small_things_that_crashed():
 
 def test_a_traced_shape_check_names_the_sizes_not_fx_proxies():
     vit = timm_exits.wrap(timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32), stages=[3]).eval()
-    for call in (lambda: vit(torch.randn(2, 3, 64, 64)), lambda: timm_exits.flops_report(vit, input_size=(3, 64, 64)), lambda: timm_exits.early_exit(vit, torch.randn(2, 3, 64, 64), threshold=0.5)):
+    for call in (lambda: vit(torch.randn(2, 3, 64, 64)), lambda: timm_exits.early_exit(vit, torch.randn(2, 3, 64, 64), threshold=0.5)):
         with pytest.raises(AssertionError, match=exactly("Input height (64) doesn't match model (32).")):
             call()
+    with pytest.raises(ValueError, match=r"\(from input_size\), where it runs on its own \(3, 32, 32\): AssertionError: Input height \(64\) doesn't match model \(32\)\.;"):
+        timm_exits.flops_report(vit, input_size=(3, 64, 64))
     assert vit(torch.randn(2, 3, 32, 32))[-1].shape == (2, 5)
     x = torch.randn(1, 3, 32, 32)
     assert all(torch.equal(a, b) for a, b in zip(vit(x), pickle.loads(pickle.dumps(vit))(x)))
@@ -478,9 +480,9 @@ def test_sizes_a_model_cannot_run_are_named_outside_wrap_too():
         timm_exits.list_stages(resnet, input_size=(1, 64, 64))
     with pytest.raises(ValueError, match=r"^VisionTransformer cannot run on a dummy input of input_size=\(3, 64, 64\): AssertionError: Input height \(64\) doesn't match model \(32\)"):
         timm_exits.list_stages(vit, input_size=(3, 64, 64))
-    with pytest.raises(ValueError, match=r"^MultiExitModel cannot run on an input of shape \(1, 3, 64, 64\) \(from input_size\): AssertionError: Input height"):
+    with pytest.raises(ValueError, match=r"^MultiExitModel cannot run on an input of shape \(1, 3, 64, 64\) \(from input_size\), where it runs on its own \(3, 32, 32\): AssertionError: Input height"):
         timm_exits.flops_report(timm_exits.wrap(vit, stages=[0]), input_size=(3, 64, 64))
-    with pytest.raises(ValueError, match=r"^ResNet cannot run on an input of shape \(1, 1, 32, 32\) \(from example_input\)"):
+    with pytest.raises(ValueError, match=r"^ResNet cannot run on an input of shape \(1, 1, 32, 32\) \(from example_input\), where it runs on its own \(3, 224, 224\)"):
         timm_exits.flops_report(resnet, example_input=torch.randn(1, 1, 32, 32))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in resnet.modules())  # the failed count left no hook
     with pytest.raises(ValueError, match=exactly("input_size must be three positive ints (channels, height, width), got 32")):

@@ -456,15 +456,34 @@ def _sample(model: nn.Module, backbone: nn.Module, input_size, example_input) ->
     return example_input
 
 
+class InputSizeError(ValueError):
+    """The model cannot run on the input `flops_report` was given, where it runs on its own size; ``failure`` is the model's own error."""
+
+    def __init__(self, message: str, failure: Exception):
+        super().__init__(message)
+        self.failure = failure
+
+
 def _check_runs(model: nn.Module, x: torch.Tensor, argument: str, counting_error: Exception) -> None:
-    """After a failed count: if the model cannot run on `x` at all, name the argument that gave `x`."""
-    try:
-        with evaluating(model), torch.no_grad():
+    """After a failed count: if the model cannot run on `x` but runs on its own input size, name the argument that gave `x`
+    (a model that fails on both has a fault of its own: the count's error stands)."""
+    own = tuple(model.input_size) if isinstance(model, MultiExitModel) else tracing.default_input_size(model)
+    if tuple(x.shape[1:]) == own:
+        return
+    with evaluating(model), torch.no_grad():
+        try:
             model(x)
-    except Exception as err:
-        raise ValueError(
-            f"{type(model).__name__} cannot run on an input of shape {tuple(x.shape)} (from {argument}): {type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}; give {argument} as the model takes it"
+            return
+        except Exception as err:
+            failure = err
+        try:
+            model(dummy_input(model, own))
+        except Exception:
+            return
+        raise InputSizeError(
+            f"{type(model).__name__} cannot run on an input of shape {tuple(x.shape)} (from {argument}), where it runs on its own "
+            f"{own}: {type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}; give {argument} as the model takes it",
+            failure,
         ) from counting_error
 
 

@@ -323,10 +323,13 @@ def exit_costs(model: MultiExitModel, input_size: tuple[int, ...]) -> list[float
     learned = _learned(model)
     with learned.lock:
         if input_size not in learned.costs:
-            from .flops import flops_report  # lazy: counting imports fvcore, which early exit needs only here
+            from .flops import InputSizeError, flops_report  # lazy: counting imports fvcore, which early exit needs only here
 
-            with torch.inference_mode(False):
-                exits = flops_report(model, input_size=input_size).exits
+            try:
+                with torch.inference_mode(False):
+                    exits = flops_report(model, input_size=input_size).exits
+            except InputSizeError as err:  # the caller's batch does not fit the model: the model's own message, as its forward gives it
+                raise err.failure from None
             heads = itertools.accumulate(cost.head_flops for cost in exits)
             learned.costs[input_size] = [float(cost.backbone_flops + h) for cost, h in zip(exits, heads)]
         return learned.costs[input_size]
