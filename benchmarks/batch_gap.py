@@ -5,7 +5,10 @@ confidence on 64 images). Times, in alternating rounds: each segment and head at
 it sees inside `early_exit`, the plain model and `early_exit` at 64; then the speedup predicted
 from those sizes, the one measured, and the one `profile_exits` predicts from batch-64 rates.
 
-    python benchmarks/batch_gap.py [--rounds 15]
+    python benchmarks/batch_gap.py [--rounds 15] [--model resnet50]
+
+``--model resnet50``: timm's resnet50 at 3x64x64 (exits after layer1..layer3), as
+`benchmarks/stream.py` times it.
 """
 from __future__ import annotations
 
@@ -21,10 +24,12 @@ from timm_exits.profile import alternating_medians
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--model", choices=["resnet18", "resnet50"], default="resnet18")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = timm_exits.wrap(timm.create_model("resnet18", num_classes=10, in_chans=1), stages=[1, 2, 3], input_size=(1, 32, 32)).eval()
-    x = torch.randn(64, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    size = (1, 32, 32) if args.model == "resnet18" else (3, 64, 64)
+    model = timm_exits.wrap(timm.create_model(args.model, num_classes=10, in_chans=size[0]), stages=[1, 2, 3], input_size=size).eval()
+    x = torch.randn(64, *size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         thresholds = [float(z.softmax(-1).amax(-1).median()) for z in model.forward_exits(x)[:-1]]
     counts = model.early_exit(x, threshold=thresholds).exit_counts(4)

@@ -1,13 +1,16 @@
-"""Early exit at batch 64, per batch (`early_exit`) and over a stream (`early_exit_stream`), against the time prediction.
+"""Early exit at batch 64 (or 1), per batch (`early_exit`) and over a stream (`early_exit_stream`), against the time prediction.
 
 For each model (untrained weights; thresholds at each exit's median confidence on the images, so
 that about half of those still running leave at each exit): images per second of the plain
 backbone, of `early_exit` batch by batch, and of `early_exit_stream` (every segment on full
-batches), over `--images` images in batches of 64, median of `--rounds` alternating rounds; each
-speedup over the plain model measured, time-predicted (`profile_exits` at batch 64) and
+batches), over `--images` images in batches of `--batch-size` (64), median of `--rounds` alternating rounds; each
+speedup over the plain model measured, time-predicted (`profile_exits` at that batch size) and
 FLOPs-predicted, and the measured share of the time-predicted one (issue 19's goal: 95 %).
 
-    python benchmarks/stream.py [--rounds 5] [--images 640] [--channels-last]
+    python benchmarks/stream.py [--rounds 5] [--images 640] [--batch-size 64] [--channels-last]
+
+``--batch-size 1`` times every image alone (latency): there is nothing for the stream to regroup
+then, and the time prediction comes from segments profiled at batch 1.
 
 ``--channels-last`` adds, for the convolutional models, a copy of the model and images in
 ``torch.channels_last`` timed in the same alternating rounds: the plain model in each memory
@@ -37,13 +40,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--images", type=int, default=640)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--channels-last", action="store_true")
     args = parser.parse_args()
     if args.channels_last:
         return channels_last(args)
     warnings.filterwarnings("ignore")
     print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}, timm {timm.__version__}.")
-    print(f"Command: `python benchmarks/stream.py --rounds {args.rounds} --images {args.images}`\n")
+    print(f"Command: `python benchmarks/stream.py --rounds {args.rounds} --images {args.images} --batch-size {args.batch_size}`\n")
     print("| model | leaving at each exit | plain (images/s) | early exit per batch: measured / share of time-predicted | stream: measured / share of time-predicted | time-predicted | FLOPs-predicted |")
     print("|---|---|---:|---|---|---:|---:|")
     for name, (build, stages, size) in MODELS.items():
@@ -53,7 +57,7 @@ def main() -> None:
         with torch.no_grad():
             every = model.forward_exits(images)
         thresholds = [float(z.softmax(-1).amax(-1).median()) for z in every[:-1]]
-        batches = [images[i : i + 64] for i in range(0, len(images), 64)]
+        batches = [images[i : i + args.batch_size] for i in range(0, len(images), args.batch_size)]
         result = timm_exits.early_exit_stream(model, batches, threshold=thresholds)
         shares = [c / len(images) for c in result.exit_counts(model.num_exits)]
         runs = {

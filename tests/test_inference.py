@@ -654,3 +654,20 @@ def test_fallback_warning_points_at_the_caller_and_bf16_keeps_its_dtype():
         for ensemble in (False, True):
             assert traced.early_exit(x, threshold=[0.0, math.inf], ensemble=ensemble).logits.dtype == torch.bfloat16
             assert traced.early_exit(x, threshold=math.inf, ensemble=ensemble).logits.dtype == torch.bfloat16
+
+
+def test_early_exit_keeps_channels_last_for_the_rows_that_stay():
+    """The rows that stay were gathered into a contiguous tensor, which the next segment converted back."""
+    torch.manual_seed(0)
+    model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=10), stages=[1, 2], input_size=(3, 32, 32)).eval()
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        threshold = [timm_exits.inference.exit_confidence(z).median().item() for z in model(x)[:-1]]
+    plain = timm_exits.early_exit(model, x, threshold=threshold)
+    model = model.to(memory_format=torch.channels_last)
+    seen = []
+    model.backbone.layer3[0].conv1.register_forward_pre_hook(lambda m, args: seen.append((args[0].shape[0], args[0].is_contiguous(memory_format=torch.channels_last))))
+    result = timm_exits.early_exit(model, x.contiguous(memory_format=torch.channels_last), threshold=threshold)
+    assert seen and all(last for _, last in seen) and 0 < seen[-1][0] < 16, seen  # layer3 ran on the rows that stayed, in channels_last
+    assert torch.equal(result.exit_index, plain.exit_index)
+    torch.testing.assert_close(result.logits, plain.logits, rtol=1e-4, atol=1e-5)

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from .heads import head_kind
 from .model import ExitRun, MultiExitModel
 from .tracing import dummy_input, evaluating
 
@@ -53,7 +54,7 @@ def describe_exits(model: MultiExitModel, input_size: Sequence[int] | None = Non
                 carried = step.onward(carried, step.logits(out, previous))
             run.carried = carried if step.head is not None else ()
             feature = out if isinstance(out, torch.Tensor) else out[0]
-            head = type(step.head).__name__ if step.head is not None else "backbone's own head"
+            head = head_kind(step.head) if step.head is not None else "backbone's own head"
             pictures.append(StepPicture(step.stage, head, _shape(feature), [_shape(c) for c in carried] if step.head is not None else [],
                                         report[k].backbone_flops - before, report[k].head_flops))
             before = report[k].backbone_flops

@@ -26,6 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import tracing
+from .heads import head_kind
 from .model import ExitRun, ExitStep, MultiExitModel
 from .tracing import check_input_size, dummy_input, evaluating
 
@@ -492,7 +493,7 @@ def _labels(model: nn.Module) -> tuple[list[str], list[str], list[int]]:
     if not isinstance(model, MultiExitModel):
         return ["final"], ["model's own"], [0]
     stages = list(model.stages) + ["final"]
-    heads = [type(h).__name__ for h in model.exits] + ["backbone's own"]
+    heads = [head_kind(h) for h in model.exits] + ["backbone's own"]
     return stages, heads, [sum(p.numel() for p in h.parameters()) for h in model.exits] + [0]
 
 

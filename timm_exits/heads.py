@@ -335,7 +335,9 @@ class CascadedHead(nn.Module):
         return f"detach={self.detach}"
 
 
-def _kind(head: nn.Module) -> str:
+def head_kind(head: nn.Module) -> str:
+    """A head's class name, a cascaded head's with the head it wraps (``"CascadedHead(SDNHead)"``); a compiled head's as it was."""
+    head = getattr(head, "compiled_from", head)  # compile_exits' CompiledPart
     return f"CascadedHead({type(head.head).__name__})" if isinstance(head, CascadedHead) else type(head).__name__
 
 
@@ -357,7 +359,7 @@ class ExitHeads(nn.ModuleList):
         return super().__getitem__(idx)
 
     def _record(self) -> dict:
-        return {"stages": list(self.stages), "heads": [_kind(h) for h in self]}
+        return {"stages": list(self.stages), "heads": [head_kind(h) for h in self]}
 
     def get_extra_state(self) -> torch.Tensor:
         """JSON bytes in a uint8 tensor, so that torch.save, safetensors and distributed checkpoints all carry it."""

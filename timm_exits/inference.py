@@ -257,6 +257,8 @@ def split_rows(passed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _take(value, kind, rows: torch.Tensor):
     """The rows `rows` of a carried value whose batch parts are described by `kind`."""
     if kind == "batch":
+        if value.dim() == 4 and not value.is_contiguous() and value.is_contiguous(memory_format=torch.channels_last):
+            return value[rows]  # keeps channels_last, where index_select would hand the next segment a contiguous copy to convert back
         return value.index_select(0, rows)
     if kind == "size":
         return int(rows.numel())

@@ -537,7 +537,10 @@ def check_state_keys(model: MultiExitModel, state_dict) -> None:
         lines.append(f"missing keys: {_listed(missing)}")
     if unexpected:
         lines.append(f"unexpected keys: {_listed(unexpected)}")
-    if all(k.startswith("exits.") for k in missing | unexpected):
+    cascaded = lambda keys: any(".previous." in k for k in keys)  # noqa: E731 - a CascadedHead's map of the previous exit's logits
+    if cascaded(missing) != cascaded(unexpected):
+        lines.append(f"the checkpoint comes from a model wrapped with cascade={cascaded(unexpected)}, this one with cascade={cascaded(missing)}: wrap it as it was saved")
+    elif all(k.startswith("exits.") for k in missing | unexpected):
         lines.append("only exit heads differ: the checkpoint comes from a model wrapped at other stages or with other heads; wrap the backbone the way it was wrapped when saved")
     raise RuntimeError("; ".join(lines))
 
