@@ -178,4 +178,8 @@ def test_a_checkpoint_saved_without_the_cascade_names_it():
         cascaded.load_state_dict(plain.state_dict())
     with pytest.raises(RuntimeError, match=r"wrapped with cascade=True, this one with cascade=False"):
         plain.load_state_dict(cascaded.state_dict())
+    other = timm_exits.wrap(timm.create_model("resnet18", num_classes=5), stages=[1, 2, 3], input_size=(3, 32, 32), cascade=True)
+    with pytest.raises(RuntimeError, match=r"only exit heads differ") as refused:  # both cascaded, other stages: not the cascade's doing
+        other.load_state_dict(cascaded.state_dict())
+    assert "cascade=" not in str(refused.value)
 

@@ -111,8 +111,10 @@ def test_host_syncs_counts_the_ops_that_read_the_device_on_the_host():
         x.masked_select(x > 0)
         torch.repeat_interleave(torch.tensor([1, 2]))
         torch.repeat_interleave(torch.tensor([1, 2]), output_size=3)  # the size is given: no read
-    assert dict(syncs.counts) == {"_local_scalar_dense": 2, "nonzero": 1, "index (boolean mask)": 1, "masked_select": 1, "repeat_interleave": 1}
-    assert syncs.total == 6 and y.shape == (3,)
+        torch.arange(3) + torch.ones(3)  # made on the device
+    assert dict(syncs.counts) == {"_local_scalar_dense": 2, "nonzero": 1, "index (boolean mask)": 1, "masked_select": 1, "repeat_interleave": 1,
+                                  "tensor from host data": 2}  # the two torch.tensor([1, 2]): on a GPU, copies from the host
+    assert syncs.total == 8 and y.shape == (3,)
 
 
 def _median_thresholds(model, x):

@@ -68,6 +68,7 @@ def test_timms_reset_signature_and_torchvision_backbones_get_clear_answers():
     with pytest.raises(ValueError, match=exactly("global_pool='max' would change the backbone's final features after wrap: build the backbone with global_pool='max', then wrap it")):
         model.reset_classifier(5, global_pool="max")
     model.reset_classifier(5, global_pool=None)
+    model.reset_classifier(5, global_pool="avg")  # the pool it has
     assert model.num_classes == 5
     vision = timm_exits.wrap(torchvision.models.resnet18(num_classes=10), stages=[1, 2], input_size=(3, 32, 32))
     for call in (vision.get_classifier, lambda: vision.forward_features(torch.randn(1, 3, 32, 32))):

@@ -166,18 +166,24 @@ def test_a_compiled_loss_is_one_graph(name):
     temperature are computed from their buffers. Equal to eager, the state updates included."""
     assert sorted(ONE_GRAPH) == sorted(timm_exits.loss_names())
     torch.manual_seed(0)
-    logits, target = [torch.randn(8, 10) for _ in range(4)], torch.randint(0, 10, (8,))
+    logits = [torch.randn(8, 10) for _ in range(3)] + [5 * torch.randn(8, 10)]  # a sure teacher: the adaptive temperature grows
     outputs = timm_exits.ExitOutputs(logits, [torch.randn(8, 6) for _ in range(4)])
     extra = ([torch.randn(8, 10)],) if name == "ekd" else ()
-    eager = timm_exits.create_loss(name, num_exits=4, **ONE_GRAPH[name]).train()
-    eager.set_epoch(1)
-    compiled = copy.deepcopy(eager)
-    torch._dynamo.reset()
-    assert torch._dynamo.explain(copy.deepcopy(eager))(outputs, target, *extra).graph_break_count == 0
-    run = torch.compile(compiled, backend="eager", fullgraph=True)
-    for _ in range(2):  # the adaptive temperature grows on the first call and is read by the second
-        torch.testing.assert_close(run(outputs, target, *extra), eager(outputs, target, *extra))
-    torch.testing.assert_close(dict(compiled.named_buffers()), dict(eager.named_buffers()))
+    for target in (torch.randint(0, 10, (8,)), torch.randn(8, 10).softmax(-1)):  # class indices, and mixup's soft targets
+        eager = timm_exits.create_loss(name, num_exits=4, **ONE_GRAPH[name]).train()
+        eager.set_epoch(1)
+        compiled = copy.deepcopy(eager)
+        torch._dynamo.reset()
+        assert torch._dynamo.explain(copy.deepcopy(eager))(outputs, target, *extra).graph_break_count == 0
+        run = torch.compile(compiled, backend="eager", fullgraph=True)
+        for step in range(2):  # the adaptive temperature grows on the first call and is read by the second
+            with timm_exits.host_syncs() as syncs:  # (dynamo does not trace under a dispatch mode: eager alone is counted)
+                expected = eager(outputs, target, *extra)
+            torch.testing.assert_close(run(outputs, target, *extra), expected)
+            assert dict(syncs.counts) == {"_local_scalar_dense": 1}, syncs.counts  # eager's target check; nothing built from host data
+            if name == "distillation":
+                assert eager.temperature.item() == pytest.approx(1.05 ** (step + 1))
+        torch.testing.assert_close(dict(compiled.named_buffers()), dict(eager.named_buffers()))
     with pytest.raises(ValueError, match=r"^target holds class 10, outside \[0, 10\)"):
         eager(outputs, torch.full((8,), 10), *extra)  # eager still names a bad class
 

@@ -78,10 +78,18 @@ def _export_backbone(args: argparse.Namespace) -> int:
     from .hub import export_backbone
 
     out, where = export_backbone(args.checkpoint, args.out, use_ema=args.use_ema)
-    config = Path(args.checkpoint) / "config.json"
-    name = json.loads(config.read_text()).get("architecture", "NAME") if config.is_file() else "NAME"  # a save_pretrained folder knows its backbone
+    name = _saved_architecture(Path(args.checkpoint))
     print(f"wrote the plain backbone's weights (from {where} of {args.checkpoint}) to {out}: timm.create_model({name!r}, checkpoint_path={str(out)!r}) and timm's validate.py load them")
     return 0
+
+
+def _saved_architecture(folder: Path) -> str:
+    """The timm name a save_pretrained folder records, or NAME (a file, a torchvision backbone, an unreadable config)."""
+    try:
+        name = json.loads((folder / "config.json").read_text()).get("architecture")
+    except (OSError, ValueError, AttributeError):
+        return "NAME"
+    return name if isinstance(name, str) and not name.startswith("torchvision:") else "NAME"
 
 
 def _check_name(name: str) -> None:

@@ -285,6 +285,7 @@ class _Learned:
         self.lock = threading.Lock()
         self.kinds: list | None = None
         self.costs: dict[tuple[int, ...], list[float]] = {}
+        self.on_device: dict[tuple, torch.Tensor] = {}  # the costs as a tensor, per input size and device
 
 
 _LEARNED: "weakref.WeakKeyDictionary[MultiExitModel, _Learned]" = weakref.WeakKeyDictionary()
@@ -337,6 +338,17 @@ def exit_costs(model: MultiExitModel, input_size: tuple[int, ...]) -> list[float
         return learned.costs[input_size]
 
 
+def exit_costs_on(model: MultiExitModel, input_size: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """`exit_costs` as a tensor on `device`, made once: a tensor built from host data is a copy, and on a GPU a wait, per call."""
+    learned = _learned(model)
+    key = (input_size, str(device))
+    costs = exit_costs(model, input_size)
+    with learned.lock:
+        if key not in learned.on_device:
+            learned.on_device[key] = torch.tensor(costs, device=device)
+        return learned.on_device[key]
+
+
 def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion="max_prob", ensemble: bool = False, temperature=None, patience=None) -> EarlyExitResult:
     """Classify `x`, each sample stopping at the first exit where it is confident enough.
 
@@ -377,7 +389,7 @@ def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion=
     if not all(step.skips for step in model.steps()):
         _warn("this model runs through forward_intermediates (fx could not trace it): every exit is computed, then one is selected")
     with torch.no_grad():
-        spent = torch.tensor(exit_costs(model, tuple(x.shape[1:])), device=x.device)
+        spent = exit_costs_on(model, tuple(x.shape[1:]), x.device)
         return _early_exit(model, x, thresholds, criterion, ensemble, spent, temperatures)
 
 

@@ -72,6 +72,9 @@ class MultiExitCELoss(MultiExitLoss):
         self.schedule = schedule
         self.depths = None if depths is None else [float(d) for d in depths]
         self.epochs = epochs
+        # the same numbers as tensors that move with the loss (.to(device)); not saved: the arguments rebuild them
+        self.register_buffer("weight_values", None if weights is None else torch.tensor(self.weights), persistent=False)
+        self.register_buffer("depth_values", None if depths is None else torch.tensor(self.depths), persistent=False)
 
     def _expect_exits(self, name: str, n: int) -> None:
         if self.num_exits is not None and self.num_exits != n:
@@ -81,17 +84,21 @@ class MultiExitCELoss(MultiExitLoss):
 
     def current_weights(self, num_exits: int) -> list[float]:
         """The per-exit weights in use now (for the SDN ramp: at the current epoch)."""
-        return self._weights(num_exits, self.epoch.device).tolist()
+        if self.schedule is None:
+            return self.weights or [1.0] * num_exits
+        depths = self.depths or [i / num_exits for i in range(1, num_exits)]
+        e = int(self.epoch) + 1
+        return [min(c, 0.01 + e * c / self.epochs) for c in depths] + [1.0]
 
     def _weights(self, num_exits: int, device: torch.device) -> torch.Tensor:
-        # the ramp is computed from the epoch buffer where it lives: no host read, so a compiled
-        # loss stays one graph and a CUDA step does not wait for the device
+        # `current_weights` on the device, from buffers: no host read (a compiled loss stays one
+        # graph) and no copy from the host (on a GPU each is a wait)
         if self.schedule is None:
-            return torch.tensor(self.weights or [1.0] * num_exits, device=device)
-        depths = torch.tensor(self.depths or [i / num_exits for i in range(1, num_exits)], dtype=torch.float64, device=device)
+            return torch.ones(num_exits, device=device) if self.weight_values is None else self.weight_values.to(device)
+        depths = torch.arange(1, num_exits, device=device, dtype=torch.float32) / num_exits if self.depth_values is None else self.depth_values.to(device)
         e = self.epoch.to(device) + 1
         ramp = torch.minimum(depths, 0.01 + e * depths / self.epochs)
-        return torch.cat([ramp, ramp.new_ones(1)]).float()
+        return torch.cat([ramp, ramp.new_ones(1)])
 
     def objective(self, logits, features, target):
         ce = torch.stack([self.supervised(z, target) for z in logits])
@@ -163,8 +170,8 @@ class DistillationBasedLoss(MultiExitLoss):
         teacher_maxprob = teacher.max(dim=1).values.mean()
         self._record(ce=ce, distill=distill, temperature=T, teacher_maxprob=teacher_maxprob)
         if self.adaptive and self.training and torch.is_grad_enabled():
-            grow = (teacher_maxprob.detach() > self.maxprob).to(self.temperature.device)
-            self.temperature.mul_(torch.where(grow, self.temperature.new_tensor(self.t_mult), self.temperature.new_tensor(1.0)))
+            grow = (teacher_maxprob.detach() > self.maxprob).to(self.temperature.device, torch.float64)
+            self.temperature.mul_(1.0 + (self.t_mult - 1.0) * grow)  # Python numbers: no tensor built from host data
         return loss
 
     def extra_repr(self) -> str:
@@ -338,14 +345,15 @@ class MultiSelfDistillationLoss(_HintLoss):
         """b(e): the hint weight at the current epoch."""
         if self.epochs is None:
             return self.feature_weight
-        return self._feature_weight(self.epoch.device).item()
+        progress = min(int(self.epoch), self.epochs) / self.epochs
+        return self.feature_weight * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    def _feature_weight(self, device: torch.device) -> torch.Tensor:
-        # from the epoch buffer where it lives: no host read in the loss (see `MultiExitCELoss._weights`)
+    def _feature_weight(self, device: torch.device) -> torch.Tensor | float:
+        # `current_feature_weight` from the epoch buffer where it lives (see `MultiExitCELoss._weights`)
         if self.epochs is None:
-            return torch.tensor(self.feature_weight, device=device)
-        progress = self.epoch.to(device).clamp_max(self.epochs).double() / self.epochs
-        return (self.feature_weight * 0.5 * (1.0 + torch.cos(math.pi * progress))).float()
+            return self.feature_weight
+        progress = self.epoch.to(device).clamp_max(self.epochs).float() / self.epochs
+        return self.feature_weight * 0.5 * (1.0 + torch.cos(math.pi * progress))
 
     def objective(self, logits, features, target):
         T = self.temperature

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from typing import NamedTuple, Sequence
 
 import torch
@@ -400,7 +401,7 @@ class MultiExitModel(nn.Module):
         """
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"num_classes must be an int >= 1 (a multi-exit model needs a classifier on every exit), got {num_classes!r}")
-        if global_pool is not None:  # timm's signature takes it; a new pool changes the final features the exits were cut from
+        if global_pool is not None and global_pool != _pool_type(self.backbone):  # timm's signature; a new pool changes the features the exits were cut from
             raise ValueError(f"global_pool={global_pool!r} would change the backbone's final features after wrap: build the backbone with global_pool={global_pool!r}, then wrap it")
         inner = [h.head if isinstance(h, CascadedHead) else h for h in self.exits]  # a cascade resets the head it wraps
         lacking = [f"exit {k + 1} ({type(h).__name__})" for k, h in enumerate(inner) if not callable(getattr(h, "reset_classifier", None))]
@@ -508,6 +509,16 @@ def _reset_backbone_classifier(backbone: nn.Module, old: int, new: int) -> None:
     setattr(parent, attr, nn.Linear(layer.in_features, new, bias=layer.bias is not None, device=layer.weight.device, dtype=layer.weight.dtype))
 
 
+def _pool_type(backbone: nn.Module):
+    pool = getattr(backbone, "global_pool", None)
+    return getattr(pool, "pool_type", pool)  # timm's SelectAdaptivePool2d, or a plain string
+
+
+def _uncascaded(keys: set[str]) -> set[str]:
+    """State keys as they would be without cascades: a CascadedHead's own map dropped, the head it wraps unwrapped."""
+    return {re.sub(r"^exits\.(\d+)\.head\.", r"exits.\1.", k) for k in keys if not re.match(r"^exits\.\d+\.previous\.", k)}
+
+
 def _listed(keys: set[str], limit: int = 8) -> str:
     names = sorted(keys)
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
@@ -538,7 +549,7 @@ def check_state_keys(model: MultiExitModel, state_dict) -> None:
     if unexpected:
         lines.append(f"unexpected keys: {_listed(unexpected)}")
     cascaded = lambda keys: any(".previous." in k for k in keys)  # noqa: E731 - a CascadedHead's map of the previous exit's logits
-    if cascaded(missing) != cascaded(unexpected):
+    if cascaded(missing) != cascaded(unexpected) and _uncascaded(own) == _uncascaded(given):  # the same heads, cascaded on one side only
         lines.append(f"the checkpoint comes from a model wrapped with cascade={cascaded(unexpected)}, this one with cascade={cascaded(missing)}: wrap it as it was saved")
     elif all(k.startswith("exits.") for k in missing | unexpected):
         lines.append("only exit heads differ: the checkpoint comes from a model wrapped at other stages or with other heads; wrap the backbone the way it was wrapped when saved")

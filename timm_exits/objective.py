@@ -133,8 +133,10 @@ class MultiExitLoss(nn.Module):
         if target.dim() == 2 and target.dtype.is_floating_point:
             if target.shape != (batch, classes):
                 raise ValueError(f"soft target must have the logits' shape (B, C) = {(batch, classes)}, got {tuple(target.shape)}")
+            if _compiling() or target.device.type == "meta":
+                return target  # as for class indices: the check's answer is a host read
             rows = target.float().sum(1)
-            if bool((target < 0).any()) or not torch.allclose(rows, torch.ones_like(rows), atol=1e-3):
+            if bool((target < 0).any() | ((rows - 1).abs() > 1e-3).any()):  # one read
                 raise ValueError(
                     "soft target rows must be probability distributions (non-negative, summing to 1); "
                     f"row sums range over [{rows.min().item():.4f}, {rows.max().item():.4f}]"

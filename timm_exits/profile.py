@@ -156,6 +156,8 @@ class HostSyncs(TorchDispatchMode):
             self.counts[f"{name.removeprefix('aten::')} (boolean mask)"] += 1  # a mask's row count is read on the host
         elif name in ("aten::_to_copy", "aten::copy_") and _device_to_host(name, args, kwargs):
             self.counts["copy to host"] += 1
+        elif name == "aten::lift_fresh":  # torch.tensor(data) / new_tensor: on a GPU, a blocking copy from the host
+            self.counts["tensor from host data"] += 1
         return func(*args, **kwargs)
 
 
@@ -175,8 +177,10 @@ def host_syncs() -> HostSyncs:
     counts, on any device (a CPU run counts what a GPU run would wait for), each op that reads a
     tensor's value or result size on the host: ``.item()``/``bool()``/``int()`` of a tensor,
     ``nonzero``, ``masked_select``, ``unique``, boolean-mask indexing, ``repeat_interleave`` without
-    ``output_size``, and blocking copies from a GPU to the host. ``tolist()`` and ``numpy()`` of a
-    CPU tensor dispatch no op and are not seen::
+    ``output_size``, blocking copies from a GPU to the host, and tensors built from host data
+    (``torch.tensor(...)``, ``new_tensor``: on a GPU a blocking copy to the device; counted on the
+    CPU too, where it is only a risk). ``tolist()``, ``numpy()`` and ``.cpu()`` of a CPU tensor
+    dispatch no op, so a CPU run cannot see a GPU tensor read that way::
 
         with timm_exits.host_syncs() as syncs:
             timm_exits.early_exit(model, x, threshold=0.9)

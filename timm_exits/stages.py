@@ -259,7 +259,7 @@ def list_stages(model: nn.Module, input_size: Sequence[int] | None = None, leaf_
 def _traced_with_shapes(model: nn.Module, input_size, options: TraceOptions):
     traced = trace(model, False, options)
     size = check_input_size(input_size, model)
-    shapes, _ = shapes_at(model, traced, size)
+    shapes, _ = shapes_at(model, traced, size, given=input_size is not None)
     return traced, shapes, size
 
 

@@ -23,7 +23,7 @@ from .inference import (
     check_criterion,
     confidence_thresholds,
     exit_confidence,
-    exit_costs,
+    exit_costs_on,
     split_rows,
 )
 from .model import MultiExitModel, _main_output
@@ -140,7 +140,7 @@ def early_exit_stream(model: MultiExitModel, batches: Iterable[torch.Tensor], th
             shape, batch_size = tuple(x.shape[1:]), batch_size or x.shape[0]
             kinds = _batch_kinds(model, x)
             queues = [_Queue(("batch",))] + [_Queue(kind) for kind in kinds]
-            spent = torch.tensor(exit_costs(model, shape), device=x.device)
+            spent = exit_costs_on(model, shape, x.device)
         elif tuple(x.shape[1:]) != shape:
             raise ValueError(f"every batch must have one sample shape: the first had {shape}, this one {tuple(x.shape[1:])}")
         queues[0].push(torch.arange(seen, seen + x.shape[0], device=x.device), (x,))

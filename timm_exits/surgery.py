@@ -242,7 +242,7 @@ def plan_exits(model: nn.Module, stages, input_size=None, options: TraceOptions 
             raise
         warnings.warn(f"{err} Falling back to {type(model).__name__}.forward_intermediates: every exit is computed on every call, so early exits save no compute.", stacklevel=3)
         return _plan_from_intermediates(model, stages, size)
-    shapes, out = shapes_at(model, eval_traced, size)
+    shapes, out = shapes_at(model, eval_traced, size, given=input_size is not None)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ValueError(f"the backbone must return logits of shape (B, num_classes) in eval mode; {type(model).__name__} returned {_shape_of(out)}")
     last_use = last_uses(eval_traced)

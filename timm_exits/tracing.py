@@ -304,11 +304,14 @@ class _ShapeRecorder(fx.Interpreter):
         return out
 
 
-def shapes_at(model: nn.Module, traced: TracedGraph, size) -> tuple:
-    """`run_shapes` on a dummy input of `size`; a model that cannot run on it is named with the size to change."""
+def shapes_at(model: nn.Module, traced: TracedGraph, size, given: bool = True) -> tuple:
+    """`run_shapes` on a dummy input of `size`; where the caller gave that size (`given`) and it is not the
+    model's own, a failure is named as the size's (at its own size the failure is the model's: it stands)."""
     try:
         return run_shapes(model, traced, dummy_input(model, size))
     except Exception as err:  # a conv's channel check, a ViT's size assertion: say which argument to change
+        if not given or tuple(size) == tuple(default_input_size(model)):
+            raise
         raise ValueError(
             f"{type(model).__name__} cannot run on a dummy input of input_size={tuple(size)}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
             "give input_size as the (channels, height, width) the model takes"
