@@ -82,8 +82,8 @@ def channels_last(args) -> None:
 
     print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}, timm {timm.__version__}.")
     print(f"Command: `python benchmarks/stream.py --channels-last --rounds {args.rounds} --images {args.images}`\n")
-    print("| model | plain: channels_last over contiguous (time) | early exit per batch, channels_last: speedup / share of time-predicted | stream, channels_last: speedup / share | contiguous, same rounds: per batch / stream speedups |")
-    print("|---|---:|---|---|---|")
+    print("| model | plain: channels_last over contiguous (time) | early exit per batch, channels_last: speedup / share of time-predicted | stream, channels_last: speedup / share | time-predicted, channels_last | FLOPs-predicted | contiguous, same rounds: per batch / stream speedups |")
+    print("|---|---:|---|---|---:|---:|---|")
     for name, (build, stages, size) in MODELS.items():
         if "vit" in name:
             continue  # no convolutions after the patch embedding: the memory format does not apply
@@ -114,7 +114,8 @@ def channels_last(args) -> None:
             speedup = seconds["plain, channels_last"] / seconds[label]
             cells.append(f"{speedup:.2f}x / {speedup / predicted:.0%}")
         contiguous = " / ".join(f"{seconds['plain'] / seconds[k]:.2f}x" for k in ("per batch", "stream"))
-        print(f"| {name} | {seconds['plain, channels_last'] / seconds['plain']:.2f} | {cells[0]} | {cells[1]} | {contiguous} |", flush=True)
+        flops = timm_exits.flops_report(model, input_size=size).exits[-1].flops / float(result.flops.float().mean())
+        print(f"| {name} | {seconds['plain, channels_last'] / seconds['plain']:.2f} | {cells[0]} | {cells[1]} | {predicted:.2f}x | {flops:.2f}x | {contiguous} |", flush=True)
 
 
 if __name__ == "__main__":

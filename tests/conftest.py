@@ -45,3 +45,12 @@ def resnet18():
 def exactly(message: str) -> str:
     """A `pytest.raises(match=...)` pattern for the whole message, word for word."""
     return "^" + re.escape(message) + "$"
+
+
+def resnet10t_exits(images: int, cascade=False):
+    """A resnet10t with exits after layer1 and layer2 at 3x32x32 (5 classes, eval mode) and `images` fixed random images."""
+    import timm_exits
+
+    torch.manual_seed(0)
+    model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=5), stages=[1, 2], input_size=(3, 32, 32), cascade=cascade).eval()
+    return model, torch.randn(images, 3, 32, 32, generator=torch.Generator().manual_seed(1))

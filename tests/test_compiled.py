@@ -9,14 +9,12 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import timm_exits
-from conftest import exactly
+from conftest import exactly, resnet10t_exits
 from test_runtime import fallback_resnet
 
 
 def model_and_thresholds(cascade=False):
-    torch.manual_seed(0)
-    model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=5), stages=[1, 2], input_size=(3, 32, 32), cascade=cascade).eval()
-    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model, x = resnet10t_exits(64, cascade)
     with torch.no_grad():
         every = model.forward_exits(x)
     thresholds = [float(z.softmax(-1).amax(-1).median()) for z in every[:-1]]  # about half leave at each exit

@@ -485,6 +485,7 @@ def test_sizes_a_model_cannot_run_are_named_outside_wrap_too():
     with pytest.raises(ValueError, match=r"^ResNet cannot run on an input of shape \(1, 1, 32, 32\) \(from example_input\), where it runs on its own \(3, 224, 224\)"):
         timm_exits.flops_report(resnet, example_input=torch.randn(1, 1, 32, 32))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in resnet.modules())  # the failed count left no hook
+    assert all(m.training for m in resnet.modules()) and all(m.training for m in vit.modules())  # nor a mode: both were built in training mode
     with pytest.raises(ValueError, match=exactly("input_size must be three positive ints (channels, height, width), got 32")):
         timm_exits.wrap(resnet, stages=[1], input_size=32)
     with pytest.raises(ValueError, match=exactly("threshold must be a number, one number per early exit, or a Calibration; got '0.9'")):

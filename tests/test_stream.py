@@ -4,16 +4,14 @@ import timm
 import torch
 
 import timm_exits
-from conftest import exactly
+from conftest import exactly, resnet10t_exits
 
 
 TEMPERATURE = [1.5, 0.8, 1.0]
 
 
 def model_and_data(cascade=False):
-    torch.manual_seed(0)
-    model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=5), stages=[1, 2], input_size=(3, 32, 32), cascade=cascade).eval()
-    x = torch.randn(150, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model, x = resnet10t_exits(150, cascade)
     with torch.no_grad():
         every = model.forward_exits(x)
     thresholds = []
@@ -59,6 +57,9 @@ def test_bad_streams_are_named():
         timm_exits.early_exit_stream(model, [x[:4], torch.randn(4, 3, 64, 64)])
     with pytest.raises(ValueError, match=exactly("batch_size must be an int >= 1, got 0")):
         timm_exits.early_exit_stream(model, [x], batch_size=0)
+    one_logit = timm_exits.wrap(timm.create_model("resnet10t", num_classes=1), stages=[1, 2], input_size=(3, 32, 32)).eval()
+    with pytest.raises(ValueError, match=r"^criterion='max_prob' reads a softmax, which is always 1 over one logit \(every sample would leave at exit 1\); pass a callable criterion"):
+        timm_exits.early_exit_stream(one_logit, [x])
 
 
 def test_empty_batches_are_skipped_wherever_they_come():
