@@ -483,7 +483,7 @@ def _check_runs(model: nn.Module, x: torch.Tensor, argument: str, counting_error
             return
         raise InputSizeError(
             f"{type(model).__name__} cannot run on an input of shape {tuple(x.shape)} (from {argument}), where it runs on its own "
-            f"{own}: {type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}; give {argument} as the model takes it",
+            f"{own}: {tracing.error_line(failure)}; give {argument} as the model takes it",
             failure,
         ) from counting_error
 

@@ -74,6 +74,12 @@ def _streak(previous: torch.Tensor | None, streak: torch.Tensor | None, predicte
     return torch.where(predicted == previous, streak + 1, 1)
 
 
+def check_logit_count(model: MultiExitModel, criterion) -> None:
+    """A softmax over one logit is always 1: a one-logit model needs a callable criterion."""
+    if model.num_classes == 1 and isinstance(criterion, str):
+        raise ValueError(f"criterion={criterion!r} reads a softmax, which is always 1 over one logit (every sample would leave at exit 1); pass a callable criterion, e.g. lambda z: (z.sigmoid() - 0.5).abs().squeeze(1)")
+
+
 def check_criterion(criterion) -> None:
     if not callable(criterion) and criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; use one of {CRITERIA} or a callable (logits) -> (B,) confidence")
@@ -342,11 +348,11 @@ def exit_costs_on(model: MultiExitModel, input_size: tuple[int, ...], device: to
     """`exit_costs` as a tensor on `device`, made once: a tensor built from host data is a copy, and on a GPU a wait, per call."""
     learned = _learned(model)
     key = (input_size, str(device))
-    costs = exit_costs(model, input_size)
-    with learned.lock:
-        if key not in learned.on_device:
-            learned.on_device[key] = torch.tensor(costs, device=device)
-        return learned.on_device[key]
+    if key not in learned.on_device:  # after the first call, a dict look-up and nothing else
+        costs = torch.tensor(exit_costs(model, input_size), device=device)
+        with learned.lock:
+            learned.on_device.setdefault(key, costs)
+    return learned.on_device[key]
 
 
 def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion="max_prob", ensemble: bool = False, temperature=None, patience=None) -> EarlyExitResult:
@@ -380,8 +386,7 @@ def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion=
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a batch tensor (B, ...), got {getattr(x, 'shape', type(x).__name__)}")
     model.check_channels(x.shape[1], f"x of shape {tuple(x.shape)}")
-    if model.num_classes == 1 and isinstance(criterion, str):
-        raise ValueError(f"criterion={criterion!r} reads a softmax, which is always 1 over one logit (every sample would leave at exit 1); pass a callable criterion, e.g. lambda z: (z.sigmoid() - 0.5).abs().squeeze(1)")
+    check_logit_count(model, criterion)
     threshold = patience_threshold(threshold, criterion, patience)
     check_ensemble(ensemble, model.num_exits)
     temperatures = calibration_temperature(threshold, temperature, model.num_exits)

@@ -90,11 +90,12 @@ def _stages_from_feature_info(model, traced, shapes, input_hw) -> list[tuple]:
     """One row per ``feature_info`` entry, so that index i is ``feature_info[i]`` as in timm; a row whose
     output is not a cut of the classifier's graph says why (its node is None)."""
     rows, seen = [], {}
+    modules = {name for name, _ in model.named_modules()}
     for i, info in enumerate(model.feature_info):
         info = info if isinstance(info, dict) else vars(info)
         name, chans = info["module"], int(info["num_chs"])
         node = traced.find(name)
-        if node is None and name not in dict(model.named_modules()):
+        if node is None and name not in modules:
             rows.append((name, None, chans, f"the classifier has no module {name!r} (feature_info names timm's features_only model); "
                          "cut the classifier after one of its own modules by name"))
         elif node is None:

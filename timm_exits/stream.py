@@ -21,6 +21,7 @@ from .inference import (
     _take,
     calibration_temperature,
     check_criterion,
+    check_logit_count,
     confidence_thresholds,
     exit_confidence,
     exit_costs_on,
@@ -96,8 +97,7 @@ def early_exit_stream(model: MultiExitModel, batches: Iterable[torch.Tensor], th
     if criterion == "patience":
         raise ValueError("criterion='patience' reads each sample's earlier exits: use model.early_exit for it")
     check_criterion(criterion)
-    if model.num_classes == 1 and isinstance(criterion, str):
-        raise ValueError(f"criterion={criterion!r} reads a softmax, which is always 1 over one logit (every sample would leave at exit 1); pass a callable criterion")
+    check_logit_count(model, criterion)
     if getattr(threshold, "ensemble", False):
         raise ValueError("the calibration was made with ensemble=True: early_exit_stream decides on each exit's own logits; use model.early_exit(..., ensemble=True) for it, or calibrate without the ensemble")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):

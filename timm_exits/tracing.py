@@ -304,6 +304,12 @@ class _ShapeRecorder(fx.Interpreter):
         return out
 
 
+def error_line(err: BaseException) -> str:
+    """``Type: first line of the message``, to quote an error inside one of ours."""
+    text = str(err)
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def shapes_at(model: nn.Module, traced: TracedGraph, size, given: bool = True) -> tuple:
     """`run_shapes` on a dummy input of `size`; where the caller gave that size (`given`) and it is not the
     model's own, a failure is named as the size's (at its own size the failure is the model's: it stands)."""
@@ -313,7 +319,7 @@ def shapes_at(model: nn.Module, traced: TracedGraph, size, given: bool = True) -
         if not given or tuple(size) == tuple(default_input_size(model)):
             raise
         raise ValueError(
-            f"{type(model).__name__} cannot run on a dummy input of input_size={tuple(size)}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
+            f"{type(model).__name__} cannot run on a dummy input of input_size={tuple(size)}: {error_line(err)}; "
             "give input_size as the (channels, height, width) the model takes"
         ) from err
 
