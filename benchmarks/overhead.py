@@ -34,6 +34,14 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
+def allocator() -> str:
+    """The C allocator's settings that change CPU timings: glibc's MALLOC_* variables and an LD_PRELOAD-ed allocator (see benchmarks/allocator.py)."""
+    import os
+
+    tuned = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or (k == "LD_PRELOAD" and v)]
+    return "allocator " + (" ".join(tuned) if tuned else "glibc defaults")
+
+
 @torch.inference_mode()
 def measure(name: str, stages, batch: int, size: int, repeats: int) -> dict:
     torch.manual_seed(0)

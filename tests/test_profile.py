@@ -23,6 +23,32 @@ def test_a_profile_has_one_part_per_segment_and_head_and_restores_the_mode():
     assert model.training and not model.exits[0].training and model.exits[1].training
 
 
+def test_callables_beside_the_profile_are_timed_in_its_rounds_and_each_round_is_a_profile():
+    """beside=: a measured speedup and the prediction from the same rounds; rounds() gives each round's profile, whose medians are the profile's."""
+    import statistics
+
+    torch.manual_seed(0)
+    model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=10), stages=[1, 2], input_size=(3, 32, 32)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    calls = []
+    beside = {"plain": lambda: calls.append("plain") or model.backbone(x), "early exit": lambda: calls.append("early exit") or model.early_exit(x, threshold=0.5)}
+    profile = profile_exits(model, x, repeats=3, beside=beside)
+    assert calls == ["plain", "early exit"] * 4  # a warm-up round and three timed ones; "plain" is not taken by the profile's own part
+    assert set(profile.beside_seconds) == {"plain", "early exit"} and min(profile.beside_seconds.values()) > 0
+    rounds = profile.rounds()
+    assert len(rounds) == 3 and all(r.round_seconds == {} and r.repeats == 1 for r in rounds)
+    for k in range(3):
+        assert profile.segment_seconds[k] == statistics.median(r.segment_seconds[k] for r in rounds)
+        assert profile.head_seconds[k] == statistics.median(r.head_seconds[k] for r in rounds)
+    assert profile.plain_seconds == statistics.median(r.plain_seconds for r in rounds)
+    assert profile.beside_seconds == {name: statistics.median(r.beside_seconds[name] for r in rounds) for name in beside}
+    assert profile_exits(model, x, repeats=1).beside_seconds == {}
+    with pytest.raises(ValueError, match=exactly("this profile keeps no rounds' seconds (it was not made by profile_exits)")):
+        rounds[0].rounds()
+    with pytest.raises(TypeError, match=r"^beside must be a dict of names to callables taking no argument, got \['plain'\]$"):
+        profile_exits(model, x, beside=["plain"])
+
+
 def test_the_predicted_speedup_is_the_plain_time_over_the_shares_of_each_exit_cost():
     profile = ExitProfile(batch_size=4, stages=["a", "b", "final"], segment_seconds=[0.4, 0.2, 0.2], head_seconds=[0.04, 0.04, 0.0], plain_seconds=0.8, device="cpu", repeats=1)
     per_sample = [0.44 / 4, 0.68 / 4, 0.88 / 4]

@@ -199,7 +199,7 @@ def run_demo(
     return result
 
 
-def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 5, log=print, plot: str | None = None, repeats: int = 3, batch_size: int = 64,
+def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 5, log=print, plot: str | None = None, repeats: int = 5, batch_size: int = 64,
                         progress: bool | None = None) -> dict:
     """Calibrate early-exit thresholds on the validation split, report the test split at `budgets` budgets.
 
@@ -208,19 +208,18 @@ def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 
     and the speedup over the plain backbone three ways: measured (``model.early_exit`` on the
     test split in batches of `batch_size`, median of `repeats` alternating rounds), predicted
     from each segment's and head's measured time (`timm_exits.profile_exits`: the physical limit
-    of skipping the rest) and predicted from FLOPs. Writes the accuracy-vs-FLOPs plot to `plot`,
+    of skipping the rest; the parts are timed in the same rounds) and predicted from FLOPs. Writes the accuracy-vs-FLOPs plot to `plot`,
     with `points` (``{label: (flops, accuracy)}``) drawn beside the curve.
     """
     from .calibration import anytime_accuracy, budgeted_curve, calibrate_thresholds, collect_exit_logits, evaluate_thresholds, plot_tradeoff
     from .flops import flops_report
-    from .profile import alternating_medians, profile_exits
+    from .profile import profile_exits
 
     batches = lambda split: [(split.x[i : i + batch_size], split.y[i : i + batch_size]) for i in range(0, len(split), batch_size)]  # noqa: E731
     val, test = collect_exit_logits(model, batches(task.val), progress=progress), collect_exit_logits(model, batches(task.test), progress=progress)
     first, full = val.flops[0], val.flops[-1]
     report = flops_report(model).exits
     backbone = report[-1].backbone_flops
-    profile = profile_exits(model, task.test.x[:batch_size], repeats=10)
     model.eval()
     rows, runs = [], {"plain": lambda: [model.backbone(b) for b, _ in batches(task.test)]}
     for i in range(budgets):
@@ -228,11 +227,12 @@ def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 
         calibration = calibrate_thresholds(val, budget)
         result = evaluate_thresholds(test, calibration.thresholds)
         rows.append({"budget": budget, "thresholds": calibration.thresholds, "accuracy": result.accuracy, "flops": result.flops, "exit_shares": result.exit_shares,
-                     "flops_predicted": backbone / result.flops, "time_predicted": profile.predicted_speedup(result.exit_shares)})
+                     "flops_predicted": backbone / result.flops})
         runs[i] = lambda t=calibration.thresholds: [model.early_exit(b, threshold=t) for b, _ in batches(task.test)]
-    with torch.no_grad():
-        times = alternating_medians(runs, repeats)
+    profile = profile_exits(model, task.test.x[:batch_size], repeats=repeats, beside=runs)  # the prediction's parts timed in the measured runs' rounds
+    times = profile.beside_seconds
     for i, row in enumerate(rows):
+        row["time_predicted"] = profile.predicted_speedup(row["exit_shares"])
         row["measured"] = times["plain"] / times[i]
     log("")
     log(f"early exit: thresholds calibrated on the {len(task.val)} validation images (MSDNet's budgeted batch), reported on the {len(task.test)} test images")

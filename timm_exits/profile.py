@@ -41,6 +41,8 @@ class ExitProfile:
     device: str
     repeats: int
     input_size: tuple[int, ...] = ()  # one sample's shape, as profiled
+    beside_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # `beside`'s callables, timed in the same rounds
+    round_seconds: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # every part's seconds in each round (see `rounds`)
 
     @property
     def seconds(self) -> list[float]:
@@ -56,6 +58,26 @@ class ExitProfile:
         return self.plain_seconds / self.batch_size / spent
 
 
+    def rounds(self) -> list[ExitProfile]:
+        """One profile per timed round, each from that round's seconds alone (its own ``beside_seconds`` too).
+
+        A speedup measured beside the profile and the one predicted, taken round by round and
+        then their ratio's median, cancel the machine's drift between rounds as well.
+        """
+        if not self.round_seconds:
+            raise ValueError("this profile keeps no rounds' seconds (it was not made by profile_exits)")
+        n = len(self.segment_seconds)
+        return [dataclasses.replace(
+            self,
+            segment_seconds=[self.round_seconds[f"segment {k}"][r] for k in range(n)],
+            head_seconds=[self.round_seconds[f"head {k}"][r] if f"head {k}" in self.round_seconds else 0.0 for k in range(n)],
+            plain_seconds=self.round_seconds["plain"][r],
+            beside_seconds={name: self.round_seconds[("beside", name)][r] for name in self.beside_seconds},
+            repeats=1,
+            round_seconds={},
+        ) for r in range(self.repeats)]
+
+
 def _synchronize(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -68,32 +90,45 @@ def _timed(fn: Callable, sync: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def alternating_medians(runs: dict, repeats: int, sync: Callable[[], None] = lambda: None) -> dict:
-    """Median seconds of each callable of `runs`, timed once per round for `repeats` rounds after one warm-up round.
+def alternating_times(runs: dict, repeats: int, sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Seconds of each callable of `runs` in each of `repeats` rounds, every callable timed once per round, after one warm-up round.
 
     Alternating rounds spread the machine's drift over every callable alike (the project's rule
     for ratios measured in one run); `sync` waits for an accelerator before and after each call.
     """
-    times = {name: [] for name in runs}
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for round_ in range(repeats + 1):
         for name, fn in runs.items():
             t = _timed(fn, sync)
             if round_:
                 times[name].append(t)
-    return {name: statistics.median(v) for name, v in times.items()}
+    return times
+
+
+def alternating_medians(runs: dict, repeats: int, sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Median seconds of each callable of `runs` over `repeats` alternating rounds (see `alternating_times`)."""
+    return {name: statistics.median(v) for name, v in alternating_times(runs, repeats, sync).items()}
 
 
 @torch.no_grad()
-def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: int = 10) -> ExitProfile:
+def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: int = 10, beside: dict[str, Callable] | None = None) -> ExitProfile:
     """Time every segment and exit head of `model` on `example_input`, and the plain backbone beside them.
 
     Each round runs the plain backbone once, then every segment and head once on the values the
     wrapped model passes it; one warm-up round is not counted, and each part's median over
     `repeats` rounds is kept. The model runs in eval mode and gets its own mode back.
+
+    `beside` names more callables to time in the same rounds (their medians land in
+    ``beside_seconds``): a speedup measured there and the one predicted share the machine's
+    state, where a measurement taken before or after the profile would not (a CPU's speed for
+    the memory-bound early layers moves by several percent between runs); ``rounds()`` gives
+    each round's profile, for ratios taken round by round.
     Example::
 
-        >>> profile = timm_exits.profile_exits(model, torch.randn(64, 3, 224, 224))
-        >>> profile.predicted_speedup([0.5, 0.2, 0.2, 0.1])   # half the images leave at exit 1, ...
+        >>> profile = timm_exits.profile_exits(model, x, beside={"plain": lambda: model.backbone(x), "early exit": lambda: model.early_exit(x, threshold=0.9)})
+        >>> result = model.early_exit(x, threshold=0.9)
+        >>> measured = profile.beside_seconds["plain"] / profile.beside_seconds["early exit"]
+        >>> measured / profile.predicted_speedup([c / len(x) for c in result.exit_counts(model.num_exits)])   # the share of the limit reached
     """
     if not isinstance(model, MultiExitModel):
         raise TypeError(f"model must be a MultiExitModel (timm_exits.wrap(...)), got {type(model).__name__}")
@@ -101,6 +136,9 @@ def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: i
         raise ValueError(f"example_input must be a batch tensor (B, C, H, W), got {getattr(example_input, 'shape', type(example_input).__name__)}")
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    beside = {} if beside is None else beside
+    if not isinstance(beside, dict) or not all(isinstance(k, str) and callable(f) for k, f in beside.items()):
+        raise TypeError(f"beside must be a dict of names to callables taking no argument, got {beside!r}")
     model.check_channels(example_input.shape[1], f"example_input of shape {tuple(example_input.shape)}")
     sync = _synchronize(example_input.device)
     with evaluating(model):
@@ -116,7 +154,8 @@ def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: i
             if step.head is not None:
                 parts[f"head {k}"] = lambda st=step, o=out, p=previous: st.logits(o, p)
                 carried = step.onward(carried, step.logits(out, previous))
-        median = alternating_medians(parts, repeats, sync)
+        times = alternating_times({**parts, **{("beside", name): fn for name, fn in beside.items()}}, repeats, sync)
+    median = {name: statistics.median(v) for name, v in times.items()}
     n = len(steps)
     return ExitProfile(
         batch_size=int(example_input.shape[0]),
@@ -127,6 +166,8 @@ def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: i
         device=str(example_input.device),
         repeats=repeats,
         input_size=tuple(int(d) for d in example_input.shape[1:]),
+        beside_seconds={name: median[("beside", name)] for name in beside},
+        round_seconds=times,
     )
 
 
