@@ -27,7 +27,7 @@ import warnings
 
 import timm
 import torch
-from overhead import cpu_name
+from overhead import allocator, cpu_name
 
 import timm_exits
 
@@ -67,7 +67,7 @@ def main() -> None:
     if args.channels_last:
         return channels_last(args)
     warnings.filterwarnings("ignore")
-    print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}, timm {timm.__version__}.")
+    print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads, {allocator()}; torch {torch.__version__}, timm {timm.__version__}.")
     print(f"Command: `python benchmarks/stream.py --rounds {args.rounds} --images {args.images} --batch-size {args.batch_size}{models(args)}`\n")
     print("| model | leaving at each exit | plain (images/s) | early exit per batch: measured / share of time-predicted | stream: measured / share of time-predicted | time-predicted | FLOPs-predicted |")
     print("|---|---|---:|---|---|---:|---:|")
@@ -97,7 +97,7 @@ def channels_last(args) -> None:
     """Each CNN in both memory formats, timed in the same rounds."""
     import copy
 
-    print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}, timm {timm.__version__}.")
+    print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads, {allocator()}; torch {torch.__version__}, timm {timm.__version__}.")
     print(f"Command: `python benchmarks/stream.py --channels-last --rounds {args.rounds} --images {args.images}{models(args)}`\n")
     print("| model | plain: channels_last over contiguous (time) | early exit per batch, channels_last: speedup / share of time-predicted | stream, channels_last: speedup / share | time-predicted, channels_last | FLOPs-predicted | contiguous, same rounds: per batch / stream speedups |")
     print("|---|---:|---|---|---:|---:|---|")

@@ -14,7 +14,7 @@ import itertools
 import math
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -41,7 +41,7 @@ class ExitProfile:
     device: str
     repeats: int
     input_size: tuple[int, ...] = ()  # one sample's shape, as profiled
-    beside_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # `beside`'s callables, timed in the same rounds
+    beside_seconds: dict = dataclasses.field(default_factory=dict)  # `beside`'s callables, timed in the same rounds
     round_seconds: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # every part's seconds in each round (see `rounds`)
 
     @property
@@ -111,7 +111,7 @@ def alternating_medians(runs: dict, repeats: int, sync: Callable[[], None] = lam
 
 
 @torch.no_grad()
-def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: int = 10, beside: dict[str, Callable] | None = None) -> ExitProfile:
+def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: int = 10, beside: dict[Any, Callable] | None = None) -> ExitProfile:
     """Time every segment and exit head of `model` on `example_input`, and the plain backbone beside them.
 
     Each round runs the plain backbone once, then every segment and head once on the values the
@@ -137,7 +137,7 @@ def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: i
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     beside = {} if beside is None else beside
-    if not isinstance(beside, dict) or not all(isinstance(k, str) and callable(f) for k, f in beside.items()):
+    if not isinstance(beside, dict) or not all(callable(f) for f in beside.values()):
         raise TypeError(f"beside must be a dict of names to callables taking no argument, got {beside!r}")
     model.check_channels(example_input.shape[1], f"example_input of shape {tuple(example_input.shape)}")
     sync = _synchronize(example_input.device)
