@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import warnings
@@ -39,8 +40,10 @@ SHARES = [0.50, 0.20, 0.13, 0.17]
 def child(rounds: int) -> None:
     import timm
     import torch
+    from overhead import allocator
 
     import timm_exits
+    from timm_exits.inference import exit_costs
 
     warnings.filterwarnings("ignore")
     rows = []
@@ -57,17 +60,17 @@ def child(rounds: int) -> None:
 
         profile = timm_exits.profile_exits(model, x, repeats=rounds, beside={"plain, counted": plain})
         reached = [e.backbone_flops for e in timm_exits.flops_report(model, input_size=size).exits]
-        spent = sum(s * (e.flops) for s, e in zip(SHARES, timm_exits.flops_report(model, input_size=size).exits))
+        spent = sum(s * c for s, c in zip(SHARES, exit_costs(model, size)))  # a sample leaving at k: the backbone to k and heads 0..k
         rows.append({
             "case": f"{size[0]}x{size[1]}x{size[2]}, batch {batch}",
             "plain_ms": 1e3 * profile.beside_seconds["plain, counted"],
-            "faults": sorted(faults["plain"])[len(faults["plain"]) // 2],
+            "faults": statistics.median(faults["plain"][1:]),  # the warm-up round's call left out
             "time_shares": [t / sum(profile.segment_seconds) for t in profile.segment_seconds],
             "flops_shares": [(b - a) / reached[-1] for a, b in zip([0] + reached, reached)],
             "time_predicted": profile.predicted_speedup(SHARES),
             "flops_predicted": reached[-1] / spent,
         })
-    print(json.dumps(rows))
+    print(json.dumps({"allocator": allocator(), "rows": rows}))
 
 
 def main() -> None:
@@ -86,11 +89,15 @@ def main() -> None:
     print("| allocator | resnet50 | plain (ms / batch) | minor page faults / call | segments' share of the time | of the FLOPs | time-predicted | FLOPs-predicted |")
     print("|---|---|---:|---:|---|---|---:|---:|")
     for name, env in SETTINGS.items():
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-        out = subprocess.run([sys.executable, __file__, "--child", "--rounds", str(args.rounds)], env={**clean, **env}, capture_output=True, text=True, check=True)
-        for row in json.loads(out.stdout.strip().splitlines()[-1]):
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+        out = subprocess.run([sys.executable, __file__, "--child", "--rounds", str(args.rounds)], env={**clean, **env}, capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"the child under {name} failed:\n{out.stderr}")
+        child_said = json.loads(out.stdout.strip().splitlines()[-1])
+        assert child_said["allocator"] == f"allocator {name}", child_said["allocator"]  # the child ran under the setting named
+        for row in child_said["rows"]:
             shares = lambda v: " / ".join(f"{100 * s:.0f} %" for s in v)  # noqa: E731
-            print(f"| {name} | {row['case']} | {row['plain_ms']:.1f} | {row['faults']} | {shares(row['time_shares'])} | {shares(row['flops_shares'])} "
+            print(f"| {name} | {row['case']} | {row['plain_ms']:.1f} | {row['faults']:.0f} | {shares(row['time_shares'])} | {shares(row['flops_shares'])} "
                   f"| {row['time_predicted']:.2f}x | {row['flops_predicted']:.2f}x |", flush=True)
 
 

@@ -7,9 +7,11 @@
 2. **Early exit with compiled parts** (`timm_exits.compile_exits`) against the compiled plain
    model, at batch 1 and 64, on the demo's model shape (resnet18, 1x32x32, 10 classes; untrained
    weights, thresholds at each exit's median confidence on the images, so that about half of
-   them leave at each exit). Speedups measured, time-predicted (`profile_exits` on the compiled
-   parts, against the compiled plain model's time) and FLOPs-predicted; the graphs dynamo compiled
-   during the timed runs (after warm-up), which should be none.
+   them leave at each exit), batch by batch and, at batch 64, over a stream
+   (`early_exit_stream`). Speedups measured, time-predicted (`profile_exits` on the compiled
+   parts, timed in the measured runs' rounds, against the compiled plain model's time; the share
+   of it taken round by round, the median) and FLOPs-predicted; the graphs dynamo compiled during
+   the timed runs (after warm-up), which should be none. ``--skip-train`` times early exit alone.
 
     python benchmarks/compiled.py [--rounds 5] [--images 200]
 """
@@ -24,11 +26,9 @@ import warnings
 import timm
 import torch
 import torch.nn.functional as F
-from overhead import cpu_name
-from speedup import latencies
+from overhead import allocator, cpu_name
 
 import timm_exits
-from timm_exits.profile import alternating_medians
 
 
 def train_steps(compiled: bool, size: int, batch: int):
@@ -70,11 +70,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--images", type=int, default=200, help="images timed one at a time at batch 1")
     parser.add_argument("--size", type=int, default=64, help="train step's image size")
+    parser.add_argument("--skip-train", action="store_true", help="time early exit alone")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}, timm {timm.__version__}.")
-    print(f"Command: `python benchmarks/compiled.py --rounds {args.rounds} --images {args.images} --size {args.size}`\n")
+    print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads, {allocator()}; torch {torch.__version__}, timm {timm.__version__}.")
+    print(f"Command: `python benchmarks/compiled.py --rounds {args.rounds} --images {args.images} --size {args.size}{' --skip-train' if args.skip_train else ''}`\n")
+    if not args.skip_train:
+        compiled_train_steps(args)
+    compiled_early_exit(args)
 
+
+def compiled_train_steps(args) -> None:
     size = args.size
     report = timm_exits.flops_report(timm_exits.wrap(timm.create_model("resnet18", num_classes=10), stages=[1, 2, 3], input_size=(3, size, size)), input_size=(3, size, size))
     share = report.all_exits_flops / report.backbone_flops - 1
@@ -94,6 +100,8 @@ def main() -> None:
               f"| {ratio:.3f} | {first['plain']:.1f} / {first['wrapped']:.1f} |", flush=True)
         del steps
 
+
+def compiled_early_exit(args) -> None:
     torch.manual_seed(0)
     model = timm_exits.wrap(timm.create_model("resnet18", num_classes=10, in_chans=1), stages=[1, 2, 3], input_size=(1, 32, 32)).eval()
     images = torch.randn(max(640, args.images), 1, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -113,25 +121,32 @@ def main() -> None:
     warm_up = time.perf_counter() - t
     before = graphs()
     print(f"\nEarly exit with compiled parts (inductor) against the compiled plain resnet18, 1x32x32; warm-up (compiling) {warm_up:.0f} s.\n")
-    print("| batch | plain (ms / image) | early exit (ms / image) | leaving at exit 1 / 2 / 3 / 4 | measured | time-predicted | FLOPs-predicted | eager: plain / early exit (ms / image) |")
-    print("|---:|---:|---:|---|---:|---:|---:|---|")
+    print("| batch | plain (ms / image) | early exit (ms / image) | stream (ms / image) | leaving at exit 1 / 2 / 3 / 4 | early exit: measured / share of time-predicted "
+          "| stream: measured / share | time-predicted | FLOPs-predicted | eager: plain / early exit (ms / image) |")
+    print("|---:|---:|---:|---:|---|---|---|---:|---:|---|")
     for batch in (1, 64):
         timed = images[: args.images] if batch == 1 else images[:640]
         result = model.early_exit(timed, threshold=thresholds)
         shares = [c / len(timed) for c in result.exit_counts(4)]
         fns = {"plain": plain, "exit": lambda x: model.early_exit(x, threshold=thresholds),
                "eager plain": eager.backbone, "eager exit": lambda x: eager.early_exit(x, threshold=thresholds)}
-        if batch == 1:
-            per_image = {name: statistics.fmean(latencies(fn, timed)) for name, fn in fns.items()}
-        else:
-            runs = {name: (lambda fn=fn: [fn(timed[i : i + 64]) for i in range(0, len(timed), 64)]) for name, fn in fns.items()}
-            with torch.no_grad():
-                per_image = {name: t / len(timed) for name, t in alternating_medians(runs, args.rounds).items()}
-        t_plain, t_exit = per_image["plain"], per_image["exit"]
-        profile = timm_exits.profile_exits(model, images[:batch], repeats=args.rounds)
-        predicted_time = t_plain / sum(s * c for s, c in zip(shares, profile.seconds))
+        runs = {name: (lambda fn=fn: [fn(timed[i : i + batch]) for i in range(0, len(timed), batch)]) for name, fn in fns.items()}
+        if batch > 1:
+            runs["stream"] = lambda: timm_exits.early_exit_stream(model, [timed[i : i + batch] for i in range(0, len(timed), batch)], threshold=thresholds)
+        # the compiled parts profiled in the measured runs' rounds; the prediction is the compiled plain model's time over theirs
+        profile = timm_exits.profile_exits(model, images[:batch], repeats=args.rounds, beside=runs)
+        per_image = {name: t / len(timed) for name, t in profile.beside_seconds.items()}
+        spent = lambda p: sum(s * c for s, c in zip(shares, p.seconds))  # noqa: E731  (seconds per image, predicted)
+        predicted_time = per_image["plain"] / spent(profile)
         predicted_flops = flops.exits[-1].flops / float(result.flops.float().mean())
-        print(f"| {batch} | {1e3 * t_plain:.3f} | {1e3 * t_exit:.3f} | {' / '.join(f'{100 * s:.0f} %' for s in shares)} | {t_plain / t_exit:.2f}x | {predicted_time:.2f}x | {predicted_flops:.2f}x "
+        cells = {}
+        for label in ("exit", "stream"):
+            if label in runs:
+                each = sorted(spent(p) * len(timed) / p.beside_seconds[label] for p in profile.rounds())  # measured over predicted, round by round
+                cells[label] = f"{per_image['plain'] / per_image[label]:.2f}x / {statistics.median(each):.0%}"
+        stream = f"{1e3 * per_image['stream']:.3f}" if "stream" in runs else "-"
+        print(f"| {batch} | {1e3 * per_image['plain']:.3f} | {1e3 * per_image['exit']:.3f} | {stream} "
+              f"| {' / '.join(f'{100 * s:.0f} %' for s in shares)} | {cells['exit']} | {cells.get('stream', '-')} | {predicted_time:.2f}x | {predicted_flops:.2f}x "
               f"| {1e3 * per_image['eager plain']:.3f} / {1e3 * per_image['eager exit']:.3f} |", flush=True)
     print(f"\nGraphs compiled during the timed runs, after warm-up: {graphs() - before}.")
 

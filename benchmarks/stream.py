@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--model", action="append", help="time only the models whose name holds this (repeatable): resnet18, resnet50, vit")
     args = parser.parse_args()
     if args.channels_last:
+        if not any("vit" not in name for name, _ in selected(args)):
+            raise SystemExit("--channels-last times the convolutional models only; --model names none of them")
         return channels_last(args)
     warnings.filterwarnings("ignore")
     print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads, {allocator()}; torch {torch.__version__}, timm {timm.__version__}.")

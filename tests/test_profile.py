@@ -36,17 +36,49 @@ def test_callables_beside_the_profile_are_timed_in_its_rounds_and_each_round_is_
     assert calls == ["plain", "early exit"] * 4  # a warm-up round and three timed ones; "plain" is not taken by the profile's own part
     assert set(profile.beside_seconds) == {"plain", "early exit"} and min(profile.beside_seconds.values()) > 0
     rounds = profile.rounds()
-    assert len(rounds) == 3 and all(r.round_seconds == {} and r.repeats == 1 for r in rounds)
+    assert len(rounds) == 3 and all(r.round_seconds == {} and r.repeats == 1 and r.rounds() == [r] for r in rounds)
     for k in range(3):
         assert profile.segment_seconds[k] == statistics.median(r.segment_seconds[k] for r in rounds)
         assert profile.head_seconds[k] == statistics.median(r.head_seconds[k] for r in rounds)
     assert profile.plain_seconds == statistics.median(r.plain_seconds for r in rounds)
     assert profile.beside_seconds == {name: statistics.median(r.beside_seconds[name] for r in rounds) for name in beside}
     assert profile_exits(model, x, repeats=1).beside_seconds == {}
-    with pytest.raises(ValueError, match=exactly("this profile keeps no rounds' seconds (it was not made by profile_exits)")):
-        rounds[0].rounds()
-    with pytest.raises(TypeError, match=r"^beside must be a dict of names to callables taking no argument, got \['plain'\]$"):
+    handmade = ExitProfile(4, ["a", "final"], [0.1, 0.1], [0.01, 0.0], 0.2, "cpu", 2)
+    with pytest.raises(ValueError, match=exactly("this profile of 2 rounds keeps no round's seconds (profile_exits keeps them; one made by hand does not)")):
+        handmade.rounds()
+    with pytest.raises(TypeError, match=exactly("beside must be a dict of names to callables taking no argument, got list")):
         profile_exits(model, x, beside=["plain"])
+    with pytest.raises(TypeError, match=exactly("beside['b'] must be a callable taking no argument, got int")):
+        profile_exits(model, x, beside={"a": lambda: None, "b": 3})
+
+
+def test_each_round_pairs_its_own_parts_with_its_own_beside_times(monkeypatch):
+    """rounds(): round r's parts and callables beside are the ones timed in round r (a clock that counts calls tells them apart)."""
+    import itertools
+
+    import timm_exits.profile as profile_module
+
+    model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=10), stages=[1, 2], input_size=(3, 32, 32)).eval()
+    ticks = itertools.count()
+    monkeypatch.setattr(profile_module, "_timed", lambda fn, sync: (fn(), float(next(ticks)))[1])
+    profile = profile_exits(model, torch.randn(2, 3, 32, 32), repeats=4, beside={"a": lambda: None, "b": lambda: None})
+    per_round = 1 + 3 + 2 + 2  # plain, 3 segments, 2 heads, 2 beside
+    for r, one in enumerate(profile.rounds()):
+        seen = [one.plain_seconds, *one.segment_seconds, *one.head_seconds[:2], *one.beside_seconds.values()]
+        assert sorted(seen) == [float(t) for t in range(per_round * (r + 1), per_round * (r + 2))]  # round 0 is the warm-up, not kept
+
+
+def test_a_failing_callable_beside_the_profile_leaves_the_model_as_it_was():
+    model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=10), stages=[1], input_size=(3, 32, 32)).train()
+    model.exits[0].eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+
+    def broken():
+        raise RuntimeError("the caller's run breaks")
+
+    with pytest.raises(RuntimeError, match="the caller's run breaks"):
+        profile_exits(model, torch.randn(2, 3, 32, 32), beside={"broken": broken})
+    assert {name: m.training for name, m in model.named_modules()} == modes
 
 
 def test_the_predicted_speedup_is_the_plain_time_over_the_shares_of_each_exit_cost():

@@ -208,7 +208,8 @@ def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 
     and the speedup over the plain backbone three ways: measured (``model.early_exit`` on the
     test split in batches of `batch_size`, median of `repeats` alternating rounds), predicted
     from each segment's and head's measured time (`timm_exits.profile_exits`: the physical limit
-    of skipping the rest; the parts are timed in the same rounds) and predicted from FLOPs. Writes the accuracy-vs-FLOPs plot to `plot`,
+    of skipping the rest; the parts are timed in the same rounds, `repeats` of them: 5 since
+    this change, where the measurement took 3 and the profile 10 apart) and predicted from FLOPs. Writes the accuracy-vs-FLOPs plot to `plot`,
     with `points` (``{label: (flops, accuracy)}``) drawn beside the curve.
     """
     from .calibration import anytime_accuracy, budgeted_curve, calibrate_thresholds, collect_exit_logits, evaluate_thresholds, plot_tradeoff

@@ -42,7 +42,8 @@ class ExitProfile:
     repeats: int
     input_size: tuple[int, ...] = ()  # one sample's shape, as profiled
     beside_seconds: dict = dataclasses.field(default_factory=dict)  # `beside`'s callables, timed in the same rounds
-    round_seconds: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # every part's seconds in each round (see `rounds`)
+    round_seconds: dict[str, list[float]] = dataclasses.field(default_factory=dict, repr=False, compare=False)  # "plain", "segment k", "head k": seconds in each round
+    beside_rounds: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # `beside`'s seconds in each round
 
     @property
     def seconds(self) -> list[float]:
@@ -62,20 +63,25 @@ class ExitProfile:
         """One profile per timed round, each from that round's seconds alone (its own ``beside_seconds`` too).
 
         A speedup measured beside the profile and the one predicted, taken round by round and
-        then their ratio's median, cancel the machine's drift between rounds as well.
+        then their ratio's median, cancel the machine's drift between rounds as well. A profile
+        of one round is its own only round.
         """
         if not self.round_seconds:
-            raise ValueError("this profile keeps no rounds' seconds (it was not made by profile_exits)")
+            if self.repeats == 1:
+                return [self]
+            raise ValueError(f"this profile of {self.repeats} rounds keeps no round's seconds (profile_exits keeps them; one made by hand does not)")
         n = len(self.segment_seconds)
         return [dataclasses.replace(
             self,
+            stages=list(self.stages),
             segment_seconds=[self.round_seconds[f"segment {k}"][r] for k in range(n)],
             head_seconds=[self.round_seconds[f"head {k}"][r] if f"head {k}" in self.round_seconds else 0.0 for k in range(n)],
             plain_seconds=self.round_seconds["plain"][r],
-            beside_seconds={name: self.round_seconds[("beside", name)][r] for name in self.beside_seconds},
+            beside_seconds={name: seconds[r] for name, seconds in self.beside_rounds.items()},
             repeats=1,
             round_seconds={},
-        ) for r in range(self.repeats)]
+            beside_rounds={},
+        ) for r in range(len(self.round_seconds["plain"]))]
 
 
 def _synchronize(device: torch.device) -> Callable[[], None]:
@@ -90,13 +96,13 @@ def _timed(fn: Callable, sync: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def alternating_times(runs: dict, repeats: int, sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+def alternating_times(runs: dict, repeats: int, sync: Callable[[], None] = lambda: None) -> dict:
     """Seconds of each callable of `runs` in each of `repeats` rounds, every callable timed once per round, after one warm-up round.
 
     Alternating rounds spread the machine's drift over every callable alike (the project's rule
     for ratios measured in one run); `sync` waits for an accelerator before and after each call.
     """
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    times: dict = {name: [] for name in runs}
     for round_ in range(repeats + 1):
         for name, fn in runs.items():
             t = _timed(fn, sync)
@@ -105,7 +111,7 @@ def alternating_times(runs: dict, repeats: int, sync: Callable[[], None] = lambd
     return times
 
 
-def alternating_medians(runs: dict, repeats: int, sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+def alternating_medians(runs: dict, repeats: int, sync: Callable[[], None] = lambda: None) -> dict:
     """Median seconds of each callable of `runs` over `repeats` alternating rounds (see `alternating_times`)."""
     return {name: statistics.median(v) for name, v in alternating_times(runs, repeats, sync).items()}
 
@@ -120,9 +126,10 @@ def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: i
 
     `beside` names more callables to time in the same rounds (their medians land in
     ``beside_seconds``): a speedup measured there and the one predicted share the machine's
-    state, where a measurement taken before or after the profile would not (a CPU's speed for
-    the memory-bound early layers moves by several percent between runs); ``rounds()`` gives
-    each round's profile, for ratios taken round by round.
+    state, where a measurement taken before or after the profile would not (a shared CPU's speed
+    moves by several percent between runs); ``rounds()`` gives each round's profile, for ratios
+    taken round by round. They run as the parts do: without gradients and with the model in
+    eval mode, so they time inference (a training step beside the profile would not be one).
     Example::
 
         >>> profile = timm_exits.profile_exits(model, x, beside={"plain": lambda: model.backbone(x), "early exit": lambda: model.early_exit(x, threshold=0.9)})
@@ -137,8 +144,11 @@ def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: i
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     beside = {} if beside is None else beside
-    if not isinstance(beside, dict) or not all(callable(f) for f in beside.values()):
-        raise TypeError(f"beside must be a dict of names to callables taking no argument, got {beside!r}")
+    if not isinstance(beside, dict):
+        raise TypeError(f"beside must be a dict of names to callables taking no argument, got {type(beside).__name__}")
+    for name, fn in beside.items():
+        if not callable(fn):
+            raise TypeError(f"beside[{name!r}] must be a callable taking no argument, got {type(fn).__name__}")
     model.check_channels(example_input.shape[1], f"example_input of shape {tuple(example_input.shape)}")
     sync = _synchronize(example_input.device)
     with evaluating(model):
@@ -154,7 +164,7 @@ def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: i
             if step.head is not None:
                 parts[f"head {k}"] = lambda st=step, o=out, p=previous: st.logits(o, p)
                 carried = step.onward(carried, step.logits(out, previous))
-        times = alternating_times({**parts, **{("beside", name): fn for name, fn in beside.items()}}, repeats, sync)
+        times = alternating_times({**parts, **{("beside", name): fn for name, fn in beside.items()}}, repeats, sync)  # keys apart: a "plain" beside is the caller's
     median = {name: statistics.median(v) for name, v in times.items()}
     n = len(steps)
     return ExitProfile(
@@ -167,7 +177,8 @@ def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: i
         repeats=repeats,
         input_size=tuple(int(d) for d in example_input.shape[1:]),
         beside_seconds={name: median[("beside", name)] for name in beside},
-        round_seconds=times,
+        round_seconds={name: v for name, v in times.items() if isinstance(name, str)},
+        beside_rounds={name: times[("beside", name)] for name in beside},
     )
 
 
