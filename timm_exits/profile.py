@@ -183,7 +183,8 @@ def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: i
 
 
 # ops whose result size or value the host must read: on a GPU each makes the host wait for the device
-_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::equal"}
+_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::equal",
+          "aten::bincount"}  # bincount's length is the input's largest value, read on the host
 
 
 class HostSyncs(TorchDispatchMode):
@@ -228,7 +229,7 @@ def host_syncs() -> HostSyncs:
     size), so it waits for the device there; everything else should stay on the device. This
     counts, on any device (a CPU run counts what a GPU run would wait for), each op that reads a
     tensor's value or result size on the host: ``.item()``/``bool()``/``int()`` of a tensor,
-    ``nonzero``, ``masked_select``, ``unique``, boolean-mask indexing, ``repeat_interleave`` without
+    ``nonzero``, ``masked_select``, ``unique``, ``bincount``, boolean-mask indexing, ``repeat_interleave`` without
     ``output_size``, blocking copies from a GPU to the host, and tensors built from host data
     (``torch.tensor(...)``, ``new_tensor``: on a GPU a blocking copy to the device; counted on the
     CPU too, where it is only a risk). ``tolist()``, ``numpy()`` and ``.cpu()`` of a CPU tensor
