@@ -17,6 +17,8 @@ import argparse
 import timm
 import torch
 
+from stream import median_thresholds
+
 import timm_exits
 from timm_exits.profile import alternating_medians
 
@@ -30,8 +32,7 @@ def main() -> None:
     size = (1, 32, 32) if args.model == "resnet18" else (3, 64, 64)
     model = timm_exits.wrap(timm.create_model(args.model, num_classes=10, in_chans=size[0]), stages=[1, 2, 3], input_size=size).eval()
     x = torch.randn(64, *size, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        thresholds = [float(z.softmax(-1).amax(-1).median()) for z in model.forward_exits(x)[:-1]]
+    thresholds = median_thresholds(model, x)
     counts = model.early_exit(x, threshold=thresholds).exit_counts(4)
     sizes = [64 - sum(counts[:k]) for k in range(4)]
     print(f"leaving at each exit {counts}; the batch each segment sees {sizes}")

@@ -27,6 +27,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from overhead import allocator, cpu_name
+from stream import median_thresholds
 
 import timm_exits
 
@@ -105,9 +106,7 @@ def compiled_early_exit(args) -> None:
     torch.manual_seed(0)
     model = timm_exits.wrap(timm.create_model("resnet18", num_classes=10, in_chans=1), stages=[1, 2, 3], input_size=(1, 32, 32)).eval()
     images = torch.randn(max(640, args.images), 1, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        every = model.forward_exits(images)
-    thresholds = [float(z.softmax(-1).amax(-1).median()) for z in every[:-1]]
+    thresholds = median_thresholds(model, images)
     flops = timm_exits.flops_report(model, input_size=(1, 32, 32))
     eager = copy.deepcopy(model)  # the same weights, uncompiled: the reference row
     plain = torch.compile(model.backbone)

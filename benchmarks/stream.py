@@ -46,6 +46,25 @@ def selected(args) -> list:
     return chosen
 
 
+def median_thresholds(model, images: torch.Tensor) -> list[float]:
+    """Each early exit's median confidence on `images`: about half of those still running leave at each exit."""
+    with torch.no_grad():
+        return [float(z.softmax(-1).amax(-1).median()) for z in model.forward_exits(images)[:-1]]
+
+
+def prepared(build, stages, size, args, batch_size: int):
+    """The wrapped model (eval), `--images` images in batches, the thresholds, each exit's share of the images and the FLOPs-predicted speedup."""
+    torch.manual_seed(0)
+    model = timm_exits.wrap(build(), stages=stages, input_size=size).eval()
+    images = torch.randn(args.images, *size, generator=torch.Generator().manual_seed(1))
+    thresholds = median_thresholds(model, images)
+    batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    result = timm_exits.early_exit_stream(model, batches, threshold=thresholds)
+    shares = [c / len(images) for c in result.exit_counts(model.num_exits)]
+    flops = timm_exits.flops_report(model, input_size=size).exits[-1].flops / float(result.flops.float().mean())
+    return model, batches, thresholds, shares, flops
+
+
 def share_of_prediction(profile, plain: str, label: str, shares: list[float]) -> str:
     """The measured speedup's share of the time-predicted one, round by round: the median (lowest-highest)."""
     each = sorted(p.beside_seconds[plain] / p.beside_seconds[label] / p.predicted_speedup(shares) for p in profile.rounds())
@@ -74,15 +93,7 @@ def main() -> None:
     print("| model | leaving at each exit | plain (images/s) | early exit per batch: measured / share of time-predicted | stream: measured / share of time-predicted | time-predicted | FLOPs-predicted |")
     print("|---|---|---:|---|---|---:|---:|")
     for name, (build, stages, size) in selected(args):
-        torch.manual_seed(0)
-        model = timm_exits.wrap(build(), stages=stages, input_size=size).eval()
-        images = torch.randn(args.images, *size, generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            every = model.forward_exits(images)
-        thresholds = [float(z.softmax(-1).amax(-1).median()) for z in every[:-1]]
-        batches = [images[i : i + args.batch_size] for i in range(0, len(images), args.batch_size)]
-        result = timm_exits.early_exit_stream(model, batches, threshold=thresholds)
-        shares = [c / len(images) for c in result.exit_counts(model.num_exits)]
+        model, batches, thresholds, shares, flops = prepared(build, stages, size, args, args.batch_size)
         runs = {
             "plain": lambda: [model.backbone(b) for b in batches],
             "per batch": lambda: [model.early_exit(b, threshold=thresholds) for b in batches],
@@ -90,9 +101,8 @@ def main() -> None:
         }
         profile = timm_exits.profile_exits(model, batches[0], repeats=args.rounds, beside=runs)  # measured and predicted in the same rounds
         seconds, predicted = profile.beside_seconds, profile.predicted_speedup(shares)
-        flops = timm_exits.flops_report(model, input_size=size).exits[-1].flops / float(result.flops.float().mean())
         cells = [f"{seconds['plain'] / seconds[label]:.2f}x / {share_of_prediction(profile, 'plain', label, shares)}" for label in ("per batch", "stream")]
-        print(f"| {name} | {' / '.join(f'{100 * s:.0f} %' for s in shares)} | {len(images) / seconds['plain']:.0f} | {cells[0]} | {cells[1]} | {predicted:.2f}x | {flops:.2f}x |", flush=True)
+        print(f"| {name} | {' / '.join(f'{100 * s:.0f} %' for s in shares)} | {args.images / seconds['plain']:.0f} | {cells[0]} | {cells[1]} | {predicted:.2f}x | {flops:.2f}x |", flush=True)
 
 
 def channels_last(args) -> None:
@@ -106,17 +116,9 @@ def channels_last(args) -> None:
     for name, (build, stages, size) in selected(args):
         if "vit" in name:
             continue  # no convolutions after the patch embedding: the memory format does not apply
-        torch.manual_seed(0)
-        model = timm_exits.wrap(build(), stages=stages, input_size=size).eval()
+        model, batches, thresholds, shares, flops = prepared(build, stages, size, args, 64)
         last = copy.deepcopy(model).to(memory_format=torch.channels_last)
-        images = torch.randn(args.images, *size, generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            every = model.forward_exits(images)
-        thresholds = [float(z.softmax(-1).amax(-1).median()) for z in every[:-1]]
-        batches = [images[i : i + 64] for i in range(0, len(images), 64)]
         batches_last = [b.contiguous(memory_format=torch.channels_last) for b in batches]
-        result = timm_exits.early_exit_stream(model, batches, threshold=thresholds)
-        shares = [c / len(images) for c in result.exit_counts(model.num_exits)]
         runs = {
             "plain": lambda: [model.backbone(b) for b in batches],
             "plain, channels_last": lambda: [last.backbone(b) for b in batches_last],
@@ -130,7 +132,6 @@ def channels_last(args) -> None:
         cells = [f"{seconds['plain, channels_last'] / seconds[label]:.2f}x / {share_of_prediction(profile, 'plain, channels_last', label, shares)}"
                  for label in ("per batch, channels_last", "stream, channels_last")]
         contiguous = " / ".join(f"{seconds['plain'] / seconds[k]:.2f}x" for k in ("per batch", "stream"))
-        flops = timm_exits.flops_report(model, input_size=size).exits[-1].flops / float(result.flops.float().mean())
         print(f"| {name} | {seconds['plain, channels_last'] / seconds['plain']:.2f} | {cells[0]} | {cells[1]} | {predicted:.2f}x | {flops:.2f}x | {contiguous} |", flush=True)
 
 

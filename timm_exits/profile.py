@@ -58,7 +58,6 @@ class ExitProfile:
         spent = sum(share * cost for share, cost in zip(shares, self.seconds))
         return self.plain_seconds / self.batch_size / spent
 
-
     def rounds(self) -> list[ExitProfile]:
         """One profile per timed round, each from that round's seconds alone (its own ``beside_seconds`` too).
 
@@ -74,14 +73,21 @@ class ExitProfile:
         return [dataclasses.replace(
             self,
             stages=list(self.stages),
-            segment_seconds=[self.round_seconds[f"segment {k}"][r] for k in range(n)],
-            head_seconds=[self.round_seconds[f"head {k}"][r] if f"head {k}" in self.round_seconds else 0.0 for k in range(n)],
-            plain_seconds=self.round_seconds["plain"][r],
+            **_part_fields({name: seconds[r] for name, seconds in self.round_seconds.items()}, n),
             beside_seconds={name: seconds[r] for name, seconds in self.beside_rounds.items()},
             repeats=1,
             round_seconds={},
             beside_rounds={},
         ) for r in range(len(self.round_seconds["plain"]))]
+
+
+def _part_fields(seconds: dict, n: int) -> dict:
+    """An `ExitProfile`'s times of its `n` segments, their heads and the plain backbone, from one number per part name."""
+    return {
+        "segment_seconds": [seconds[f"segment {k}"] for k in range(n)],
+        "head_seconds": [seconds.get(f"head {k}", 0.0) for k in range(n)],  # the last segment has none
+        "plain_seconds": seconds["plain"],
+    }
 
 
 def _synchronize(device: torch.device) -> Callable[[], None]:
@@ -170,14 +176,12 @@ def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: i
     return ExitProfile(
         batch_size=int(example_input.shape[0]),
         stages=list(model.stages) + ["final"],
-        segment_seconds=[median[f"segment {k}"] for k in range(n)],
-        head_seconds=[median.get(f"head {k}", 0.0) for k in range(n)],
-        plain_seconds=median["plain"],
+        **_part_fields(median, n),
         device=str(example_input.device),
         repeats=repeats,
         input_size=tuple(int(d) for d in example_input.shape[1:]),
         beside_seconds={name: median[("beside", name)] for name in beside},
-        round_seconds={name: v for name, v in times.items() if isinstance(name, str)},
+        round_seconds={name: times[name] for name in parts},
         beside_rounds={name: times[("beside", name)] for name in beside},
     )
 
