@@ -171,6 +171,9 @@ def test_host_syncs_counts_the_ops_that_read_the_device_on_the_host():
         torch.repeat_interleave(torch.tensor([1, 2]), output_size=3)  # the size is given: no read
         torch.arange(3) + torch.ones(3)  # made on the device
         torch.arange(3).bincount(minlength=5)  # its length is the largest value: read on the host
+        z = torch.zeros(6)
+        z[torch.arange(2)] = 3  # a Python number written into a tensor travels by value, whatever the release routes it through
+        z.fill_(1.0)
     assert dict(syncs.counts) == {"_local_scalar_dense": 2, "nonzero": 1, "index (boolean mask)": 1, "masked_select": 1, "repeat_interleave": 1,
                                   "tensor from host data": 2, "bincount": 1}  # the two torch.tensor([1, 2]): on a GPU, copies from the host
     assert syncs.total == 9 and y.shape == (3,)

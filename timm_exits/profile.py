@@ -213,8 +213,8 @@ class HostSyncs(TorchDispatchMode):
             self.counts[f"{name.removeprefix('aten::')} (boolean mask)"] += 1  # a mask's row count is read on the host
         elif name in ("aten::_to_copy", "aten::copy_") and _device_to_host(name, args, kwargs):
             self.counts["copy to host"] += 1
-        elif name == "aten::lift_fresh":  # torch.tensor(data) / new_tensor: on a GPU, a blocking copy from the host
-            self.counts["tensor from host data"] += 1
+        elif name == "aten::lift_fresh" and args[0].dim() > 0:  # torch.tensor(data) / new_tensor: on a GPU, a blocking copy from the host
+            self.counts["tensor from host data"] += 1  # a 0-d one is a Python number (x[i] = k lifts it on some releases): kernels take it by value
         return func(*args, **kwargs)
 
 
@@ -235,8 +235,10 @@ def host_syncs() -> HostSyncs:
     tensor's value or result size on the host: ``.item()``/``bool()``/``int()`` of a tensor,
     ``nonzero``, ``masked_select``, ``unique``, ``bincount``, boolean-mask indexing, ``repeat_interleave`` without
     ``output_size``, blocking copies from a GPU to the host, and tensors built from host data
-    (``torch.tensor(...)``, ``new_tensor``: on a GPU a blocking copy to the device; counted on the
-    CPU too, where it is only a risk). ``tolist()``, ``numpy()`` and ``.cpu()`` of a CPU tensor
+    (``torch.tensor([...])``, ``new_tensor``: on a GPU a blocking copy to the device; counted on the
+    CPU too, where it is only a risk). A Python number written into a tensor (``x[rows] = k``,
+    ``fill_``) is not a read: kernels take it by value, whichever way a torch release routes it
+    (some lift it into a 0-d tensor first). ``tolist()``, ``numpy()`` and ``.cpu()`` of a CPU tensor
     dispatch no op, so a CPU run cannot see a GPU tensor read that way::
 
         with timm_exits.host_syncs() as syncs:
