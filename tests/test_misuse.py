@@ -3,6 +3,7 @@ input is legal but almost surely a mistake) at the call, naming the argument and
 import copy
 import os
 import pickle
+import re
 import subprocess
 import sys
 import warnings
@@ -497,3 +498,101 @@ def test_the_command_line_names_a_size_the_model_cannot_run(args):
     done = subprocess.run([sys.executable, "-m", "timm_exits", *args], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2 and "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert "cannot run on" in done.stderr and "input_size" in done.stderr
+
+
+# -- a misuse pass: calibration, compiling, plots, saved folders, numbers of other types -----------
+
+
+def test_expected_calibration_error_refuses_what_it_cannot_score_and_leaves_unlabeled_samples_out():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(50, 4), torch.randint(0, 4, (50,))
+    with pytest.raises(ValueError, match=exactly("labels must be (50,) class indices, one per row of logits, got a (49,) tensor of torch.int64")):
+        timm_exits.expected_calibration_error(logits, labels[:49])  # broadcast, it returned 211.98
+    with pytest.raises(ValueError, match=r"^logits must be one exit's \(N, C\) tensor, got torch.Size\(\[3, 50, 4\]\); for cached exits pass cached.logits\[k\]$"):
+        timm_exits.expected_calibration_error(torch.stack([logits] * 3), labels)
+    with pytest.raises(ValueError, match=exactly("bins must be an int >= 1 (Guo et al. use 15), got 0")):
+        timm_exits.expected_calibration_error(logits, labels, bins=0)
+    with pytest.raises(ValueError, match=exactly("expected_calibration_error needs labeled samples: every label is negative (unlabeled)")):
+        timm_exits.expected_calibration_error(logits, torch.full((50,), -100))
+    unlabeled = labels.clone()
+    unlabeled[:20] = -100
+    ece = timm_exits.expected_calibration_error(logits, unlabeled)
+    assert ece == timm_exits.expected_calibration_error(logits[20:], labels[20:]) and 0 <= ece <= 1  # -100 means unlabeled, not wrong
+
+
+def test_a_confidence_on_a_bin_edge_falls_in_the_lower_bin():
+    """Guo et al.'s bin m holds ((m-1)/M, m/M]: two classes tied give confidence 0.5, the top of bin 1 of 2."""
+    tied = torch.zeros(4, 2)  # confidence 0.5, predicted class 0, right: gap -0.5
+    sure = torch.tensor([[10.0, -10.0]] * 4)  # confidence ~1, predicted class 0, wrong: gap +1
+    logits, labels = torch.cat([tied, sure]), torch.tensor([0] * 4 + [1] * 4)
+    # apart, the gaps add up: (4 * 0.5 + 4 * 1) / 8; in the upper bin with the sure rows they would cancel: |4 * -0.5 + 4 * 1| / 8
+    assert timm_exits.expected_calibration_error(logits, labels, bins=2) == pytest.approx(0.75, abs=1e-6)
+
+
+def test_compile_exits_a_second_time_with_other_settings_is_refused():
+    model, x = _resnet10t()
+    timm_exits.compile_exits(model, backend="eager")
+    assert timm_exits.compile_exits(model, backend="eager") is model  # the same settings again: nothing to do
+    for other in ({"backend": "aot_eager"}, {"backend": "no_such_backend"}, {}):
+        with pytest.raises(ValueError, match=r"^this model's steps are already compiled with \{'backend': 'eager'\}; they cannot be compiled again with"):
+            timm_exits.compile_exits(model, **other)
+    fresh = timm_exits.compile_exits(copy.deepcopy(model), backend="aot_eager")  # the way out the message names
+    assert {part.compile_kwargs["backend"] for step in fresh.steps() for part in (step.segment, step.head) if part is not None} == {"aot_eager"}
+
+
+def _resnet10t():
+    from conftest import resnet10t_exits
+
+    return resnet10t_exits(4)
+
+
+def test_plots_refuse_a_folder_as_the_file_to_write(tmp_path):
+    pytest.importorskip("matplotlib")
+    model, x = _resnet10t()
+    cached = timm_exits.collect_exit_logits(model, [(x, torch.zeros(len(x), dtype=torch.long))])
+    curve = timm_exits.budgeted_curve(cached, budgets=3)
+    with pytest.raises(ValueError, match=exactly(f"path {str(tmp_path)!r} is a folder: give the file to write, e.g. {str(tmp_path / 'exits.png')!r}")):
+        timm_exits.plot_exits(model, tmp_path)
+    with pytest.raises(ValueError, match=exactly(f"path {str(tmp_path)!r} is a folder: give the file to write, e.g. {str(tmp_path / 'tradeoff.png')!r}")):
+        timm_exits.plot_tradeoff(curve, str(tmp_path))
+    assert not tmp_path.with_suffix(".png").exists() and not list(tmp_path.iterdir())  # nothing written beside it or inside
+    timm_exits.plot_tradeoff(curve, tmp_path / "tradeoff.png")
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0
+
+
+def test_from_pretrained_names_a_truncated_file(tmp_path):
+    model, _ = _resnet10t()
+    for name in ("model.safetensors", "config.json"):
+        folder = model.save_pretrained(tmp_path / name)
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) // 2])
+        pattern = (rf"^weights file '{re.escape(str(folder / name))}' could not be read as a checkpoint: " if name.endswith("safetensors")
+                   else rf"^{re.escape(str(folder / name))} could not be read as JSON \(")
+        with pytest.raises(ValueError, match=pattern):
+            timm_exits.from_pretrained(folder)
+
+
+def test_numbers_of_other_types_are_taken_where_python_numbers_are():
+    np = pytest.importorskip("numpy")
+    from test_temperature import overconfident
+
+    cached = overconfident()
+    expected = timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.05)
+    for drop in (np.float32(0.05), torch.tensor(0.05), np.float64(0.05)):
+        assert timm_exits.calibrate_thresholds(cached, max_accuracy_drop=drop).thresholds == pytest.approx(expected.thresholds)
+    with pytest.raises(ValueError, match=exactly("max_accuracy_drop must be a fraction in [0, 1] (0.01 = one point), got '0.05'")):
+        timm_exits.calibrate_thresholds(cached, max_accuracy_drop="0.05")
+    temperatures = [2.0, 1.5, 1.0]
+    by_list = timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.05, temperature=temperatures)
+    assert timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.05, temperature=np.array(temperatures)).thresholds == by_list.thresholds
+    with pytest.raises(ValueError, match=exactly("lr must be a learning rate > 0 (the ZTW code's is 5e-4), got '5e-4'")):
+        timm_exits.fit_geometric_ensemble(cached, lr="5e-4")
+    assert timm_exits.fit_geometric_ensemble(cached, epochs=1, lr=np.float32(5e-4)).num_exits == 3
+
+
+def test_early_exit_stream_given_one_tensor_says_it_wants_batches():
+    model, x = _resnet10t()
+    with pytest.raises(TypeError, match=exactly("batches must be an iterable of input batches (a DataLoader's images, a list of tensors), got one tensor of shape "
+                                                "(4, 3, 32, 32): pass [x], or call model.early_exit(x)")):
+        timm_exits.early_exit_stream(model, x)
+    assert timm_exits.early_exit_stream(model, [x]).exit_index.shape == (4,)

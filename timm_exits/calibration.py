@@ -17,6 +17,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from ._checks import figure_path, real_number
 from .inference import Calibration, calibration_temperature, check_criterion, check_ensemble, confidence_thresholds, exit_confidence, exit_costs, patience_streaks, patience_threshold
 from .model import MultiExitModel
 from .risk import risk_controlled_thresholds
@@ -283,8 +284,10 @@ def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, ma
             else:
                 hi = mid
         return done(best)
-    if not isinstance(max_accuracy_drop, (int, float)) or math.isnan(max_accuracy_drop) or not 0 <= max_accuracy_drop <= 1:
-        raise ValueError(f"max_accuracy_drop must be a fraction in [0, 1] (0.01 = one point), got {max_accuracy_drop!r}")
+    valid_drop = "a fraction in [0, 1] (0.01 = one point)"
+    max_accuracy_drop = real_number(max_accuracy_drop, "max_accuracy_drop", valid_drop)
+    if not 0 <= max_accuracy_drop <= 1:
+        raise ValueError(f"max_accuracy_drop must be {valid_drop}, got {max_accuracy_drop!r}")
     if not bool((labels >= 0).any()):
         raise ValueError("max_accuracy_drop needs labeled samples: every label of the cached exits is negative (unlabeled)")
     if delta is not None:
@@ -394,5 +397,5 @@ def plot_tradeoff(curve: Sequence[CurvePoint], path=None, anytime: Sequence[Anyt
     if own:  # a figure of the caller's keeps its own layout
         fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=120)
+        fig.savefig(figure_path(path, "tradeoff.png"), dpi=120)
     return fig

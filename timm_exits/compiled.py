@@ -30,6 +30,7 @@ class CompiledPart(nn.Module):
     def __init__(self, module: nn.Module, **compile_kwargs):
         super().__init__()
         self.compiled_from = module
+        self.compile_kwargs = compile_kwargs
         self.compiled = torch.compile(module, **compile_kwargs)
 
     @property
@@ -61,8 +62,18 @@ def compile_exits(model: MultiExitModel, **compile_kwargs) -> MultiExitModel:
     steps = model.steps(training=False)
     if not steps[0].skips:
         raise ValueError("this model runs through forward_intermediates (fx could not trace its backbone): it has no segments to compile one by one; compile the whole model instead")
+    done = [part for step in steps for part in (step.segment, step.head) if isinstance(part, CompiledPart)]
+    if done:
+        if all(part.compile_kwargs == compile_kwargs for part in done):
+            return model  # compiled already, with these settings
+        raise ValueError(
+            f"this model's steps are already compiled with {done[0].compile_kwargs or 'torch.compile defaults'}; they cannot be compiled again with "
+            f"{compile_kwargs or 'torch.compile defaults'}. Compile a copy made before the first compile_exits (copy.deepcopy of a compiled model "
+            "rebuilds its steps uncompiled: compile_exits(copy.deepcopy(model), ...))"
+        )
+
     def compiled(part):
-        return part if part is None or isinstance(part, CompiledPart) else CompiledPart(part, **compile_kwargs)
+        return part if part is None else CompiledPart(part, **compile_kwargs)
 
     parts = [(compiled(step.segment), compiled(step.head)) for step in steps]  # all built first: a bad argument leaves the model as it was
     for step, (segment, head) in zip(steps, parts):

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from ._checks import figure_path
 from .heads import head_kind
 from .model import ExitRun, MultiExitModel
 from .tracing import dummy_input, evaluating
@@ -122,5 +123,5 @@ def plot_exits(model: MultiExitModel, path=None, input_size: Sequence[int] | Non
     if own:
         fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=130)
+        fig.savefig(figure_path(path, "exits.png"), dpi=130)
     return fig

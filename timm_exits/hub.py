@@ -261,12 +261,15 @@ def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
     to fine-tune), on `map_location`. Heads, leaf modules and functions named in ``config.json`` are
     imported by name: load folders you trust, as with any pickle.
     """
-    from safetensors.torch import load_file
-
     folder = Path(path)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise FileNotFoundError(f"{str(folder)!r} is not a folder save_pretrained wrote: it needs {CONFIG} and {WEIGHTS}")
-    config = json.loads((folder / CONFIG).read_text())
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{folder / CONFIG} could not be read as JSON ({err}): it is truncated or was edited; save the model again") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{folder / CONFIG} holds a {type(config).__name__}, not the object save_pretrained writes")
     exits = config.get("timm_exits")
     if exits is None:
         raise ValueError(f"{folder / CONFIG} describes a plain model (no 'timm_exits' section): build it with timm.create_model, then wrap it")
@@ -285,7 +288,8 @@ def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
         cascade=exits.get("cascade", False),  # absent in folders saved before cascades existed
         **config.get("model_args", {}),
     )
-    model.load_state_dict(load_file(str(folder / WEIGHTS)))
+    state, _ = _read_checkpoint(folder / WEIGHTS, "weights file", use_ema=False)  # a truncated file is named, not a bare SafetensorError
+    model.load_state_dict(state)
     return model.to(map_location).eval()
 
 

@@ -32,16 +32,29 @@ class TemperatureFit:
 
 
 def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
-    """ECE of ``(N, C)`` logits: the gap between confidence (top softmax probability) and accuracy,
-    averaged over `bins` equal-width confidence bins weighted by their samples (Guo et al.'s 15 bins)."""
-    probs = logits.double().softmax(-1)
-    confidence, predicted = probs.max(-1)
-    correct = (predicted == labels).double()
+    """ECE of ``(N, C)`` logits, in [0, 1]: the gap between confidence (top softmax probability) and
+    accuracy, averaged over `bins` equal-width confidence bins weighted by their samples.
+
+    Guo et al. (2017) use 15 bins, bin m holding the confidences in ``((m-1)/M, m/M]``: one
+    exactly on an edge falls in the lower bin. Unlabeled samples (negative labels, such as
+    ``-100``) are left out, as everywhere in the library.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"logits must be one exit's (N, C) tensor, got {getattr(logits, 'shape', type(logits).__name__)}; for cached exits pass cached.logits[k]")
+    if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:1] or labels.is_floating_point():
+        got = f"a {tuple(labels.shape)} tensor of {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be ({logits.shape[0]},) class indices, one per row of logits, got {got}")
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins must be an int >= 1 (Guo et al. use 15), got {bins!r}")
+    labeled = labels >= 0
+    if not bool(labeled.any()):
+        raise ValueError("expected_calibration_error needs labeled samples: every label is negative (unlabeled)")
+    confidence, predicted = logits[labeled].double().softmax(-1).max(-1)
+    correct = (predicted == labels[labeled]).double()
     edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
-    which = torch.bucketize(confidence, edges[1:-1], right=True)  # bin b holds (edges[b], edges[b+1]]
-    total = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, torch.ones_like(confidence))
+    which = torch.bucketize(confidence, edges[1:-1])  # bin b holds (edges[b], edges[b+1]]
     gap = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, confidence - correct)
-    return float(gap.abs().sum() / max(len(labels), 1))
+    return float(gap.abs().sum() / len(confidence))
 
 
 def _nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:
@@ -95,7 +108,7 @@ def check_temperatures(temperature, num_exits: int) -> list[float] | None:
     if temperature is None:
         return None
     values = temperature.temperatures if isinstance(temperature, TemperatureFit) else temperature
-    if isinstance(values, torch.Tensor):
+    if isinstance(values, torch.Tensor) or (hasattr(values, "tolist") and getattr(values, "ndim", 0) == 1):  # a tensor or numpy array
         values = values.tolist()
     if isinstance(values, numbers.Real) or not isinstance(values, Sequence):
         raise ValueError(f"temperature must be one positive number per exit ({num_exits}), or calibrate_temperature's result; got {temperature!r}")

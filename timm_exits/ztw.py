@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import real_number
+
 __all__ = ["GeometricEnsemble", "fit_geometric_ensemble"]
 
 
@@ -56,8 +58,11 @@ def fit_geometric_ensemble(cached, epochs: int = 501, lr: float = 5e-4, batch_si
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    lr = real_number(lr, "lr", "a learning rate > 0 (the ZTW code's is 5e-4)")
     if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
+        raise ValueError(f"lr must be a learning rate > 0 (the ZTW code's is 5e-4), got {lr!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
     labeled = cached.labels >= 0
     if int(labeled.sum()) == 0:
         raise ValueError("fit_geometric_ensemble needs labeled samples: every label of the cached exits is negative (unlabeled)")

@@ -1,0 +1,33 @@
+"""Argument checks shared by the public calls: each returns the value in the form the caller uses, or raises naming it."""
+from __future__ import annotations
+
+import numbers
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["figure_path", "real_number"]
+
+
+def real_number(value, name: str, valid: str) -> float:
+    """`value` as a float when it is one real number: a Python, numpy or 0-d tensor scalar (not a bool).
+
+    Anything else raises a ValueError naming `name`, the value and what is `valid`.
+    """
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
+        value = value.item()
+    elif hasattr(value, "ndim") and getattr(value, "ndim") == 0 and hasattr(value, "item"):  # a 0-d numpy array
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be {valid}, got {value!r}")
+    return float(value)
+
+
+def figure_path(path, example: str) -> str | os.PathLike:
+    """`path` to save a figure to; a folder is refused, since matplotlib would write ``FOLDER.png`` beside it."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file name (str or os.PathLike), got {type(path).__name__}")
+    if Path(path).is_dir():
+        raise ValueError(f"path {str(path)!r} is a folder: give the file to write, e.g. {str(Path(path) / example)!r}")
+    return path
