@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The suite at the lowest release of every dependency pyproject.toml declares (.ci/lowest.txt), in a venv of its own
+LOWEST := .venv-lowest
 
-.PHONY: demo test test-slow benchmarks coverage mutation planted-bugs clean
+.PHONY: demo test test-lowest test-slow benchmarks coverage mutation planted-bugs clean
 
 $(BIN)/timm-exits: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +18,16 @@ demo: $(BIN)/timm-exits
 
 test: $(BIN)/timm-exits
 	$(BIN)/python -m pytest -q
+
+$(LOWEST)/bin/timm-exits: pyproject.toml .ci/lowest.txt
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LOWEST)/bin/python -m pip install --quiet -c .ci/lowest.txt -e '.[demo,dev]'
+	touch $@
+
+test-lowest: $(LOWEST)/bin/timm-exits
+	$(LOWEST)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|torchvision|timm|fvcore|numpy) '
+	$(LOWEST)/bin/python -m pytest -q
 
 test-slow: $(BIN)/timm-exits
 	$(BIN)/python -m pytest -q -m slow
@@ -39,4 +51,4 @@ planted-bugs: $(BIN)/timm-exits
 	$(BIN)/python benchmarks/planted_bugs.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info mutants
+	rm -rf $(VENV) $(LOWEST) build *.egg-info mutants

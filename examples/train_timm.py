@@ -20,7 +20,7 @@ import torch
 from timm.data import Mixup, create_dataset, create_loader
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import update_summary
+from timm.utils import AverageMeter, accuracy, update_summary
 
 import timm_exits
 from timm_exits.data import corrupted_digits
@@ -76,17 +76,22 @@ scheduler, epochs = create_scheduler_v2(optimizer, sched="cosine", num_epochs=ar
 
 
 def validate(eval_model) -> dict:
-    """timm's validate loop, with every exit's top-1 beside the final one's."""
-    evaluator = task.create_evaluator()
+    """timm's validate loop (train.py's top-1 and top-5 meters), with every exit's top-1 beside the final one's.
+
+    timm >= 1.0.31 also offers the task's ``create_evaluator()``; the meters work on every timm release.
+    """
     eval_model.eval()
+    top1, top5 = AverageMeter(), AverageMeter()
     correct, seen = torch.zeros(eval_model.num_exits), 0
     with torch.no_grad():
         for images, target in loader_eval:
             exits = eval_model.forward_exits(images)  # timm-exits: every exit; eval_model(images) is the final one alone
-            evaluator.update(exits[-1], target)
+            acc1, acc5 = accuracy(exits[-1], target, topk=(1, 5))
+            top1.update(acc1.item(), images.size(0))
+            top5.update(acc5.item(), images.size(0))
             correct += torch.stack([(z.argmax(1) == target).sum() for z in exits]).float()
             seen += len(target)
-    return {**evaluator.summary(), **{f"top1/exit{k + 1}": round(100 * float(c) / seen, 2) for k, c in enumerate(correct)}}  # timm-exits
+    return {"top1": top1.avg, "top5": top5.avg, **{f"top1/exit{k + 1}": round(100 * float(c) / seen, 2) for k, c in enumerate(correct)}}  # timm-exits
 
 
 summary = os.path.join(output, "summary.csv")

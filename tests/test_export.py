@@ -6,6 +6,7 @@ import timm
 import torch
 
 import timm_exits
+from timm_exits._checks import release
 from test_bad_input import DataDependent
 
 CASES = {
@@ -31,9 +32,13 @@ def test_exported_programs_equal_eager(name):
     for k, (e, w, s) in enumerate(zip(eager, whole, steps, strict=True)):
         torch.testing.assert_close(w, e, rtol=1e-5, atol=1e-5, msg=f"all-exits program, exit {k}")
         torch.testing.assert_close(s, e, rtol=1e-5, atol=1e-5, msg=f"step program, exit {k}")
-    # a step program holds its own part of the weights, not the whole backbone's
-    per_step = [len(p.state_dict) for p in exported.steps]
-    assert sum(per_step) == len(exported.program.state_dict), per_step
+    # a step program holds its own part of the weights, not the whole backbone's (torch 2.5 also lists the
+    # heads' recorded wrap, a module's extra state, among the all-exits program's; later releases do not)
+    def weights(program):
+        return [key for key in program.state_dict if not key.endswith("_extra_state")]
+
+    per_step = [len(weights(p)) for p in exported.steps]
+    assert sum(per_step) == len(weights(exported.program)), per_step
 
 
 def test_step_batch_can_shrink_between_steps():
@@ -58,7 +63,7 @@ def test_static_export_and_bad_input():
     with torch.no_grad():
         for got, want in zip(exported.program.module()(x), model(x), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    with pytest.raises((AssertionError, RuntimeError), match=r"Guard failed|size"):  # specialised to the batch of 1
+    with pytest.raises((AssertionError, RuntimeError), match=r"Guard failed|size|shape\[0\] to be equal to 1"):  # specialised to the batch of 1 (each torch words it its own way)
         exported.program.module()(torch.randn(2, 3, 32, 32))
     with pytest.raises(ValueError, match="no steps"):
         exported.run_steps(torch.randn(1, 3, 32, 32))
@@ -86,6 +91,8 @@ def test_data_dependent_control_flow_is_a_clear_error():
 
 
 def test_onnx_export_of_the_all_exits_program(tmp_path):
+    if release("torch") < (2, 10):  # 2.5-2.9 fail inside onnxscript 0.6's passes (batch norm on 2.5-2.6, a version conversion on 2.8-2.9)
+        pytest.skip(f"torch.onnx.export(dynamo=True) with onnxscript >= 0.6 needs torch >= 2.10; this is torch {torch.__version__}")
     # onnx and onnxscript are test dependencies (the dev extra), not the library's: a missing one fails, never skips
     missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
     assert not missing, f"ONNX export needs {missing}: install the test dependencies, pip install -e '.[dev]'"

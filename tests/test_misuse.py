@@ -292,7 +292,11 @@ def test_every_row_that_takes_an_exit_gives_its_head_the_width_the_table_says(na
     """efficientvim's stage modules end in the next stage's downsampling, and crossvit lists each block once per
     scale while the block ends in its wider branch: the rows whose module does not output feature_info's width are
     refused by name, where they used to be cut at another width than the table showed."""
+    if not timm.is_model(name):
+        pytest.skip(f"timm {timm.__version__} has no {name}: it came in a later release")
     model = timm.create_model(name, num_classes=5)
+    if not getattr(model, "feature_info", None):
+        pytest.skip(f"timm {timm.__version__}'s {name} has no feature_info: the rows under test are those later releases list")
     table = timm_exits.list_stages(model, input_size=size)
     assert [s.index for s in table if not s.usable] == refused and all("-channel tensor, not the" in table[i].reason for i in refused)
     rows = [s for s in table if s.usable and not s.final]
@@ -563,7 +567,7 @@ def test_plots_refuse_a_folder_as_the_file_to_write(tmp_path):
 def test_from_pretrained_names_a_truncated_file(tmp_path):
     model, _ = _resnet10t()
     for name in ("model.safetensors", "config.json"):
-        folder = model.save_pretrained(tmp_path / name)
+        folder = model.save_pretrained(tmp_path / name, model_args={})  # built as timm_exits.create_model would: no argument beyond num_classes
         data = (folder / name).read_bytes()
         (folder / name).write_bytes(data[: len(data) // 2])
         pattern = (rf"^weights file '{re.escape(str(folder / name))}' could not be read as a checkpoint: " if name.endswith("safetensors")

@@ -1,13 +1,38 @@
 """Argument checks shared by the public calls: each returns the value in the form the caller uses, or raises naming it."""
 from __future__ import annotations
 
+import importlib.metadata
 import numbers
 import os
+import re
 from pathlib import Path
 
 import torch
 
-__all__ = ["figure_path", "real_number"]
+__all__ = ["figure_path", "real_number", "release", "require"]
+
+
+def release(package: str) -> tuple[int, ...]:
+    """The installed release of `package` as numbers (``"2.5.0+cu124"`` -> ``(2, 5, 0)``); ``()`` when it is not installed."""
+    try:
+        version = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ()
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def require(feature: str, package: str, minimum: str, why: str, instead: str = "") -> None:
+    """Raise a RuntimeError naming `feature`, the release of `package` it needs and the one installed, when that one is older.
+
+    ``require("export_exits", "torch", "2.6", "torch.export.Dim")`` says
+    ``export_exits needs torch >= 2.6 (torch.export.Dim); this is torch 2.5.0``; `instead`, when
+    given, follows as what the caller can do on the older release.
+    """
+    needed = tuple(int(part) for part in minimum.split("."))
+    found = release(package)
+    if found < needed:
+        installed = importlib.metadata.version(package) if found else "not installed"
+        raise RuntimeError(f"{feature} needs {package} >= {minimum} ({why}); this is {package} {installed}" + (f": {instead}" if instead else ""))
 
 
 def real_number(value, name: str, valid: str) -> float:

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ._checks import release, require
 from .model import MultiExitModel, wrap
 
 __all__ = ["create_model", "save_pretrained", "from_pretrained", "export_backbone"]
@@ -160,17 +161,15 @@ def _backbone_spec(model: MultiExitModel, model_name: str | None, model_args: di
         )
     args = dict(spec.get("model_args", {})) if not cfg else {}
     if cfg:  # a timm model: the arguments its factory recorded, with what changed since (classes, pooling)
-        try:
-            from timm.models._input import get_model_args  # timm >= 1.0.25
-        except ImportError:
-            if model_args is None and not spec:
-                raise ValueError(
-                    "this timm version does not record a model's constructor arguments: pass model_args= with those it was "
-                    "created with (beyond num_classes), or build it with timm_exits.create_model"
-                ) from None
-            args = dict(spec.get("model_args", {}))
-        else:
+        if release("timm") >= (1, 0, 31):
+            from timm.models._input import get_model_args
+
             args = get_model_args(model.backbone)
+        else:
+            if model_args is None and not spec:
+                require("save_pretrained of a timm model wrapped by hand", "timm", "1.0.31", "timm records a model's constructor arguments from then on",
+                        instead="pass model_args= with those it was created with (beyond num_classes), or build it with timm_exits.create_model")
+            args = dict(spec.get("model_args", {}))
     args = {k: v for k, v in {**args, **(model_args or {})}.items() if k not in ("device", "dtype")}  # where it runs is not what it is
     args["num_classes"] = model.num_classes
     return {"architecture": name, "model_args": _json_ready(args, "model_args")}

@@ -368,7 +368,7 @@ class MultiSelfDistillationLoss(_HintLoss):
         if self.feature_weight:
             hint = self.hints(features, n)
             loss = loss + b * hint.sum()
-            terms.update(feature=hint, feature_weight=b)
+            terms["feature"], terms["feature_weight"] = hint, b  # not dict.update: torch < 2.6's dynamo breaks the graph on it
         self._record(**terms)
         return loss
 

@@ -7,6 +7,7 @@ autowrapped functions, recording for every node the module it was created in. A 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import math
 import re
@@ -100,13 +101,14 @@ class TraceOptions:
         """
         leaves = [obj for _, obj in vars(torchvision.ops).items() if isinstance(obj, type) and issubclass(obj, nn.Module)]
         autowrap: list[Any] = []
-        try:
-            from timm.layers import _fx as timm_fx
-        except ImportError:  # timm is a dependency, but be kind to very old versions
-            timm_fx = None
-        if timm_fx is not None:
-            leaves += list(getattr(timm_fx, "_leaf_modules", ()))
-            autowrap += list(getattr(timm_fx, "_autowrap_functions", ()))
+        # timm keeps its registry in timm.layers._fx from 1.0.19, in timm.models._features_fx before
+        for registry in ("timm.layers._fx", "timm.models._features_fx"):
+            try:
+                timm_fx = importlib.import_module(registry)
+            except ImportError:
+                continue
+            leaves += [m for m in getattr(timm_fx, "_leaf_modules", ()) if m not in leaves]
+            autowrap += [f for f in getattr(timm_fx, "_autowrap_functions", ()) if f not in autowrap]
         return tuple(leaves + list(self.leaf_modules)), tuple(autowrap + list(self.autowrap_functions))
 
 
@@ -260,7 +262,7 @@ def _drop_none_checks(graph: fx.Graph, paths: dict[fx.Node, str]) -> None:
 
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     """The input size the backbone expects: its patch embedding's, its config's, or 3x224x224."""
-    chans = int(getattr(model, "in_chans", 3) or 3)
+    chans = _in_chans(model)
     patch_embed = getattr(model, "patch_embed", None)
     img_size = getattr(patch_embed, "img_size", None) or getattr(model, "image_size", None)
     if img_size is not None:
@@ -270,6 +272,17 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     if "input_size" in cfg and chans == cfg["input_size"][0]:
         return tuple(int(v) for v in cfg["input_size"])
     return (chans, 224, 224)
+
+
+def _in_chans(model: nn.Module) -> int:
+    """The channels the backbone takes: its ``in_chans``, else those of the first conv its pretrained_cfg names, else 3."""
+    if getattr(model, "in_chans", None):
+        return int(model.in_chans)
+    first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")  # timm before 1.0.25 keeps no in_chans on a ResNet
+    try:
+        return int(model.get_submodule(first).in_channels) if isinstance(first, str) else 3
+    except (AttributeError, TypeError):
+        return 3
 
 
 def check_input_size(input_size, model) -> tuple[int, ...]:

@@ -1,0 +1,46 @@
+"""The declared versions: every lower bound in pyproject.toml is one CI installs (.ci/lowest.txt), and a
+feature that needs a newer release names both releases at the call."""
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import exactly
+from timm_exits._checks import release, require
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def declared_floors() -> dict[str, str]:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    floors = {}
+    for spec in project["dependencies"] + [s for extra in project["optional-dependencies"].values() for s in extra]:
+        name, _, bound = re.match(r"^([A-Za-z0-9_.-]+)\s*(>=\s*([^,;\s]+))?", spec).groups()
+        assert bound, f"{spec!r} has no lower bound: every dependency declares the lowest release the suite passes on"
+        floors[name.lower()] = bound
+    return floors
+
+
+def test_lowest_constraints_are_pyprojects_lower_bounds():
+    pins = {}
+    for line in (ROOT / ".ci" / "lowest.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name.strip().lower()] = version.strip()
+    floors = declared_floors()
+    assert pins.keys() == floors.keys()
+    for name, floor in floors.items():
+        written = [int(p) for p in re.findall(r"\d+", floor)]
+        assert [int(p) for p in re.findall(r"\d+", pins[name])][: len(written)] == written, (name, floor, pins[name])
+
+
+def test_a_feature_needing_a_newer_release_names_both():
+    torch_release = ".".join(map(str, release("torch")))
+    with pytest.raises(RuntimeError, match=rf"^export_exits needs torch >= 99.1 \(torch.export.Dim\); this is torch {re.escape(torch_release)}"):
+        require("export_exits", "torch", "99.1", "torch.export.Dim")
+    require("export_exits", "torch", "2.5", "torch.export.Dim")  # the declared floor: nothing to say
+    with pytest.raises(RuntimeError, match=exactly("plotting needs no-such-package >= 1.0 (figures); this is no-such-package not installed")):
+        require("plotting", "no-such-package", "1.0", "figures")
+    assert release("torch") >= (2, 5) and release("no-such-package") == ()
