@@ -318,3 +318,10 @@ def test_plot_exits_draws_the_segments_the_carried_values_and_the_heads(tmp_path
     assert (tmp_path / "resnet18.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(TypeError, match=exactly("model must be a MultiExitModel (timm_exits.wrap(...)), got ResNet")):
         timm_exits.plot_exits(model.backbone)
+
+
+def test_a_one_channel_timm_model_is_traced_at_its_own_channels_without_input_size():
+    """timm before 1.0.25 keeps no in_chans on a ResNet and its pretrained_cfg says 3x224x224: the first conv it names says 1."""
+    model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=5, in_chans=1), stages=[1])
+    assert tuple(model.input_size) == (1, 224, 224)
+    assert [tuple(z.shape) for z in model(torch.randn(2, 1, 64, 64))] == [(2, 5), (2, 5)]
