@@ -91,7 +91,8 @@ def validate(eval_model) -> dict:
             top5.update(acc5.item(), images.size(0))
             correct += torch.stack([(z.argmax(1) == target).sum() for z in exits]).float()
             seen += len(target)
-    return {"top1": top1.avg, "top5": top5.avg, **{f"top1/exit{k + 1}": round(100 * float(c) / seen, 2) for k, c in enumerate(correct)}}  # timm-exits
+    per_exit = {f"top1/exit{k + 1}": round(100 * float(c) / seen, 2) for k, c in enumerate(correct)}  # timm-exits
+    return {"top1": top1.avg, "top5": top5.avg, **per_exit}  # timm-exits
 
 
 summary = os.path.join(output, "summary.csv")

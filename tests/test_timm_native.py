@@ -184,8 +184,8 @@ def test_save_pretrained_then_from_pretrained_gives_the_same_model(tmp_path, nam
 def test_a_model_wrapped_by_hand_saves_too_and_another_wrap_is_refused(tmp_path):
     model = timm_exits.wrap(timm.create_model("resnet18", num_classes=10, in_chans=1), stages=[1, 2], input_size=(1, 32, 32))
     if release("timm") < (1, 0, 31):  # timm records constructor arguments from 1.0.31: before, they are given
-        with pytest.raises(RuntimeError, match=r"^save_pretrained of a timm model wrapped by hand needs timm >= 1.0.31 \(timm records a model's "
-                                               r"constructor arguments from then on\); this is timm [\d.]+: pass model_args= with those it was created with"):
+        needs = r"^save_pretrained of a timm model wrapped by hand needs timm >= 1.0.31 \(timm records a model's constructor arguments"
+        with pytest.raises(RuntimeError, match=needs + r" from then on\); this is timm [\d.]+: pass model_args= with those"):
             model.save_pretrained(tmp_path / "a")
         again = timm_exits.from_pretrained(model.save_pretrained(tmp_path / "a", model_args={"in_chans": 1}))
     else:
@@ -253,7 +253,7 @@ def test_a_reset_model_saves_and_loads_with_its_new_classes_and_everything_it_wa
     torch.manual_seed(0)
     model = timm_exits.create_model("resnet18", stages=[-4, "layer2"], head=["sdn", "conv"],
                                     num_classes=10, input_size=(3, 32, 32), eval_output=1,
-                                    **({"dtype": torch.float32} if release("timm") >= (1, 0, 22) else {}))  # timm's models take dtype from 1.0.22
+                                    **({"dtype": torch.float32} if release("timm") >= (1, 0, 22) else {}))  # dtype from timm 1.0.22
     model.reset_classifier(4)
     again = timm_exits.from_pretrained(model.save_pretrained(tmp_path / "reset"))
     x = torch.randn(2, 3, 32, 32)

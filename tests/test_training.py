@@ -325,7 +325,8 @@ def test_ema_copies_model_and_loss():
 
 def test_fsdp2_on_cpu():
     if release("torch") < (2, 6):
-        pytest.skip(f"FSDP2 on CPU needs torch >= 2.6 (torch.distributed.fsdp.fully_shard; 2.5's requires CUDA streams); this is torch {torch.__version__}")
+        pytest.skip("FSDP2 on CPU needs torch >= 2.6 (torch.distributed.fsdp.fully_shard; 2.5's requires CUDA streams); "
+                    f"this is torch {torch.__version__}")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "tests" / "fsdp_check.py")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

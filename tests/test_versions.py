@@ -38,9 +38,11 @@ def test_lowest_constraints_are_pyprojects_lower_bounds():
 
 def test_a_feature_needing_a_newer_release_names_both():
     torch_release = ".".join(map(str, release("torch")))
-    with pytest.raises(RuntimeError, match=rf"^export_exits needs torch >= 99.1 \(torch.export.Dim\); this is torch {re.escape(torch_release)}"):
+    newer = rf"^export_exits needs torch >= 99.1 \(torch.export.Dim\); this is torch {re.escape(torch_release)}"
+    with pytest.raises(RuntimeError, match=newer):
         require("export_exits", "torch", "99.1", "torch.export.Dim")
     require("export_exits", "torch", "2.5", "torch.export.Dim")  # the declared floor: nothing to say
-    with pytest.raises(RuntimeError, match=exactly("plotting needs no-such-package >= 1.0 (figures); this is no-such-package not installed")):
+    missing = "plotting needs no-such-package >= 1.0 (figures); this is no-such-package not installed"
+    with pytest.raises(RuntimeError, match=exactly(missing)):
         require("plotting", "no-such-package", "1.0", "figures")
     assert release("torch") >= (2, 5) and release("no-such-package") == ()

@@ -24,15 +24,16 @@ def release(package: str) -> tuple[int, ...]:
 def require(feature: str, package: str, minimum: str, why: str, instead: str = "") -> None:
     """Raise a RuntimeError naming `feature`, the release of `package` it needs and the one installed, when that one is older.
 
-    ``require("export_exits", "torch", "2.6", "torch.export.Dim")`` says
-    ``export_exits needs torch >= 2.6 (torch.export.Dim); this is torch 2.5.0``; `instead`, when
-    given, follows as what the caller can do on the older release.
+    ``require("FSDP2 on CPU", "torch", "2.6", "fully_shard with gloo")`` says
+    ``FSDP2 on CPU needs torch >= 2.6 (fully_shard with gloo); this is torch 2.5.0``; `instead`,
+    when given, follows as what the caller can do on the older release.
     """
     needed = tuple(int(part) for part in minimum.split("."))
     found = release(package)
     if found < needed:
         installed = importlib.metadata.version(package) if found else "not installed"
-        raise RuntimeError(f"{feature} needs {package} >= {minimum} ({why}); this is {package} {installed}" + (f": {instead}" if instead else ""))
+        message = f"{feature} needs {package} >= {minimum} ({why}); this is {package} {installed}"
+        raise RuntimeError(message + (f": {instead}" if instead else ""))
 
 
 def real_number(value, name: str, valid: str) -> float:

@@ -66,10 +66,11 @@ def compile_exits(model: MultiExitModel, **compile_kwargs) -> MultiExitModel:
     if done:
         if all(part.compile_kwargs == compile_kwargs for part in done):
             return model  # compiled already, with these settings
+        first, now = done[0].compile_kwargs or "torch.compile defaults", compile_kwargs or "torch.compile defaults"
         raise ValueError(
-            f"this model's steps are already compiled with {done[0].compile_kwargs or 'torch.compile defaults'}; they cannot be compiled again with "
-            f"{compile_kwargs or 'torch.compile defaults'}. Compile a copy made before the first compile_exits (copy.deepcopy of a compiled model "
-            "rebuilds its steps uncompiled: compile_exits(copy.deepcopy(model), ...))"
+            f"this model's steps are already compiled with {first}; they cannot be compiled again with {now}. Compile a copy made "
+            "before the first compile_exits (copy.deepcopy of a compiled model rebuilds its steps uncompiled: "
+            "compile_exits(copy.deepcopy(model), ...))"
         )
 
     def compiled(part):

@@ -167,8 +167,10 @@ def _backbone_spec(model: MultiExitModel, model_name: str | None, model_args: di
             args = get_model_args(model.backbone)
         else:
             if model_args is None and not spec:
-                require("save_pretrained of a timm model wrapped by hand", "timm", "1.0.31", "timm records a model's constructor arguments from then on",
-                        instead="pass model_args= with those it was created with (beyond num_classes), or build it with timm_exits.create_model")
+                require("save_pretrained of a timm model wrapped by hand", "timm", "1.0.31",
+                        "timm records a model's constructor arguments from then on",
+                        instead="pass model_args= with those it was created with (beyond num_classes), "
+                                "or build it with timm_exits.create_model")
             args = dict(spec.get("model_args", {}))
     args = {k: v for k, v in {**args, **(model_args or {})}.items() if k not in ("device", "dtype")}  # where it runs is not what it is
     args["num_classes"] = model.num_classes
@@ -266,7 +268,8 @@ def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         config = json.loads((folder / CONFIG).read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{folder / CONFIG} could not be read as JSON ({err}): it is truncated or was edited; save the model again") from None
+        raise ValueError(f"{folder / CONFIG} could not be read as JSON ({err}): it is truncated or was edited; "
+                         "save the model again") from None
     if not isinstance(config, dict):
         raise ValueError(f"{folder / CONFIG} holds a {type(config).__name__}, not the object save_pretrained writes")
     exits = config.get("timm_exits")

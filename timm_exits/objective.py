@@ -17,9 +17,8 @@ __all__ = ["MultiExitLoss", "kd_loss", "kd_matrix", "soft", "feature_adapters"]
 
 
 def _compiling() -> bool:
-    """Whether torch.compile is tracing this call (``torch.compiler.is_compiling`` from torch 2.3, dynamo's own before)."""
-    check = getattr(torch.compiler, "is_compiling", None)
-    return check() if check is not None else torch._dynamo.is_compiling()
+    """Whether torch.compile is tracing this call."""
+    return torch.compiler.is_compiling()
 
 
 def kd_loss(student: torch.Tensor, teacher_probs: torch.Tensor, temperature: float, t_squared: bool = True) -> torch.Tensor:

@@ -214,7 +214,8 @@ class HostSyncs(TorchDispatchMode):
         elif name in ("aten::_to_copy", "aten::copy_") and _device_to_host(name, args, kwargs):
             self.counts["copy to host"] += 1
         elif name == "aten::lift_fresh" and args[0].dim() > 0:  # torch.tensor(data) / new_tensor: on a GPU, a blocking copy from the host
-            self.counts["tensor from host data"] += 1  # a 0-d one is a Python number (x[i] = k lifts it on some releases): kernels take it by value
+            # (a 0-d one is a Python number, which x[i] = k lifts on some releases: kernels take it by value)
+            self.counts["tensor from host data"] += 1
         return func(*args, **kwargs)
 
 

@@ -101,8 +101,8 @@ def early_exit_stream(model: MultiExitModel, batches: Iterable[torch.Tensor], th
     if getattr(threshold, "ensemble", False):
         raise ValueError("the calibration was made with ensemble=True: early_exit_stream decides on each exit's own logits; use model.early_exit(..., ensemble=True) for it, or calibrate without the ensemble")
     if isinstance(batches, torch.Tensor):
-        raise TypeError(f"batches must be an iterable of input batches (a DataLoader's images, a list of tensors), got one tensor of shape {tuple(batches.shape)}: "
-                        "pass [x], or call model.early_exit(x)")
+        raise TypeError("batches must be an iterable of input batches (a DataLoader's images, a list of tensors), "
+                        f"got one tensor of shape {tuple(batches.shape)}: pass [x], or call model.early_exit(x)")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     steps = model.steps()

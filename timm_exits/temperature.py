@@ -40,7 +40,8 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins:
     ``-100``) are left out, as everywhere in the library.
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError(f"logits must be one exit's (N, C) tensor, got {getattr(logits, 'shape', type(logits).__name__)}; for cached exits pass cached.logits[k]")
+        got = getattr(logits, "shape", type(logits).__name__)
+        raise ValueError(f"logits must be one exit's (N, C) tensor, got {got}; for cached exits pass cached.logits[k]")
     if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:1] or labels.is_floating_point():
         got = f"a {tuple(labels.shape)} tensor of {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"labels must be ({logits.shape[0]},) class indices, one per row of logits, got {got}")

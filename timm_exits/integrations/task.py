@@ -215,15 +215,10 @@ class MultiExitTask(_TaskBase):
         return self.eval_model
 
     def setup_ema(self, decay: float = 0.9999, use_warmup: bool = False, device: torch.device | None = None, **kwargs) -> nn.Module:
-        """An EMA copy of the model and the loss (timm's ModelEmaV3, or V2 on an older timm)."""
-        try:
-            from timm.utils import ModelEmaV3 as Ema
+        """An EMA copy of the model and the loss (timm's ModelEmaV3)."""
+        from timm.utils import ModelEmaV3
 
-            self.trainable_module_ema = Ema(self._trainable(), decay=decay, use_warmup=use_warmup, device=device, **kwargs)
-        except ImportError:  # pragma: no cover - timm < 1.0
-            from timm.utils import ModelEmaV2 as Ema
-
-            self.trainable_module_ema = Ema(self._trainable(), decay=decay, device=device)
+        self.trainable_module_ema = ModelEmaV3(self._trainable(), decay=decay, use_warmup=use_warmup, device=device, **kwargs)
         return self.trainable_module_ema
 
     def has_ema(self) -> bool:
