@@ -1,6 +1,7 @@
 """Misuse a user could make, as they would write it: each gets a clear error (or a warning where the
 input is legal but almost surely a mistake) at the call, naming the argument and what is valid."""
 import copy
+import io
 import os
 import pickle
 import re
@@ -538,7 +539,7 @@ def test_a_confidence_on_a_bin_edge_falls_in_the_lower_bin():
 def test_compile_exits_a_second_time_with_other_settings_is_refused():
     model, x = _resnet10t()
     timm_exits.compile_exits(model, backend="eager")
-    assert timm_exits.compile_exits(model, backend="eager") is model  # the same settings again: nothing to do
+    assert timm_exits.compile_exits(model, backend="eager", dynamic=None) is model  # the same settings again (a default spelled out)
     for other in ({"backend": "aot_eager"}, {"backend": "no_such_backend"}, {}):
         with pytest.raises(ValueError, match=r"^this model's steps are already compiled with \{'backend': 'eager'\}; they cannot be"):
             timm_exits.compile_exits(model, **other)
@@ -563,9 +564,14 @@ def test_plots_refuse_a_folder_as_the_file_to_write(tmp_path):
         timm_exits.plot_exits(model, tmp_path)
     with pytest.raises(ValueError, match=exactly(refused + repr(str(tmp_path / "tradeoff.png")))):
         timm_exits.plot_tradeoff(curve, str(tmp_path))
+    with pytest.raises(ValueError, match=r"^path '.*not_yet/' is a folder"):
+        timm_exits.plot_tradeoff(curve, f"{tmp_path}/not_yet/")  # would have been not_yet/.png
     assert not tmp_path.with_suffix(".png").exists() and not list(tmp_path.iterdir())  # nothing written beside it or inside
     timm_exits.plot_tradeoff(curve, tmp_path / "tradeoff.png")
     assert (tmp_path / "tradeoff.png").stat().st_size > 0
+    buffer = io.BytesIO()  # a file object, as matplotlib takes
+    timm_exits.plot_exits(model, buffer)
+    assert buffer.getvalue().startswith(b"\x89PNG")
 
 
 def test_from_pretrained_names_a_truncated_file(tmp_path):
@@ -592,11 +598,19 @@ def test_numbers_of_other_types_are_taken_where_python_numbers_are():
         timm_exits.calibrate_thresholds(cached, max_accuracy_drop="0.05")
     temperatures = [2.0, 1.5, 1.0]
     by_list = timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.05, temperature=temperatures)
-    by_array = timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.05, temperature=np.array(temperatures))
-    assert by_array.thresholds == by_list.thresholds
+    for other in (np.array(temperatures), torch.tensor(temperatures), [torch.tensor(t) for t in temperatures], [np.float32(t) for t in temperatures]):
+        assert timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.05, temperature=other).thresholds == pytest.approx(by_list.thresholds)
+    with pytest.raises(ValueError, match=exactly("temperature must be one positive number per exit (3), or calibrate_temperature's result; "
+                                                 "got ndarray of shape (1, 3)")):
+        timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.05, temperature=np.array([temperatures]))
+    guaranteed = timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.05, delta=0.1)
+    assert timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.05, delta=torch.tensor(0.1)).thresholds == guaranteed.thresholds
+    budget = (cached.flops[0] + cached.flops[-1]) / 2
+    by_float = timm_exits.calibrate_thresholds(cached, budget)
+    assert timm_exits.calibrate_thresholds(cached, np.array(budget)).thresholds == by_float.thresholds
     with pytest.raises(ValueError, match=exactly("lr must be a learning rate > 0 (the ZTW code's is 5e-4), got '5e-4'")):
         timm_exits.fit_geometric_ensemble(cached, lr="5e-4")
-    assert timm_exits.fit_geometric_ensemble(cached, epochs=1, lr=np.float32(5e-4)).num_exits == 3
+    assert timm_exits.fit_geometric_ensemble(cached, epochs=1, lr=np.float32(5e-4), seed=np.int64(1)).num_exits == 3
 
 
 def test_early_exit_stream_given_one_tensor_says_it_wants_batches():
@@ -606,3 +620,4 @@ def test_early_exit_stream_given_one_tensor_says_it_wants_batches():
     with pytest.raises(TypeError, match=exactly(message)):
         timm_exits.early_exit_stream(model, x)
     assert timm_exits.early_exit_stream(model, [x]).exit_index.shape == (4,)
+    assert timm_exits.early_exit_stream(model, torch.stack([x, x])).exit_index.shape == (8,)  # a stack of batches is an iterable of batches

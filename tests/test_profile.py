@@ -172,11 +172,14 @@ def test_host_syncs_counts_the_ops_that_read_the_device_on_the_host():
         torch.arange(3) + torch.ones(3)  # made on the device
         torch.arange(3).bincount(minlength=5)  # its length is the largest value: read on the host
         z = torch.zeros(6)
-        z[torch.arange(2)] = 3  # a Python number written into a tensor travels by value, whatever the release routes it through
+        z[torch.arange(2)] = 3  # a Python number written into a tensor travels by value (torch lifts it into a 0-d tensor first)
+        z[-1], z[1:3] = 1.0, 2.0
+        z.masked_fill_(z > 2, 0.0)
         z.fill_(1.0)
+        z * torch.tensor(2.0)  # one number built into a tensor: on a GPU, a copy from the host
     assert dict(syncs.counts) == {"_local_scalar_dense": 2, "nonzero": 1, "index (boolean mask)": 1, "masked_select": 1, "repeat_interleave": 1,
-                                  "tensor from host data": 2, "bincount": 1}  # the two torch.tensor([1, 2]): on a GPU, copies from the host
-    assert syncs.total == 9 and y.shape == (3,)
+                                  "tensor from host data": 3, "bincount": 1}  # torch.tensor([1, 2]) twice and torch.tensor(2.0)
+    assert syncs.total == 10 and y.shape == (3,)
 
 
 def _median_thresholds(model, x):

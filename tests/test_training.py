@@ -41,7 +41,7 @@ def test_task_returns_loss_output_and_per_exit_components():
 
 
 def test_task_is_a_timm_training_task_and_works_with_timm_resume(tmp_path):
-    timm_task = pytest.importorskip("timm.task", reason=f"timm's TrainingTask came in timm 1.0.24; this is timm {timm.__version__}")
+    timm_task = pytest.importorskip("timm.task", reason=f"timm's TrainingTask came in timm 1.0.23; this is timm {timm.__version__}")
     task = timm_exits.MultiExitTask(small_model(), "distillation", verbose=False)
     assert isinstance(task, timm_task.TrainingTask)
     task.criterion.temperature.fill_(2.5)

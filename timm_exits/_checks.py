@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["figure_path", "real_number", "release", "require"]
+__all__ = ["figure_path", "needs_newer", "real_number", "release", "require"]
 
 
 def release(package: str) -> tuple[int, ...]:
@@ -28,12 +28,15 @@ def require(feature: str, package: str, minimum: str, why: str, instead: str = "
     ``FSDP2 on CPU needs torch >= 2.6 (fully_shard with gloo); this is torch 2.5.0``; `instead`,
     when given, follows as what the caller can do on the older release.
     """
-    needed = tuple(int(part) for part in minimum.split("."))
-    found = release(package)
-    if found < needed:
-        installed = importlib.metadata.version(package) if found else "not installed"
-        message = f"{feature} needs {package} >= {minimum} ({why}); this is {package} {installed}"
-        raise RuntimeError(message + (f": {instead}" if instead else ""))
+    if release(package) < tuple(int(part) for part in minimum.split(".")):
+        raise RuntimeError(needs_newer(feature, package, minimum, why, instead))
+
+
+def needs_newer(feature: str, package: str, minimum: str, why: str, instead: str = "") -> str:
+    """The message of `require`, for a caller that found the feature missing by looking for it."""
+    installed = importlib.metadata.version(package) if release(package) else "not installed"
+    message = f"{feature} needs {package} >= {minimum} ({why}); this is {package} {installed}"
+    return message + (f": {instead}" if instead else "")
 
 
 def real_number(value, name: str, valid: str) -> float:
@@ -50,10 +53,12 @@ def real_number(value, name: str, valid: str) -> float:
     return float(value)
 
 
-def figure_path(path, example: str) -> str | os.PathLike:
-    """`path` to save a figure to; a folder is refused, since matplotlib would write ``FOLDER.png`` beside it."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a file name (str or os.PathLike), got {type(path).__name__}")
-    if Path(path).is_dir():
+def figure_path(path, example: str):
+    """`path` to save a figure to (a file name, or a binary file object, as matplotlib takes).
+
+    A folder is refused, since matplotlib would write ``FOLDER.png`` beside it, and so is a name
+    ending in a separator. Checked before anything is drawn.
+    """
+    if isinstance(path, (str, os.PathLike)) and (Path(path).is_dir() or str(path).endswith(("/", os.sep))):
         raise ValueError(f"path {str(path)!r} is a folder: give the file to write, e.g. {str(Path(path) / example)!r}")
     return path

@@ -264,13 +264,13 @@ def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, ma
         out = _outcome(conf, preds, labels, flops, thresholds)
         return dataclasses.replace(_calibration(thresholds, criterion, ensemble, out, temperature), cost=run(thresholds).flops if custom is not None else None)
 
-    if isinstance(budget, torch.Tensor) and budget.dim() == 0:
-        budget = budget.item()
     if budget is not None:
         lo_cost, hi_cost = costs[0].item(), costs[-1].item()
-        if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or math.isnan(budget) or not lo_cost <= budget <= hi_cost:
-            unit = "FLOPs" if custom is None else "cost (in the unit of costs)"
-            raise ValueError(f"budget must be an average {unit} per sample between the first exit's cost ({lo_cost:,.6g}) and the full model's ({hi_cost:,.6g}), got {budget!r}")
+        unit = "FLOPs" if custom is None else "cost (in the unit of costs)"
+        valid = f"an average {unit} per sample between the first exit's cost ({lo_cost:,.6g}) and the full model's ({hi_cost:,.6g})"
+        given, budget = budget, real_number(budget, "budget", valid)  # a Python, numpy or 0-d tensor number
+        if math.isnan(budget) or not lo_cost <= budget <= hi_cost:
+            raise ValueError(f"budget must be {valid}, got {given!r}")
         never = [math.inf] * (cached.num_exits - 1)
         if run(never).flops <= budget:  # the whole model fits
             return done(never)
@@ -291,8 +291,9 @@ def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, ma
     if not bool((labels >= 0).any()):
         raise ValueError("max_accuracy_drop needs labeled samples: every label of the cached exits is negative (unlabeled)")
     if delta is not None:
-        if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 < delta < 1:
-            raise ValueError(f"delta must be a probability in (0, 1): the chance the guarantee may fail (0.1 = 90 % confidence), got {delta!r}")
+        valid = "a probability in (0, 1): the chance the guarantee may fail (0.1 = 90 % confidence)"
+        if not 0 < real_number(delta, "delta", valid) < 1:
+            raise ValueError(f"delta must be {valid}, got {delta!r}")
         if criterion == "patience":
             raise ValueError("delta (a guarantee) works with confidence criteria; the patience criterion's thresholds are counts")
         return done(risk_controlled_thresholds(conf, preds, labels, float(max_accuracy_drop), float(delta)))
@@ -366,6 +367,7 @@ def plot_tradeoff(curve: Sequence[CurvePoint], path=None, anytime: Sequence[Anyt
         raise ImportError("plot_tradeoff needs matplotlib: pip install 'timm-exits[demo]'") from err
     if not curve:
         raise ValueError("curve is empty: pass the points of timm_exits.budgeted_curve(...)")
+    path = figure_path(path, "tradeoff.png") if path is not None else None
     own = ax is None
     if own:
         fig = Figure(figsize=(6.5, 4.5))
@@ -397,5 +399,5 @@ def plot_tradeoff(curve: Sequence[CurvePoint], path=None, anytime: Sequence[Anyt
     if own:  # a figure of the caller's keeps its own layout
         fig.tight_layout()
     if path is not None:
-        fig.savefig(figure_path(path, "tradeoff.png"), dpi=120)
+        fig.savefig(path, dpi=120)
     return fig

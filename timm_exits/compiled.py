@@ -11,6 +11,8 @@ every size is a graph of its own.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -41,6 +43,16 @@ class CompiledPart(nn.Module):
         return self.compiled(*args, **kwargs)
 
 
+def _settings(compile_kwargs: dict) -> dict:
+    """`compile_kwargs` with torch.compile's defaults filled in: ``{}`` and ``{"backend": "inductor"}`` are one setting."""
+    try:
+        bound = inspect.signature(torch.compile).bind(None, **compile_kwargs)
+    except TypeError:
+        return compile_kwargs  # an argument torch.compile does not take: torch.compile itself names it
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
 def compile_exits(model: MultiExitModel, **compile_kwargs) -> MultiExitModel:
     """Compile each eval-mode step of `model` (segment and head) for early exit; returns `model`.
 
@@ -64,8 +76,8 @@ def compile_exits(model: MultiExitModel, **compile_kwargs) -> MultiExitModel:
         raise ValueError("this model runs through forward_intermediates (fx could not trace its backbone): it has no segments to compile one by one; compile the whole model instead")
     done = [part for step in steps for part in (step.segment, step.head) if isinstance(part, CompiledPart)]
     if done:
-        if all(part.compile_kwargs == compile_kwargs for part in done):
-            return model  # compiled already, with these settings
+        if all(_settings(part.compile_kwargs) == _settings(compile_kwargs) for part in done):
+            return model  # compiled already, with these settings (torch.compile's defaults filled in on both sides)
         first, now = done[0].compile_kwargs or "torch.compile defaults", compile_kwargs or "torch.compile defaults"
         raise ValueError(
             f"this model's steps are already compiled with {first}; they cannot be compiled again with {now}. Compile a copy made "

@@ -78,6 +78,7 @@ def plot_exits(model: MultiExitModel, path=None, input_size: Sequence[int] | Non
         from matplotlib.patches import FancyBboxPatch
     except ImportError as err:
         raise ImportError("plot_exits needs matplotlib: pip install 'timm-exits[demo]'") from err
+    path = figure_path(path, "exits.png") if path is not None else None
     steps = describe_exits(model, input_size)
     size = tuple(input_size) if input_size is not None else tuple(model.input_size)
     total = sum(s.segment_flops for s in steps) or 1.0
@@ -123,5 +124,5 @@ def plot_exits(model: MultiExitModel, path=None, input_size: Sequence[int] | Non
     if own:
         fig.tight_layout()
     if path is not None:
-        fig.savefig(figure_path(path, "exits.png"), dpi=130)
+        fig.savefig(path, dpi=130)
     return fig

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ._checks import release, require
+from ._checks import needs_newer
 from .model import MultiExitModel, wrap
 
 __all__ = ["create_model", "save_pretrained", "from_pretrained", "export_backbone"]
@@ -161,17 +161,17 @@ def _backbone_spec(model: MultiExitModel, model_name: str | None, model_args: di
         )
     args = dict(spec.get("model_args", {})) if not cfg else {}
     if cfg:  # a timm model: the arguments its factory recorded, with what changed since (classes, pooling)
-        if release("timm") >= (1, 0, 31):
-            from timm.models._input import get_model_args
-
-            args = get_model_args(model.backbone)
-        else:
+        try:
+            from timm.models._input import get_model_args  # timm >= 1.0.31
+        except ImportError:
             if model_args is None and not spec:
-                require("save_pretrained of a timm model wrapped by hand", "timm", "1.0.31",
-                        "timm records a model's constructor arguments from then on",
-                        instead="pass model_args= with those it was created with (beyond num_classes), "
-                                "or build it with timm_exits.create_model")
+                raise RuntimeError(needs_newer("save_pretrained of a timm model wrapped by hand", "timm", "1.0.31",
+                                               "timm records a model's constructor arguments from then on",
+                                               instead="pass model_args= with those it was created with (beyond num_classes), "
+                                                       "or build it with timm_exits.create_model")) from None
             args = dict(spec.get("model_args", {}))
+        else:
+            args = get_model_args(model.backbone)
     args = {k: v for k, v in {**args, **(model_args or {})}.items() if k not in ("device", "dtype")}  # where it runs is not what it is
     args["num_classes"] = model.num_classes
     return {"architecture": name, "model_args": _json_ready(args, "model_args")}
@@ -201,8 +201,10 @@ def save_pretrained(model: MultiExitModel, save_directory: str | os.PathLike, mo
     """Write `model` to `save_directory` as ``config.json`` and ``model.safetensors``; returns the folder.
 
     `model_name` and `model_args` name the backbone for a model not built by `create_model` and
-    not a timm model (a torchvision one: ``model_name="torchvision:resnet18"``); for timm models
-    they are read from the model. Heads and leaf modules given as callables must be importable.
+    not a timm model (a torchvision one: ``model_name="torchvision:resnet18"``); for a timm model
+    they are read from the model (timm >= 1.0.31 records its constructor arguments; with an older
+    timm, pass `model_args` for a model wrapped by hand). Heads and leaf modules given as callables
+    must be importable.
     """
     from safetensors.torch import save_file
 

@@ -189,6 +189,9 @@ def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: i
 # ops whose result size or value the host must read: on a GPU each makes the host wait for the device
 _READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::equal",
           "aten::bincount"}  # bincount's length is the input's largest value, read on the host
+# `x[i] = k` lifts the number k into a 0-d tensor (lift_fresh), then writes it with one of these (the value's argument
+# index): the number travels to the kernel by value, so that lift is no copy from the host
+_SCALAR_WRITES = {"aten::index_put_": 2, "aten::index_put": 2, "aten::copy_": 1, "aten::fill_": 1, "aten::masked_fill_": 2}
 
 
 class HostSyncs(TorchDispatchMode):
@@ -197,6 +200,7 @@ class HostSyncs(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.counts: collections.Counter[str] = collections.Counter()
+        self._lifted: torch.Tensor | None = None  # the last 0-d tensor lifted from a Python number, until an op reads it
 
     @property
     def total(self) -> int:
@@ -205,6 +209,12 @@ class HostSyncs(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name
+        if self._lifted is not None and any(a is self._lifted for a in args):
+            if name in _SCALAR_WRITES and len(args) > _SCALAR_WRITES[name] and args[_SCALAR_WRITES[name]] is self._lifted:
+                self.counts["tensor from host data"] -= 1  # x[i] = k: the number is written by value, not copied
+                if not self.counts["tensor from host data"]:
+                    del self.counts["tensor from host data"]
+            self._lifted = None
         if name in _READS:
             self.counts[name.removeprefix("aten::")] += 1
         elif name == "aten::repeat_interleave" and kwargs.get("output_size") is None and isinstance(args[0], torch.Tensor) and len(args) == 1:
@@ -213,9 +223,11 @@ class HostSyncs(TorchDispatchMode):
             self.counts[f"{name.removeprefix('aten::')} (boolean mask)"] += 1  # a mask's row count is read on the host
         elif name in ("aten::_to_copy", "aten::copy_") and _device_to_host(name, args, kwargs):
             self.counts["copy to host"] += 1
-        elif name == "aten::lift_fresh" and args[0].dim() > 0:  # torch.tensor(data) / new_tensor: on a GPU, a blocking copy from the host
-            # (a 0-d one is a Python number, which x[i] = k lifts on some releases: kernels take it by value)
+        elif name == "aten::lift_fresh":  # torch.tensor(data) / new_tensor: on a GPU, a blocking copy from the host
             self.counts["tensor from host data"] += 1
+            out = func(*args, **kwargs)
+            self._lifted = out if out.dim() == 0 else None
+            return out
         return func(*args, **kwargs)
 
 
@@ -236,10 +248,10 @@ def host_syncs() -> HostSyncs:
     tensor's value or result size on the host: ``.item()``/``bool()``/``int()`` of a tensor,
     ``nonzero``, ``masked_select``, ``unique``, ``bincount``, boolean-mask indexing, ``repeat_interleave`` without
     ``output_size``, blocking copies from a GPU to the host, and tensors built from host data
-    (``torch.tensor([...])``, ``new_tensor``: on a GPU a blocking copy to the device; counted on the
-    CPU too, where it is only a risk). A Python number written into a tensor (``x[rows] = k``,
-    ``fill_``) is not a read: kernels take it by value, whichever way a torch release routes it
-    (some lift it into a 0-d tensor first). ``tolist()``, ``numpy()`` and ``.cpu()`` of a CPU tensor
+    (``torch.tensor(...)``, ``new_tensor``: on a GPU a blocking copy to the device; counted on the
+    CPU too, where it is only a risk; ``torch.tensor(k)`` of one number too). A Python number written
+    into a tensor (``x[rows] = k``, ``x[i] = k``, ``fill_(k)``) is not counted: torch lifts it into a
+    0-d tensor and the write takes it by value. ``tolist()``, ``numpy()`` and ``.cpu()`` of a CPU tensor
     dispatch no op, so a CPU run cannot see a GPU tensor read that way::
 
         with timm_exits.host_syncs() as syncs:

@@ -100,7 +100,7 @@ def early_exit_stream(model: MultiExitModel, batches: Iterable[torch.Tensor], th
     check_logit_count(model, criterion)
     if getattr(threshold, "ensemble", False):
         raise ValueError("the calibration was made with ensemble=True: early_exit_stream decides on each exit's own logits; use model.early_exit(..., ensemble=True) for it, or calibrate without the ensemble")
-    if isinstance(batches, torch.Tensor):
+    if isinstance(batches, torch.Tensor) and batches.dim() == len(model.input_size) + 1:  # one batch (a stack of batches is fine)
         raise TypeError("batches must be an iterable of input batches (a DataLoader's images, a list of tensors), "
                         f"got one tensor of shape {tuple(batches.shape)}: pass [x], or call model.early_exit(x)")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ._checks import real_number
 
 __all__ = ["TemperatureFit", "calibrate_temperature", "expected_calibration_error", "check_temperatures"]
 
@@ -40,7 +41,8 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins:
     ``-100``) are left out, as everywhere in the library.
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        got = getattr(logits, "shape", type(logits).__name__)
+        got = logits.shape if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}" + (
+            f" of shape {tuple(logits.shape)}" if hasattr(logits, "shape") else "")
         raise ValueError(f"logits must be one exit's (N, C) tensor, got {got}; for cached exits pass cached.logits[k]")
     if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:1] or labels.is_floating_point():
         got = f"a {tuple(labels.shape)} tensor of {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__
@@ -109,13 +111,16 @@ def check_temperatures(temperature, num_exits: int) -> list[float] | None:
     if temperature is None:
         return None
     values = temperature.temperatures if isinstance(temperature, TemperatureFit) else temperature
-    if isinstance(values, torch.Tensor) or (hasattr(values, "tolist") and getattr(values, "ndim", 0) == 1):  # a tensor or numpy array
+    one_per_exit = f"one positive number per exit ({num_exits}), or calibrate_temperature's result"
+    if hasattr(values, "ndim") and hasattr(values, "tolist"):  # a tensor or a numpy array: one dimension, one value per exit
+        if values.ndim != 1:
+            raise ValueError(f"temperature must be {one_per_exit}; got {type(values).__name__} of shape {tuple(values.shape)}")
         values = values.tolist()
-    if isinstance(values, numbers.Real) or not isinstance(values, Sequence):
-        raise ValueError(f"temperature must be one positive number per exit ({num_exits}), or calibrate_temperature's result; got {temperature!r}")
-    values = list(values)
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"temperature must be {one_per_exit}; got {temperature!r}")
     if len(values) != num_exits:
         raise ValueError(f"temperature has {len(values)} values; give one per exit ({num_exits}), as calibrate_temperature fits them")
-    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values):
+    values = [real_number(v, "each temperature", "a finite number > 0") for v in values]  # Python, numpy or 0-d tensor numbers
+    if not all(math.isfinite(v) and v > 0 for v in values):
         raise ValueError(f"temperatures must be finite numbers > 0, got {values}")
-    return [float(v) for v in values]
+    return values

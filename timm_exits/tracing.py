@@ -101,7 +101,7 @@ class TraceOptions:
         """
         leaves = [obj for _, obj in vars(torchvision.ops).items() if isinstance(obj, type) and issubclass(obj, nn.Module)]
         autowrap: list[Any] = []
-        # timm keeps its registry in timm.layers._fx from 1.0.19, in timm.models._features_fx before
+        # timm keeps its registry in timm.layers._fx from 1.0.17, in timm.models._features_fx before
         for registry in ("timm.layers._fx", "timm.models._features_fx"):
             try:
                 timm_fx = importlib.import_module(registry)

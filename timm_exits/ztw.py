@@ -12,6 +12,8 @@ functions). The authors fit on the training set's logits; a held-out split is th
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,8 +63,9 @@ def fit_geometric_ensemble(cached, epochs: int = 501, lr: float = 5e-4, batch_si
     lr = real_number(lr, "lr", "a learning rate > 0 (the ZTW code's is 5e-4)")
     if not lr > 0:
         raise ValueError(f"lr must be a learning rate > 0 (the ZTW code's is 5e-4), got {lr!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed must be an int, got {seed!r}")
+    seed = int(seed)  # a numpy integer too
     labeled = cached.labels >= 0
     if int(labeled.sum()) == 0:
         raise ValueError("fit_geometric_ensemble needs labeled samples: every label of the cached exits is negative (unlabeled)")

@@ -1,6 +1,6 @@
 """`MultiExitTask`: a multi-exit model and its loss as a timm training task.
 
-timm's task-based training (``timm/task/``, timm >= 1.0.24) drives any `TrainingTask`:
+timm's task-based training (``timm/task/``, timm >= 1.0.23) drives any `TrainingTask`:
 ``result = task(input, target); result["loss"].backward()``, plus ``prepare_distributed``,
 ``compile``, EMA and checkpoint hooks. On an older timm the same class works as a plain module
 with the same methods, for a hand-written loop.
@@ -19,9 +19,9 @@ from ..losses import EnsembleKnowledgeDistillationLoss, MultiExitLoss
 from ..presets import create_loss, loss_names
 from ..model import ExitOutputs, MultiExitModel
 
-try:  # timm's task API, from timm 1.0.24
+try:  # timm's task API, from timm 1.0.23
     from timm.task import TrainingTask as _TaskBase
-except ImportError:  # timm before 1.0.24: a plain module, exercised by CI's lowest-versions job
+except ImportError:  # timm before 1.0.23: a plain module, exercised by CI's lowest-versions job
     _TaskBase = nn.Module
 
 __all__ = ["MultiExitTask", "MultiExitTrainable"]
