@@ -598,8 +598,11 @@ def test_numbers_of_other_types_are_taken_where_python_numbers_are():
         timm_exits.calibrate_thresholds(cached, max_accuracy_drop="0.05")
     temperatures = [2.0, 1.5, 1.0]
     by_list = timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.05, temperature=temperatures)
-    for other in (np.array(temperatures), torch.tensor(temperatures), [torch.tensor(t) for t in temperatures], [np.float32(t) for t in temperatures]):
-        assert timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.05, temperature=other).thresholds == pytest.approx(by_list.thresholds)
+    others = (np.array(temperatures), torch.tensor(temperatures), [torch.tensor(t) for t in temperatures],
+              [np.float32(t) for t in temperatures])
+    for other in others:
+        by_other = timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.05, temperature=other)
+        assert by_other.thresholds == pytest.approx(by_list.thresholds)
     with pytest.raises(ValueError, match=exactly("temperature must be one positive number per exit (3), or calibrate_temperature's result; "
                                                  "got ndarray of shape (1, 3)")):
         timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.05, temperature=np.array([temperatures]))

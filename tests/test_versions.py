@@ -26,7 +26,8 @@ def declared_floors() -> dict[str, str]:
     for spec in project["dependencies"] + [s for extra in project["optional-dependencies"].values() for s in extra]:
         name, _, bound = re.match(r"^([A-Za-z0-9_.-]+)\s*(>=\s*([^,;\s]+))?", spec).groups()
         assert bound, f"{spec!r} has no lower bound: every dependency declares the lowest release the suite passes on"
-        assert numbers(floors.get(name.lower(), bound)) == numbers(bound), f"{name} has two lower bounds: {floors[name.lower()]} and {bound}"
+        earlier = floors.get(name.lower(), bound)
+        assert numbers(earlier) == numbers(bound), f"{name} has two lower bounds: {earlier} and {bound}"
         floors[name.lower()] = bound
     return floors
 
