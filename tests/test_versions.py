@@ -1,12 +1,15 @@
 """The declared versions: every lower bound in pyproject.toml is one CI installs (.ci/lowest.txt), and a
 feature that needs a newer release names both releases at the call."""
+import importlib.metadata
 import re
+import sys
 from pathlib import Path
 
 import pytest
+import timm
 
-from conftest import exactly
-from timm_exits._checks import release, require
+import timm_exits
+from timm_exits._checks import needs_newer, release
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,13 +48,15 @@ def test_lowest_constraints_are_pyprojects_lower_bounds():
         assert numbers(pins[name]) == numbers(floor), f"{name}: pyproject's floor is {floor}, .ci/lowest.txt installs {pins[name]}"
 
 
-def test_a_feature_needing_a_newer_release_names_both():
-    torch_release = ".".join(map(str, release("torch")))
-    newer = rf"^export_exits needs torch >= 99.1 \(torch.export.Dim\); this is torch {re.escape(torch_release)}"
-    with pytest.raises(RuntimeError, match=newer):
-        require("export_exits", "torch", "99.1", "torch.export.Dim")
-    require("export_exits", "torch", "2.5", "torch.export.Dim")  # the declared floor: nothing to say
-    missing = "plotting needs no-such-package >= 1.0 (figures); this is no-such-package not installed"
-    with pytest.raises(RuntimeError, match=exactly(missing)):
-        require("plotting", "no-such-package", "1.0", "figures")
+def test_a_feature_needing_a_newer_release_names_both(tmp_path, monkeypatch):
+    """save_pretrained of a hand-wrapped timm model, where timm lacks get_model_args (as every timm before 1.0.31 does)."""
+    model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=5), stages=[1], input_size=(3, 32, 32))
+    monkeypatch.setitem(sys.modules, "timm.models._input", None)  # importing it now fails, as on an older timm
+    found = re.escape(importlib.metadata.version("timm"))
+    needs = r"^save_pretrained of a timm model wrapped by hand needs timm >= 1.0.31 \(timm records a model's constructor arguments"
+    with pytest.raises(RuntimeError, match=needs + rf" from then on\); this is timm {found}: pass model_args="):
+        model.save_pretrained(tmp_path / "m")
+    assert timm_exits.from_pretrained(model.save_pretrained(tmp_path / "m", model_args={})).stages == ["layer1"]
+    missing = needs_newer("plotting", "no-such-package", "1.0", "figures")
+    assert missing == "plotting needs no-such-package >= 1.0 (figures); this is no-such-package not installed"
     assert release("torch") >= (2, 5) and release("no-such-package") == ()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["figure_path", "needs_newer", "real_number", "release", "require"]
+__all__ = ["figure_path", "needs_newer", "real_number", "release"]
 
 
 def release(package: str) -> tuple[int, ...]:
@@ -21,19 +21,14 @@ def release(package: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
-def require(feature: str, package: str, minimum: str, why: str, instead: str = "") -> None:
-    """Raise a RuntimeError naming `feature`, the release of `package` it needs and the one installed, when that one is older.
-
-    ``require("FSDP2 on CPU", "torch", "2.6", "fully_shard with gloo")`` says
-    ``FSDP2 on CPU needs torch >= 2.6 (fully_shard with gloo); this is torch 2.5.0``; `instead`,
-    when given, follows as what the caller can do on the older release.
-    """
-    if release(package) < tuple(int(part) for part in minimum.split(".")):
-        raise RuntimeError(needs_newer(feature, package, minimum, why, instead))
-
-
 def needs_newer(feature: str, package: str, minimum: str, why: str, instead: str = "") -> str:
-    """The message of `require`, for a caller that found the feature missing by looking for it."""
+    """What a call that needs a newer release of `package` says when it finds the feature missing.
+
+    ``needs_newer("save_pretrained ...", "timm", "1.0.31", "get_model_args")`` gives
+    ``save_pretrained ... needs timm >= 1.0.31 (get_model_args); this is timm 1.0.12``; `instead`,
+    when given, follows as what the caller can do on the older release. Detect the feature (an
+    import, an attribute) rather than compare versions: a source build may have it early.
+    """
     installed = importlib.metadata.version(package) if release(package) else "not installed"
     message = f"{feature} needs {package} >= {minimum} ({why}); this is {package} {installed}"
     return message + (f": {instead}" if instead else "")
