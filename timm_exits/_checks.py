@@ -7,8 +7,6 @@ import os
 import re
 from pathlib import Path
 
-import torch
-
 __all__ = ["figure_path", "needs_newer", "real_number", "release"]
 
 
@@ -39,10 +37,8 @@ def real_number(value, name: str, valid: str) -> float:
 
     Anything else raises a ValueError naming `name`, the value and what is `valid`.
     """
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
-        value = value.item()
-    elif hasattr(value, "ndim") and getattr(value, "ndim") == 0 and hasattr(value, "item"):  # a 0-d numpy array
-        value = value.item()
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a 0-d tensor or numpy array: its Python number
+        value = value.item()  # (a bool or complex one is then refused below)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be {valid}, got {value!r}")
     return float(value)
