@@ -2,7 +2,7 @@
 
 Lines marked ``# timm-exits`` are the ones that differ from training the plain model the way
 timm's ``train.py`` does (``create_dataset`` / ``create_loader``, mixup, ``create_optimizer_v2``,
-``create_scheduler_v2``, EMA, ``update_summary``, a checkpoint as its ``CheckpointSaver`` writes).
+``create_scheduler_v2``, EMA, ``update_summary``, and its ``CheckpointSaver``).
 The per-exit loss terms reach ``summary.csv`` beside the loss, and every exit's top-1 beside them.
 
     python examples/train_timm.py --data DIR   # DIR/train/<class>/*.png and DIR/validation/<class>/*.png
@@ -11,6 +11,7 @@ The per-exit loss terms reach ``summary.csv`` beside the loss, and every exit's 
 """
 import argparse
 import csv
+import inspect
 import os
 import tempfile
 from collections import defaultdict
@@ -20,7 +21,7 @@ import torch
 from timm.data import Mixup, create_dataset, create_loader
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import AverageMeter, accuracy, update_summary
+from timm.utils import AverageMeter, CheckpointSaver, accuracy, update_summary
 
 import timm_exits
 from timm_exits.data import corrupted_digits
@@ -46,6 +47,7 @@ def write_image_folder(root: str, per_class: int | None = None) -> str:
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--data", help="an ImageFolder root with train/ and validation/ (default: written from the corrupted digits)")
+parser.add_argument("--model", default="resnet18", help="a timm ResNet name (the saver records it as the checkpoint's arch)")
 parser.add_argument("--epochs", type=int, default=4)
 parser.add_argument("--output", default=None, help="where summary.csv and the checkpoint go (default: a temporary folder)")
 parser.add_argument("--smoke", action="store_true", help="a tiny folder and two short epochs")
@@ -64,7 +66,7 @@ common = dict(input_size=(3, 32, 32), use_prefetcher=False, num_workers=0, persi
 loader_train = create_loader(dataset_train, batch_size=32, is_training=True, scale=(0.7, 1.0), hflip=0.0, color_jitter=0.0, **common)
 loader_eval = create_loader(dataset_eval, batch_size=64, crop_pct=1.0, **common)
 
-model = timm.create_model("resnet18", num_classes=10)
+model = timm.create_model(args.model, num_classes=10)
 model = timm_exits.wrap(model, stages=[1, 2, 3], input_size=(3, 32, 32), eval_output="final")  # timm-exits
 # timm: task = ClassificationTask(model, criterion=SoftTargetCrossEntropy())
 task = timm_exits.MultiExitTask(model, "eed", verbose=False)  # timm-exits: exit-ensemble distillation
@@ -124,15 +126,19 @@ with open(summary) as f:
     columns = next(csv.reader(f))
 print(f"summary.csv columns: {', '.join(columns)}")
 
-# a checkpoint as timm's CheckpointSaver writes it: model weights, task state (the loss's), optimizer
-path = os.path.join(output, "checkpoint.pth.tar")
-torch.save({"epoch": epochs - 1, "version": 2, **task.get_checkpoint_state(), **task.get_checkpoint_state(ema=True), "optimizer": optimizer.state_dict()}, path)
-resumed = timm_exits.MultiExitTask(timm_exits.wrap(timm.create_model("resnet18", num_classes=10), stages=[1, 2, 3], input_size=(3, 32, 32)), "eed", verbose=False)
-checkpoint = torch.load(path, weights_only=True)
-resumed.load_checkpoint_state(checkpoint["state_dict"], checkpoint["task_state"])
+# timm's CheckpointSaver, as train.py runs it: the weights, the optimizer and the run's args; from timm 1.0.23 it takes
+# the task and saves its state (the loss's) too, and before that the model alone
+path = os.path.join(output, "model_best.pth.tar")
+saver_task = {"task": task} if "task" in inspect.signature(CheckpointSaver).parameters else {}
+saver = CheckpointSaver(task.model, optimizer, args=args, checkpoint_dir=output, recovery_dir=output, **saver_task)
+saver.save_checkpoint(epochs - 1, metric=eval_metrics["top1"])
+resumed = timm_exits.MultiExitTask(timm_exits.wrap(timm.create_model(args.model, num_classes=10), stages=[1, 2, 3], input_size=(3, 32, 32)), "eed", verbose=False)
+with torch.serialization.safe_globals([argparse.Namespace]):  # the saver pickles args; weights-only loading allows only what is listed
+    checkpoint = torch.load(path, weights_only=True)
+resumed.load_checkpoint_state(checkpoint["state_dict"], checkpoint.get("task_state"))
 print(f"resumed from {os.path.basename(path)} (epoch {checkpoint['epoch']}); its final-exit top1 {validate(resumed.get_eval_model())['top1']:.1f}")
 
 # the plain backbone for timm's own validate.py: `timm-exits export-backbone CHECKPOINT OUT` does the same
 plain, _ = timm_exits.export_backbone(path, os.path.join(output, "backbone.safetensors"))
-reloaded = timm.create_model("resnet18", num_classes=10, checkpoint_path=str(plain))
-print(f"export-backbone: {os.path.basename(str(plain))} loads with timm.create_model(..., checkpoint_path=...)")
+reloaded = timm.create_model(checkpoint["arch"], num_classes=10, checkpoint_path=str(plain))
+print(f"export-backbone: {os.path.basename(str(plain))} loads with timm.create_model({checkpoint['arch']!r}, checkpoint_path=...)")

@@ -12,7 +12,7 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 PROMISES = {
     "quickstart.py": "final exit == backbone output",
     "train_loop.py": "unwrap() gives the trained ResNet",
-    "train_timm.py": "resumed from checkpoint.pth.tar",
+    "train_timm.py": "resumed from model_best.pth.tar",
     "train_lightning.py": "validation: {'val_acc/exit1'",
     "train_ddp.py": "2 replicas, largest difference from rank 0: 0\nreplicas identical",
 }

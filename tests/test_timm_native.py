@@ -214,19 +214,35 @@ def test_a_head_that_cannot_be_imported_is_named_at_save(tmp_path):
 def test_export_backbone_writes_what_timm_loads(tmp_path, capsys):
     from timm_exits.cli import main
 
+    import argparse
+    import fractions
+
+    from timm.utils import CheckpointSaver, ModelEmaV3
+
     torch.manual_seed(0)
     model = timm_exits.create_model("resnet18", stages=[1, 2, 3], num_classes=10, input_size=(3, 32, 32)).eval()
-    ema = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}  # other weights, to tell them apart
-    torch.save({"epoch": 3, "arch": "resnet18", "state_dict": model.state_dict(), "state_dict_ema": ema}, tmp_path / "last.pth.tar")  # as timm's train.py saves
-    assert main(["export-backbone", str(tmp_path / "last.pth.tar"), str(tmp_path / "backbone.safetensors")]) == 0
-    assert "from its 'state_dict' of" in capsys.readouterr().out
+    ema = ModelEmaV3(model)
+    with torch.no_grad():
+        for p in ema.module.parameters():  # other weights, to tell them apart
+            p.add_(1)
+    # the checkpoint timm's train.py writes: its own saver, with the run's arguments pickled beside the weights
+    args = argparse.Namespace(model="resnet18", num_classes=10, lr=0.1, input_size=[3, 32, 32], mean=None, epochs=3)
+    saver = CheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), args=args, model_ema=ema,
+                            checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))
+    saver.save_checkpoint(epoch=2, metric=50.0)
+    best = tmp_path / "model_best.pth.tar"
+    assert main(["export-backbone", str(best), str(tmp_path / "backbone.safetensors")]) == 0
+    out = capsys.readouterr().out  # the hint names the architecture the checkpoint records
+    assert "from its 'state_dict' of" in out and "timm.create_model('resnet18', checkpoint_path=" in out, out
     plain = timm.create_model("resnet18", num_classes=10, checkpoint_path=str(tmp_path / "backbone.safetensors")).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(plain(x), model(x)[-1])
-    assert main(["export-backbone", str(tmp_path / "last.pth.tar"), str(tmp_path / "ema.pth"), "--use-ema"]) == 0
+    assert main(["export-backbone", str(best), str(tmp_path / "ema.pth"), "--use-ema"]) == 0
     assert "from its 'state_dict_ema' of" in capsys.readouterr().out
-    assert torch.equal(torch.load(tmp_path / "ema.pth")["conv1.weight"], ema["backbone.conv1.weight"])
+    assert torch.equal(torch.load(tmp_path / "ema.pth")["conv1.weight"], ema.module.backbone.conv1.weight)
+    again = timm_exits.create_model("resnet18", stages=[1, 2, 3], num_classes=10, input_size=(3, 32, 32), checkpoint_path=best)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ema.module.state_dict().values()))  # EMA, as timm's
     folder = model.save_pretrained(tmp_path / "saved")
     path, where = timm_exits.export_backbone(folder, tmp_path / "from_folder.pth")
     assert where == "the file" and torch.equal(torch.load(path)["fc.weight"], model.backbone.fc.weight)
@@ -237,11 +253,14 @@ def test_export_backbone_writes_what_timm_loads(tmp_path, capsys):
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
     (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
     torch.save(model.backbone.state_dict(), tmp_path / "plain.pth")
+    torch.save({"state_dict": model.state_dict(), "args": fractions.Fraction(1, 3)}, tmp_path / "foreign.pth")  # a trainer's own class
     for argv, message in [
         ([str(tmp_path / "missing.pth"), str(tmp_path / "out.pth")], f"checkpoint '{tmp_path / 'missing.pth'}' is not a file"),
         ([str(tmp_path / "broken.pth"), str(tmp_path / "out.pth")], f"checkpoint '{tmp_path / 'broken.pth'}' could not be read as a checkpoint: "),
         ([str(tmp_path / "plain.pth"), str(tmp_path / "out.pth")], f"'{tmp_path / 'plain.pth'}' has no 'backbone.*' keys"),
-        ([str(tmp_path / "last.pth.tar"), str(tmp_path)], f"out '{tmp_path}' is a folder"),
+        ([str(tmp_path / "foreign.pth"), str(tmp_path / "out.pth")],
+         f"checkpoint '{tmp_path / 'foreign.pth'}' holds a pickled fractions.Fraction, which loading with weights_only=True does not build"),
+        ([str(best), str(tmp_path)], f"out '{tmp_path}' is a folder"),
     ]:
         with pytest.raises(SystemExit) as exit_:
             main(["export-backbone", *argv])

@@ -83,11 +83,20 @@ def _export_backbone(args: argparse.Namespace) -> int:
     return 0
 
 
-def _saved_architecture(folder: Path) -> str:
-    """The timm name a save_pretrained folder records, or NAME (a file, a torchvision backbone, an unreadable config)."""
+def _saved_architecture(source: Path) -> str:
+    """The timm name a checkpoint records: a save_pretrained folder's ``architecture``, a training checkpoint's ``arch``
+    (timm's CheckpointSaver writes ``args.model`` there), or NAME (a torchvision backbone, no record, an unreadable file)."""
     try:
-        name = json.loads((folder / "config.json").read_text()).get("architecture")
-    except (OSError, ValueError, AttributeError):
+        if source.is_dir():
+            name = json.loads((source / "config.json").read_text()).get("architecture")
+        else:
+            import timm
+
+            from .hub import _load_training_checkpoint
+
+            name = _load_training_checkpoint(source, mmap=True).get("arch")  # mapped: the tensors are not read again
+            name = name if isinstance(name, str) and timm.is_model(name) else None  # without args, the saver writes the class name
+    except Exception:  # noqa: BLE001 - only the hint depends on it; the weights were already written
         return "NAME"
     return name if isinstance(name, str) and not name.startswith("torchvision:") else "NAME"
 

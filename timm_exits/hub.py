@@ -10,9 +10,12 @@ arguments, the input size, the library version), beside the weights in ``model.s
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -50,6 +53,23 @@ def _create_backbone(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
+# What timm's CheckpointSaver pickles beside tensors: train.py's arguments (``args``). Loading with
+# these allowed keeps weights_only's guarantee: no other class is built and no code runs.
+_SAVER_GLOBALS = (argparse.Namespace,)
+
+
+def _load_training_checkpoint(path, mmap: bool = False):
+    """``torch.load(weights_only=True)`` with what timm's CheckpointSaver writes allowed (``args``: an argparse.Namespace)."""
+    with torch.serialization.safe_globals(list(_SAVER_GLOBALS)):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def _unsafe_global(err: Exception) -> str | None:
+    """The class a weights-only load refused to build, when that is why `err` was raised."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
+    return found.group(1) if found else None
+
+
 def _read_checkpoint(path, what: str, use_ema: bool) -> tuple[dict, str]:
     """The state dict in a file timm or torch wrote, and where in the file it was.
 
@@ -66,13 +86,20 @@ def _read_checkpoint(path, what: str, use_ema: bool) -> tuple[dict, str]:
 
             state, where = load_file(str(path)), "the file"
         else:
-            state, where = torch.load(path, map_location="cpu", weights_only=True), "the file"
+            state, where = _load_training_checkpoint(path), "the file"
             if isinstance(state, dict):
                 for key in (("state_dict_ema", "model_ema") if use_ema else ()) + ("state_dict", "model"):
                     if isinstance(state.get(key), dict):
                         state, where = state[key], f"its {key!r}"
                         break
     except Exception as err:  # noqa: BLE001 - unpickling and safetensors raise many kinds; all mean an unreadable file
+        refused = _unsafe_global(err)
+        if refused is not None:
+            allowed = ", ".join(f"{c.__module__}.{c.__qualname__}" for c in _SAVER_GLOBALS)
+            raise ValueError(
+                f"{what} {str(path)!r} holds a pickled {refused}, which loading with weights_only=True does not build (timm-exits "
+                f"allows {allowed}, the args timm's CheckpointSaver writes). If you trust the file, save its weights alone: "
+                f"torch.save(torch.load(PATH, weights_only=False)['state_dict'], 'weights.pth'), and pass weights.pth") from None
         raise ValueError(f"{what} {str(path)!r} could not be read as a checkpoint: {type(err).__name__}: {err}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{what} {str(path)!r} holds no state dict of tensors (found {type(state).__name__} in {where})")
