@@ -84,8 +84,32 @@ def test_the_saved_pretrained_cfg_describes_the_saved_weights(tmp_path):
     model = timm_exits.create_model("resnet18", stages=[1], num_classes=10, input_size=(3, 32, 32))
     assert model.backbone.pretrained_cfg.get("hf_hub_id") and model.backbone.pretrained_cfg["num_classes"] == 1000
     cfg = json.loads((model.save_pretrained(tmp_path / "saved") / "config.json").read_text())["pretrained_cfg"]
-    assert cfg["num_classes"] == 10 and not {"url", "hf_hub_id", "file", "source", "label_names"} & set(cfg)
-    assert cfg["input_size"] == list(model.backbone.pretrained_cfg["input_size"]) and cfg["architecture"] == "resnet18"
+    assert cfg["num_classes"] == 10 and not {"url", "hf_hub_id", "file", "source", "label_names", "tag"} & set(cfg)
+    assert cfg["input_size"] == [3, 32, 32] and cfg["architecture"] == "resnet18" and "test_input_size" not in cfg
+    assert cfg["mean"] == list(model.backbone.pretrained_cfg["mean"])  # three channels: the backbone's normalisation stays
+
+
+def test_a_one_channel_model_trained_from_scratch_saves_a_pretrained_cfg_of_its_own_inputs(tmp_path):
+    """As a user met it: 1x32x32 digits, from scratch; the saved config said 3x224x224, ImageNet's mean and the tag a1_in1k."""
+    import json
+
+    from timm.data import resolve_data_config
+
+    model = timm_exits.create_model("resnet18", stages=[1, 2], num_classes=10, in_chans=1, input_size=(1, 32, 32))
+    cfg = json.loads((model.save_pretrained(tmp_path / "plain") / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["input_size"] == [1, 32, 32] and not {"tag", "mean", "std", "pool_size", "test_input_size"} & set(cfg), cfg
+    folder = model.save_pretrained(tmp_path / "own", data_config={"mean": (0.5,), "std": (0.25,), "interpolation": "bilinear"})
+    cfg = json.loads((folder / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["mean"] == [0.5] and cfg["std"] == [0.25] and cfg["interpolation"] == "bilinear"
+    again = timm_exits.from_pretrained(folder)  # the rebuilt backbone carries the saved description, for timm's data pipeline
+    data = resolve_data_config(model=again.backbone)
+    assert data["input_size"] == (1, 32, 32) and tuple(data["mean"]) == (0.5,) and tuple(data["std"]) == (0.25,), data
+    for bad, message in [({"mean": (0.5, 0.5, 0.5)}, r"data_config\['mean'\] must hold one number per input channel \(1\), got \(0.5, 0.5, 0.5\)"),
+                         ({"std": (0,)}, r"data_config\['std'\] must be positive"),
+                         ({"norm": 1}, r"data_config must be a dict of timm's data keys \[.*\], got \['norm'\]")]:
+        with pytest.raises(ValueError, match=message):
+            model.save_pretrained(tmp_path / "bad", data_config=bad)
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
 def test_forward_features_and_forward_head_are_the_backbones():

@@ -224,7 +224,8 @@ def _resolve(reference: str) -> Any:
     return obj
 
 
-def save_pretrained(model: MultiExitModel, save_directory: str | os.PathLike, model_name: str | None = None, model_args: dict | None = None) -> Path:
+def save_pretrained(model: MultiExitModel, save_directory: str | os.PathLike, model_name: str | None = None, model_args: dict | None = None,
+                    data_config: dict | None = None) -> Path:
     """Write `model` to `save_directory` as ``config.json`` and ``model.safetensors``; returns the folder.
 
     `model_name` and `model_args` name the backbone for a model not built by `create_model` and
@@ -232,6 +233,12 @@ def save_pretrained(model: MultiExitModel, save_directory: str | os.PathLike, mo
     they are read from the model (timm >= 1.0.31 records its constructor arguments; with an older
     timm, pass `model_args` for a model wrapped by hand). Heads and leaf modules given as callables
     must be importable.
+
+    The ``pretrained_cfg`` written describes the weights saved, for ``timm.data.resolve_data_config``:
+    the current classes, the input size the model was wrapped at, no ``tag`` or source of the
+    original release. `data_config` gives how the inputs were prepared when the model was trained
+    (timm's keys: ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``); without it the
+    backbone's ``mean`` and ``std`` stay, unless they are for another number of channels (then they go).
     """
     from safetensors.torch import save_file
 
@@ -244,9 +251,10 @@ def save_pretrained(model: MultiExitModel, save_directory: str | os.PathLike, mo
         raise ValueError("this model was wrapped by a version of timm-exits that did not record its wrap: wrap its backbone again, then save")
     config = _backbone_spec(model, model_name, model_args)
     config["num_classes"] = model.num_classes
+    data = _check_data_config(data_config, model.input_size[0])
     cfg = getattr(model.backbone, "pretrained_cfg", None)
     if cfg:
-        config["pretrained_cfg"] = _current_cfg(cfg, model.num_classes)
+        config["pretrained_cfg"] = _current_cfg(cfg, model.num_classes, list(model.input_size), data)
     exits = {**wrap_args, "eval_output": model.eval_output, "version": __version__}
     exits["head"] = [_importable(h, f"the head of exit {k + 1}") for k, h in enumerate(wrap_args["head"])]
     exits["leaf_modules"] = [_importable(m, "leaf module") for m in wrap_args["leaf_modules"]]
@@ -262,17 +270,43 @@ def save_pretrained(model: MultiExitModel, save_directory: str | os.PathLike, mo
     return folder
 
 
-_SOURCE_KEYS = {"url", "file", "hf_hub_id", "hf_hub_filename", "source", "state_dict"}
+_SOURCE_KEYS = {"url", "file", "hf_hub_id", "hf_hub_filename", "source", "state_dict", "tag"}
+_DATA_KEYS = {"mean", "std", "interpolation", "crop_pct", "crop_mode"}
 
 
-def _current_cfg(cfg: dict, num_classes: int) -> dict:
+def _check_data_config(data_config: dict | None, channels: int) -> dict:
+    if data_config is None:
+        return {}
+    if not isinstance(data_config, dict) or not set(data_config) <= _DATA_KEYS:
+        unknown = sorted(set(data_config) - _DATA_KEYS) if isinstance(data_config, dict) else data_config
+        raise ValueError(f"data_config must be a dict of timm's data keys {sorted(_DATA_KEYS)}, got {unknown!r}")
+    for key in ("mean", "std"):
+        value = data_config.get(key)
+        if value is not None and (not isinstance(value, (tuple, list)) or len(value) != channels
+                                  or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise ValueError(f"data_config[{key!r}] must hold one number per input channel ({channels}), got {value!r}")
+    if any(v <= 0 for v in data_config.get("std") or ()):
+        raise ValueError(f"data_config['std'] must be positive, got {data_config['std']!r}")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
+
+
+def _current_cfg(cfg: dict, num_classes: int, input_size: list[int], data: dict) -> dict:
     """The backbone's pretrained_cfg as it describes the weights saved, as timm's ``save_config_for_hf`` writes it:
-    without where the original weights came from, with the current number of classes (and no labels of another set)."""
+    without the release the original weights came from (source, tag), with the current classes (and no labels of
+    another set), the input size the model was wrapped at, and how its inputs were prepared when `data` says so."""
     kept = {k: v for k, v in cfg.items() if k not in _SOURCE_KEYS and (v is not None or k in ("pool_size", "first_conv", "classifier")) and _serialisable(v)}
     if kept.get("num_classes") != num_classes:
         for key in ("label_names", "label_descriptions", "label_offset"):
             kept.pop(key, None)
     kept["num_classes"] = num_classes
+    if list(kept.get("input_size") or ()) != input_size:  # the original release's test-time sizes describe other inputs
+        for key in ("test_input_size", "test_crop_pct", "pool_size", "min_input_size"):
+            kept.pop(key, None)
+    kept["input_size"] = input_size
+    for key in ("mean", "std"):  # ImageNet's three numbers cannot describe another number of channels
+        if key in kept and len(kept[key]) != input_size[0]:
+            del kept[key]
+    kept.update(data)
     return kept
 
 
@@ -321,6 +355,11 @@ def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
     )
     state, _ = _read_checkpoint(folder / WEIGHTS, "weights file", use_ema=False)  # a truncated file is named, not a bare SafetensorError
     model.load_state_dict(state)
+    saved_cfg = config.get("pretrained_cfg")
+    if isinstance(saved_cfg, dict) and hasattr(model.backbone, "pretrained_cfg"):  # set after building: it describes, never constructs
+        model.backbone.pretrained_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in saved_cfg.items()}
+        if hasattr(model.backbone, "default_cfg"):  # timm's older name for the same dict
+            model.backbone.default_cfg = model.backbone.pretrained_cfg
     return model.to(map_location).eval()
 
 

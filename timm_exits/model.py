@@ -473,11 +473,11 @@ class MultiExitModel(nn.Module):
         """
         return self.backbone
 
-    def save_pretrained(self, save_directory, model_name: str | None = None, model_args: dict | None = None):
+    def save_pretrained(self, save_directory, model_name: str | None = None, model_args: dict | None = None, data_config: dict | None = None):
         """Write ``config.json`` and ``model.safetensors`` to `save_directory`; see `timm_exits.save_pretrained`."""
         from .hub import save_pretrained  # lazy: hub builds models through this module
 
-        return save_pretrained(self, save_directory, model_name, model_args)
+        return save_pretrained(self, save_directory, model_name, model_args, data_config)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """`nn.Module.load_state_dict`, with an error that says how a strict mismatch came about.
