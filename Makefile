@@ -1,4 +1,6 @@
-# The two set-up commands of the README. Each creates .venv on first use and installs the package.
+# The two set-up commands of the README. Each creates .venv on first use and installs what it needs:
+# `make demo` the package and the demo's extra, `make test` the dev extra on top. pip speaks (no --quiet):
+# the first install downloads torch, and minutes without a line look like a hang.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,47 +9,55 @@ LOWEST := .venv-lowest
 
 .PHONY: demo test test-lowest test-slow benchmarks coverage mutation planted-bugs clean
 
-$(BIN)/timm-exits: pyproject.toml
+$(VENV)/.demo-installed: pyproject.toml
+	@echo "make: creating $(VENV) and installing timm-exits with the demo's extra (torch, torchvision, timm, fvcore, scikit-learn, matplotlib)."
+	@echo "make: on Linux, PyPI's torch wheel also brings NVIDIA's CUDA libraries (about 3 GB of the 4 GB): README.md says how to avoid them."
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[demo,dev]'
+	$(BIN)/python -m pip install -e '.[demo]'
 	touch $@
 
-demo: $(BIN)/timm-exits
+$(VENV)/.dev-installed: $(VENV)/.demo-installed
+	@echo "make: installing the test set (pytest, onnx, onnxscript, lightning, mutmut) into $(VENV)."
+	$(BIN)/python -m pip install -e '.[demo,dev]'
+	touch $@
+
+demo: $(VENV)/.demo-installed
 	$(BIN)/timm-exits demo
 
-test: $(BIN)/timm-exits
+test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q
 
 $(LOWEST)/bin/timm-exits: pyproject.toml .ci/lowest.txt
 	$(PYTHON) -m venv $(LOWEST)
 	$(LOWEST)/bin/python -m pip install --quiet --upgrade pip
-	$(LOWEST)/bin/python -m pip install --quiet -c .ci/lowest.txt -e '.[demo,dev]'
+	@echo "make: installing every dependency at the lowest release pyproject.toml declares (.ci/lowest.txt) into $(LOWEST)."
+	$(LOWEST)/bin/python -m pip install -c .ci/lowest.txt -e '.[demo,dev]'
 	touch $@
 
 test-lowest: $(LOWEST)/bin/timm-exits
 	$(LOWEST)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|torchvision|timm|fvcore|numpy) '
 	$(LOWEST)/bin/python -m pytest -q
 
-test-slow: $(BIN)/timm-exits
+test-slow: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q -m slow
 
-benchmarks: $(BIN)/timm-exits
+benchmarks: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/loss_study.py
 	$(BIN)/python benchmarks/flops.py
 	$(BIN)/python benchmarks/early_exit.py
 	$(BIN)/python benchmarks/train_step.py
 
-coverage: $(BIN)/timm-exits
+coverage: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/coverage.py
 
 # How strong the suite is (docs/testing.md); neither runs in CI.
-mutation: $(BIN)/timm-exits
+mutation: $(VENV)/.dev-installed
 	$(BIN)/mutmut run --max-children 2
 	$(BIN)/mutmut export-cicd-stats
 
-planted-bugs: $(BIN)/timm-exits
+planted-bugs: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/planted_bugs.py
 
 clean:

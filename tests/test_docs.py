@@ -59,3 +59,52 @@ def test_unchecked_claims_are_found():
     silent = "try:\n    int('1')\nexcept ValueError as err:\n    print(err)\n"
     assert len(unchecked_claims(printed)) == 2 and len(unchecked_claims(silent)) == 1
     assert unchecked_claims(silent + "else:\n    raise AssertionError('no error')\n") == []
+
+
+ORDER_NOTE = "The code blocks on this page run in order, in one session"
+
+
+def names_from_earlier_blocks(blocks: list[str]) -> dict[int, set[str]]:
+    """For each block, the names it reads that only an earlier block defines (what fails with NameError when copied alone)."""
+    import builtins
+
+    def bound(tree) -> set[str]:
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+                names.add(node.id)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+                names.update(a.arg for a in ast.walk(node.args) if isinstance(a, ast.arg)) if not isinstance(node, ast.ClassDef) else None
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names.update((a.asname or a.name).split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ExceptHandler) and node.name:
+                names.add(node.name)
+            elif isinstance(node, ast.Lambda):
+                names.update(a.arg for a in ast.walk(node.args) if isinstance(a, ast.arg))
+        return names
+
+    defined, needs = set(), {}
+    for i, block in enumerate(blocks):
+        tree = ast.parse(block)
+        read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        missing = (read - bound(tree) - set(dir(builtins))) & defined
+        if missing:
+            needs[i] = missing
+        defined |= bound(tree)
+    return needs
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_a_page_whose_blocks_build_on_each_other_says_so_before_its_first(page):
+    """A reader who copies one block alone meets a NameError unless the page says the blocks run as one session."""
+    needs = names_from_earlier_blocks(python_blocks(page))
+    text = (ROOT / page).read_text()
+    if needs:
+        first = text.index("```python")
+        assert ORDER_NOTE in text[:first], f"{page}: blocks {sorted(needs)} use names of earlier blocks ({sorted(set().union(*needs.values()))[:6]}); say so before the first block: {ORDER_NOTE!r}"
+
+
+def test_names_from_earlier_blocks_are_found():
+    blocks = ["import torch\nx = torch.ones(1)\ndef f(a):\n    return a\n", "y = f(x) + torch.zeros(1)\nprint(len([y]))\n", "z = 1\nprint(z)\n"]
+    assert names_from_earlier_blocks(blocks) == {1: {"f", "x", "torch"}}
