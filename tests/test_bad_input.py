@@ -154,3 +154,67 @@ def test_tracing_leaves_the_users_model_untouched():
     torch.testing.assert_close(model(x), reference)
     torch.testing.assert_close(first.eval()(x)[-1], reference)
     torch.testing.assert_close(second.eval()(x)[-1], reference)
+
+
+# -- as a new user met them: each got torch's words, or a message about something else -------------------------------
+
+
+def digits_model(**kwargs):
+    return timm_exits.wrap(timm.create_model("resnet18", num_classes=10, in_chans=1), stages=[1, 2, 3], input_size=(1, 32, 32), **kwargs)
+
+
+def test_one_image_without_its_batch_dimension_is_named_as_such():
+    model = digits_model().eval()
+    for call in (model, model.forward_exits, lambda x: model.early_exit(x, threshold=0.5)):
+        with pytest.raises(ValueError, match=r"^x of shape \(1, 32, 32\) has no batch dimension: the model takes \(B, 1, 32, 32\); "
+                                             r"for one image, x.unsqueeze\(0\)$"):
+            call(torch.randn(1, 32, 32))
+    assert model(torch.randn(1, 1, 32, 32))[-1].shape == (1, 10)  # a batch of one is fine
+
+
+@pytest.mark.parametrize("value", ["10", 10.0, 0, True])
+def test_num_classes_that_is_not_a_count_is_named_before_anything_is_traced(value):
+    backbone = timm.create_model("resnet18", num_classes=10)
+    with pytest.raises(ValueError, match=rf"^num_classes must be an int >= 1 \(a check of the backbone's number of classes; or leave it out\), "
+                                         rf"got {value!r}$"):
+        timm_exits.wrap(backbone, stages=[1], num_classes=value)
+
+
+def test_teachers_in_a_module_list_are_each_a_teacher():
+    model = digits_model()
+    teachers = nn.ModuleList([timm.create_model("resnet10t", num_classes=10, in_chans=1) for _ in range(4)])  # one per exit
+    task = timm_exits.MultiExitTask(model, "ekd", teachers=teachers, verbose=False)
+    assert len(task.teachers) == 4 and all(isinstance(t, nn.Module) and not isinstance(t, nn.ModuleList) for t in task.teachers)
+    assert task(torch.randn(2, 1, 32, 32), torch.tensor([1, 2]))["loss"].isfinite()
+    with pytest.raises(TypeError, match=r"got an nn.ModuleDict: pass list\(teachers.values\(\)\)"):
+        timm_exits.MultiExitTask(model, "ekd", teachers=nn.ModuleDict({"a": teachers[0]}), verbose=False)
+
+
+def test_a_backbone_replaced_after_wrap_by_another_architecture_is_refused_naming_both():
+    x = torch.randn(2, 3, 32, 32)
+    model = timm_exits.wrap(timm.create_model("resnet18", num_classes=10), stages=[1, 2], input_size=(3, 32, 32)).eval()
+    before, weights = [z.clone() for z in model(x)], model.backbone.state_dict()
+    for other, now, was in [(timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32), "patch_embed", "conv1"),
+                            (timm.create_model("resnet34", num_classes=10), "layer1.2", "layer2")]:  # a deeper ResNet: its graph would skip blocks
+        model.backbone = other
+        with pytest.raises(ValueError, match=rf"^model.backbone was replaced by a {type(other).__name__} whose modules differ from the "
+                                             rf"ResNet the exits were cut from \(first: '{now}' where it had '{was}'\)"):
+            model(x)
+    twin = timm.create_model("resnet18", num_classes=10).eval()
+    twin.load_state_dict(weights)  # the same architecture with the same weights: the same outputs
+    model.backbone = twin
+    assert all(torch.equal(a, b) for a, b in zip(model(x), before))
+
+
+def test_a_batchnorm_head_trained_on_a_batch_of_one_names_the_head_and_the_fix():
+    model = digits_model(head="conv").train()
+    with pytest.raises(ValueError, match=r"^the ConvHead after 'layer2' normalises over the batch \(BatchNorm\) in training, and this batch "
+                                         r"gives it one value per channel .*: train with batches of 2 or more"):
+        model(torch.randn(1, 1, 32, 32))
+
+
+def test_the_flops_table_shows_no_head_for_the_backbones_own():
+    report = timm_exits.flops_report(digits_model())
+    last = str(report).splitlines()[5].split()
+    assert last[:4] == ["4", "final", "backbone's", "own"] and last[5] == "-", last
+    assert "| -  " not in report.to_markdown() and "|             - |" in report.to_markdown()

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["figure_path", "needs_newer", "real_number", "release"]
+__all__ = ["figure_path", "needs_newer", "positive_int", "real_number", "release"]
 
 
 def release(package: str) -> tuple[int, ...]:
@@ -42,6 +42,13 @@ def real_number(value, name: str, valid: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be {valid}, got {value!r}")
     return float(value)
+
+
+def positive_int(value, name: str, what: str):
+    """`value` when it is an int >= 1 (not a bool; a numpy integer is taken as its int), else a ValueError naming `name` as `what`."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    raise ValueError(f"{name} must be an int >= 1 ({what}), got {value!r}")
 
 
 def figure_path(path, example: str):

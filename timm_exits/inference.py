@@ -385,6 +385,7 @@ def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion=
         raise RuntimeError("early_exit runs in eval mode (batch norm statistics, dropout); call model.eval() first")
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a batch tensor (B, ...), got {getattr(x, 'shape', type(x).__name__)}")
+    model.check_batch(x)
     model.check_channels(x.shape[1], f"x of shape {tuple(x.shape)}")
     check_logit_count(model, criterion)
     threshold = patience_threshold(threshold, criterion, patience)

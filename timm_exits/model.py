@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ._checks import positive_int
 from .heads import CascadedHead, ExitHeads, check_head, create_head
 from .surgery import ExitPlan, plan_exits
 from .tracing import TraceOptions
@@ -53,6 +54,19 @@ def _bind(graph: fx.Graph, backbone: nn.Module, whole: bool = True) -> fx.GraphM
     if whole:
         gm.backbone = backbone  # replace the partial copy of the hierarchy fx made by the real one
     return gm
+
+
+def _check_same_structure(old: nn.Module, new: nn.Module) -> None:
+    """Refuse a replacement backbone whose modules differ from the one the exits were cut from: its graph would call
+    modules the new one lacks, or skip ones it has (a resnet34's third block, for a resnet18's graph)."""
+    before, after = [n for n, _ in old.named_modules()], [n for n, _ in new.named_modules()]
+    if before != after:
+        k = next((k for k, (a, b) in enumerate(zip(before, after)) if a != b), min(len(before), len(after)))
+        was, now = (names[k] if k < len(names) else "nothing" for names in (before, after))
+        raise ValueError(
+            f"model.backbone was replaced by a {type(new).__name__} whose modules differ from the {type(old).__name__} the exits were "
+            f"cut from (first: {now!r} where it had {was!r}): the steps are that model's graph. Wrap the new backbone instead: "
+            "timm_exits.wrap(new_backbone, stages=...)")
 
 
 class ExitStep(nn.Module):
@@ -100,7 +114,15 @@ class ExitStep(nn.Module):
     def logits(self, out, previous: torch.Tensor | None, return_features: bool = False):
         """The head on the segment's output (and on the previous exit's logits, in a cascade)."""
         extra = {"return_features": True} if return_features else {}
-        return self.head(out, previous, **extra) if self.cascaded else self.head(out, **extra)
+        try:
+            return self.head(out, previous, **extra) if self.cascaded else self.head(out, **extra)
+        except ValueError as err:  # torch's words name neither the head nor the fix
+            if "Expected more than 1 value per channel when training" not in str(err):
+                raise
+            raise ValueError(
+                f"the {type(self.head).__name__} after {self.stage!r} normalises over the batch (BatchNorm) in training, and this "
+                f"batch gives it one value per channel ({err}): train with batches of 2 or more, or a head without BatchNorm "
+                "(head='linear')") from None
 
     def onward(self, carried, logits: torch.Tensor) -> tuple:
         """What the next step reads: the segment's carried values, then these logits when the next head is cascaded."""
@@ -309,6 +331,8 @@ class MultiExitModel(nn.Module):
             return self._build_steps(whole=False)[0 if training else 1]
         built, parts = self._steps, self._parts()
         if len(built[0]) != len(parts) or any(a is not b for a, b in zip(built[0], parts)):  # a head or the backbone was replaced
+            if parts[0] is not built[0][0]:
+                _check_same_structure(built[0][0], parts[0])
             built = self._steps = (parts, *self._build_steps())
         return built[1] if training else built[2]
 
@@ -322,8 +346,16 @@ class MultiExitModel(nn.Module):
 
     def run(self, x: torch.Tensor, return_features: bool = False) -> ExitRun:
         """Run the model exit by exit: an `ExitRun` over the current mode's steps (see `ExitRun`)."""
+        self.check_batch(x)
         checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         return ExitRun(self.steps(), x, return_features, checkpointed, self.num_classes)
+
+    def check_batch(self, x) -> None:
+        """Raise a ValueError when `x` is a tensor without the batch dimension: one image, ``(C, H, W)``, for a ``(B, C, H, W)`` model."""
+        if isinstance(x, torch.Tensor) and x.dim() == len(self.input_size):  # a traced proxy is not a tensor: nothing to check
+            batched = "(B, " + ", ".join(map(str, self.input_size)) + ")"
+            raise ValueError(f"x of shape {tuple(x.shape)} has no batch dimension: the model takes {batched}; "
+                             "for one image, x.unsqueeze(0)")
 
     def check_channels(self, channels: int, what: str) -> None:
         """Raise a ValueError when `what` (an input described to the user) has channels the first layer does not take."""
@@ -399,8 +431,7 @@ class MultiExitModel(nn.Module):
         initialised (fine-tuning on a new label set). Heads of your own need a
         ``reset_classifier(num_classes)`` method (the built-in ones have it).
         """
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-            raise ValueError(f"num_classes must be an int >= 1 (a multi-exit model needs a classifier on every exit), got {num_classes!r}")
+        num_classes = positive_int(num_classes, "num_classes", "a multi-exit model needs a classifier on every exit")
         if global_pool is not None and global_pool != _pool_type(self.backbone):  # timm's signature; a new pool changes the features the exits were cut from
             raise ValueError(f"global_pool={global_pool!r} would change the backbone's final features after wrap: build the backbone with global_pool={global_pool!r}, then wrap it")
         inner = [h.head if isinstance(h, CascadedHead) else h for h in self.exits]  # a cascade resets the head it wraps
@@ -609,6 +640,8 @@ def wrap(
         raise TypeError(f"model is a {type(model).__name__}: wrap the model inside it (model.module), then apply {type(model).__name__} to the wrapped model")
     if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
         raise TypeError("model is compiled (torch.compile): wrap the plain model (model._orig_mod), then compile the wrapped model")
+    if num_classes is not None:
+        num_classes = positive_int(num_classes, "num_classes", "a check of the backbone's number of classes; or leave it out")
     resolve = getattr(stages, "resolve", None)
     if callable(resolve):  # a placement rule such as at_flops(): it picks the stages for this model
         stages = resolve(model, input_size, leaf_modules, autowrap_functions)

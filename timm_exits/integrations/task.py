@@ -126,7 +126,10 @@ class MultiExitTask(_TaskBase):
     @staticmethod
     def _check_teachers(teachers, criterion: MultiExitLoss, model: MultiExitModel) -> nn.ModuleList:
         wants = isinstance(criterion, EnsembleKnowledgeDistillationLoss)
-        teachers = [] if teachers is None else [teachers] if isinstance(teachers, nn.Module) else list(teachers)
+        if isinstance(teachers, nn.ModuleDict):
+            raise TypeError("teachers must be a module, or a list or nn.ModuleList of modules, got an nn.ModuleDict: pass list(teachers.values())")
+        # an nn.ModuleList holds teachers (calling it fails); any other module is one teacher
+        teachers = [] if teachers is None else [teachers] if isinstance(teachers, nn.Module) and not isinstance(teachers, nn.ModuleList) else list(teachers)
         if wants and not teachers:
             raise ValueError("EnsembleKnowledgeDistillationLoss needs teachers: MultiExitTask(model, 'ekd', teachers=[teacher, ...])")
         if teachers and not wants:
