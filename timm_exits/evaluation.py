@@ -105,7 +105,7 @@ class ExitEvaluation:
         if not self.points:
             return "\n".join(lines)
         lines += ["", f"early exit ({self.criterion}) on the same {self.images} images"]
-        header = ["budget " + unit, "thresholds", "accuracy", f"avg {unit}", "share", "FLOPs-predicted"]
+        header = ["budget " + unit, "thresholds", "accuracy", f"avg {unit}", "FLOPs-predicted"]  # its share: 1 / FLOPs-predicted
         timed = self.profile is not None
         if timed:
             header += ["measured", "time-predicted"]
@@ -113,7 +113,7 @@ class ExitEvaluation:
         rows = []
         for p in self.points:
             row = ["-" if p.budget is None else f"{p.budget / scale:.4g}", " ".join(f"{t:.3g}" for t in p.thresholds), f"{p.accuracy:.4f}",
-                   f"{p.flops / scale:.4g}", f"{p.share:.1%}", f"{p.flops_predicted_speedup:.2f}x"]
+                   f"{p.flops / scale:.4g}", f"{p.flops_predicted_speedup:.2f}x"]
             if timed:
                 row += [f"{p.measured_speedup:.2f}x", f"{p.time_predicted_speedup:.2f}x"]
             rows.append(row + [" / ".join(f"{s:.0%}" for s in p.exit_shares)])
@@ -127,8 +127,9 @@ class ExitEvaluation:
         if timed:
             timed = "all" if self.timed_images == self.images else f"the first {self.timed_images} of the"
             lines.append(f"speedup over the plain backbone: measured on {timed} {self.images} images at batch {self.profile.batch_size} "
-                         f"(median of {self.profile.repeats} alternating rounds), time-predicted from each segment's measured time "
-                         f"on the same images, FLOPs-predicted from the average FLOPs on all {self.images}")
+                         f"(median of {self.profile.repeats} alternating rounds, profile_exits),")
+            lines.append(f"time-predicted from each segment's measured time on the same images, "
+                         f"FLOPs-predicted from the average FLOPs on all {self.images}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -141,6 +142,9 @@ class _Batches:
     def __init__(self, loader, keep: int = 0):
         self.loader, self.keep = loader, keep
         self.count, self.sizes, self.kept = 0, Counter(), []
+
+    def __len__(self) -> int:  # the progress bar's total, where the loader has one
+        return len(self.loader)
 
     def __iter__(self):
         for batch in self.loader:
