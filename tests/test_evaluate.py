@@ -140,6 +140,7 @@ def test_a_failing_call_leaves_the_model_as_it_was():
 
 
 EMPTY = DataLoader(TensorDataset(torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long)), batch_size=8)
+BUDGETS = r"a count >= 1 or a list of average FLOPs per image \(between the first exit's cost and the full model's\)"
 RANGE = r"average FLOPs per image between the first exit's cost \([\d,]+\) and the full model's \([\d,]+\) on the calibration data"
 
 
@@ -152,9 +153,10 @@ RANGE = r"average FLOPs per image between the first exit's cost \([\d,]+\) and t
         "loader must be an iterable of (inputs, labels) batches, such as a DataLoader; got a tensor of shape (8, 3, 32, 32) "
         "(for tensors: DataLoader(TensorDataset(x, y), batch_size=64))")),
     ({"loader": [torch.randn(2, 3, 32, 32)]}, ValueError, exactly("loader: each batch of the loader must be (inputs, labels, ...)")),
-    ({"budgets": 0}, ValueError, rf"^budgets must be a count >= 1 or a list of {RANGE}; got 0 \(leave it None to give only thresholds\)$"),
-    ({"budgets": "3"}, ValueError, rf"^budgets must be a count >= 1 or a list of {RANGE}; got '3'$"),
-    ({"budgets": []}, ValueError, rf"^budgets is empty: give a count >= 1 or a list of {RANGE}$"),
+    ({"budgets": 0}, ValueError, rf"^budgets must be {BUDGETS}; got 0 \(leave it None to give only thresholds\)$"),
+    ({"budgets": "3"}, ValueError, rf"^budgets must be {BUDGETS}; got '3'$"),
+    ({"budgets": []}, ValueError, rf"^budgets is empty: give {BUDGETS}$"),
+    ({"budgets": [2e7, True]}, ValueError, rf"^budgets\[1\] must be {BUDGETS}, got True$"),
     ({"budgets": [2e7, 1e9]}, ValueError, rf"^budgets\[1\] must be {RANGE}; got 1000000000.0$"),
     ({"budgets": [0.5]}, ValueError, rf"^budgets\[0\] must be {RANGE}; got 0.5 \(a share of the backbone\? give FLOPs: 0.5 \* [\d,]+\)$"),
     ({"budgets": [float("nan")]}, ValueError, rf"^budgets\[0\] must be {RANGE}; got nan$"),
@@ -180,3 +182,17 @@ def test_bad_input_is_named_at_the_call(model, kwargs, error, message):
 def test_a_model_that_is_not_wrapped_is_named(model, test_loader):
     with pytest.raises(TypeError, match=exactly("model must be a MultiExitModel (timm_exits.wrap(model, stages=[...])), got ResNet")):
         timm_exits.evaluate_exits(model.backbone, test_loader)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"budgets": "3"}, r"^budgets must be a count >= 1"),
+    ({"thresholds": 0.9}, r"^thresholds must be a list of operating points"),
+    ({"speedup": True, "repeats": -1}, r"^repeats must be an int >= 1, got -1$"),
+])
+def test_argument_errors_come_before_the_pass_over_the_data(model, kwargs, message):
+    class Untouchable:
+        def __iter__(self):
+            raise AssertionError("the loader was read before the arguments were checked")
+
+    with pytest.raises(ValueError, match=message):
+        timm_exits.evaluate_exits(model, Untouchable(), progress=False, **kwargs)

@@ -174,31 +174,36 @@ def _collect(model, loader, name: str, device, progress, keep: int = 0) -> tuple
     return cached, batches
 
 
-def _budgets(budgets, thresholds, calibration: CachedExits) -> list[float]:
-    """The FLOPs budgets to calibrate for: `budgets` checked, or that many spread between the first exit's cost and the full model's."""
-    lo, hi = calibration.flops[0], calibration.flops[-1]
-    valid = f"average FLOPs per image between the first exit's cost ({lo:,.0f}) and the full model's ({hi:,.0f}) on the calibration data"
+BUDGETS = "a count >= 1 or a list of average FLOPs per image (between the first exit's cost and the full model's)"
+
+
+def _budget_values(budgets, thresholds) -> int | list[float]:
+    """`budgets` as a count or a list of numbers, checked before the pass over the data (their range needs its costs)."""
     if budgets is None:
-        budgets = DEFAULT_BUDGETS if thresholds is None else 0
-        if budgets == 0:
-            return []
+        return DEFAULT_BUDGETS if thresholds is None else []
     if isinstance(budgets, numbers.Integral) and not isinstance(budgets, bool):
         if budgets < 1:
-            raise ValueError(f"budgets must be a count >= 1 or a list of {valid}; got {budgets!r} (leave it None to give only thresholds)")
-        return [lo + (hi - lo) * (i + 1) / (budgets + 1) for i in range(budgets)]  # inside the range: its ends are exits alone
+            raise ValueError(f"budgets must be {BUDGETS}; got {budgets!r} (leave it None to give only thresholds)")
+        return int(budgets)
     if isinstance(budgets, (str, bytes)) or not hasattr(budgets, "__iter__"):
-        raise ValueError(f"budgets must be a count >= 1 or a list of {valid}; got {budgets!r}")
+        raise ValueError(f"budgets must be {BUDGETS}; got {budgets!r}")
     values = list(budgets.tolist() if hasattr(budgets, "tolist") else budgets)
     if not values:
-        raise ValueError(f"budgets is empty: give a count >= 1 or a list of {valid}")
-    out = []
-    for i, b in enumerate(values):
-        value = real_number(b, f"budgets[{i}]", valid)
+        raise ValueError(f"budgets is empty: give {BUDGETS}")
+    return [real_number(b, f"budgets[{i}]", BUDGETS) for i, b in enumerate(values)]
+
+
+def _budgets(budgets: int | list[float], calibration: CachedExits) -> list[float]:
+    """The FLOPs budgets to calibrate for: that many spread between the first exit's cost and the full model's, or those given, checked."""
+    lo, hi = calibration.flops[0], calibration.flops[-1]
+    if isinstance(budgets, int):
+        return [lo + (hi - lo) * (i + 1) / (budgets + 1) for i in range(budgets)]  # inside the range: its ends are exits alone
+    valid = f"average FLOPs per image between the first exit's cost ({lo:,.0f}) and the full model's ({hi:,.0f}) on the calibration data"
+    for i, value in enumerate(budgets):
         if math.isnan(value) or not lo <= value <= hi:
             hint = f" (a share of the backbone? give FLOPs: {value:g} * {hi:,.0f})" if 0 < value <= 1 else ""
-            raise ValueError(f"budgets[{i}] must be {valid}; got {b!r}{hint}")
-        out.append(value)
-    return out
+            raise ValueError(f"budgets[{i}] must be {valid}; got {value!r}{hint}")
+    return budgets
 
 
 def _check_count(value, name: str) -> int:
@@ -256,13 +261,14 @@ def evaluate_exits(model: MultiExitModel, loader, *, calibrate_on=None, budgets:
     if thresholds is not None and one:
         raise ValueError(f"thresholds must be a list of operating points, each a number, one per early exit or a Calibration; "
                          f"got {thresholds!r} (one operating point: thresholds=[{thresholds!r}])")
+    budgets = _budget_values(budgets, thresholds)
     if calibrate_on is loader:
         calibrate_on = None  # one pass, and the result says the thresholds saw the evaluated data
     with evaluating(model):
         cached, batches = _collect(model, loader, "loader", device, progress, keep=timed_batches if speedup else 0)
         calibration = cached if calibrate_on is None else _collect(model, calibrate_on, "calibrate_on", device, progress)[0]
         name, exits, plain = _exit_rows(model, cached, batches.sizes)
-        points = _points(cached, calibration, _budgets(budgets, thresholds, calibration), thresholds, criterion, plain)
+        points = _points(cached, calibration, _budgets(budgets, calibration), thresholds, criterion, plain)
         profile = None
         if speedup:
             if not points:
