@@ -12,6 +12,7 @@ from .calibration import (
     evaluate_thresholds,
     plot_tradeoff,
 )
+from .evaluation import ExitAccuracy, ExitEvaluation, OperatingPoint, evaluate_exits
 from .placement import FlopsPlacement, at_flops
 from .profile import ExitProfile, HostSyncs, host_syncs, profile_exits
 from .hub import create_model, export_backbone, from_pretrained, save_pretrained
@@ -81,6 +82,10 @@ __all__ = [
     "anytime_accuracy",
     "budgeted_curve",
     "plot_tradeoff",
+    "evaluate_exits",
+    "ExitEvaluation",
+    "ExitAccuracy",
+    "OperatingPoint",
     "plot_exits",
     "calibrate_temperature",
     "TemperatureFit",
