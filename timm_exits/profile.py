@@ -108,7 +108,7 @@ def alternating_times(runs: dict, repeats: int, sync: Callable[[], None] = lambd
 
     Alternating rounds spread the machine's drift over every callable alike (the project's rule
     for ratios measured in one run); `sync` waits for an accelerator before and after each call.
-    `progress` reports the rounds (the warm-up is round 1), between the timed calls.
+    `progress` reports the rounds done (the warm-up counts as the first), between the timed calls.
     """
     times: dict = {name: [] for name in runs}
     rounds = range(repeats + 1)
