@@ -32,10 +32,12 @@ def test_demo_trains_and_reports_every_exit_beside_its_baselines(tmp_path):
     assert (tmp_path / "tradeoff.png").stat().st_size > 1000
 
 
-def test_demo_takes_a_loss_by_name_and_trains_a_teacher_for_ekd():
+def test_demo_takes_a_loss_by_name_and_trains_a_teacher_for_ekd(capfd):
     lines = []
-    result = run_demo(loss="ekd", epochs=1, variants=1, baselines=False, log=lines.append)
+    result = run_demo(loss="ekd", epochs=1, variants=1, baselines=False, log=lines.append, progress=False)
     assert result["loss"] == "ekd" and len(result["accuracy"]) == 4 and "baselines" not in result
+    err = capfd.readouterr().err  # progress=False: neither the teacher's training nor the rest says how far it came
+    assert not [line for line in err.splitlines() if line.startswith(("training ", "collecting exit logits", "timing "))]
     assert any("training the teacher" in line for line in lines)
     assert any(line.startswith("loss: EnsembleKnowledgeDistillationLoss(") for line in lines)
 
@@ -54,16 +56,22 @@ def test_cli_lists_stages(capsys):
     assert "layer3" in out and "(final: feeds the head)" in out
 
 
-def test_long_loops_show_progress_on_standard_error(capsys):
+def test_the_demo_into_a_log_says_how_far_its_long_work_came(capsys):
     import torch
 
     import timm_exits
 
-    run_demo(epochs=1, variants=1, baselines=False, progress=True, log=lambda line: None)
+    run_demo(epochs=1, variants=1, baselines=False, log=lambda line: None)  # standard error is a log here, not a terminal
     err = capsys.readouterr().err
-    assert "eed epoch 1/1" in err and "collecting exit logits" in err and "batch" in err
+    assert "\r" not in err  # plain lines, not a bar redrawn in place
+    lines = err.splitlines()
+    assert any(line.startswith("training eed: epoch 1/1, batch 0/") for line in lines)
+    assert any(line.startswith("training eed: epoch 1/1, batch ") and "(100%)" in line for line in lines)
+    assert any(line.startswith("collecting exit logits, batch ") and "(100%)" in line for line in lines)
+    assert any(line.startswith("timing the plain ResNet, 4 segments and 3 exit heads, and 6 callables beside them") for line in lines)
+    assert any(line.startswith("timing exits, round 6/6 (100%)") for line in lines)
     model = timm_exits.wrap(__import__("timm").create_model("resnet10t", num_classes=10), stages=[1], input_size=(3, 32, 32))
     timm_exits.collect_exit_logits(model, [(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))], progress=False)
-    assert capsys.readouterr().err == ""  # off when asked, and by default where standard error is not a terminal
+    assert capsys.readouterr().err == ""  # off when asked, and by default where standard error is not a terminal and logging is not set up
     timm_exits.collect_exit_logits(model, [(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))])
     assert capsys.readouterr().err == ""

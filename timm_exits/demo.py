@@ -54,9 +54,12 @@ def fit(model, loss_fn, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_siz
 
     With a `teacher` (a module), the loss is called as ``loss_fn(outputs, y, teacher(x))``, the
     teacher in eval mode under ``no_grad``. ``on_epoch(epoch, mean_loss)`` is called after each epoch.
-    `progress`: a name to show a tqdm bar over each epoch's batches under (on standard error).
+    `progress`: a name to report each epoch's batches under, on standard error: a tqdm bar on a
+    terminal, else a line at the start, at most every 10 seconds and at each epoch's end
+    (``training baseline: epoch 3/8, batch 40/84 (47%), 95s``, the seconds since the training began);
+    None: nothing.
     """
-    from tqdm.auto import tqdm
+    from ._progress import Progress
 
     params = list(model.parameters()) + (list(loss_fn.parameters()) if isinstance(loss_fn, torch.nn.Module) else [])
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
@@ -64,6 +67,7 @@ def fit(model, loss_fn, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_siz
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
     if teacher is not None:
         teacher.eval()
+    report = Progress(progress is not None)
     for epoch in range(epochs):
         if hasattr(loss_fn, "set_epoch"):
             loss_fn.set_epoch(epoch)
@@ -71,7 +75,7 @@ def fit(model, loss_fn, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_siz
         order = torch.randperm(len(x))
         total, seen = 0.0, 0
         starts = range(0, len(order), batch_size)
-        for i in tqdm(starts, desc=f"{progress} epoch {epoch + 1}/{epochs}", unit="batch", leave=False, disable=progress is None):
+        for i in report(starts, f"training {progress}: epoch {epoch + 1}/{epochs}"):
             idx = order[i : i + batch_size]
             outputs = model(x[idx])
             if teacher is None:
@@ -125,21 +129,22 @@ def run_demo(
     ``"ekd"`` distils from external teachers: the demo first trains the plain backbone with
     cross entropy for the same epochs and uses it as the one teacher of every exit. With
     `baselines`, the backbone alone (cross entropy) and a narrower member of its family are
-    trained on the same batches. `progress`: tqdm bars over the batches (default: when standard
-    error is a terminal). `seed` fixes the weights and the batch order; the task is
+    trained on the same batches. `progress`: how far the training, the logits' collection and the
+    timing have come, on standard error: a tqdm bar on a terminal, else a line at most every 10
+    seconds (a log of the demo is not silent for minutes); the default, None, shows it both ways,
+    False nothing. `seed` fixes the weights and the batch order; the task is
     always `corrupted_digits(seed=0, variants=variants)`. `plot`: a PNG path for the
     accuracy-vs-FLOPs plot (needs matplotlib).
     """
     import timm
 
-    from .calibration import progress_default
     from .data import corrupted_digits
     from .flops import flops_report
     from .model import wrap
     from .presets import create_loss
 
     start = time.perf_counter()
-    show = progress_default() if progress is None else progress
+    show = True if progress is None else bool(progress)  # the demo is watched, on a terminal or in a log
     bar = lambda name: name if show else None  # noqa: E731
     task = corrupted_digits(seed=0, variants=variants)
     size = tuple(task.train.x.shape[1:])
@@ -210,7 +215,8 @@ def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 
     from each segment's and head's measured time (`timm_exits.profile_exits`: the physical limit
     of skipping the rest; the parts are timed in the same rounds, `repeats` of them: 5 since
     this change, where the measurement took 3 and the profile 10 apart) and predicted from FLOPs. Writes the accuracy-vs-FLOPs plot to `plot`,
-    with `points` (``{label: (flops, accuracy)}``) drawn beside the curve.
+    with `points` (``{label: (flops, accuracy)}``) drawn beside the curve. `progress` is
+    `collect_exit_logits`'s and `profile_exits`'s: their passes and timing rounds, reported as there.
     """
     from .calibration import anytime_accuracy, budgeted_curve, calibrate_thresholds, collect_exit_logits, evaluate_thresholds, plot_tradeoff
     from .flops import flops_report
@@ -230,7 +236,8 @@ def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 
         rows.append({"budget": budget, "thresholds": calibration.thresholds, "accuracy": result.accuracy, "flops": result.flops, "exit_shares": result.exit_shares,
                      "flops_predicted": backbone / result.flops})
         runs[i] = lambda t=calibration.thresholds: [model.early_exit(b, threshold=t) for b, _ in batches(task.test)]
-    profile = profile_exits(model, task.test.x[:batch_size], repeats=repeats, beside=runs)  # the prediction's parts timed in the measured runs' rounds
+    # the prediction's parts timed in the measured runs' rounds
+    profile = profile_exits(model, task.test.x[:batch_size], repeats=repeats, beside=runs, progress=progress)
     times = profile.beside_seconds
     for i, row in enumerate(rows):
         row["time_predicted"] = profile.predicted_speedup(row["exit_shares"])

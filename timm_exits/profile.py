@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ._progress import Progress
 from .model import MultiExitModel
 from .tracing import evaluating
 
@@ -102,14 +103,16 @@ def _timed(fn: Callable, sync: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def alternating_times(runs: dict, repeats: int, sync: Callable[[], None] = lambda: None) -> dict:
+def alternating_times(runs: dict, repeats: int, sync: Callable[[], None] = lambda: None, progress: Progress | None = None) -> dict:
     """Seconds of each callable of `runs` in each of `repeats` rounds, every callable timed once per round, after one warm-up round.
 
     Alternating rounds spread the machine's drift over every callable alike (the project's rule
     for ratios measured in one run); `sync` waits for an accelerator before and after each call.
+    `progress` reports the rounds done (the warm-up counts as the first), between the timed calls.
     """
     times: dict = {name: [] for name in runs}
-    for round_ in range(repeats + 1):
+    rounds = range(repeats + 1)
+    for round_ in rounds if progress is None else progress(rounds, "timing exits", unit="round"):
         for name, fn in runs.items():
             t = _timed(fn, sync)
             if round_:
@@ -123,7 +126,8 @@ def alternating_medians(runs: dict, repeats: int, sync: Callable[[], None] = lam
 
 
 @torch.no_grad()
-def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: int = 10, beside: dict[Any, Callable] | None = None) -> ExitProfile:
+def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: int = 10, beside: dict[Any, Callable] | None = None,
+                  progress: bool | None = None) -> ExitProfile:
     """Time every segment and exit head of `model` on `example_input`, and the plain backbone beside them.
 
     Each round runs the plain backbone once, then every segment and head once on the values the
@@ -136,7 +140,12 @@ def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: i
     moves by several percent between runs); ``rounds()`` gives each round's profile, for ratios
     taken round by round. They run as the parts do: without gradients and with the model in
     eval mode, so they time inference (a training step beside the profile would not be one).
-    Example::
+
+    `progress` reports the rounds, between the timed calls, as `collect_exit_logits` reports its
+    batches: True: a tqdm bar on a terminal, else a line on standard error saying what is timed and
+    how many rounds, then the round reached, at most every 10 seconds and at the end; False:
+    nothing; None (the default): the bar on a terminal, else those lines through the ``timm_exits``
+    logger at INFO. Example::
 
         >>> profile = timm_exits.profile_exits(model, x, beside={"plain": lambda: model.backbone(x), "early exit": lambda: model.early_exit(x, threshold=0.9)})
         >>> result = model.early_exit(x, threshold=0.9)
@@ -170,7 +179,13 @@ def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: i
             if step.head is not None:
                 parts[f"head {k}"] = lambda st=step, o=out, p=previous: st.logits(o, p)
                 carried = step.onward(carried, step.logits(out, previous))
-        times = alternating_times({**parts, **{("beside", name): fn for name, fn in beside.items()}}, repeats, sync)  # keys apart: a "plain" beside is the caller's
+        report = Progress(progress)
+        heads = sum(step.head is not None for step in steps)
+        report.note(f"timing the plain {type(model.backbone).__name__}, {len(steps)} segments and {heads} exit head{'s' * (heads != 1)}"
+                    + (f", and {len(beside)} callable{'s' * (len(beside) != 1)} beside them" if beside else "")
+                    + f", on a batch of {example_input.shape[0]}: {repeats} rounds after one warm-up round")
+        runs = {**parts, **{("beside", name): fn for name, fn in beside.items()}}  # keys apart: a "plain" beside is the caller's
+        times = alternating_times(runs, repeats, sync, progress=report)
     median = {name: statistics.median(v) for name, v in times.items()}
     n = len(steps)
     return ExitProfile(
