@@ -238,7 +238,8 @@ def evaluate_exits(model: MultiExitModel, loader, *, calibrate_on=None, budgets:
             `profile_exits` (``beside=``), in the same alternating rounds, on the first
             `timed_batches` batches of `loader` (kept in memory), `repeats` rounds.
         device: where the inputs go (`collect_exit_logits`'s); the model must already be there.
-        progress: tqdm bars over the batches (default: when standard error is a terminal).
+        progress: progress over the batches and the timing rounds, as `collect_exit_logits` and
+            `profile_exits` take it: a tqdm bar on a terminal, lines in a log (None: through logging).
 
     Returns an `ExitEvaluation`; ``print(evaluation)`` shows it as tables. Example::
 
@@ -274,7 +275,7 @@ def evaluate_exits(model: MultiExitModel, loader, *, calibrate_on=None, budgets:
             if not points:
                 raise ValueError("speedup=True times early exit at the operating points, and there are none "
                                  "(thresholds=[] and no budgets): give budgets or thresholds")
-            profile, points = _timed(model, points, batches.kept, criterion, repeats, device)
+            profile, points = _timed(model, points, batches.kept, criterion, repeats, device, progress)
     return ExitEvaluation(
         model=name,
         criterion=criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "callable"),
@@ -324,7 +325,7 @@ def _points(cached: CachedExits, calibration: CachedExits, budgets: list[float],
     return points
 
 
-def _timed(model, points: list[OperatingPoint], kept: list[torch.Tensor], criterion, repeats: int, device) -> tuple[ExitProfile, list]:
+def _timed(model, points: list[OperatingPoint], kept: list[torch.Tensor], criterion, repeats: int, device, progress=None) -> tuple[ExitProfile, list]:
     """Time the plain backbone and early exit at each point on the kept batches, in `profile_exits`' rounds.
 
     Returns the profile and the points with their measured and time-predicted speedups.
@@ -336,7 +337,7 @@ def _timed(model, points: list[OperatingPoint], kept: list[torch.Tensor], criter
                   for t in decide]
     runs = {"plain": lambda: [model.backbone(x) for x in inputs]}
     runs.update({i: (lambda t=t: [model.early_exit(x, threshold=t, criterion=criterion) for x in inputs]) for i, t in enumerate(decide)})
-    profile = profile_exits(model, inputs[0], repeats=repeats, beside=runs)
+    profile = profile_exits(model, inputs[0], repeats=repeats, beside=runs, progress=progress)
     seconds = profile.beside_seconds
     timed = []
     for i, (point, count) in enumerate(zip(points, counts)):
