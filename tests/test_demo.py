@@ -75,3 +75,17 @@ def test_the_demo_into_a_log_says_how_far_its_long_work_came(capsys):
     assert capsys.readouterr().err == ""  # off when asked, and by default where standard error is not a terminal and logging is not set up
     timm_exits.collect_exit_logits(model, [(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))])
     assert capsys.readouterr().err == ""
+
+
+def test_demo_refuses_a_final_stage_before_building_the_data(monkeypatch, capsys):
+    """`timm-exits demo --stages 4` built the 10,782 digits, then said stage 4 is the final one."""
+    import timm_exits.data
+
+    def built(*args, **kwargs):
+        raise AssertionError("the data was built before the stages were checked")
+
+    monkeypatch.setattr(timm_exits.data, "corrupted_digits", built)
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--stages", "4"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("timm-exits demo: error: ") and "final" in err and "data was built" not in err, err

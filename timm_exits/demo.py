@@ -146,14 +146,14 @@ def run_demo(
     start = time.perf_counter()
     show = True if progress is None else bool(progress)  # the demo is watched, on a terminal or in a log
     bar = lambda name: name if show else None  # noqa: E731
-    task = corrupted_digits(seed=0, variants=variants)
-    size = tuple(task.train.x.shape[1:])
-    log(f"corrupted digits: {len(task.train)} train / {len(task.val)} validation / {len(task.test)} test images "
-        f"(1,797 scans x {variants} variants, corruptions at severity 1-5, split by scan), {'x'.join(map(str, size))}, 10 classes")
+    size = (1, 32, 32)  # the corrupted digits' images: the model is built first, so a bad stage or loss is refused before the data
     make = lambda: timm.create_model(model_name, pretrained=False, num_classes=10, in_chans=size[0])  # noqa: E731
     torch.manual_seed(seed)
     model = wrap(make(), stages=list(stages), head=head, input_size=size)
     loss_fn = create_loss(loss, num_exits=model.num_exits, epochs=epochs)
+    task = corrupted_digits(seed=0, variants=variants, size=size[-1])
+    log(f"corrupted digits: {len(task.train)} train / {len(task.val)} validation / {len(task.test)} test images "
+        f"(1,797 scans x {variants} variants, corruptions at severity 1-5, split by scan), {'x'.join(map(str, size))}, 10 classes")
     log(f"model: {model_name} with exits after {model.stages} ({head} heads) + its own head = {model.num_exits} exits")
     log(f"loss: {loss_fn}")
     x, y = task.train.tensors()
