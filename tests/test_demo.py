@@ -24,11 +24,25 @@ def test_demo_trains_and_reports_every_exit_beside_its_baselines(tmp_path):
     # the early-exit trade-off: five budgets from the first exit's cost to the whole model's, each speedup three ways
     budgets = result["early_exit"]["budgets"]
     assert len(budgets) == 5 and budgets[-1]["exit_shares"][-1] == 1.0 and budgets[0]["exit_shares"][0] == 1.0
-    assert all(b["measured"] > 0 and b["time_predicted"] > 0 and b["flops_predicted"] > 0.99 for b in budgets)
+    assert all(b["measured"] > 0 and b["measured_per_batch"] > 0 and b["time_predicted"] > 0 for b in budgets)
+    assert all(b["flops_predicted"] > 0.99 for b in budgets)
     assert budgets[-1]["flops_predicted"] == pytest.approx(1.0, abs=1e-3)  # nobody leaves early: no gain
     profile = result["early_exit"]["profile"]
     assert [b["time_predicted"] for b in budgets] == [profile.predicted_speedup(b["exit_shares"]) for b in budgets]
-    assert any("measured" in line and "time-predicted" in line and "FLOPs-predicted" in line for line in lines)
+    header = next(line for line in lines if line.lstrip().startswith("budget MFLOPs"))
+    assert [h in header for h in ("streamed", "batch by batch", "time-predicted", "FLOPs-predicted")] == [True] * 4
+    # the takeaway: one line, the numbers of the budget where the share of images leaving early is nearest half
+    takeaway = result["early_exit"]["takeaway"]
+    assert takeaway in lines and takeaway.startswith("takeaway: ")
+    row = min(budgets, key=lambda b: abs(0.5 - (1 - b["exit_shares"][-1])))
+    quoted = [
+        f"{row['budget'] / 1e6:.2f} MFLOPs",
+        f"{1 - row['exit_shares'][-1]:.0%} of images leave early",
+        f"streamed early exit is {row['measured']:.2f}x",
+        f"batch by batch {row['measured_per_batch']:.2f}x",
+        f"time-predicted {row['time_predicted']:.2f}x",
+    ]
+    assert [q in takeaway for q in quoted] == [True] * len(quoted), takeaway
     assert (tmp_path / "tradeoff.png").stat().st_size > 1000
 
 

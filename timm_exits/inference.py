@@ -245,19 +245,29 @@ def _slot_kinds(a, b, na: int, nb: int):
     return "same"
 
 
-def split_rows(passed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def split_rows(passed: torch.Tensor, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows where `passed` holds and those where it does not, each in order, at one host read.
 
     How many leave must be known on the host (it sizes the next segment's batch); that count is the
-    only read. A stable sort puts the passing rows first, so neither list needs a ``nonzero`` of
-    its own (on a GPU, each is a wait for the device).
+    only read, and a caller that has read it already passes it as `count`. A stable sort puts the
+    passing rows first, so neither list needs a ``nonzero`` of its own (on a GPU, each is a wait for
+    the device).
     """
-    n = int(passed.sum())
+    n = int(passed.sum()) if count is None else count
     if n in (0, passed.numel()):
         rows = torch.arange(passed.numel(), device=passed.device)
         return (rows[:0], rows) if n == 0 else (rows, rows[:0])
     order = torch.argsort(passed.logical_not().to(torch.uint8), stable=True)
     return order[:n], order[n:]
+
+
+def passes_nobody(threshold: float, criterion) -> bool:
+    """Whether no confidence of the built-in `criterion` can reach `threshold` (on the confidence scale): ``inf``.
+
+    Their confidences are finite (or NaN, which passes nothing), so that exit's decision is known
+    without reading its logits. A callable's score may be ``inf``; patience keeps counting streaks.
+    """
+    return threshold == math.inf and isinstance(criterion, str) and criterion != "patience"
 
 
 def _take(value, kind, rows: torch.Tensor):
@@ -402,9 +412,10 @@ def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion=
 def _early_exit(model: MultiExitModel, x, thresholds, criterion, ensemble, spent, temperatures=None) -> EarlyExitResult:
     batch, last = x.shape[0], model.num_exits - 1
     kinds = _batch_kinds(model, x) if batch > 1 else None
-    rows = torch.arange(batch, device=x.device)  # original positions of the samples still running
-    exit_index = torch.full((batch,), last, dtype=torch.long, device=x.device)
-    logits = total = previous = streak = None
+    # Until a sample leaves, nothing is indexed: the positions of the samples still running (rows), the
+    # logits and exits chosen so far are made at the first exit where one leaves; when none does, the
+    # last exit's logits are the result as they come.
+    rows = logits = exit_index = dtype = total = previous = streak = None
     geometric = not isinstance(ensemble, bool)
     history: list[torch.Tensor] = []  # for a geometric ensemble: the exits so far, rows of the samples still running
     run = model.run(x)
@@ -418,20 +429,29 @@ def _early_exit(model: MultiExitModel, x, thresholds, criterion, ensemble, spent
         elif ensemble:
             total = z.float() if total is None else total + z.float()
             z = (total / (k + 1)).to(z.dtype)
-        if logits is None:
-            logits = z.new_empty(batch, z.shape[1])
+        dtype = z.dtype if dtype is None else dtype  # the result's dtype: the first exit's, as when every exit is computed and selected
         if k == last:
-            logits[rows] = z
+            if rows is None:
+                logits = z.to(dtype)
+            else:
+                logits[rows] = z
             break
         if criterion == "patience":
             streak = _streak(previous, streak, z.argmax(-1))
             previous = z.argmax(-1)
             passed = streak >= thresholds[k]
+        elif passes_nobody(thresholds[k], criterion):
+            continue  # everyone stays: no confidence to compute, nothing to read on the host
         else:
             passed = exit_confidence(z, criterion) >= thresholds[k]
-        leaving, staying = split_rows(passed)
-        if leaving.numel() == 0:
+        count = int(passed.sum())  # the one host read at this exit: how many leave
+        if count == 0:
             continue
+        leaving, staying = split_rows(passed, count)
+        if rows is None:
+            rows = torch.arange(batch, device=x.device)
+            logits = z.new_empty(batch, z.shape[1], dtype=dtype)
+            exit_index = torch.full((batch,), last, dtype=torch.long, device=x.device)
         logits[rows[leaving]] = z[leaving]
         exit_index[rows[leaving]] = k
         if staying.numel() == 0:
@@ -444,6 +464,8 @@ def _early_exit(model: MultiExitModel, x, thresholds, criterion, ensemble, spent
             history = [h[staying] for h in history]
         if streak is not None:
             streak, previous = streak[staying], previous[staying]
+    if exit_index is None:
+        exit_index = torch.full((batch,), last, dtype=torch.long, device=x.device)
     return EarlyExitResult(logits, exit_index, spent[exit_index])
 
 

@@ -25,6 +25,7 @@ from .inference import (
     confidence_thresholds,
     exit_confidence,
     exit_costs_on,
+    passes_nobody,
     split_rows,
 )
 from .model import MultiExitModel, _main_output
@@ -126,12 +127,18 @@ def early_exit_stream(model: MultiExitModel, batches: Iterable[torch.Tensor], th
         after = step.onward(after, z)
         if temperatures is not None:
             z = z / temperatures[k]
+        if passes_nobody(thresholds[k], criterion):
+            queues[k + 1].push(ids, after)  # everyone stays: no confidence to compute, nothing to read on the host
+            return
         passed = exit_confidence(z, criterion) >= thresholds[k]
-        leaving, staying = split_rows(passed)
-        if leaving.numel():
-            done.append((ids[leaving], z[leaving], k))
+        count = int(passed.sum())  # the one host read at this exit: how many leave
+        if count == 0:
+            queues[k + 1].push(ids, after)
+            return
+        leaving, staying = split_rows(passed, count)
+        done.append((ids[leaving], z[leaving], k))
         if staying.numel():
-            queues[k + 1].push(ids[staying], after if staying.numel() == len(ids) else _take(after, queues[k + 1].kind, staying))
+            queues[k + 1].push(ids[staying], _take(after, queues[k + 1].kind, staying))
 
     for x in batches:
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
