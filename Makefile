@@ -10,7 +10,7 @@ LOWEST := .venv-lowest
 .PHONY: demo test test-lowest test-slow benchmarks coverage mutation planted-bugs clean
 
 $(VENV)/.demo-installed: pyproject.toml
-	@echo "make: creating $(VENV) and installing timm-exits with the demo's extra (torch, torchvision, timm, fvcore, scikit-learn, matplotlib)."
+	@echo "make: creating $(VENV); installing timm-exits and the demo's extra (torch, torchvision, timm, fvcore, scikit-learn, matplotlib)."
 	@echo "make: on Linux, PyPI's torch wheel also brings NVIDIA's CUDA libraries (about 3 GB of the 4 GB): README.md says how to avoid them."
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

@@ -132,7 +132,8 @@ path = os.path.join(output, "model_best.pth.tar")
 saver_task = {"task": task} if "task" in inspect.signature(CheckpointSaver).parameters else {}
 saver = CheckpointSaver(task.model, optimizer, args=args, checkpoint_dir=output, recovery_dir=output, **saver_task)
 saver.save_checkpoint(epochs - 1, metric=eval_metrics["top1"])
-resumed = timm_exits.MultiExitTask(timm_exits.wrap(timm.create_model(args.model, num_classes=10), stages=[1, 2, 3], input_size=(3, 32, 32)), "eed", verbose=False)
+fresh = timm_exits.wrap(timm.create_model(args.model, num_classes=10), stages=[1, 2, 3], input_size=(3, 32, 32))
+resumed = timm_exits.MultiExitTask(fresh, "eed", verbose=False)
 with torch.serialization.safe_globals([argparse.Namespace]):  # the saver pickles args; weights-only loading allows only what is listed
     checkpoint = torch.load(path, weights_only=True)
 resumed.load_checkpoint_state(checkpoint["state_dict"], checkpoint.get("task_state"))

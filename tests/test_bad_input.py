@@ -175,8 +175,8 @@ def test_one_image_without_its_batch_dimension_is_named_as_such():
 @pytest.mark.parametrize("value", ["10", 10.0, 0, True])
 def test_num_classes_that_is_not_a_count_is_named_before_anything_is_traced(value):
     backbone = timm.create_model("resnet18", num_classes=10)
-    with pytest.raises(ValueError, match=rf"^num_classes must be an int >= 1 \(a check of the backbone's number of classes; or leave it out\), "
-                                         rf"got {value!r}$"):
+    with pytest.raises(ValueError, match=r"^num_classes must be an int >= 1 \(a check of the backbone's number of classes; "
+                                         rf"or leave it out\), got {value!r}$"):
         timm_exits.wrap(backbone, stages=[1], num_classes=value)
 
 
@@ -195,7 +195,7 @@ def test_a_backbone_replaced_after_wrap_by_another_architecture_is_refused_namin
     model = timm_exits.wrap(timm.create_model("resnet18", num_classes=10), stages=[1, 2], input_size=(3, 32, 32)).eval()
     before, weights = [z.clone() for z in model(x)], model.backbone.state_dict()
     for other, now, was in [(timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32), "patch_embed", "conv1"),
-                            (timm.create_model("resnet34", num_classes=10), "layer1.2", "layer2")]:  # a deeper ResNet: its graph would skip blocks
+                            (timm.create_model("resnet34", num_classes=10), "layer1.2", "layer2")]:  # deeper: the graph would skip blocks
         model.backbone = other
         with pytest.raises(ValueError, match=rf"^model.backbone was replaced by a {type(other).__name__} whose modules differ from the "
                                              rf"ResNet the exits were cut from \(first: '{now}' where it had '{was}'\)"):
@@ -208,7 +208,8 @@ def test_a_backbone_replaced_after_wrap_by_another_architecture_is_refused_namin
 
 def test_a_batchnorm_head_trained_on_a_batch_of_one_names_the_head_and_the_fix():
     model = digits_model(head="conv").train()
-    with pytest.raises(ValueError, match=r"^the ConvHead after 'layer2' normalises over the batch \(BatchNorm\) in training, and this batch "
+    with pytest.raises(ValueError, match=r"^the ConvHead after 'layer2' normalises over the batch \(BatchNorm\) in training, "
+                                         r"and this batch "
                                          r"gives it one value per channel .*: train with batches of 2 or more"):
         model(torch.randn(1, 1, 32, 32))
 

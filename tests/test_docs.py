@@ -73,9 +73,11 @@ def names_from_earlier_blocks(blocks: list[str]) -> dict[int, set[str]]:
         for node in ast.walk(tree):
             if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
                 names.add(node.id)
-            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            elif isinstance(node, ast.ClassDef):
                 names.add(node.name)
-                names.update(a.arg for a in ast.walk(node.args) if isinstance(a, ast.arg)) if not isinstance(node, ast.ClassDef) else None
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                names.add(node.name)
+                names.update(a.arg for a in ast.walk(node.args) if isinstance(a, ast.arg))
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 names.update((a.asname or a.name).split(".")[0] for a in node.names)
             elif isinstance(node, ast.ExceptHandler) and node.name:
@@ -102,9 +104,11 @@ def test_a_page_whose_blocks_build_on_each_other_says_so_before_its_first(page):
     text = (ROOT / page).read_text()
     if needs:
         first = text.index("```python")
-        assert ORDER_NOTE in text[:first], f"{page}: blocks {sorted(needs)} use names of earlier blocks ({sorted(set().union(*needs.values()))[:6]}); say so before the first block: {ORDER_NOTE!r}"
+        names = sorted(set().union(*needs.values()))[:6]
+        assert ORDER_NOTE in text[:first], f"{page}: blocks {sorted(needs)} use names of earlier blocks ({names}): {ORDER_NOTE!r}"
 
 
 def test_names_from_earlier_blocks_are_found():
-    blocks = ["import torch\nx = torch.ones(1)\ndef f(a):\n    return a\n", "y = f(x) + torch.zeros(1)\nprint(len([y]))\n", "z = 1\nprint(z)\n"]
+    blocks = ["import torch\nx = torch.ones(1)\ndef f(a):\n    return a\n", "y = f(x) + torch.zeros(1)\nprint(len([y]))\n",
+              "z = 1\nprint(z)\n"]
     assert names_from_earlier_blocks(blocks) == {1: {"f", "x", "torch"}}

@@ -196,3 +196,27 @@ def test_argument_errors_come_before_the_pass_over_the_data(model, kwargs, messa
 
     with pytest.raises(ValueError, match=message):
         timm_exits.evaluate_exits(model, Untouchable(), progress=False, **kwargs)
+
+
+def test_a_streaming_loader_without_a_length_is_evaluated(model, test_loader):
+    """A DataLoader over an IterableDataset has __len__ but no length (webdataset, streamed datasets)."""
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for x, y in test_loader:
+                yield from zip(x, y)
+
+    streamed = timm_exits.evaluate_exits(model, DataLoader(Stream(), batch_size=8), budgets=1, progress=False)
+    listed = timm_exits.evaluate_exits(model, test_loader, budgets=1, progress=False)
+    assert streamed.images == 24 and [e.accuracy for e in streamed.exits] == [e.accuracy for e in listed.exits]
+
+
+def test_an_error_raised_while_reading_the_first_batch_is_the_one_reported(model):
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            raise ValueError("decoding image 0 failed")
+
+    with pytest.raises(ValueError, match=r"^loader: decoding image 0 failed"):
+        timm_exits.evaluate_exits(model, DataLoader(Broken(), batch_size=2), progress=False)

@@ -199,12 +199,15 @@ def test_early_exit_reads_the_device_once_per_exit_it_decides_at():
     with timm_exits.host_syncs() as forward:
         model(x)
     assert forward.total == 0
-    for threshold, decided in [(median, 3), ([0.0, 0.0, 0.0], 1), ([2.0, 2.0, 2.0], 3)]:
+    inf = float("inf")  # keeps everyone: that exit's decision is known without reading its logits
+    for threshold, decided in [(median, 3), ([0.0, 0.0, 0.0], 1), ([2.0, 2.0, 2.0], 3), ([inf] * 3, 0), ([inf, 2.0, inf], 1)]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # 2.0 is above any probability: it warns, and keeps everyone
             with timm_exits.host_syncs() as syncs:
                 result = timm_exits.early_exit(model, x, threshold=threshold)
-            reference = timm_exits.early_exit_stream(model, [x], threshold=threshold)
-        assert dict(syncs.counts) == {"_local_scalar_dense": decided}, threshold
+            with timm_exits.host_syncs() as streamed:
+                reference = timm_exits.early_exit_stream(model, [x], threshold=threshold)
+        assert dict(syncs.counts) == ({"_local_scalar_dense": decided} if decided else {}), threshold
+        assert streamed.counts.get("_local_scalar_dense", 0) == decided, (threshold, dict(streamed.counts))
         assert torch.equal(result.exit_index, reference.exit_index) and torch.equal(result.logits, reference.logits)
     assert len(set(timm_exits.early_exit(model, x, threshold=median).exit_index.tolist())) == 4  # the median case splits at every exit

@@ -135,7 +135,8 @@ def test_profile_exits_into_a_log_says_what_it_times_and_the_round(model, capsys
     x = torch.randn(2, 3, 32, 32)
     timm_exits.profile_exits(model, x, repeats=2, beside={"early exit": lambda: model.early_exit(x, threshold=0.5)}, progress=True)
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0] == "timing the plain ResNet, 2 segments and 1 exit head, and 1 callable beside them, on a batch of 2: 2 rounds after one warm-up round"
+    assert lines[0] == ("timing the plain ResNet, 2 segments and 1 exit head, and 1 callable beside them, on a batch of 2: "
+                        "2 rounds after one warm-up round")
     assert lines[1].startswith("timing exits, round 0/3 (0%)") and lines[-1].startswith("timing exits, round 3/3 (100%)")
     timm_exits.profile_exits(model, x, repeats=2, progress=False)
     assert capsys.readouterr().err == ""

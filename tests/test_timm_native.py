@@ -104,12 +104,33 @@ def test_a_one_channel_model_trained_from_scratch_saves_a_pretrained_cfg_of_its_
     again = timm_exits.from_pretrained(folder)  # the rebuilt backbone carries the saved description, for timm's data pipeline
     data = resolve_data_config(model=again.backbone)
     assert data["input_size"] == (1, 32, 32) and tuple(data["mean"]) == (0.5,) and tuple(data["std"]) == (0.25,), data
-    for bad, message in [({"mean": (0.5, 0.5, 0.5)}, r"data_config\['mean'\] must hold one number per input channel \(1\), got \(0.5, 0.5, 0.5\)"),
+    for bad, message in [({"mean": (0.5, 0.5, 0.5)}, r"data_config\['mean'\] must hold one number per input channel \(1\), got \(0.5, 0.5"),
                          ({"std": (0,)}, r"data_config\['std'\] must be positive"),
                          ({"norm": 1}, r"data_config must be a dict of timm's data keys \[.*\], got \['norm'\]")]:
         with pytest.raises(ValueError, match=message):
             model.save_pretrained(tmp_path / "bad", data_config=bad)
     assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def test_data_config_is_saved_for_a_backbone_without_a_pretrained_cfg(tmp_path):
+    """A torchvision backbone has no pretrained_cfg: the normalisation the user gives is written anyway, numpy numbers too."""
+    import json
+
+    import numpy as np
+    import torchvision
+
+    model = timm_exits.wrap(torchvision.models.resnet18(num_classes=10), stages=[1], input_size=(3, 32, 32))
+    folder = model.save_pretrained(tmp_path / "tv", model_name="torchvision:resnet18",
+                                   data_config={"mean": np.array([0.5, 0.4, 0.3]), "std": (0.2, 0.2, np.float32(0.25)), "crop_pct": 0.9})
+    cfg = json.loads((folder / "config.json").read_text())["pretrained_cfg"]
+    assert cfg == {"num_classes": 10, "input_size": [3, 32, 32], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.25], "crop_pct": 0.9}
+    assert json.loads((model.save_pretrained(tmp_path / "none", model_name="torchvision:resnet18") / "config.json").read_text()).get(
+        "pretrained_cfg") is None  # nothing to describe: nothing written
+    for bad, message in [({"crop_pct": 2}, r"data_config\['crop_pct'\] must be a number in \(0, 1\], got 2"),
+                         ({"interpolation": 3}, r"data_config\['interpolation'\] must be a name as timm writes it")]:
+        with pytest.raises(ValueError, match=message):
+            model.save_pretrained(tmp_path / "bad", model_name="torchvision:resnet18", data_config=bad)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_forward_features_and_forward_head_are_the_backbones():
@@ -283,7 +304,7 @@ def test_export_backbone_writes_what_timm_loads(tmp_path, capsys):
         ([str(tmp_path / "broken.pth"), str(tmp_path / "out.pth")], f"checkpoint '{tmp_path / 'broken.pth'}' could not be read as a checkpoint: "),
         ([str(tmp_path / "plain.pth"), str(tmp_path / "out.pth")], f"'{tmp_path / 'plain.pth'}' has no 'backbone.*' keys"),
         ([str(tmp_path / "foreign.pth"), str(tmp_path / "out.pth")],
-         f"checkpoint '{tmp_path / 'foreign.pth'}' holds a pickled fractions.Fraction, which loading with weights_only=True does not build"),
+         f"checkpoint '{tmp_path / 'foreign.pth'}' holds a pickled fractions.Fraction, which loading with weights_only=True does not"),
         ([str(best), str(tmp_path)], f"out '{tmp_path}' is a folder"),
     ]:
         with pytest.raises(SystemExit) as exit_:

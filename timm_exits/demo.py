@@ -265,8 +265,9 @@ def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 
     time_shares = [t / sum(profile.segment_seconds) for t in profile.segment_seconds]
     flops_shares = [(b - a) / backbone for a, b in zip([0] + reached, reached)]
     log("where the time goes, segment by segment: share of the backbone's time " + " / ".join(f"{v:.0%}" for v in time_shares) + ", of its FLOPs " + " / ".join(f"{v:.0%}" for v in flops_shares))
-    takeaway = _takeaway(rows)
-    log(takeaway)
+    takeaway = _takeaway(rows) if rows else ""
+    if takeaway:
+        log(takeaway)
     out = {"budgets": rows, "profile": profile, "takeaway": takeaway}
     if plot:
         try:

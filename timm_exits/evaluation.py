@@ -128,7 +128,7 @@ class ExitEvaluation:
             timed = "all" if self.timed_images == self.images else f"the first {self.timed_images} of the"
             lines.append(f"speedup over the plain backbone: measured on {timed} {self.images} images at batch {self.profile.batch_size} "
                          f"(median of {self.profile.repeats} alternating rounds, profile_exits),")
-            lines.append(f"time-predicted from each segment's measured time on the same images, "
+            lines.append(f"time-predicted from each segment's measured time on the first batch, "
                          f"FLOPs-predicted from the average FLOPs on all {self.images}")
         return "\n".join(lines)
 
@@ -141,9 +141,9 @@ class _Batches:
 
     def __init__(self, loader, keep: int = 0):
         self.loader, self.keep = loader, keep
-        self.count, self.sizes, self.kept = 0, Counter(), []
+        self.count, self.sizes, self.kept, self.ended = 0, Counter(), [], False
 
-    def __len__(self) -> int:  # the progress bar's total, where the loader has one
+    def __len__(self) -> int:  # the progress bar's total, where the loader has one (a TypeError where not, as len's)
         return len(self.loader)
 
     def __iter__(self):
@@ -154,6 +154,7 @@ class _Batches:
                 if len(self.kept) < self.keep:
                     self.kept.append(batch[0])
             yield batch
+        self.ended = True  # the loader itself ran out (an error raised before then is not "no batches")
 
 
 def _collect(model, loader, name: str, device, progress, keep: int = 0) -> tuple[CachedExits, _Batches]:
@@ -162,13 +163,17 @@ def _collect(model, loader, name: str, device, progress, keep: int = 0) -> tuple
         got = f"a tensor of shape {tuple(loader.shape)}" if isinstance(loader, torch.Tensor) else type(loader).__name__
         raise TypeError(f"{name} must be an iterable of (inputs, labels) batches, such as a DataLoader; got {got} "
                         "(for tensors: DataLoader(TensorDataset(x, y), batch_size=64))")
-    if hasattr(loader, "__len__") and len(loader) == 0:
+    try:
+        empty = len(loader) == 0
+    except TypeError:  # a DataLoader over an IterableDataset has __len__ but no length
+        empty = False
+    if empty:
         raise ValueError(f"{name} is empty (len({name}) == 0): give a loader with at least one (inputs, labels) batch")
     batches = _Batches(loader, keep)
     try:
         cached = collect_exit_logits(model, batches, device=device, progress=progress)
     except ValueError as err:
-        if batches.count == 0:
+        if batches.count == 0 and batches.ended:
             raise ValueError(f"{name} gave no batches: give a loader with at least one (inputs, labels) batch") from None
         raise ValueError(f"{name}: {err}") from err
     return cached, batches
@@ -325,7 +330,8 @@ def _points(cached: CachedExits, calibration: CachedExits, budgets: list[float],
     return points
 
 
-def _timed(model, points: list[OperatingPoint], kept: list[torch.Tensor], criterion, repeats: int, device, progress=None) -> tuple[ExitProfile, list]:
+def _timed(model, points: list[OperatingPoint], kept: list[torch.Tensor], criterion, repeats: int, device,
+           progress=None) -> tuple[ExitProfile, list]:
     """Time the plain backbone and early exit at each point on the kept batches, in `profile_exits`' rounds.
 
     Returns the profile and the points with their measured and time-predicted speedups.

@@ -201,9 +201,12 @@ class FlopsReport:
     def _table(self) -> tuple[list[str], list[list[str]], str]:
         scale, unit = _unit(self.backbone_flops)
         header = ["exit", "attached after", "head", f"backbone {unit}", f"head {unit}", f"total {unit}", "share", "params (M)"]
+        last = len(self.exits) - 1
         # the last exit is the backbone's own head, counted in the backbone: "-", not a 0 beside 0.0008284
+        head_cell = lambda e: "-" if e.index == last else f"{e.head_flops / scale:.4g}"  # noqa: E731
         rows = [
-            [str(e.index + 1), e.stage, e.head, f"{e.backbone_flops / scale:.4g}", f"{e.head_flops / scale:.4g}" if e.head_flops else "-", f"{e.flops / scale:.4g}", f"{e.share:.1%}", f"{e.params / 1e6:.3g}"]
+            [str(e.index + 1), e.stage, e.head, f"{e.backbone_flops / scale:.4g}", head_cell(e), f"{e.flops / scale:.4g}",
+             f"{e.share:.1%}", f"{e.params / 1e6:.3g}"]
             for e in self.exits
         ]
         title = f"{self.model}, input {'x'.join(map(str, self.input_size))}: {unit} per exit ({self.convention})"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import numbers
 import os
 import pickle
 import re
@@ -253,8 +254,8 @@ def save_pretrained(model: MultiExitModel, save_directory: str | os.PathLike, mo
     config["num_classes"] = model.num_classes
     data = _check_data_config(data_config, model.input_size[0])
     cfg = getattr(model.backbone, "pretrained_cfg", None)
-    if cfg:
-        config["pretrained_cfg"] = _current_cfg(cfg, model.num_classes, list(model.input_size), data)
+    if cfg or data:  # a backbone without one (torchvision's) gets one when the user says how its inputs were prepared
+        config["pretrained_cfg"] = _current_cfg(cfg or {}, model.num_classes, list(model.input_size), data)
     exits = {**wrap_args, "eval_output": model.eval_output, "version": __version__}
     exits["head"] = [_importable(h, f"the head of exit {k + 1}") for k, h in enumerate(wrap_args["head"])]
     exits["leaf_modules"] = [_importable(m, "leaf module") for m in wrap_args["leaf_modules"]]
@@ -275,19 +276,37 @@ _DATA_KEYS = {"mean", "std", "interpolation", "crop_pct", "crop_mode"}
 
 
 def _check_data_config(data_config: dict | None, channels: int) -> dict:
+    """`data_config` checked before anything is written: timm's keys, a number per channel for mean and std, JSON values."""
     if data_config is None:
         return {}
     if not isinstance(data_config, dict) or not set(data_config) <= _DATA_KEYS:
         unknown = sorted(set(data_config) - _DATA_KEYS) if isinstance(data_config, dict) else data_config
         raise ValueError(f"data_config must be a dict of timm's data keys {sorted(_DATA_KEYS)}, got {unknown!r}")
+    data = dict(data_config)
     for key in ("mean", "std"):
-        value = data_config.get(key)
-        if value is not None and (not isinstance(value, (tuple, list)) or len(value) != channels
-                                  or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        value = data.get(key)
+        if value is None:
+            continue
+        numbers_ = list(value) if isinstance(value, (tuple, list)) or getattr(value, "ndim", 0) == 1 else None
+        if numbers_ is None or len(numbers_) != channels or not all(_is_real(v) for v in numbers_):
             raise ValueError(f"data_config[{key!r}] must hold one number per input channel ({channels}), got {value!r}")
-    if any(v <= 0 for v in data_config.get("std") or ()):
+        data[key] = [float(v) for v in numbers_]
+    if any(v <= 0 for v in data.get("std") or ()):
         raise ValueError(f"data_config['std'] must be positive, got {data_config['std']!r}")
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
+    for key in ("interpolation", "crop_mode"):
+        if key in data and not isinstance(data[key], str):
+            raise ValueError(f"data_config[{key!r}] must be a name as timm writes it (e.g. 'bicubic', 'center'), got {data[key]!r}")
+    if "crop_pct" in data:
+        if not _is_real(data["crop_pct"]) or not 0 < float(data["crop_pct"]) <= 1:
+            raise ValueError(f"data_config['crop_pct'] must be a number in (0, 1], got {data['crop_pct']!r}")
+        data["crop_pct"] = float(data["crop_pct"])
+    return data
+
+
+def _is_real(value) -> bool:
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a numpy or 0-d tensor number
+        value = value.item()
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _current_cfg(cfg: dict, num_classes: int, input_size: list[int], data: dict) -> dict:

@@ -373,7 +373,8 @@ def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion=
         x: the input batch.
         threshold: one number for every early exit, one per early exit (``num_exits - 1``), or a
             `Calibration`. A sample leaves at exit k when its confidence is ``>= threshold[k]``
-            (for ``"entropy"``: when its entropy is ``<= threshold[k]``); ``inf`` keeps everyone.
+            (for ``"entropy"``: when its entropy is ``<= threshold[k]``); ``inf`` keeps everyone
+            (``-inf`` for entropy).
         criterion: ``"max_prob"``, ``"entropy"``, ``"margin"``, ``"patience"`` or a callable
             ``(logits) -> (B,)`` confidence (higher = more confident). ``"patience"`` (PBEE, Zhou et
             al. 2020): a sample leaves once its predicted class has stayed the same for `patience`
@@ -431,8 +432,8 @@ def _early_exit(model: MultiExitModel, x, thresholds, criterion, ensemble, spent
             z = (total / (k + 1)).to(z.dtype)
         dtype = z.dtype if dtype is None else dtype  # the result's dtype: the first exit's, as when every exit is computed and selected
         if k == last:
-            if rows is None:
-                logits = z.to(dtype)
+            if rows is None:  # a copy, as the indexed result always was: a compiled step's output buffer is reused by its next call
+                logits = z.to(dtype, copy=True)
             else:
                 logits[rows] = z
             break

@@ -504,7 +504,8 @@ class MultiExitModel(nn.Module):
         """
         return self.backbone
 
-    def save_pretrained(self, save_directory, model_name: str | None = None, model_args: dict | None = None, data_config: dict | None = None):
+    def save_pretrained(self, save_directory, model_name: str | None = None, model_args: dict | None = None,
+                        data_config: dict | None = None):
         """Write ``config.json`` and ``model.safetensors`` to `save_directory`; see `timm_exits.save_pretrained`."""
         from .hub import save_pretrained  # lazy: hub builds models through this module
 

@@ -127,9 +127,11 @@ class MultiExitTask(_TaskBase):
     def _check_teachers(teachers, criterion: MultiExitLoss, model: MultiExitModel) -> nn.ModuleList:
         wants = isinstance(criterion, EnsembleKnowledgeDistillationLoss)
         if isinstance(teachers, nn.ModuleDict):
-            raise TypeError("teachers must be a module, or a list or nn.ModuleList of modules, got an nn.ModuleDict: pass list(teachers.values())")
+            raise TypeError("teachers must be a module, or a list or nn.ModuleList of modules, got an nn.ModuleDict: "
+                            "pass list(teachers.values())")
         # an nn.ModuleList holds teachers (calling it fails); any other module is one teacher
-        teachers = [] if teachers is None else [teachers] if isinstance(teachers, nn.Module) and not isinstance(teachers, nn.ModuleList) else list(teachers)
+        one = isinstance(teachers, nn.Module) and not isinstance(teachers, nn.ModuleList)
+        teachers = [] if teachers is None else [teachers] if one else list(teachers)
         if wants and not teachers:
             raise ValueError("EnsembleKnowledgeDistillationLoss needs teachers: MultiExitTask(model, 'ekd', teachers=[teacher, ...])")
         if teachers and not wants:
