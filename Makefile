@@ -11,7 +11,7 @@ LOWEST := .venv-lowest
 
 $(VENV)/.demo-installed: pyproject.toml
 	@echo "make: creating $(VENV); installing timm-exits and the demo's extra (torch, torchvision, timm, fvcore, scikit-learn, matplotlib)."
-	@echo "make: on Linux, PyPI's torch wheel also brings NVIDIA's CUDA libraries (about 3 GB of the 4 GB): README.md says how to avoid them."
+	@echo "make: on Linux, PyPI's torch wheel also brings NVIDIA's CUDA libraries (3.2 GB of 5.8): README.md says how to avoid them."
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install -e '.[demo]'
