@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["figure_path", "needs_newer", "positive_int", "real_number", "release"]
+__all__ = ["figure_path", "is_real_number", "needs_newer", "positive_int", "real_number", "release"]
 
 
 def release(package: str) -> tuple[int, ...]:
@@ -32,23 +32,33 @@ def needs_newer(feature: str, package: str, minimum: str, why: str, instead: str
     return message + (f": {instead}" if instead else "")
 
 
+def _scalar(value):
+    """A 0-d tensor or numpy array as its Python number (a bool or complex one is then refused by the caller); else `value`."""
+    return value.item() if getattr(value, "ndim", None) == 0 and hasattr(value, "item") else value
+
+
+def is_real_number(value) -> bool:
+    """Whether `value` is one real number: a Python, numpy or 0-d tensor scalar, not a bool."""
+    value = _scalar(value)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def real_number(value, name: str, valid: str) -> float:
-    """`value` as a float when it is one real number: a Python, numpy or 0-d tensor scalar (not a bool).
+    """`value` as a float when it is one real number (`is_real_number`).
 
     Anything else raises a ValueError naming `name`, the value and what is `valid`.
     """
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a 0-d tensor or numpy array: its Python number
-        value = value.item()  # (a bool or complex one is then refused below)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be {valid}, got {value!r}")
-    return float(value)
+    if not is_real_number(value):
+        raise ValueError(f"{name} must be {valid}, got {_scalar(value)!r}")
+    return float(_scalar(value))
 
 
-def positive_int(value, name: str, what: str):
-    """`value` when it is an int >= 1 (not a bool; a numpy integer is taken as its int), else a ValueError naming `name` as `what`."""
+def positive_int(value, name: str, what: str = "") -> int:
+    """`value` when it is an int >= 1 (not a bool; a numpy integer is taken as its int), else a ValueError naming `name`
+    (and `what` it is, when given)."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
         return int(value)
-    raise ValueError(f"{name} must be an int >= 1 ({what}), got {value!r}")
+    raise ValueError(f"{name} must be an int >= 1{f' ({what})' if what else ''}, got {value!r}")
 
 
 def figure_path(path, example: str):

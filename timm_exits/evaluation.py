@@ -16,8 +16,8 @@ from typing import Sequence
 
 import torch
 
-from ._checks import real_number
-from .calibration import CachedExits, calibrate_thresholds, collect_exit_logits, evaluate_thresholds
+from ._checks import positive_int, real_number
+from .calibration import CachedExits, anytime_accuracy, calibrate_thresholds, collect_exit_logits, evaluate_thresholds
 from .flops import flops_report
 from .inference import Calibration, check_criterion
 from .model import MultiExitModel
@@ -211,12 +211,6 @@ def _budgets(budgets: int | list[float], calibration: CachedExits) -> list[float
     return budgets
 
 
-def _check_count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return int(value)
-
-
 def evaluate_exits(model: MultiExitModel, loader, *, calibrate_on=None, budgets: int | Sequence[float] | None = None,
                    thresholds: Sequence | None = None, criterion="max_prob", speedup: bool = False, timed_batches: int = 4,
                    repeats: int = 5, device=None, progress: bool | None = None) -> ExitEvaluation:
@@ -262,7 +256,7 @@ def evaluate_exits(model: MultiExitModel, loader, *, calibrate_on=None, budgets:
     check_criterion(criterion)
     if not isinstance(speedup, bool):
         raise ValueError(f"speedup must be True or False, got {speedup!r}")
-    timed_batches, repeats = _check_count(timed_batches, "timed_batches"), _check_count(repeats, "repeats")
+    timed_batches, repeats = positive_int(timed_batches, "timed_batches"), positive_int(repeats, "repeats")
     one = isinstance(thresholds, (str, bytes, numbers.Number, Calibration, torch.Tensor)) or not hasattr(thresholds, "__iter__")
     if thresholds is not None and one:
         raise ValueError(f"thresholds must be a list of operating points, each a number, one per early exit or a Calibration; "
@@ -304,13 +298,8 @@ def _exit_rows(model, cached: CachedExits, sizes: Counter) -> tuple[str, list[Ex
     reports = [(flops_report(model, input_size=size), n / total) for size, n in sizes.items()]
     flops = [sum(r.exits[k].flops * w for r, w in reports) for k in range(cached.num_exits)]
     plain = sum(r.backbone_flops * w for r, w in reports)
-    predictions = cached.predictions()
-    labeled = cached.labels >= 0
-    rows = []
-    for k in range(cached.num_exits):
-        hits = predictions[k][labeled] == cached.labels[labeled]
-        accuracy = hits.double().mean().item() if bool(labeled.any()) else math.nan
-        rows.append(ExitAccuracy(k, reports[0][0].exits[k].stage, accuracy, flops[k], flops[k] / plain))
+    rows = [ExitAccuracy(k, reports[0][0].exits[k].stage, point.accuracy, flops[k], flops[k] / plain)
+            for k, point in enumerate(anytime_accuracy(cached))]  # each exit alone, labeled samples only
     return reports[0][0].model, rows, plain
 
 

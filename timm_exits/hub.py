@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import numbers
 import os
 import pickle
 import re
@@ -23,7 +22,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ._checks import needs_newer
+from ._checks import is_real_number, needs_newer
 from .model import MultiExitModel, wrap
 
 __all__ = ["create_model", "save_pretrained", "from_pretrained", "export_backbone"]
@@ -288,7 +287,7 @@ def _check_data_config(data_config: dict | None, channels: int) -> dict:
         if value is None:
             continue
         numbers_ = list(value) if isinstance(value, (tuple, list)) or getattr(value, "ndim", 0) == 1 else None
-        if numbers_ is None or len(numbers_) != channels or not all(_is_real(v) for v in numbers_):
+        if numbers_ is None or len(numbers_) != channels or not all(is_real_number(v) for v in numbers_):
             raise ValueError(f"data_config[{key!r}] must hold one number per input channel ({channels}), got {value!r}")
         data[key] = [float(v) for v in numbers_]
     if any(v <= 0 for v in data.get("std") or ()):
@@ -297,16 +296,10 @@ def _check_data_config(data_config: dict | None, channels: int) -> dict:
         if key in data and not isinstance(data[key], str):
             raise ValueError(f"data_config[{key!r}] must be a name as timm writes it (e.g. 'bicubic', 'center'), got {data[key]!r}")
     if "crop_pct" in data:
-        if not _is_real(data["crop_pct"]) or not 0 < float(data["crop_pct"]) <= 1:
+        if not is_real_number(data["crop_pct"]) or not 0 < float(data["crop_pct"]) <= 1:
             raise ValueError(f"data_config['crop_pct'] must be a number in (0, 1], got {data['crop_pct']!r}")
         data["crop_pct"] = float(data["crop_pct"])
     return data
-
-
-def _is_real(value) -> bool:
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a numpy or 0-d tensor number
-        value = value.item()
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _current_cfg(cfg: dict, num_classes: int, input_size: list[int], data: dict) -> dict:
