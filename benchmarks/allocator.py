@@ -43,7 +43,7 @@ def child(rounds: int) -> None:
     from overhead import allocator
 
     import timm_exits
-    from timm_exits.inference import exit_costs
+    from timm_exits.runtime import exit_costs
 
     warnings.filterwarnings("ignore")
     rows = []

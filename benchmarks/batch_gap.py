@@ -20,7 +20,7 @@ import torch
 from stream import median_thresholds
 
 import timm_exits
-from timm_exits.profile import alternating_medians
+from timm_exits.cost.profile import alternating_medians
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import torch
 import torchvision
 
 import timm_exits
-from timm_exits.stages import candidate_stages
+from timm_exits.fx.stages import candidate_stages
 
 # The smallest model (by parameter count, counted on the meta device) of each timm module, as
 # selected for timm 1.0.31. Families whose models all fail to build without weights are absent.

@@ -27,7 +27,7 @@ import torch
 from overhead import cpu_name
 
 import timm_exits
-from timm_exits.profile import alternating_medians
+from timm_exits.cost.profile import alternating_medians
 
 CASES = {"resnet50": ("resnet50", [1, 2, 3]), "vit_small_patch16_224": ("vit_small_patch16_224", [3, 6, 9])}
 

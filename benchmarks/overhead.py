@@ -33,7 +33,7 @@ import timm
 import torch
 
 import timm_exits
-from timm_exits.profile import alternating_medians
+from timm_exits.cost.profile import alternating_medians
 
 CASES = {
     "resnet50, exits after layer1-3": ("resnet50", [1, 2, 3]),

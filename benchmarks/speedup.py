@@ -30,7 +30,7 @@ import timm_exits
 from timm_exits.calibration import calibrate_thresholds, collect_exit_logits
 from timm_exits.data import corrupted_digits
 from timm_exits.demo import fit
-from timm_exits.profile import alternating_medians
+from timm_exits.cost.profile import alternating_medians
 
 
 def percentile(values, q: float) -> float:

@@ -24,7 +24,7 @@ import torch
 from overhead import cpu_name
 
 import timm_exits
-from timm_exits.inference import exit_confidence
+from timm_exits.runtime import exit_confidence
 
 MODELS = {
     "resnet50": (lambda: timm.create_model("resnet50", num_classes=10), [1, 2, 3]),

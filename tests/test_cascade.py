@@ -16,8 +16,8 @@ import timm_exits
 from timm_exits._checks import release
 from conftest import exactly
 from timm_exits.heads import CascadedHead
-from timm_exits.diagram import describe_exits
-from timm_exits.inference import exit_costs
+from timm_exits.plots import describe_exits
+from timm_exits.runtime import exit_costs
 from test_runtime import fallback_resnet
 
 

@@ -54,7 +54,7 @@ def test_bad_models_are_named():
 
 
 def test_gradient_checkpointing_still_checkpoints_compiled_segments(monkeypatch):
-    import timm_exits.model as model_module
+    import timm_exits.model.steps as model_module
 
     model, x, _ = model_and_thresholds()
     timm_exits.compile_exits(model, backend=CompileCounter())

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from timm_exits.data import CORRUPTIONS, UNLABELED, _scans, corrupted_digits
+from timm_exits.data.digits import CORRUPTIONS, UNLABELED, _scans, corrupted_digits
 
 
 @pytest.fixture(scope="module")

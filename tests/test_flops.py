@@ -18,7 +18,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 import timm_exits
 from timm_exits.cli import main
-from timm_exits.flops import FLOP_HANDLES
+from timm_exits.cost import FLOP_HANDLES
 
 
 def shipped_fvcore(module, x) -> FlopCountAnalysis:

@@ -563,7 +563,7 @@ def test_a_calibration_names_its_criterion():
 
 
 def test_msdnet_thresholds_worked_by_hand():
-    from timm_exits.calibration import _msdnet_thresholds
+    from timm_exits.calibration.thresholds import _msdnet_thresholds
 
     # q = 1: a third of the 9 samples leaves at each early exit, the most confident first
     conf = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.95, 0.85, 0.75, 0.65, 0.55, 0.45], [0.0] * 9])
@@ -631,7 +631,7 @@ def test_defaults_and_argument_checks_of_early_exit(recwarn):
 
 
 def test_exit_confidence_on_its_own():
-    from timm_exits.inference import exit_confidence
+    from timm_exits.runtime import exit_confidence
 
     z = torch.tensor([[math.log(5), math.log(3), 0.0, 0.0]])  # p = (.5, .3, .1, .1), one sample
     torch.testing.assert_close(exit_confidence(z), torch.tensor([0.5]))  # max_prob by default
@@ -648,7 +648,7 @@ def test_fallback_warning_points_at_the_caller_and_bf16_keeps_its_dtype():
     x = torch.randn(4, 3, 32, 32)
     with pytest.warns(UserWarning, match="every exit is computed") as caught:
         timm_exits.early_exit(model, x, threshold=0.5)
-    assert caught[0].filename != timm_exits.inference.__file__  # the caller's line, not the library's (stacklevel)
+    assert caught[0].filename != timm_exits.runtime.criteria.__file__  # the caller's line, not the library's (stacklevel)
     traced = resnet()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for ensemble in (False, True):
@@ -662,7 +662,7 @@ def test_early_exit_keeps_channels_last_for_the_rows_that_stay():
     model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=10), stages=[1, 2], input_size=(3, 32, 32)).eval()
     x = torch.randn(16, 3, 32, 32)
     with torch.no_grad():
-        threshold = [timm_exits.inference.exit_confidence(z).median().item() for z in model(x)[:-1]]
+        threshold = [timm_exits.runtime.exit_confidence(z).median().item() for z in model(x)[:-1]]
     plain = timm_exits.early_exit(model, x, threshold=threshold)
     model = model.to(memory_format=torch.channels_last)
     seen = []

@@ -738,11 +738,11 @@ def test_msd_and_mate_distillation_per_exit():
 
 
 def test_feature_dims_boundaries():
-    assert [type(a).__name__ for a in timm_exits.objective.feature_adapters([1, 8])] == ["Linear"]
-    assert [type(a).__name__ for a in timm_exits.objective.feature_adapters([8, 8])] == ["Identity"]
+    assert [type(a).__name__ for a in timm_exits.losses.base.feature_adapters([1, 8])] == ["Linear"]
+    assert [type(a).__name__ for a in timm_exits.losses.base.feature_adapters([8, 8])] == ["Identity"]
     for bad in ([8], [0, 8], [4, -1, 8]):
         with pytest.raises(ValueError, match=exactly(f"feature_dims must list each exit's feature width (>= 2 exits, positive), got {bad!r}")):
-            timm_exits.objective.feature_adapters(bad)
+            timm_exits.losses.base.feature_adapters(bad)
 
 
 def test_a_base_loss_with_class_indices_and_unlabeled_samples():

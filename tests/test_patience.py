@@ -86,4 +86,4 @@ def test_bad_patience_is_named(model_and_data, kwargs, message):
 
 def test_the_patience_criterion_alone_says_it_needs_the_earlier_exits():
     with pytest.raises(ValueError, match=r"^the patience criterion reads the exits before this one"):
-        timm_exits.inference.exit_confidence(torch.randn(2, 3), "patience")
+        timm_exits.runtime.exit_confidence(torch.randn(2, 3), "patience")

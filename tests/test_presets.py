@@ -1,7 +1,7 @@
 """`create_loss(name, preset="authors")` computes what the authors' released code computes.
 
 Each reference below is written out from the released code (the repository and file are in
-`timm_exits.presets.SOURCES`), with its own choices: soft cross entropy where the authors use it,
+`timm_exits.losses.presets.SOURCES`), with its own choices: soft cross entropy where the authors use it,
 `torch.dist` for BYOT's feature term. The gradients must be equal; the values differ only by the
 teacher's entropy where the authors use soft cross entropy and we use KL (a constant).
 """

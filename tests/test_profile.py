@@ -7,8 +7,8 @@ import torch
 
 import timm_exits
 from conftest import exactly
-from timm_exits.inference import exit_confidence
-from timm_exits.profile import ExitProfile, profile_exits
+from timm_exits.runtime import exit_confidence
+from timm_exits.cost import ExitProfile, profile_exits
 
 
 def test_a_profile_has_one_part_per_segment_and_head_and_restores_the_mode():
@@ -56,7 +56,7 @@ def test_each_round_pairs_its_own_parts_with_its_own_beside_times(monkeypatch):
     """rounds(): round r's parts and callables beside are the ones timed in round r (a clock that counts calls tells them apart)."""
     import itertools
 
-    import timm_exits.profile as profile_module
+    import timm_exits.cost.profile as profile_module
 
     model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=10), stages=[1, 2], input_size=(3, 32, 32)).eval()
     ticks = itertools.count()
@@ -139,7 +139,7 @@ def test_a_failing_profile_or_drawing_leaves_the_model_as_it_was():
     """profile_exits and describe_exits switch the model to eval and run it: a failure mid-way gives every mode back and adds no hook."""
     from torch import nn
 
-    from timm_exits.diagram import describe_exits
+    from timm_exits.plots import describe_exits
 
     class Broken(nn.Module):
         def forward(self, x):

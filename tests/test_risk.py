@@ -6,7 +6,7 @@ import torch
 
 import timm_exits
 from conftest import exactly
-from timm_exits.risk import hoeffding_bentkus_p
+from timm_exits.calibration.risk import hoeffding_bentkus_p
 
 
 def population(n=40_000, classes=10, seed=0):
@@ -70,7 +70,7 @@ def test_bad_delta_is_named(kwargs, message):
 
 def test_testing_stops_at_the_first_threshold_not_rejected(monkeypatch):
     """Fixed-sequence testing controls the error only if it stops at the first failure, even when a later threshold would pass."""
-    import timm_exits.risk as risk
+    import timm_exits.calibration.risk as risk
 
     logits, labels = population(n=500)
     conf = torch.stack([z.softmax(-1).amax(-1) for z in logits])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import timm_exits
 from conftest import exactly
-from timm_exits.temperature import check_temperatures
+from timm_exits.runtime.criteria import check_temperatures
 
 
 def overconfident(n=2000, classes=5, sharpness=(3.0, 1.0, 0.5), seed=0):

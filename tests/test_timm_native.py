@@ -363,7 +363,7 @@ def test_plot_exits_draws_the_segments_the_carried_values_and_the_heads(tmp_path
     pytest.importorskip("matplotlib")
     import matplotlib
 
-    from timm_exits.diagram import describe_exits
+    from timm_exits.plots import describe_exits
 
     backend = matplotlib.get_backend()
     model = resnet()

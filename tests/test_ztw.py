@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import timm_exits
 from conftest import exactly
-from timm_exits.ztw import GeometricEnsemble
+from timm_exits import GeometricEnsemble
 
 
 def cached_exits(n=600, classes=5, seed=0):

@@ -1,28 +1,29 @@
-"""timm-exits: multi-exit networks from any timm or torchvision classifier."""
-from .export import ExitStep, ExportedExits, ExportError, exit_steps, export_exits
-from .ensemble import ExitEnsemble, anytime_ensemble, exit_ensemble
-from .flops import ExitCost, FlopsReport, flops_report
-from .inference import Calibration, EarlyExitResult, early_exit
+"""timm-exits: multi-exit networks from any timm or torchvision classifier.
+
+The public API, by folder, in the order the layers build on each other (docs/architecture.md):
+fx (tracing and cutting) -> heads -> model -> losses, cost -> runtime -> calibration -> deploy -> plots, integrations.
+"""
 from .calibration import (
     CachedExits,
+    ExitAccuracy,
+    ExitEvaluation,
+    OperatingPoint,
     anytime_accuracy,
     budgeted_curve,
+    calibrate_temperature,
     calibrate_thresholds,
     collect_exit_logits,
+    evaluate_exits,
     evaluate_thresholds,
-    plot_tradeoff,
+    expected_calibration_error,
+    fit_geometric_ensemble,
 )
-from .evaluation import ExitAccuracy, ExitEvaluation, OperatingPoint, evaluate_exits
-from .placement import FlopsPlacement, at_flops
-from .profile import ExitProfile, HostSyncs, host_syncs, profile_exits
-from .hub import create_model, export_backbone, from_pretrained, save_pretrained
-from .diagram import plot_exits
-from .temperature import TemperatureFit, calibrate_temperature, expected_calibration_error
-from .ztw import GeometricEnsemble, fit_geometric_ensemble
-from .compiled import compile_exits
-from .stream import early_exit_stream
-from .integrations import MultiExitTask, MultiExitTrainable
+from .cost import ExitCost, ExitProfile, FlopsPlacement, FlopsReport, HostSyncs, at_flops, flops_report, host_syncs, profile_exits
+from .deploy import ExportedExits, ExportError, create_model, exit_steps, export_backbone, export_exits, from_pretrained, save_pretrained
+from .ensemble import ExitEnsemble, GeometricEnsemble, anytime_ensemble, exit_ensemble
+from .fx import FeatureLayout, Stage, TraceError, graph_node_names, list_stages
 from .heads import create_head, head_names, register_head
+from .integrations import MultiExitTask, MultiExitTrainable
 from .losses import (
     AppropriateTeachersLoss,
     DistillationBasedLoss,
@@ -32,11 +33,13 @@ from .losses import (
     MultiExitLoss,
     MultiSelfDistillationLoss,
     SelfDistillationLoss,
+    create_loss,
+    loss_names,
 )
-from .presets import create_loss, loss_names
-from .model import ExitOutputs, MultiExitModel, wrap
-from .stages import FeatureLayout, Stage, list_stages
-from .tracing import TraceError, graph_node_names
+from .model import ExitOutputs, ExitStep, MultiExitModel, wrap
+from .plots import plot_exits, plot_tradeoff
+from .runtime import Calibration, EarlyExitResult, TemperatureFit, compile_exits, early_exit, early_exit_stream
+from .version import __version__
 
 __all__ = [
     "wrap",
@@ -106,5 +109,3 @@ __all__ = [
     "ExitStep",
     "ExportError",
 ]
-
-__version__ = "0.1.0"

@@ -2,9 +2,25 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 from pathlib import Path
+
+import timm
+import torchvision
+from tabulate import tabulate
+
+from .cost.flops import flops_report
+from .cost.placement import at_flops
+from .demo.run import run_demo
+from .deploy import export_backbone
+from .deploy.checkpoints import load_training_checkpoint
+from .fx.stages import list_stages
+from .heads import head_names
+from .losses.presets import loss_names
+from .model import wrap
+from .version import __version__
 
 __all__ = ["main"]
 
@@ -31,26 +47,19 @@ def _positive_int(text: str) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
     _check_name(args.model)
     run_demo(model_name=args.model, stages=tuple(args.stages), head=args.head, loss=args.loss, epochs=args.epochs, seed=args.seed, plot=args.plot or None, baselines=not args.no_baselines)
     return 0
 
 
 def _stages(args: argparse.Namespace) -> int:
-    from .stages import list_stages
-
     model = _build(args.model, args.num_classes)
     stages = list_stages(model, input_size=args.input_size)
     if args.json:
-        import json
-
         rows = [{"index": s.index, "name": s.name, "channels": s.channels, "reduction": s.reduction, "layout": str(s.layout), "final": s.final,
                  "usable": s.usable, "reason": s.reason} for s in stages]
         print(json.dumps({"model": args.model, "stages": rows}, indent=2))
         return 0
-    from tabulate import tabulate
 
     rows = [[s.index, s.name, "–" if s.channels is None else f"{s.channels} ch", "–" if not s.usable else f"1/{s.reduction}" if s.reduction else "tokens", s.layout or "–",
              "(final: feeds the head)" if s.final else "" if s.usable else f"(no exit here: {s.reason})"] for s in stages]
@@ -59,10 +68,6 @@ def _stages(args: argparse.Namespace) -> int:
 
 
 def _flops(args: argparse.Namespace) -> int:
-    from .flops import flops_report
-    from .model import wrap
-    from .placement import at_flops
-
     model = _build(args.model, args.num_classes)
     if args.at_flops:  # a size the model cannot run is named by the library (a ValueError: one line, exit 2)
         model = wrap(model, stages=at_flops(*args.at_flops), head=args.head, input_size=args.input_size)
@@ -75,8 +80,6 @@ def _flops(args: argparse.Namespace) -> int:
 
 
 def _export_backbone(args: argparse.Namespace) -> int:
-    from .hub import export_backbone
-
     out, where = export_backbone(args.checkpoint, args.out, use_ema=args.use_ema)
     name = _saved_architecture(Path(args.checkpoint))
     print(f"wrote the plain backbone's weights (from {where} of {args.checkpoint}) to {out}: timm.create_model({name!r}, checkpoint_path={str(out)!r}) and timm's validate.py load them")
@@ -90,11 +93,7 @@ def _saved_architecture(source: Path) -> str:
         if source.is_dir():
             name = json.loads((source / "config.json").read_text()).get("architecture")
         else:
-            import timm
-
-            from .hub import _load_training_checkpoint
-
-            name = _load_training_checkpoint(source, mmap=True).get("arch")  # mapped: the tensors are not read again
+            name = load_training_checkpoint(source, mmap=True).get("arch")  # mapped: the tensors are not read again
             name = name if isinstance(name, str) and timm.is_model(name) else None  # without args, the saver writes the class name
     except Exception:  # noqa: BLE001 - only the hint depends on it; the weights were already written
         return "NAME"
@@ -103,18 +102,12 @@ def _saved_architecture(source: Path) -> str:
 
 def _check_name(name: str) -> None:
     """A timm model name, or ``torchvision:NAME``, that exists; else the closest names (``hf-hub:`` names go to timm as they are)."""
-    import difflib
-
     if name.startswith(("hf-hub:", "hf_hub:")):
         return
 
     if name.startswith("torchvision:"):
-        import torchvision
-
         tv_name, available, library = name.split(":", 1)[1], torchvision.models.list_models(module=torchvision.models), "torchvision"
     else:
-        import timm
-
         tv_name, available, library = name, timm.list_models(), "timm"
         if timm.is_model(name):
             return
@@ -127,20 +120,12 @@ def _build(name: str, num_classes: int):
     """A timm model, or ``torchvision:NAME``, without pretrained weights (nothing is downloaded)."""
     _check_name(name)
     if name.startswith("torchvision:"):
-        import torchvision
-
         return torchvision.models.get_model(name.split(":", 1)[1], weights=None, num_classes=num_classes)
-    import timm
 
     return timm.create_model(name, pretrained=False, num_classes=num_classes)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .heads import head_names
-    from .presets import loss_names
-
-    from . import __version__
-
     parser = argparse.ArgumentParser(prog="timm-exits", description="Multi-exit networks from timm and torchvision classifiers.")
     parser.add_argument("--version", action="version", version=f"timm-exits {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

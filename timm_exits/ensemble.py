@@ -1,4 +1,5 @@
-"""Combining exits: mean of logits or of probabilities, fixed or learnable weights, anytime ensembles."""
+"""Combining exits: mean of logits or of probabilities, fixed or learnable weights, anytime ensembles, and
+Zero Time Waste's weighted geometric ensemble (`timm_exits.fit_geometric_ensemble` fits it)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["exit_ensemble", "anytime_ensemble", "ExitEnsemble", "ENSEMBLE_MODES"]
+__all__ = ["exit_ensemble", "anytime_ensemble", "ExitEnsemble", "GeometricEnsemble", "ENSEMBLE_MODES"]
 
 ENSEMBLE_MODES = ("logits", "probs")
 
@@ -147,3 +148,31 @@ class ExitEnsemble(nn.Module):
         w = ", ".join(f"{v:.3f}" for v in self.weights.detach().tolist())
         return f"num_exits={self.num_exits}, mode={self.mode!r}, learnable={self.learnable}, weights=[{w}]"
 
+
+
+class GeometricEnsemble(nn.Module):
+    """One weighted geometric ensemble per exit: ``combine([z_0, ..., z_k])`` is exit k's ensemble logits."""
+
+    def __init__(self, num_exits: int, num_classes: int, generator: torch.Generator | None = None):
+        super().__init__()
+        if not isinstance(num_exits, int) or num_exits < 1 or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_exits and num_classes must be ints >= 1, got {num_exits!r} and {num_classes!r}")
+        self.weights = nn.ParameterList([nn.Parameter(torch.randn(k + 1, generator=generator) * 0.01) for k in range(num_exits)])
+        self.biases = nn.ParameterList([nn.Parameter(torch.zeros(num_classes)) for _ in range(num_exits)])
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.weights)
+
+    def combine(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        """Exit ``len(logits) - 1``'s ensemble of `logits` (exits 0..k, each ``(B, C)``): unnormalised logits."""
+        k = len(logits) - 1
+        if not 0 <= k < self.num_exits:
+            raise ValueError(f"the ensemble has {self.num_exits} exits, given the logits of {len(logits)}")
+        logp = torch.stack([F.log_softmax(z.float(), dim=-1) for z in logits])  # (k + 1, B, C)
+        w = self.weights[k].exp().view(-1, 1, 1)
+        return (w * logp).mean(0) + self.biases[k]
+
+    def forward(self, logits: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every exit's ensemble logits."""
+        return [self.combine(list(logits[: k + 1])) for k in range(len(logits))]

@@ -12,11 +12,12 @@ from contextlib import nullcontext
 from typing import Any, Sequence
 
 import torch
+from timm.utils import ModelEmaV3
 from timm.utils.model import unwrap_model as _unwrap  # peels DDP (.module), torch.compile (._orig_mod), EMA wrappers
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from ..losses import EnsembleKnowledgeDistillationLoss, MultiExitLoss
-from ..presets import create_loss, loss_names
+from ..losses import EnsembleKnowledgeDistillationLoss, MultiExitLoss, create_loss, loss_names
 from ..model import ExitOutputs, MultiExitModel
 
 try:  # timm's task API, from timm 1.0.23
@@ -205,8 +206,6 @@ class MultiExitTask(_TaskBase):
         Every exit head and the loss's parameters get a gradient at every step, so DDP needs no
         ``find_unused_parameters``.
         """
-        from torch.nn.parallel import DistributedDataParallel
-
         self.trainable_module = DistributedDataParallel(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
         return self
 
@@ -221,8 +220,6 @@ class MultiExitTask(_TaskBase):
 
     def setup_ema(self, decay: float = 0.9999, use_warmup: bool = False, device: torch.device | None = None, **kwargs) -> nn.Module:
         """An EMA copy of the model and the loss (timm's ModelEmaV3)."""
-        from timm.utils import ModelEmaV3
-
         self.trainable_module_ema = ModelEmaV3(self._trainable(), decay=decay, use_warmup=use_warmup, device=device, **kwargs)
         return self.trainable_module_ema
 
