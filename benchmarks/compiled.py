@@ -1,4 +1,4 @@
-"""Compiled training and compiled early exit (issue 19, item 2), on the machine at hand.
+"""Compiled training and compiled early exit, on the machine at hand.
 
 1. **Train step.** resnet18 at 64x64, batch 32: wrapped (exits after layer1-3, linear heads,
    `ExitEnsembleLoss`) against plain (cross entropy), eager and through `torch.compile`

@@ -3,7 +3,7 @@
 Trains the demo's model (resnet18, exits after layer1..layer3, exit-ensemble distillation,
 8 epochs, seed s) on the corrupted digits, caches every exit's logits on the training,
 validation and test splits, and for each criterion calibrates thresholds on validation for
-35, 50 and 75 % of the full model's FLOPs (exit 1 alone costs 29 %: the issue's 25 % cannot be
+35, 50 and 75 % of the full model's FLOPs (exit 1 alone costs 29 %: a budget of 25 % cannot be
 met), then reports test accuracy: max-prob, entropy, margin, patience (PBEE), max-prob after
 per-exit temperature scaling, the anytime ensemble, and Zero Time Waste's geometric ensemble
 (fitted on the training split's logits, as the authors fit it).

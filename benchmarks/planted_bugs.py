@@ -6,10 +6,14 @@ catches is a hole in the suite. Prints one row per bug and exits 1 if any surviv
 
     python benchmarks/planted_bugs.py [--only NAME ...]
 
-The first six are the ones that passed every test before issue 13 (docs/testing.md; the third
-now plants its fallback slip in the steps, where issue 14 moved that path); the next five put back,
-one at a time, the runtime faults issue 14 fixed; the next three are slips in issue 16's evidence, the next three in issue 17's timm-native saving, the next six in issue 18's inference, three in issue 19's compiled and streamed early exit, four in its host reads and device-side schedules, one in issue 15's stage widths; the others are the kind of slip the suite must
-keep catching. `mutmut` (docs/testing.md) does the same thing
+The first six are the ones that passed every test before the tests were rewritten against
+independent references (docs/testing.md; the third now plants its fallback slip in the steps, where
+moving every call onto the model's one loop put that path); the next five put back, one at a time,
+the runtime faults that move fixed; the next three are slips in the corrupted-digits evidence, the
+next three in the timm-native saving and resetting, the next six in temperature scaling, patience,
+Learn-then-Test and Zero Time Waste, three in compiled and streamed early exit, four in the host
+reads and device-side schedules, one in the check of a stage row's width; the others are the kind
+of slip the suite must keep catching. `mutmut` (docs/testing.md) does the same thing
 mechanically and at scale; this list is the hand-picked, readable part.
 """
 from __future__ import annotations
@@ -88,7 +92,7 @@ BUGS = [
         "return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])", "return math.prod(q[:-1]) * k[-2] * q[-1]", ("tests/test_flops.py",)),
     Bug("pooling FLOPs ignore the window", "timm_exits/flops.py",
         "return math.prod(_shape(outputs[0])) * math.prod(_ints(inputs[1]))", "return math.prod(_shape(outputs[0]))", ("tests/test_flops.py",)),
-    # the runtime faults of issue 14, each put back one at a time
+    # the runtime faults that moving every call onto the model's one loop fixed, each put back one at a time
     Bug("a failed FLOPs count leaves fvcore's hooks behind", "timm_exits/flops.py",
         "for hook_id in [h for h in m._forward_hooks if h not in post]:", "for hook_id in []:", ("tests/test_runtime.py",)),
     Bug("calls that change modes do not take turns (FLOPs counts of two threads overlap)", "timm_exits/tracing.py",
@@ -100,7 +104,7 @@ BUGS = [
         "any(a is not b for a, b in zip(built[0], parts))", "built[0][0] is not parts[0]", ("tests/test_runtime.py",)),
     Bug("early exit keeps what it learned after a head was replaced", "timm_exits/inference.py",
         "if learned is None or learned.steps is not steps:", "if learned is None:", ("tests/test_runtime.py",)),
-    # the evidence of issue 16: a task that leaks, or grades nothing, or a speedup predicted without the heads
+    # the corrupted-digits evidence: a task that leaks, or grades nothing, or a speedup predicted without the heads
     Bug("images split instead of scans (a test digit's variants seen in training)", "timm_exits/data.py",
         ".subset(part[source] == p) for p in range(3)]", ".subset(_split_by_scan(labels[source], fractions, torch.Generator().manual_seed(seed)) == p) for p in range(3)]",
         ("tests/test_data.py",)),
@@ -110,7 +114,7 @@ BUGS = [
     Bug("the time-predicted speedup leaves out the heads", "timm_exits/profile.py",
         "steps = [s + h for s, h in zip(self.segment_seconds, self.head_seconds)]", "steps = list(self.segment_seconds)",
         ("tests/test_profile.py",)),
-    # issue 17: a model that saves, loads and resets like a timm model
+    # timm-native saving: a model that saves, loads and resets like a timm model
     Bug("reset_classifier forgets the exit heads", "timm_exits/model.py",
         "        for h in self.exits:\n            h.reset_classifier(num_classes)\n", "", ("tests/test_timm_native.py",)),
     Bug("from_pretrained drops the saved eval_output", "timm_exits/hub.py",
@@ -118,7 +122,7 @@ BUGS = [
     Bug("export-backbone keeps the 'backbone.' prefix", "timm_exits/hub.py",
         'backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}',
         'backbone = {k: v for k, v in state.items() if k.startswith("backbone.")}', ("tests/test_timm_native.py",)),
-    # issue 18: inference beyond the anchors
+    # inference beyond max-prob thresholds: temperatures, patience, Learn-then-Test, Zero Time Waste's ensemble and cascade
     Bug("early exit reads confidences before the temperatures", "timm_exits/inference.py",
         "        if temperatures is not None:\n            z = z / temperatures[k]\n", "", ("tests/test_temperature.py",)),
     Bug("the patience streak never restarts when the prediction changes", "timm_exits/inference.py",
@@ -132,7 +136,7 @@ BUGS = [
         "previous = self.norm(previous.detach() if self.detach else previous)", "previous = self.norm(previous)", ("tests/test_cascade.py",)),
     Bug("a cascaded head starts as a layer of the feature's width alone", "timm_exits/heads.py",
         "bound = 1.0 / math.sqrt(fc.in_features + self.previous.in_features)", "bound = 1.0 / math.sqrt(fc.in_features)", ("tests/test_cascade.py",)),
-    # issue 19: performance
+    # performance: compiled parts, the stream, one host read per exit, losses that compute on the device
     Bug("compiled parts get a graph per batch size", "timm_exits/compiled.py",
         "self.compiled = torch.compile(module, **compile_kwargs)", "self.compiled = torch.compile(module, **{**compile_kwargs, 'dynamic': False})", ("tests/test_compiled.py",)),
     Bug("FLOPs counted through the compiled parts", "timm_exits/flops.py",
@@ -147,7 +151,7 @@ BUGS = [
         "e = self.epoch.to(device) + 1", "e = self.epoch.to(device)", ("tests/test_losses.py",)),
     Bug("the adaptive temperature grows whatever the teacher's confidence", "timm_exits/losses.py",
         "grow = (teacher_maxprob.detach() > self.maxprob)", "grow = (teacher_maxprob.detach() > -1.0)", ("tests/test_losses.py",)),
-    # issue 15's last part: a stage row whose module outputs another width than feature_info's
+    # the stage-width check: a stage row whose module outputs another width than feature_info's
     Bug("a stage row is cut at a width other than its table's", "timm_exits/stages.py",
         "elif (found := read_feature(shapes[node], chans, model, input_hw)[1]) != chans:", "elif (found := read_feature(shapes[node], chans, model, input_hw)[1]) < 0:", ("tests/test_misuse.py",)),
 ]

@@ -6,7 +6,7 @@ backbone, of `early_exit` batch by batch, and of `early_exit_stream` (every segm
 batches), over `--images` images in batches of `--batch-size` (64), median of `--rounds` alternating
 rounds; each speedup over the plain model measured, time-predicted (`profile_exits` at that batch
 size, its parts timed in the same rounds) and FLOPs-predicted, and the measured share of the
-time-predicted one (issue 19's goal: 95 %), taken round by round: its median, and in brackets its
+time-predicted one (the goal: 95 %), taken round by round: its median, and in brackets its
 lowest and highest round.
 
     python benchmarks/stream.py [--rounds 5] [--images 640] [--batch-size 64] [--channels-last] [--model resnet50]
