@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # The suite at the lowest release of every dependency pyproject.toml declares (.ci/lowest.txt), in a venv of its own
 LOWEST := .venv-lowest
 
-.PHONY: demo test test-lowest test-slow benchmarks coverage mutation planted-bugs clean
+.PHONY: demo test lint test-lowest test-slow benchmarks coverage mutation planted-bugs clean
 
 $(VENV)/.demo-installed: pyproject.toml
 	@echo "make: creating $(VENV); installing timm-exits and the demo's extra (torch, torchvision, timm, fvcore, scikit-learn, matplotlib)."
@@ -27,6 +27,10 @@ demo: $(VENV)/.demo-installed
 
 test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q
+
+# ruff with the rules pyproject.toml selects ([tool.ruff.lint]): the same verdict on every ruff release
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check .
 
 $(LOWEST)/bin/timm-exits: pyproject.toml .ci/lowest.txt
 	$(PYTHON) -m venv $(LOWEST)

@@ -40,9 +40,9 @@ SHARES = [0.50, 0.20, 0.13, 0.17]
 def child(rounds: int) -> None:
     import timm
     import torch
-    from overhead import allocator
 
     import timm_exits
+    from overhead import allocator
     from timm_exits.runtime import exit_costs
 
     warnings.filterwarnings("ignore")
@@ -82,6 +82,7 @@ def main() -> None:
         return child(args.rounds)
     import timm
     import torch
+
     from overhead import cpu_name
 
     print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}, timm {timm.__version__}.")

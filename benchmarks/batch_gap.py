@@ -17,9 +17,8 @@ import argparse
 import timm
 import torch
 
-from stream import median_thresholds
-
 import timm_exits
+from stream import median_thresholds
 from timm_exits.cost.profile import alternating_medians
 
 

@@ -26,10 +26,10 @@ import warnings
 import timm
 import torch
 import torch.nn.functional as F
-from overhead import allocator, cpu_name
-from stream import median_thresholds
 
 import timm_exits
+from overhead import allocator, cpu_name
+from stream import median_thresholds
 
 
 def train_steps(compiled: bool, size: int, batch: int):

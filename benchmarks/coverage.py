@@ -232,7 +232,7 @@ def check(build, source: str, family: str, name: str, input_size=None) -> Result
 
 # Large encoders whose default input is 546-896 px; they take any size, and 224 keeps the sweep
 # short (deepseek_vit_412m: 57 s instead of 349 s). They wrap at their native sizes too.
-TIMM_SIZE = {name: (3, 224, 224) for name in ("deepseek_vit_412m", "gemma4_vit_167m", "qwen3_vit_88m", "sam2_hiera_tiny")}
+TIMM_SIZE = dict.fromkeys(("deepseek_vit_412m", "gemma4_vit_167m", "qwen3_vit_88m", "sam2_hiera_tiny"), (3, 224, 224))
 
 
 def timm_cases():

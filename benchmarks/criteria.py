@@ -30,10 +30,10 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from loss_study import interval
-from overhead import cpu_name
 
 import timm_exits
+from loss_study import interval
+from overhead import cpu_name
 from timm_exits.data import corrupted_digits
 from timm_exits.demo import fit
 from timm_exits.heads import SDNHead
@@ -161,7 +161,7 @@ def main() -> None:
     for name in per_seed[0][2]:
         print(f"| {name} | " + " | ".join(cell([100 * acc[name][k] for _, _, acc in per_seed]) for k in range(4)) + " |")
     plain, ztw = list(per_seed[0][2])[1:]
-    print(f"| cascade's gain (paired, points) | " + " | ".join(cell([100 * (acc[ztw][k] - acc[plain][k]) for _, _, acc in per_seed]) for k in range(4)) + " |")
+    print("| cascade's gain (paired, points) | " + " | ".join(cell([100 * (acc[ztw][k] - acc[plain][k]) for _, _, acc in per_seed]) for k in range(4)) + " |")
     print("\nEach exit's calibration on test, temperature fitted on validation (first seed):\n")
     print("| exit | temperature | NLL before → after | ECE before → after |")
     print("|---|---|---|---|")

@@ -16,9 +16,9 @@ import warnings
 import timm
 import torch
 from fvcore.nn import FlopCountAnalysis
-from overhead import cpu_name
 
 import timm_exits
+from overhead import cpu_name
 
 CASES = {
     "resnet50, exits after layer1-3": ("resnet50", [1, 2, 3]),

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 import timm_exits
 from timm_exits.calibration import budgeted_curve, collect_exit_logits
 from timm_exits.data import corrupted_digits
-from timm_exits.runtime import exit_costs
 from timm_exits.demo import evaluate, fit, narrower
+from timm_exits.runtime import exit_costs
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES = ["ce", "sdn", "distillation", "eed", "byot", "msd", "mate", "ekd"]

@@ -15,9 +15,9 @@ import timm
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from train_step import malloc_in_use
 
 import timm_exits
+from train_step import malloc_in_use
 
 
 class Trace(TorchDispatchMode):

@@ -24,13 +24,13 @@ import warnings
 
 import timm
 import torch
-from overhead import cpu_name
 
 import timm_exits
+from overhead import cpu_name
 from timm_exits.calibration import calibrate_thresholds, collect_exit_logits
+from timm_exits.cost.profile import alternating_medians
 from timm_exits.data import corrupted_digits
 from timm_exits.demo import fit
-from timm_exits.cost.profile import alternating_medians
 
 
 def percentile(values, q: float) -> float:

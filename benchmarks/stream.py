@@ -27,9 +27,9 @@ import warnings
 
 import timm
 import torch
-from overhead import allocator, cpu_name
 
 import timm_exits
+from overhead import allocator, cpu_name
 
 MODELS = {
     "resnet18, 1x32x32 (the demo's shape)": (lambda: timm.create_model("resnet18", num_classes=10, in_chans=1), [1, 2, 3], (1, 32, 32)),

@@ -21,9 +21,9 @@ import warnings
 
 import timm
 import torch
-from overhead import cpu_name
 
 import timm_exits
+from overhead import cpu_name
 from timm_exits.runtime import exit_confidence
 
 MODELS = {

@@ -1,9 +1,9 @@
 import re
 
+import pytest
 import timm
 import torch
 import torchvision
-import pytest
 
 tv = torchvision.models
 

@@ -3,9 +3,9 @@
 The segments call the backbone's submodules directly, so a module is an FSDP unit only if the
 traced graph calls it as a whole: wrap() with the block class as a leaf module makes it one.
 """
+import timm
 import torch
 import torch.distributed as dist
-import timm
 from timm.models.resnet import BasicBlock
 from torch.distributed.fsdp import fully_shard
 

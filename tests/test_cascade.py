@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import timm_exits
-from timm_exits._checks import release
 from conftest import exactly
+from test_runtime import fallback_resnet
+from timm_exits._checks import release
 from timm_exits.heads import CascadedHead
 from timm_exits.plots import describe_exits
 from timm_exits.runtime import exit_costs
-from test_runtime import fallback_resnet
 
 
 def cascaded(cascade=True, head="linear", stages=(1, 2, 3)):

@@ -6,8 +6,8 @@ import timm
 import torch
 
 import timm_exits
-from timm_exits._checks import release
 from test_bad_input import DataDependent
+from timm_exits._checks import release
 
 CASES = {
     "resnet18": (lambda: timm.create_model("resnet18", num_classes=5), [1, 2, 3]),

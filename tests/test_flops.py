@@ -72,7 +72,7 @@ def test_resnet_exits_equal_the_truncated_backbone():
     assert report.exits[-1].backbone_flops == fvcore_plus(backbone, x, stem_pool)
     assert report.exits[-1].share == 1.0 and report.exits[-1].head_flops == 0
     shares = [e.share for e in report.exits]
-    assert shares == sorted(shares) and 0 < shares[0]
+    assert shares == sorted(shares) and shares[0] > 0
 
 
 def test_vit_exits_equal_the_truncated_backbone_and_attention_is_counted():

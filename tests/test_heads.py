@@ -159,7 +159,7 @@ def test_head_computes_its_formula_on_each_layout(head, layout):
     torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits, nn.functional.linear(expected, exit_head.fc.weight, exit_head.fc.bias), rtol=1e-5, atol=1e-5)
     # the prefix tokens are read only by a head that pools the class token
-    if layout.startswith("NLC") and head != "linear" or layout == "NLC mean of patch tokens":
+    if (layout.startswith("NLC") and head != "linear") or layout == "NLC mean of patch tokens":
         changed = feature.clone()
         changed[:, : site.num_prefix_tokens] += 3.0
         with torch.no_grad():

@@ -366,7 +366,7 @@ def test_msdnet_shares_fall_geometrically_with_the_exit():
     shares = c.exit_shares
     # q^1 : q^2 : q^3 : q^4 with one q for the whole budget (floor rounding takes at most a sample per exit)
     q = shares[1] / shares[0]
-    assert shares[2] / shares[1] == pytest.approx(q, rel=0.05) and 0 < q
+    assert shares[2] / shares[1] == pytest.approx(q, rel=0.05) and q > 0
     assert sum(shares[:3]) <= 1.0 and shares[3] >= 0
 
 

@@ -7,8 +7,8 @@ import torch
 
 import timm_exits
 from conftest import exactly
-from timm_exits.runtime import exit_confidence
 from timm_exits.cost import ExitProfile, profile_exits
+from timm_exits.runtime import exit_confidence
 
 
 def test_a_profile_has_one_part_per_segment_and_head_and_restores_the_mode():

@@ -6,7 +6,6 @@ import torch
 import timm_exits
 from conftest import exactly, resnet10t_exits
 
-
 TEMPERATURE = [1.5, 0.8, 1.0]
 
 

@@ -257,12 +257,12 @@ def test_a_head_that_cannot_be_imported_is_named_at_save(tmp_path):
 
 
 def test_export_backbone_writes_what_timm_loads(tmp_path, capsys):
-    from timm_exits.cli import main
-
     import argparse
     import fractions
 
     from timm.utils import CheckpointSaver, ModelEmaV3
+
+    from timm_exits.cli import main
 
     torch.manual_seed(0)
     model = timm_exits.create_model("resnet18", stages=[1, 2, 3], num_classes=10, input_size=(3, 32, 32)).eval()

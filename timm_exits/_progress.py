@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 __all__ = ["Progress", "progress_default"]
 

@@ -2,7 +2,7 @@
 Zero Time Waste's weighted geometric ensemble (`timm_exits.fit_geometric_ensemble` fits it)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

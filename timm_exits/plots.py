@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -64,7 +64,7 @@ class CachedExits:
         """``(E, N)`` predicted class of every exit (or anytime ensemble)."""
         return torch.stack([z.argmax(-1) for z in self._outputs(ensemble)])
 
-    def scaled(self, temperature) -> "CachedExits":
+    def scaled(self, temperature) -> CachedExits:
         """The same cache with exit k's logits divided by temperature k (`calibrate_temperature`'s, or one number per exit)."""
         values = check_temperatures(temperature, self.num_exits)
         if values is None:

@@ -1,7 +1,8 @@
 """The accuracy-compute trade-off as data: each exit alone (anytime) and early exit over a sweep of budgets."""
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from .cached import CachedExits
 from .thresholds import calibrate_thresholds, checked_costs, evaluate_thresholds, labeled_accuracy

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import numbers
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tabulate import tabulate

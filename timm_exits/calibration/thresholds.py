@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 

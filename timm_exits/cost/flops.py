@@ -17,7 +17,7 @@ import itertools
 import os
 import warnings
 from collections import Counter
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx

@@ -8,7 +8,7 @@ fvcore's defaults; a user extends it, or passes ``handles=``.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["FLOP_HANDLES"]
 

@@ -7,7 +7,7 @@ shares of its FLOPs, as Shallow-Deep Networks place theirs. A placement is any o
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 

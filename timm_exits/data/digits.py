@@ -46,7 +46,7 @@ class DigitsSplit:
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x, self.y
 
-    def subset(self, mask: torch.Tensor) -> "DigitsSplit":
+    def subset(self, mask: torch.Tensor) -> DigitsSplit:
         return DigitsSplit(*(t[mask] for t in dataclasses.astuple(self)))
 
 

@@ -14,8 +14,9 @@ import difflib
 import importlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import timm
 import torch
@@ -141,7 +142,7 @@ def _backbone_spec(model: MultiExitModel, model_name: str | None, model_args: di
 
 
 def _importable(reference: str, what: str) -> str:
-    if reference.startswith("<") or ":" in reference and ("<locals>" in reference or "<lambda>" in reference or reference.startswith("__main__:")):
+    if reference.startswith("<") or (":" in reference and ("<locals>" in reference or "<lambda>" in reference or reference.startswith("__main__:"))):
         raise ValueError(
             f"{what} {reference!r} cannot be imported when the model is rebuilt: define it at the top level of a module "
             "(or register the head with timm_exits.register_head and wrap by its name)"

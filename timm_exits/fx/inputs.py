@@ -1,7 +1,7 @@
 """The input a model takes: its default size (patch embedding, pretrained_cfg, or 3x224x224), checks, a dummy batch."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

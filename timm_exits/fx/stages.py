@@ -6,8 +6,8 @@ same index means the same depth in both libraries.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch.fx as fx
 from torch import nn

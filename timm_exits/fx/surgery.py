@@ -21,8 +21,9 @@ import copy
 import functools
 import inspect
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -51,7 +52,7 @@ class ExitSite:
 
     stage: str
     channels: int
-    layout: "FeatureLayout"
+    layout: FeatureLayout
     shape: tuple[int, ...]  # feature shape on the dummy input, batch dim included
     reduction: int | None
     final_channels: int  # width of the backbone's pre-logits features

@@ -10,8 +10,9 @@ import importlib
 import inspect
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -77,7 +78,7 @@ class TraceOptions:
     autowrap_functions: tuple[Any, ...] = ()
 
     @classmethod
-    def of(cls, leaf_modules: Iterable[type] = (), autowrap_functions: Iterable[Any] = ()) -> "TraceOptions":
+    def of(cls, leaf_modules: Iterable[type] = (), autowrap_functions: Iterable[Any] = ()) -> TraceOptions:
         """Checked: a list of module classes, and a list of functions."""
         if isinstance(leaf_modules, type) or isinstance(leaf_modules, nn.Module):
             raise TypeError(f"leaf_modules must be a list of module classes, e.g. leaf_modules=[{_class_name(leaf_modules)}], got {leaf_modules!r}")

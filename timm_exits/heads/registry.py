@@ -6,7 +6,7 @@ once on the feature it will read, so that a wrong one fails at `wrap`, naming th
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

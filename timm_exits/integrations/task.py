@@ -8,8 +8,9 @@ with the same methods, for a hand-written loop.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from timm.utils import ModelEmaV3
@@ -200,7 +201,7 @@ class MultiExitTask(_TaskBase):
 
     # -- distributed, compile, EMA ----------------------------------------------------------------
 
-    def prepare_distributed(self, device_ids: list | None = None, **ddp_kwargs) -> "MultiExitTask":
+    def prepare_distributed(self, device_ids: list | None = None, **ddp_kwargs) -> MultiExitTask:
         """Wrap the model and the loss in DistributedDataParallel; teachers stay frozen and unwrapped.
 
         Every exit head and the loss's parameters get a gradient at every step, so DDP needs no

@@ -5,7 +5,7 @@ The loss classes themselves live in `timm_exits.losses`; this module holds what 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

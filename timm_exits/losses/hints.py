@@ -6,7 +6,7 @@ feature, sg the stop-gradient, KD_T(p, z) = T^2 KL(p || softmax(z / T)).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

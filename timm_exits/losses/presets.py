@@ -6,7 +6,7 @@ preset names the repository and file it was read from; where our defaults differ
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .base import MultiExitLoss
 from .ce import MultiExitCELoss

@@ -5,7 +5,7 @@ stop-gradient, KD_T(p, z) = T^2 KL(p || softmax(z / T)).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -121,7 +121,7 @@ class ExitStep(nn.Module):
         """What the next step reads: the segment's carried values, then these logits when the next head is cascaded."""
         return (*carried, logits) if self.passes_on else tuple(carried)
 
-    def uncompiled(self) -> "ExitStep":
+    def uncompiled(self) -> ExitStep:
         """This step with parts `timm_exits.compile_exits` compiled replaced by the modules they compile (for counting)."""
         segment, head = (getattr(part, "compiled_from", part) for part in (self.segment, self.head))
         if segment is self.segment and head is self.head:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 

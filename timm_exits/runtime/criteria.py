@@ -11,7 +11,7 @@ import numbers
 import os
 import sys
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

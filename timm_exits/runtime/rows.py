@@ -85,7 +85,7 @@ class _Learned:
         self.on_device: dict[tuple, torch.Tensor] = {}  # the costs as a tensor, per input size and device
 
 
-_LEARNED: "weakref.WeakKeyDictionary[MultiExitModel, _Learned]" = weakref.WeakKeyDictionary()
+_LEARNED: weakref.WeakKeyDictionary[MultiExitModel, _Learned] = weakref.WeakKeyDictionary()
 
 
 _LEARNED_LOCK = threading.Lock()

@@ -11,7 +11,7 @@ grouping of samples into batches differs.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
