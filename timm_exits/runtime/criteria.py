@@ -169,7 +169,8 @@ def patience_threshold(threshold, criterion, patience):
 
 def warn_at_caller(message: str) -> None:
     """Warn at the first line outside this package: the user's own call, however deep the library's."""
-    package, frame, level = os.path.dirname(__file__), sys._getframe(0), 1
+    package = os.path.dirname(os.path.dirname(__file__)) + os.sep  # timm_exits/, from timm_exits/runtime/
+    frame, level = sys._getframe(0), 1
     while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, stacklevel=level)
