@@ -48,7 +48,8 @@ def _positive_int(text: str) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     _check_name(args.model)
-    run_demo(model_name=args.model, stages=tuple(args.stages), head=args.head, loss=args.loss, epochs=args.epochs, seed=args.seed, plot=args.plot or None, baselines=not args.no_baselines)
+    run_demo(model_name=args.model, stages=tuple(args.stages), head=args.head, loss=args.loss, epochs=args.epochs, seed=args.seed,
+             plot=args.plot or None, baselines=not args.no_baselines)
     return 0
 
 
@@ -56,14 +57,16 @@ def _stages(args: argparse.Namespace) -> int:
     model = _build(args.model, args.num_classes)
     stages = list_stages(model, input_size=args.input_size)
     if args.json:
-        rows = [{"index": s.index, "name": s.name, "channels": s.channels, "reduction": s.reduction, "layout": str(s.layout), "final": s.final,
-                 "usable": s.usable, "reason": s.reason} for s in stages]
+        rows = [{"index": s.index, "name": s.name, "channels": s.channels, "reduction": s.reduction, "layout": str(s.layout),
+                 "final": s.final, "usable": s.usable, "reason": s.reason} for s in stages]
         print(json.dumps({"model": args.model, "stages": rows}, indent=2))
         return 0
 
-    rows = [[s.index, s.name, "–" if s.channels is None else f"{s.channels} ch", "–" if not s.usable else f"1/{s.reduction}" if s.reduction else "tokens", s.layout or "–",
+    rows = [[s.index, s.name, "–" if s.channels is None else f"{s.channels} ch",
+             "–" if not s.usable else f"1/{s.reduction}" if s.reduction else "tokens", s.layout or "–",
              "(final: feeds the head)" if s.final else "" if s.usable else f"(no exit here: {s.reason})"] for s in stages]
-    print(tabulate(rows, ["index", "stage", "channels", "resolution", "layout", ""], tablefmt="plain", disable_numparse=True, colalign=["right", "left", "right", "left", "left", "left"]))
+    print(tabulate(rows, ["index", "stage", "channels", "resolution", "layout", ""], tablefmt="plain", disable_numparse=True,
+                   colalign=["right", "left", "right", "left", "left", "left"]))
     return 0
 
 
@@ -72,7 +75,8 @@ def _flops(args: argparse.Namespace) -> int:
     if args.at_flops:  # a size the model cannot run is named by the library (a ValueError: one line, exit 2)
         model = wrap(model, stages=at_flops(*args.at_flops), head=args.head, input_size=args.input_size)
     elif args.stages:
-        model = wrap(model, stages=[int(s) if s.lstrip("-").isdigit() else s for s in args.stages], head=args.head, input_size=args.input_size)
+        model = wrap(model, stages=[int(s) if s.lstrip("-").isdigit() else s for s in args.stages], head=args.head,
+                     input_size=args.input_size)
     report = flops_report(model, input_size=args.input_size)
     report.model = args.model
     print(report.to_json() if args.json else report.to_markdown() if args.markdown else report)
@@ -82,7 +86,10 @@ def _flops(args: argparse.Namespace) -> int:
 def _export_backbone(args: argparse.Namespace) -> int:
     out, where = export_backbone(args.checkpoint, args.out, use_ema=args.use_ema)
     name = _saved_architecture(Path(args.checkpoint))
-    print(f"wrote the plain backbone's weights (from {where} of {args.checkpoint}) to {out}: timm.create_model({name!r}, checkpoint_path={str(out)!r}) and timm's validate.py load them")
+    print(
+        f"wrote the plain backbone's weights (from {where} of {args.checkpoint}) to {out}: "
+        f"timm.create_model({name!r}, checkpoint_path={str(out)!r}) and timm's validate.py load them"
+    )
     return 0
 
 
@@ -130,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"timm-exits {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="train a multi-exit resnet18 on the corrupted digits (CPU, ~3 minutes) against the plain backbone and a narrower one; print each exit's accuracy, FLOPs and early-exit speedup")
+    demo = sub.add_parser(
+        "demo",
+        help="train a multi-exit resnet18 on the corrupted digits (CPU, ~3 minutes) against the plain backbone and a narrower one; "
+        "print each exit's accuracy, FLOPs and early-exit speedup",
+    )
     demo.add_argument("--model", default="resnet18", help="timm model name (default: resnet18)")
     demo.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], help="stage indices to attach exits to (default: 1 2 3)")
     demo.add_argument("--head", default="linear", choices=head_names(), help="exit head (default: linear)")
@@ -144,13 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--epochs", type=_positive_int, default=8, help="training epochs (default: 8)")
     demo.add_argument("--seed", type=int, default=0, help="random seed for the weights and the batch order; the task is fixed (default: 0)")
     demo.add_argument("--no-baselines", action="store_true", help="skip training the plain backbone and the narrower model")
-    demo.add_argument("--plot", default="demo_tradeoff.png", help="where to write the accuracy-vs-FLOPs PNG (default: demo_tradeoff.png; '' for none)")
+    demo.add_argument("--plot", default="demo_tradeoff.png",
+                      help="where to write the accuracy-vs-FLOPs PNG (default: demo_tradeoff.png; '' for none)")
     demo.set_defaults(run=_demo)
 
     stages = sub.add_parser("stages", help="list the stages of a model that exits can attach to")
     stages.add_argument("model", help="timm model name, or torchvision:NAME")
     stages.add_argument("--num-classes", type=_positive_int, default=1000, help="classes of the backbone's head (default: 1000)")
-    stages.add_argument("--input-size", type=_positive_int, nargs=3, default=None, metavar=("C", "H", "W"), help="dummy input size (default: the model's own)")
+    stages.add_argument("--input-size", type=_positive_int, nargs=3, default=None, metavar=("C", "H", "W"),
+                        help="dummy input size (default: the model's own)")
     stages.add_argument("--json", action="store_true", help="print the stage table as JSON (index as wrap(stages=[index]) takes it)")
     stages.set_defaults(run=_stages)
 
@@ -162,11 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     flops.add_argument("model", help="timm model name, or torchvision:NAME")
     where = flops.add_mutually_exclusive_group()
-    where.add_argument("--stages", nargs="+", metavar="STAGE", help="stages to attach exits to: indices or module names, shallow to deep (see `timm-exits stages MODEL`)")
-    where.add_argument("--at-flops", type=float, nargs="+", metavar="FRACTION", help="instead of --stages: place exits where the backbone has spent these shares of its FLOPs, e.g. 0.25 0.5 0.75")
+    where.add_argument("--stages", nargs="+", metavar="STAGE",
+                       help="stages to attach exits to: indices or module names, shallow to deep (see `timm-exits stages MODEL`)")
+    where.add_argument("--at-flops", type=float, nargs="+", metavar="FRACTION",
+                       help="instead of --stages: place exits where the backbone has spent these shares of its FLOPs, e.g. 0.25 0.5 0.75")
     flops.add_argument("--head", default="linear", choices=head_names(), help="exit head (default: linear)")
-    flops.add_argument("--input-size", type=_positive_int, nargs=3, default=None, metavar=("C", "H", "W"), help="size of one input sample (default: the model's own, e.g. 3 224 224)")
-    flops.add_argument("--num-classes", type=_positive_int, default=1000, help="classes of the backbone's head and of the exits (default: 1000)")
+    flops.add_argument("--input-size", type=_positive_int, nargs=3, default=None, metavar=("C", "H", "W"),
+                       help="size of one input sample (default: the model's own, e.g. 3 224 224)")
+    flops.add_argument("--num-classes", type=_positive_int, default=1000,
+                       help="classes of the backbone's head and of the exits (default: 1000)")
     output = flops.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print the report as JSON")
     output.add_argument("--markdown", action="store_true", help="print the report as a markdown table")
@@ -176,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     export = sub.add_parser("export-backbone", help="write the plain backbone's checkpoint from a multi-exit one, for timm's own tools")
     export.add_argument("checkpoint", help="a checkpoint with backbone.* keys (timm's train.py writes one), or a save_pretrained folder")
     export.add_argument("out", help="where to write the backbone's weights (.safetensors, or a torch.save file)")
-    export.add_argument("--use-ema", action="store_true", help="take the checkpoint's EMA weights (state_dict_ema), as validate.py --use-ema does")
+    export.add_argument("--use-ema", action="store_true",
+                        help="take the checkpoint's EMA weights (state_dict_ema), as validate.py --use-ema does")
     export.set_defaults(run=_export_backbone)
 
     args = parser.parse_args(argv)

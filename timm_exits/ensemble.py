@@ -92,7 +92,9 @@ def anytime_ensemble(outputs, weights: Sequence[float] | torch.Tensor | None = N
     logits = check_logits(outputs)
     w = _check_weights(weights, len(logits))
     if w is not None and not bool(w[0] > 0):
-        raise ValueError(f"weights[0] must be positive: the anytime ensemble after exit 1 is exit 1 alone, normalised by its weight; got {w.tolist()}")
+        raise ValueError(
+            f"weights[0] must be positive: the anytime ensemble after exit 1 is exit 1 alone, normalised by its weight; got {w.tolist()}"
+        )
     return [_combine(logits[: k + 1], None if w is None else w[: k + 1], mode) for k in range(len(logits))]
 
 

@@ -97,7 +97,8 @@ def plot_exits(model: MultiExitModel, path=None, input_size: Sequence[int] | Non
 
     def arrow(start, end, label, offset=(0, 0.12)):
         ax.annotate("", xy=end, xytext=start, arrowprops=dict(arrowstyle="->", color="0.3"))
-        ax.text((start[0] + end[0]) / 2 + offset[0], (start[1] + end[1]) / 2 + offset[1], label, ha="center", va="bottom", fontsize=7, color="0.2")
+        ax.text((start[0] + end[0]) / 2 + offset[0], (start[1] + end[1]) / 2 + offset[1], label,
+                ha="center", va="bottom", fontsize=7, color="0.2")
 
     width = 1.5
     box(0, 0, 1.0, 0.8, f"input\n{_dims(size)}", "#eeeeee")
@@ -105,10 +106,12 @@ def plot_exits(model: MultiExitModel, path=None, input_size: Sequence[int] | Non
     for k, step in enumerate(steps):
         x = 2.4 * (k + 1) - 0.6
         last = k == n - 1
-        label = f"segment {k + 1}\n→ {step.stage if not last else 'output'}\n{step.segment_flops / scale:.3g} {unit} ({step.segment_flops / total:.0%})"
+        label = (f"segment {k + 1}\n→ {step.stage if not last else 'output'}\n"
+                 f"{step.segment_flops / scale:.3g} {unit} ({step.segment_flops / total:.0%})")
         box(x, 0, width, 0.8, label, "#dbe9f6" if not last else "#d7ecd9")
         previous_right = 1.0 if k == 0 else 2.4 * k - 0.6 + width
-        arrow((previous_right + 0.05, 0.4), (x - 0.05, 0.4), " + ".join(_dims(c) for c in carried_in) if len(carried_in) < 3 else f"{len(carried_in)} values")
+        carried_label = " + ".join(_dims(c) for c in carried_in) if len(carried_in) < 3 else f"{len(carried_in)} values"
+        arrow((previous_right + 0.05, 0.4), (x - 0.05, 0.4), carried_label)
         head_scale, head_unit = (1e6, "MFLOPs") if step.head_flops >= 1e5 else (1e3, "KFLOPs")
         head_text = f"{step.head}\n{step.head_flops / head_scale:.3g} {head_unit}" if not last else f"{step.head}\n(in segment {n})"
         box(x + 0.1, -1.3, width - 0.2, 0.7, head_text, "#fbe3c8" if not last else "#d7ecd9")
@@ -118,7 +121,8 @@ def plot_exits(model: MultiExitModel, path=None, input_size: Sequence[int] | Non
         carried_in = step.carried
     cfg = getattr(model.backbone, "pretrained_cfg", None) or {}
     name = cfg.get("architecture") or type(model.backbone).__name__
-    ax.set_title(title or f"{name} cut at {', '.join(model.stages)}: segments, the values carried between them, and the exit heads", fontsize=9)
+    ax.set_title(title or f"{name} cut at {', '.join(model.stages)}: segments, the values carried between them, and the exit heads",
+                 fontsize=9)
     if own:
         fig.tight_layout()
     if path is not None:
@@ -126,7 +130,8 @@ def plot_exits(model: MultiExitModel, path=None, input_size: Sequence[int] | Non
     return fig
 
 
-def plot_tradeoff(curve: Sequence[CurvePoint], path=None, anytime: Sequence[AnytimePoint] | None = None, title: str | None = None, points: dict | None = None, ax=None):
+def plot_tradeoff(curve: Sequence[CurvePoint], path=None, anytime: Sequence[AnytimePoint] | None = None, title: str | None = None,
+                  points: dict | None = None, ax=None):
     """Draw accuracy against average FLOPs; returns the matplotlib Figure (saved to `path` too if given).
 
     Draws the budgeted curve, each exit alone (`anytime`, labeled "exit k") and `points`

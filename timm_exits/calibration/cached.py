@@ -48,7 +48,10 @@ class CachedExits:
                 "(their softmax is sigmoid(z))"
             )
         if self.labels.numel() and int(self.labels.max()) >= classes:
-            raise ValueError(f"labels hold class {int(self.labels.max())}, outside [0, {classes}) for {classes}-class logits (unlabeled samples take a negative label)")
+            raise ValueError(
+                f"labels hold class {int(self.labels.max())}, outside [0, {classes}) for {classes}-class logits "
+                "(unlabeled samples take a negative label)"
+            )
 
     @property
     def num_exits(self) -> int:
@@ -96,7 +99,10 @@ def collect_exit_logits(model: MultiExitModel, loader, device=None, progress: bo
     if not isinstance(model, MultiExitModel):
         raise TypeError(f"collect_exit_logits needs a MultiExitModel, got {type(model).__name__}")
     if model.num_classes == 1:  # named before the pass over the data, not after it
-        raise ValueError("the model outputs one logit per sample: thresholds need class logits (CachedExits says why); early_exit takes a callable criterion instead")
+        raise ValueError(
+            "the model outputs one logit per sample: thresholds need class logits (CachedExits says why); "
+            "early_exit takes a callable criterion instead"
+        )
     logits, labels, sizes = [], [], Counter()
     with evaluating(model):
         for batch in Progress(progress)(loader, "collecting exit logits"):

@@ -31,8 +31,8 @@ def anytime_accuracy(cached: CachedExits, ensemble: bool = False) -> list[Anytim
     return [AnytimePoint(k, cached.stages[k], labeled_accuracy(preds[k], cached.labels), cached.flops[k]) for k in range(cached.num_exits)]
 
 
-def budgeted_curve(cached: CachedExits, budgets: Sequence[float] | int = 20, criterion="max_prob", ensemble: bool = False, evaluate_on: CachedExits | None = None,
-                   temperature=None, costs=None) -> list[CurvePoint]:
+def budgeted_curve(cached: CachedExits, budgets: Sequence[float] | int = 20, criterion="max_prob", ensemble: bool = False,
+                   evaluate_on: CachedExits | None = None, temperature=None, costs=None) -> list[CurvePoint]:
     """Accuracy against average FLOPs over a sweep of budgets (default: 20 from the first exit's cost to the full model's).
 
     Thresholds are calibrated on `cached` for each budget; with `evaluate_on` (say, the test
@@ -41,7 +41,9 @@ def budgeted_curve(cached: CachedExits, budgets: Sequence[float] | int = 20, cri
     budgets in another unit (`profile_exits`' seconds); the points' FLOPs stay FLOPs.
     """
     if evaluate_on is not None and evaluate_on.num_exits != cached.num_exits:
-        raise ValueError(f"evaluate_on has {evaluate_on.num_exits} exits, the calibration data {cached.num_exits}: they must come from the same model")
+        raise ValueError(
+            f"evaluate_on has {evaluate_on.num_exits} exits, the calibration data {cached.num_exits}: they must come from the same model"
+        )
     if isinstance(budgets, int):
         scale = checked_costs(cached, costs) or cached.flops
         lo, hi = scale[0], scale[-1]

@@ -28,7 +28,10 @@ def _binomial_cdf(k: int, n: int, p: float) -> float:
         return 0.0
     if k >= n:
         return 1.0
-    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p) for i in range(k + 1)]
+    log_terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
+        for i in range(k + 1)
+    ]
     top = max(log_terms)
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
 
@@ -55,7 +58,9 @@ def risk_controlled_thresholds(conf: torch.Tensor, preds: torch.Tensor, labels: 
     conf, preds, labels = conf[:, labeled], preds[:, labeled], labels[labeled]
     num_exits, n = conf.shape
     final_right = preds[-1] == labels
-    candidates = torch.quantile(conf[:-1].flatten().double(), torch.linspace(1, 0, 201, dtype=torch.float64)).unique(sorted=True).flip(0).tolist()
+    candidates = torch.quantile(
+        conf[:-1].flatten().double(), torch.linspace(1, 0, 201, dtype=torch.float64)
+    ).unique(sorted=True).flip(0).tolist()
     accepted = math.inf
     for t in candidates:  # most conservative first: fixed-sequence testing
         passed = torch.cat([conf[:-1] >= t, torch.ones(1, n, dtype=torch.bool)])

@@ -8,6 +8,7 @@ et al. 2018), or a target accuracy at the least FLOPs (with a statistical guaran
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import numbers
 from collections.abc import Sequence
@@ -49,10 +50,13 @@ def _outcome(conf: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, cost
     passed = torch.cat([conf[:-1] >= torch.tensor(thresholds, dtype=conf.dtype).unsqueeze(1), torch.ones(1, n, dtype=torch.bool)])
     exit_index = passed.float().argmax(0)
     counts = torch.bincount(exit_index, minlength=num_exits).double()
-    return _Outcome(labeled_accuracy(preds[exit_index, torch.arange(n)], labels), (costs.double()[exit_index]).mean().item(), (counts / n).tolist())
+    return _Outcome(
+        labeled_accuracy(preds[exit_index, torch.arange(n)], labels), (costs.double()[exit_index]).mean().item(), (counts / n).tolist()
+    )
 
 
-def evaluate_thresholds(cached: CachedExits, threshold=None, criterion="max_prob", ensemble: bool = False, temperature=None, patience=None) -> Calibration:
+def evaluate_thresholds(cached: CachedExits, threshold=None, criterion="max_prob", ensemble: bool = False,
+                        temperature=None, patience=None) -> Calibration:
     """Accuracy, average FLOPs and exit shares of `threshold` on cached exits (what `early_exit` would do).
 
     `temperature`: per-exit temperatures (`calibrate_temperature`) the confidences are read after;
@@ -64,7 +68,9 @@ def evaluate_thresholds(cached: CachedExits, threshold=None, criterion="max_prob
     temperature = calibration_temperature(threshold, temperature, cached.num_exits)
     conf_thresholds = confidence_thresholds(threshold, criterion, cached.num_exits, ensemble)
     scaled = cached.scaled(temperature)
-    out = _outcome(scaled.confidences(criterion, ensemble), scaled.predictions(ensemble), cached.labels, torch.tensor(cached.flops), conf_thresholds)
+    out = _outcome(
+        scaled.confidences(criterion, ensemble), scaled.predictions(ensemble), cached.labels, torch.tensor(cached.flops), conf_thresholds
+    )
     return _calibration(conf_thresholds, criterion, ensemble, out, temperature)
 
 
@@ -100,19 +106,23 @@ def checked_costs(cached: CachedExits, costs) -> list[float] | None:
 
     if isinstance(costs, ExitProfile):
         if costs.stages != cached.stages:
-            raise ValueError(f"costs is a profile of a model with exits at {costs.stages}, the cached exits are at {cached.stages}: profile the same model")
+            raise ValueError(
+                f"costs is a profile of a model with exits at {costs.stages}, "
+                f"the cached exits are at {cached.stages}: profile the same model"
+            )
         costs = costs.seconds
     values = costs.tolist() if isinstance(costs, torch.Tensor) else list(costs)
     if len(values) != cached.num_exits:
         raise ValueError(f"costs has {len(values)} values; give one per exit ({cached.num_exits}): what a sample leaving there costs")
     if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values):
         raise ValueError(f"costs must be finite numbers > 0, got {values}")
-    if any(b < a for a, b in zip(values, values[1:])):
+    if any(b < a for a, b in itertools.pairwise(values)):
         raise ValueError(f"costs must not decrease from exit to exit (leaving later computes more), got {values}")
     return [float(v) for v in values]
 
 
-def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, max_accuracy_drop: float | None = None, delta: float | None = None,
+def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *,
+                         max_accuracy_drop: float | None = None, delta: float | None = None,
                          criterion="max_prob", ensemble: bool = False, temperature=None, costs=None) -> Calibration:
     """Thresholds that meet an average-FLOPs `budget`, or lose at most `max_accuracy_drop` at the least FLOPs.
 
@@ -149,7 +159,9 @@ def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, ma
 
     def done(thresholds) -> Calibration:
         out = _outcome(conf, preds, labels, flops, thresholds)
-        return dataclasses.replace(_calibration(thresholds, criterion, ensemble, out, temperature), cost=run(thresholds).flops if custom is not None else None)
+        return dataclasses.replace(
+            _calibration(thresholds, criterion, ensemble, out, temperature), cost=run(thresholds).flops if custom is not None else None
+        )
 
     if budget is not None:
         lo_cost, hi_cost = costs[0].item(), costs[-1].item()
@@ -187,7 +199,10 @@ def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *, ma
     target = labeled_accuracy(preds[-1], labels) - max_accuracy_drop
     candidates = [[math.inf] * (cached.num_exits - 1)]
     candidates += [_msdnet_thresholds(conf, q) for q in torch.logspace(-3, 3, 61, dtype=torch.float64).tolist()]
-    candidates += [[t] * (cached.num_exits - 1) for t in torch.quantile(conf[:-1].flatten().double(), torch.linspace(0, 1, 101, dtype=torch.float64)).tolist()]
+    candidates += [
+        [t] * (cached.num_exits - 1)
+        for t in torch.quantile(conf[:-1].flatten().double(), torch.linspace(0, 1, 101, dtype=torch.float64)).tolist()
+    ]
     outcomes = [(run(t), t) for t in candidates]
     _, best = min(((o, t) for o, t in outcomes if o.accuracy >= target - 1e-12), key=lambda pair: (pair[0].flops, -pair[0].accuracy))
     return done(best)

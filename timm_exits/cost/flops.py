@@ -129,18 +129,21 @@ def _count_segments(steps: list[ExitStep], x: torch.Tensor, handles, failed) -> 
 def _count_standalone(backbone: nn.Module, steps: list[ExitStep], x: torch.Tensor, handles, failed) -> _Counts:
     """Steps that share one pass (the forward_intermediates fallback) cannot be scoped apart: one trace per exit."""
     params = list(backbone.parameters())
-    counts = _Counts([], [], [], Counter(), ["fx could not trace this backbone: it runs through forward_intermediates, and each exit was counted with its own trace"])
+    counts = _Counts([], [], [], Counter(), [
+        "fx could not trace this backbone: it runs through forward_intermediates, and each exit was counted with its own trace"
+    ])
     for step in steps:
         alone = step.standalone
         analysis = _analysis(alone, (x,), handles, failed)
         counts.backbone_flops.append(analysis.total())
-        counts.backbone_params.append(_used_params(lambda: alone(x), params))
+        counts.backbone_params.append(_used_params(lambda alone=alone: alone(x), params))
         counts.uncounted.update(analysis.unsupported_ops())
         if step.head is None:
             counts.head_flops.append(0)
             continue
         feature = alone(x)
-        previous = (torch.zeros(x.shape[0], step.head.previous.in_features, dtype=x.dtype, device=x.device),) if step.cascaded else ()  # FLOPs follow shapes
+        # FLOPs follow shapes
+        previous = (torch.zeros(x.shape[0], step.head.previous.in_features, dtype=x.dtype, device=x.device),) if step.cascaded else ()
         head_analysis = _analysis(step.head, (feature, *previous), handles, failed)
         counts.head_flops.append(head_analysis.total())
         counts.uncounted.update(head_analysis.unsupported_ops())
@@ -204,7 +207,10 @@ def _count(model: nn.Module, backbone: nn.Module, x: torch.Tensor, handles, fail
                 "Pass example_input= with representative data, and read the counts as this input's"
             )
         else:
-            counts.notes.append(f"the model reads tensor values into Python (at {where}); a second input gave the same count, but other inputs may take another path")
+            counts.notes.append(
+                f"the model reads tensor values into Python (at {where}); "
+                "a second input gave the same count, but other inputs may take another path"
+            )
     return counts
 
 
@@ -228,8 +234,13 @@ def _count_traced(model: nn.Module, backbone: nn.Module, x: torch.Tensor, handle
         with _hooks_restored([model, *steps]), torch.no_grad():
             if not isinstance(model, MultiExitModel):
                 analysis = _analysis(model, (x,), handles, failed)
-                note = f"{type(model).__name__} is not a MultiExitModel: reported as a single exit (timm_exits.wrap(model, stages=...) adds exits)"
-                return _Counts([analysis.total()], [sum(p.numel() for p in model.parameters())], [0], Counter(analysis.unsupported_ops()), [note])
+                note = (
+                    f"{type(model).__name__} is not a MultiExitModel: reported as a single exit "
+                    "(timm_exits.wrap(model, stages=...) adds exits)"
+                )
+                return _Counts(
+                    [analysis.total()], [sum(p.numel() for p in model.parameters())], [0], Counter(analysis.unsupported_ops()), [note]
+                )
             if model.has_segments:
                 return _count_segments(steps, x, handles, failed)
             return _count_standalone(backbone, steps, x, handles, failed)
@@ -246,7 +257,9 @@ def _sample(model: nn.Module, backbone: nn.Module, input_size, example_input) ->
     if input_size is not None:
         raise ValueError("give input_size or example_input, not both")
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
-        raise ValueError(f"example_input must be a batch tensor (B, C, H, W), got {getattr(example_input, 'shape', type(example_input).__name__)}")
+        raise ValueError(
+            f"example_input must be a batch tensor (B, C, H, W), got {getattr(example_input, 'shape', type(example_input).__name__)}"
+        )
     if wrapped:
         model.check_channels(example_input.shape[1], f"example_input of shape {tuple(example_input.shape)}")
     return example_input
@@ -270,11 +283,11 @@ def _check_runs(model: nn.Module, x: torch.Tensor, argument: str, counting_error
         try:
             model(x)
             return
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - whatever stops the model on `x` is the failure to report
             failure = err
         try:
             model(dummy_input(model, own))
-        except Exception:
+        except Exception:  # noqa: BLE001 - it fails at its own size too: a fault of its own, the count's error stands
             return
         raise InputSizeError(
             f"{type(model).__name__} cannot run on an input of shape {tuple(x.shape)} (from {argument}), where it runs on its own "
@@ -292,7 +305,8 @@ def _labels(model: nn.Module) -> tuple[list[str], list[str], list[int]]:
     return stages, heads, [sum(p.numel() for p in h.parameters()) for h in model.exits] + [0]
 
 
-def flops_report(model: nn.Module, input_size: Sequence[int] | None = None, *, example_input: torch.Tensor | None = None, handles: dict | None = None) -> FlopsReport:
+def flops_report(model: nn.Module, input_size: Sequence[int] | None = None, *,
+                 example_input: torch.Tensor | None = None, handles: dict | None = None) -> FlopsReport:
     """FLOPs and parameters of every exit of `model`, per sample, as a `FlopsReport`.
 
     Args:
@@ -337,7 +351,8 @@ def flops_report(model: nn.Module, input_size: Sequence[int] | None = None, *, e
     for k, stage in enumerate(stages):
         bb, hd = per(counts.backbone_flops[k]), per(counts.head_flops[k])
         bp = counts.backbone_params[k]
-        exits.append(ExitCost(k, stage, heads[k], bb, hd, bb + hd, (bb + hd) / full if full else float("nan"), bp, head_params[k], bp + head_params[k]))
+        exits.append(ExitCost(k, stage, heads[k], bb, hd, bb + hd, (bb + hd) / full if full else float("nan"),
+                              bp, head_params[k], bp + head_params[k]))
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
     return FlopsReport(
         model=cfg.get("architecture") or type(backbone).__name__,

@@ -7,6 +7,7 @@ shares of its FLOPs, as Shallow-Deep Networks place theirs. A placement is any o
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
 from torch import nn
@@ -74,7 +75,7 @@ def at_flops(*fractions: float, candidates: str | Sequence = "stages") -> FlopsP
     for f in fractions:
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f < 1.0:
             raise ValueError(f"at_flops fractions must be numbers strictly between 0 and 1 (shares of the backbone's FLOPs), got {f!r}")
-    if any(b <= a for a, b in zip(fractions, fractions[1:])):
+    if any(b <= a for a, b in itertools.pairwise(fractions)):
         raise ValueError(f"at_flops fractions must increase (shallow to deep), got {fractions}")
     if isinstance(candidates, str):
         if candidates not in ("stages", "blocks"):

@@ -44,7 +44,8 @@ class ExitProfile:
     repeats: int
     input_size: tuple[int, ...] = ()  # one sample's shape, as profiled
     beside_seconds: dict = dataclasses.field(default_factory=dict)  # `beside`'s callables, timed in the same rounds
-    round_seconds: dict[str, list[float]] = dataclasses.field(default_factory=dict, repr=False, compare=False)  # "plain", "segment k", "head k": seconds in each round
+    # "plain", "segment k", "head k": seconds in each round
+    round_seconds: dict[str, list[float]] = dataclasses.field(default_factory=dict, repr=False, compare=False)
     beside_rounds: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # `beside`'s seconds in each round
 
     @property
@@ -53,10 +54,13 @@ class ExitProfile:
         return [t / self.batch_size for t in itertools.accumulate(steps)]
 
     def predicted_speedup(self, exit_shares: Sequence[float]) -> float:
-        """The plain backbone's time over early exit's, predicted from the measured parts when `exit_shares` of the samples leave at each exit."""
+        """The plain backbone's time over early exit's, predicted from the measured parts when `exit_shares` of the
+        samples leave at each exit."""
         shares = [float(s) for s in exit_shares]
         if len(shares) != len(self.stages) or not all(math.isfinite(s) and s >= 0 for s in shares) or abs(sum(shares) - 1) > 1e-6:
-            raise ValueError(f"exit_shares must be {len(self.stages)} non-negative shares, one per exit, summing to 1; got {list(exit_shares)}")
+            raise ValueError(
+                f"exit_shares must be {len(self.stages)} non-negative shares, one per exit, summing to 1; got {list(exit_shares)}"
+            )
         spent = sum(share * cost for share, cost in zip(shares, self.seconds))
         return self.plain_seconds / self.batch_size / spent
 
@@ -70,7 +74,9 @@ class ExitProfile:
         if not self.round_seconds:
             if self.repeats == 1:
                 return [self]
-            raise ValueError(f"this profile of {self.repeats} rounds keeps no round's seconds (profile_exits keeps them; one made by hand does not)")
+            raise ValueError(
+                f"this profile of {self.repeats} rounds keeps no round's seconds (profile_exits keeps them; one made by hand does not)"
+            )
         n = len(self.segment_seconds)
         return [dataclasses.replace(
             self,
@@ -148,15 +154,19 @@ def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: i
     nothing; None (the default): the bar on a terminal, else those lines through the ``timm_exits``
     logger at INFO. Example::
 
-        >>> profile = timm_exits.profile_exits(model, x, beside={"plain": lambda: model.backbone(x), "early exit": lambda: model.early_exit(x, threshold=0.9)})
+        >>> profile = timm_exits.profile_exits(
+        ...     model, x, beside={"plain": lambda: model.backbone(x), "early exit": lambda: model.early_exit(x, threshold=0.9)})
         >>> result = model.early_exit(x, threshold=0.9)
         >>> measured = profile.beside_seconds["plain"] / profile.beside_seconds["early exit"]
-        >>> measured / profile.predicted_speedup([c / len(x) for c in result.exit_counts(model.num_exits)])   # the share of the limit reached
+        >>> # the share of the limit reached
+        >>> measured / profile.predicted_speedup([c / len(x) for c in result.exit_counts(model.num_exits)])
     """
     if not isinstance(model, MultiExitModel):
         raise TypeError(f"model must be a MultiExitModel (timm_exits.wrap(...)), got {type(model).__name__}")
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2 or example_input.shape[0] < 1:
-        raise ValueError(f"example_input must be a batch tensor (B, C, H, W), got {getattr(example_input, 'shape', type(example_input).__name__)}")
+        raise ValueError(
+            f"example_input must be a batch tensor (B, C, H, W), got {getattr(example_input, 'shape', type(example_input).__name__)}"
+        )
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     beside = {} if beside is None else beside
@@ -170,7 +180,10 @@ def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: i
     with evaluating(model):
         steps = model.steps()
         if not model.has_segments:
-            raise ValueError("this model runs through forward_intermediates (fx could not trace its backbone): its exits share one pass, so their parts cannot be timed apart")
+            raise ValueError(
+                "this model runs through forward_intermediates (fx could not trace its backbone): "
+                "its exits share one pass, so their parts cannot be timed apart"
+            )
         parts: dict[str, Callable] = {"plain": lambda: model.backbone(example_input)}
         run = model.run(example_input)
         for output in run:  # each part timed on the values the wrapped model passes it
@@ -201,8 +214,8 @@ def profile_exits(model: MultiExitModel, example_input: torch.Tensor, repeats: i
 
 
 # ops whose result size or value the host must read: on a GPU each makes the host wait for the device
-_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::equal",
-          "aten::bincount"}  # bincount's length is the input's largest value, read on the host
+_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim",
+          "aten::unique_consecutive", "aten::equal", "aten::bincount"}  # bincount's length is the input's largest value, read on the host
 # `x[i] = k` lifts the number k into a 0-d tensor (lift_fresh), then writes it with one of these (the value's argument
 # index): the number travels to the kernel by value, so that lift is no copy from the host
 _SCALAR_WRITES = {"aten::index_put_": 2, "aten::index_put": 2, "aten::copy_": 1, "aten::fill_": 1, "aten::masked_fill_": 2}
@@ -231,9 +244,11 @@ class HostSyncs(TorchDispatchMode):
             self._lifted = None
         if name in _READS:
             self.counts[name.removeprefix("aten::")] += 1
-        elif name == "aten::repeat_interleave" and kwargs.get("output_size") is None and isinstance(args[0], torch.Tensor) and len(args) == 1:
+        elif (name == "aten::repeat_interleave" and kwargs.get("output_size") is None and isinstance(args[0], torch.Tensor)
+              and len(args) == 1):
             self.counts["repeat_interleave"] += 1  # the output's size is the repeats' sum
-        elif name in ("aten::index", "aten::index_put", "aten::index_put_") and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+        elif (name in ("aten::index", "aten::index_put", "aten::index_put_")
+              and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])):
             self.counts[f"{name.removeprefix('aten::')} (boolean mask)"] += 1  # a mask's row count is read on the host
         elif name in ("aten::_to_copy", "aten::copy_") and _device_to_host(name, args, kwargs):
             self.counts["copy to host"] += 1
@@ -250,7 +265,8 @@ def _device_to_host(name: str, args, kwargs) -> bool:
         dst, src = args[0], args[1]
         return src.device.type not in ("cpu", "meta") and dst.device.type == "cpu" and not (len(args) > 2 and args[2])
     device = kwargs.get("device")
-    return args[0].device.type not in ("cpu", "meta") and device is not None and torch.device(device).type == "cpu" and not kwargs.get("non_blocking")
+    return (args[0].device.type not in ("cpu", "meta") and device is not None and torch.device(device).type == "cpu"
+            and not kwargs.get("non_blocking"))
 
 
 def host_syncs() -> HostSyncs:

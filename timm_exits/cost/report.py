@@ -89,7 +89,8 @@ class FlopsReport:
         scale, unit = _unit(self.backbone_flops)
         lines = [f"all exits computed (the wrapped model's forward): {self.all_exits_flops / scale:.4g} {unit}"]
         if self.uncounted_ops:
-            lines.append("uncounted operators: " + ", ".join(f"{op} x{n}" for op, n in sorted(self.uncounted_ops.items(), key=lambda kv: (-kv[1], kv[0]))))
+            ops = sorted(self.uncounted_ops.items(), key=lambda kv: (-kv[1], kv[0]))
+            lines.append("uncounted operators: " + ", ".join(f"{op} x{n}" for op, n in ops))
         for op, err in self.failed_ops.items():
             lines.append(f"counting {op} failed ({err}); it counts 0")
         return lines + list(self.notes)

@@ -120,7 +120,7 @@ def _affine(x, s, g):
 
 def _gaussian(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Blur each image with its own sigma (in pixels)."""
-    radius = int(math.ceil(3 * float(sigma.max())))
+    radius = math.ceil(3 * float(sigma.max()))
     taps = torch.arange(-radius, radius + 1, dtype=x.dtype)
     kernel = torch.exp(-0.5 * (taps / sigma.unsqueeze(1)) ** 2)
     kernel = kernel / kernel.sum(1, keepdim=True)  # (N, K)
@@ -159,7 +159,8 @@ def _occlusion(x, s, g):
     top = (torch.rand(n, generator=g) * (h - side + 1)).long()
     left = (torch.rand(n, generator=g) * (w - side + 1)).long()
     rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
-    inside = (rows >= top.view(n, 1, 1)) & (rows < (top + side).view(n, 1, 1)) & (cols >= left.view(n, 1, 1)) & (cols < (left + side).view(n, 1, 1))
+    inside = ((rows >= top.view(n, 1, 1)) & (rows < (top + side).view(n, 1, 1))
+              & (cols >= left.view(n, 1, 1)) & (cols < (left + side).view(n, 1, 1)))
     grey = torch.rand(n, generator=g).view(n, 1, 1)
     return torch.where(inside.unsqueeze(1), grey.unsqueeze(1), x)
 
@@ -188,7 +189,8 @@ def _check(name: str, value, valid: str, ok: bool) -> None:
         raise ValueError(f"{name} must be {valid}, got {value!r}")
 
 
-def corrupted_digits(seed: int = 0, variants: int = 6, size: int = 32, labels_per_class: int = 20, fractions: tuple[float, float] = (0.6, 0.15)) -> DigitsTask:
+def corrupted_digits(seed: int = 0, variants: int = 6, size: int = 32, labels_per_class: int = 20,
+                     fractions: tuple[float, float] = (0.6, 0.15)) -> DigitsTask:
     """The corrupted-digits task: train, validation and test splits of 1 x `size` x `size` images, 10 classes.
 
     Args:
@@ -210,12 +212,14 @@ def corrupted_digits(seed: int = 0, variants: int = 6, size: int = 32, labels_pe
     _check("variants", variants, "an int >= 1", integer(variants) and variants >= 1)
     _check("size", size, "an int >= 8", integer(size) and size >= 8)
     _check("labels_per_class", labels_per_class, "an int >= 1", integer(labels_per_class) and labels_per_class >= 1)
-    shares = isinstance(fractions, (tuple, list)) and len(fractions) == 2 and all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in fractions)
+    shares = (isinstance(fractions, (tuple, list)) and len(fractions) == 2
+              and all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in fractions))
     _check("fractions", fractions, "(train, val) shares > 0 that sum below 1", shares and min(fractions) > 0 and sum(fractions) < 1)
     g = torch.Generator().manual_seed(seed)
     scans, labels = _scans(size)
     part = _split_by_scan(labels, fractions, g)
-    empty = [name for p, name in enumerate(("train", "validation", "test")) if any(not bool(((part == p) & (labels == c)).any()) for c in range(10))]
+    empty = [name for p, name in enumerate(("train", "validation", "test"))
+             if any(not bool(((part == p) & (labels == c)).any()) for c in range(10))]
     _check("fractions", fractions, "shares that leave every split a scan of every class", not empty)
     source = torch.arange(len(labels)).repeat_interleave(variants)
     severity = torch.randint(1, 6, (len(source),), generator=g)
@@ -230,7 +234,8 @@ def corrupted_digits(seed: int = 0, variants: int = 6, size: int = 32, labels_pe
         rows = torch.nonzero(splits[0].y == c).flatten()
         rows = rows[torch.randperm(len(rows), generator=g)]
         _, first = _first_per_scan(splits[0].source[rows])
-        _check("labels_per_class", labels_per_class, f"at most {len(first)} (the training scans of class {c})", labels_per_class <= len(first))
+        _check("labels_per_class", labels_per_class, f"at most {len(first)} (the training scans of class {c})",
+               labels_per_class <= len(first))
         labeled[rows[first[:labels_per_class]]] = True
     return DigitsTask(*splits, labeled=labeled, seed=seed)
 

@@ -126,10 +126,12 @@ def narrower(model_name: str, target_flops: float, input_size, **kwargs):
 
 
 def run_demo(
-    model_name: str = "resnet18", stages=(1, 2, 3), head: str = "linear", loss: str = "eed", epochs: int = 8, batch_size: int = 64, lr: float = 4e-3, seed: int = 0, log=print, plot: str | None = None,
-    baselines: bool = True, variants: int = 6, progress: bool | None = None,
+    model_name: str = "resnet18", stages=(1, 2, 3), head: str = "linear", loss: str = "eed",
+    epochs: int = 8, batch_size: int = 64, lr: float = 4e-3, seed: int = 0,
+    log=print, plot: str | None = None, baselines: bool = True, variants: int = 6, progress: bool | None = None,
 ) -> dict:
-    """Train and evaluate; returns the per-exit accuracies, the baselines, the early-exit trade-off and timings (also printed through `log`).
+    """Train and evaluate; returns the per-exit accuracies, the baselines, the early-exit trade-off and timings (also
+    printed through `log`).
 
     `loss` is a `timm_exits.create_loss` name (default ``"eed"``, exit-ensemble distillation).
     ``"ekd"`` distils from external teachers: the demo first trains the plain backbone with
@@ -165,14 +167,16 @@ def run_demo(
 
     def report(epoch, mean_loss):
         accs = evaluate(model, task.val.x, task.val.y)
-        log(f"epoch {epoch + 1}/{epochs}  loss {mean_loss:.3f}  validation accuracy per exit " + " ".join(f"{a:.3f}" for a in accs) + f"  ({time.perf_counter() - start:.0f}s)")
+        log(f"epoch {epoch + 1}/{epochs}  loss {mean_loss:.3f}  validation accuracy per exit " + " ".join(f"{a:.3f}" for a in accs)
+            + f"  ({time.perf_counter() - start:.0f}s)")
 
     log(f"training: {epochs} epochs of {(len(x) + batch_size - 1) // batch_size} batches of {batch_size}")
     torch.manual_seed(seed)  # the batch order: the same for the baselines
     fit(model, loss_fn, x, y, epochs, batch_size, lr, teacher=teacher, on_epoch=report, progress=bar(loss))
     accs = evaluate(model, task.test.x, task.test.y)
     costs = flops_report(model).exits
-    rows = [(f"exit {k}", name, acc, cost.flops) for k, (name, acc, cost) in enumerate(zip(list(model.stages) + ["head (backbone)"], accs, costs), start=1)]
+    rows = [(f"exit {k}", name, acc, cost.flops)
+            for k, (name, acc, cost) in enumerate(zip(list(model.stages) + ["head (backbone)"], accs, costs), start=1)]
     result = {"accuracy": accs, "stages": [r[1] for r in rows], "flops": [c.flops for c in costs], "loss": loss}
     points = {}
     if baselines:
@@ -180,7 +184,9 @@ def run_demo(
         torch.manual_seed(seed)
         plain = make()
         small = narrower(model_name, costs[len(costs) // 2 - 1].flops, size, num_classes=10, in_chans=size[0])
-        for label, net, what in [("baseline", plain, f"{model_name} alone, cross entropy")] + ([("smaller plain", small[0], f"{model_name}, channels {small[1]}")] if small else []):
+        trained = [("baseline", plain, f"{model_name} alone, cross entropy")]
+        trained += [("smaller plain", small[0], f"{model_name}, channels {small[1]}")] if small else []
+        for label, net, what in trained:
             log(f"training the {label} model ({what}, same epochs and batches)")
             torch.manual_seed(seed)
             fit(net, F.cross_entropy, x, y, epochs, batch_size, lr, progress=bar(label))
@@ -193,18 +199,22 @@ def run_demo(
     full = costs[-1].backbone_flops
     log("")
     table = [[label, name, f"{acc:.4f}", f"{flops / 1e6:.2f}", f"{flops / full:.1%}"] for label, name, acc, flops in rows]
-    for line in tabulate(table, ["", "attached after / model", "test accuracy", "MFLOPs per image", "share of the backbone"], tablefmt="plain",
-                         disable_numparse=True, colalign=["left", "left", "right", "right", "right"]).splitlines():
+    header = ["", "attached after / model", "test accuracy", "MFLOPs per image", "share of the backbone"]
+    for line in tabulate(table, header, tablefmt="plain", disable_numparse=True,
+                         colalign=["left", "left", "right", "right", "right"]).splitlines():
         log(line)
-    log(f"(test split: {len(task.test)} images, so one image is {1 / len(task.test):.2%}; FLOPs counted by timm_exits.flops_report: fvcore's convention, one multiply-add = 1 FLOP)")
+    log(
+        f"(test split: {len(task.test)} images, so one image is {1 / len(task.test):.2%}; "
+        "FLOPs counted by timm_exits.flops_report: fvcore's convention, one multiply-add = 1 FLOP)"
+    )
     result["early_exit"] = early_exit_tradeoff(model, task, log=log, plot=plot, points=points, progress=show)
     result["seconds"] = time.perf_counter() - start
     log(f"done in {result['seconds']:.0f}s")
     return result
 
 
-def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 5, log=print, plot: str | None = None, repeats: int = 5, batch_size: int = 64,
-                        progress: bool | None = None) -> dict:
+def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 5, log=print, plot: str | None = None,
+                        repeats: int = 5, batch_size: int = 64, progress: bool | None = None) -> dict:
     """Calibrate early-exit thresholds on the validation split, report the test split at `budgets` budgets.
 
     The budgets are evenly spaced from the first exit's cost to the whole model's. For each,
@@ -220,8 +230,11 @@ def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 
     with `points` (``{label: (flops, accuracy)}``) drawn beside the curve. `progress` is
     `collect_exit_logits`'s and `profile_exits`'s: their passes and timing rounds, reported as there.
     """
-    batches = lambda split: [(split.x[i : i + batch_size], split.y[i : i + batch_size]) for i in range(0, len(split), batch_size)]  # noqa: E731
-    val, test = collect_exit_logits(model, batches(task.val), progress=progress), collect_exit_logits(model, batches(task.test), progress=progress)
+    batches = lambda split: [  # noqa: E731
+        (split.x[i : i + batch_size], split.y[i : i + batch_size]) for i in range(0, len(split), batch_size)
+    ]
+    val = collect_exit_logits(model, batches(task.val), progress=progress)
+    test = collect_exit_logits(model, batches(task.test), progress=progress)
     first, full = val.flops[0], val.flops[-1]
     report = flops_report(model).exits
     backbone = report[-1].backbone_flops
@@ -232,8 +245,8 @@ def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 
         budget = first + (full - first) * i / max(budgets - 1, 1)
         calibration = calibrate_thresholds(val, budget)
         result = evaluate_thresholds(test, calibration.thresholds)
-        rows.append({"budget": budget, "thresholds": calibration.thresholds, "accuracy": result.accuracy, "flops": result.flops, "exit_shares": result.exit_shares,
-                     "flops_predicted": backbone / result.flops})
+        rows.append({"budget": budget, "thresholds": calibration.thresholds, "accuracy": result.accuracy, "flops": result.flops,
+                     "exit_shares": result.exit_shares, "flops_predicted": backbone / result.flops})
         runs[("stream", i)] = lambda t=calibration.thresholds: early_exit_stream(model, images, threshold=t)
         runs[("per batch", i)] = lambda t=calibration.thresholds: [model.early_exit(x, threshold=t) for x in images]
     # the prediction's parts timed in the measured runs' rounds
@@ -244,7 +257,10 @@ def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 
         row["measured"] = times["plain"] / times[("stream", i)]
         row["measured_per_batch"] = times["plain"] / times[("per batch", i)]
     log("")
-    log(f"early exit: thresholds calibrated on the {len(task.val)} validation images (MSDNet's budgeted batch), reported on the {len(task.test)} test images")
+    log(
+        f"early exit: thresholds calibrated on the {len(task.val)} validation images (MSDNet's budgeted batch), "
+        f"reported on the {len(task.test)} test images"
+    )
     log(f"speedup over the plain {type(model.backbone).__name__} at batch {batch_size}, median of {repeats} alternating rounds: "
         "streamed (early_exit_stream: every segment on full batches), batch by batch (model.early_exit on each batch), "
         "time-predicted (from each segment's measured time), FLOPs-predicted")
@@ -258,7 +274,8 @@ def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 
     reached = [c.backbone_flops for c in report]
     time_shares = [t / sum(profile.segment_seconds) for t in profile.segment_seconds]
     flops_shares = [(b - a) / backbone for a, b in zip([0] + reached, reached)]
-    log("where the time goes, segment by segment: share of the backbone's time " + " / ".join(f"{v:.0%}" for v in time_shares) + ", of its FLOPs " + " / ".join(f"{v:.0%}" for v in flops_shares))
+    log("where the time goes, segment by segment: share of the backbone's time " + " / ".join(f"{v:.0%}" for v in time_shares)
+        + ", of its FLOPs " + " / ".join(f"{v:.0%}" for v in flops_shares))
     takeaway = _takeaway(rows) if rows else ""
     if takeaway:
         log(takeaway)
@@ -266,7 +283,8 @@ def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 
     if plot:
         try:
             curve = budgeted_curve(val, evaluate_on=test)
-            plot_tradeoff(curve, plot, anytime=anytime_accuracy(test), points=points, title=f"corrupted digits, {len(task.test)} test images")
+            plot_tradeoff(curve, plot, anytime=anytime_accuracy(test), points=points,
+                          title=f"corrupted digits, {len(task.test)} test images")
             out["plot"] = str(plot)
             log(f"accuracy-vs-FLOPs plot: {plot}")
         except ImportError as err:

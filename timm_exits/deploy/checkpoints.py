@@ -80,7 +80,8 @@ def read_checkpoint(path, what: str, use_ema: bool) -> tuple[dict, str]:
 
 
 def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, use_ema: bool = False) -> tuple[Path, str]:
-    """Write the plain backbone's weights from a multi-exit checkpoint, for timm's own tools; returns the file and where the weights came from.
+    """Write the plain backbone's weights from a multi-exit checkpoint, for timm's own tools; returns the file and
+    where the weights came from.
 
     `checkpoint`: a file a trainer wrote (timm's ``train.py``: a dict whose ``state_dict`` has
     ``backbone.*`` and ``exits.*`` keys) or a folder `save_pretrained` wrote. `use_ema`: take the
@@ -92,7 +93,9 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, use_e
     state, where = read_checkpoint(source, "checkpoint", use_ema)
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     if not backbone:
-        raise ValueError(f"{str(checkpoint)!r} has no 'backbone.*' keys: it is not a multi-exit checkpoint (a plain one loads into timm as it is)")
+        raise ValueError(
+            f"{str(checkpoint)!r} has no 'backbone.*' keys: it is not a multi-exit checkpoint (a plain one loads into timm as it is)"
+        )
     target = Path(out)
     if target.is_dir():
         raise ValueError(f"out {str(out)!r} is a folder: give the file to write, e.g. {str(target / 'backbone.safetensors')!r}")

@@ -97,10 +97,13 @@ def _export(module: nn.Module, args: tuple, what: str, model: MultiExitModel, dy
             )
         elif dynamic_batch:
             hint += "; dynamic_batch=False exports for the example's batch size only"
-        raise ExportError(f"torch.export could not capture {what} of {type(model.backbone).__name__}: {type(err).__name__}: {text}; {hint}") from err
+        raise ExportError(
+            f"torch.export could not capture {what} of {type(model.backbone).__name__}: {type(err).__name__}: {text}; {hint}"
+        ) from err
 
 
-def export_exits(model: MultiExitModel, example_input: torch.Tensor, *, steps: bool = True, whole: bool = True, dynamic_batch: bool = True, strict: bool = False) -> ExportedExits:
+def export_exits(model: MultiExitModel, example_input: torch.Tensor, *,
+                 steps: bool = True, whole: bool = True, dynamic_batch: bool = True, strict: bool = False) -> ExportedExits:
     """`torch.export` the all-exits model and each exit step, in eval mode; returns `ExportedExits`.
 
     Args:

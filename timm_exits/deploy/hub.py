@@ -105,7 +105,9 @@ def _json_ready(value: Any, what: str) -> Any:
     try:
         return json.loads(json.dumps(value))
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{what} must be JSON data to be saved in config.json ({err}); pass plain numbers, strings, lists and dicts") from None
+        raise ValueError(
+            f"{what} must be JSON data to be saved in config.json ({err}); pass plain numbers, strings, lists and dicts"
+        ) from None
 
 
 def _backbone_spec(model: MultiExitModel, model_name: str | None, model_args: dict | None) -> dict:
@@ -142,7 +144,8 @@ def _backbone_spec(model: MultiExitModel, model_name: str | None, model_args: di
 
 
 def _importable(reference: str, what: str) -> str:
-    if reference.startswith("<") or (":" in reference and ("<locals>" in reference or "<lambda>" in reference or reference.startswith("__main__:"))):
+    if (reference.startswith("<")
+            or (":" in reference and ("<locals>" in reference or "<lambda>" in reference or reference.startswith("__main__:")))):
         raise ValueError(
             f"{what} {reference!r} cannot be imported when the model is rebuilt: define it at the top level of a module "
             "(or register the head with timm_exits.register_head and wrap by its name)"
@@ -181,7 +184,9 @@ def save_pretrained(model: MultiExitModel, save_directory: str | os.PathLike, mo
         raise TypeError(f"model must be a MultiExitModel (timm_exits.wrap or create_model), got {type(model).__name__}")
     wrap_args = model.wrap_args
     if wrap_args is None:
-        raise ValueError("this model was wrapped by a version of timm-exits that did not record its wrap: wrap its backbone again, then save")
+        raise ValueError(
+            "this model was wrapped by a version of timm-exits that did not record its wrap: wrap its backbone again, then save"
+        )
     config = _backbone_spec(model, model_name, model_args)
     config["num_classes"] = model.num_classes
     data = _check_data_config(data_config, model.input_size[0])
@@ -239,7 +244,8 @@ def _current_cfg(cfg: dict, num_classes: int, input_size: list[int], data: dict)
     """The backbone's pretrained_cfg as it describes the weights saved, as timm's ``save_config_for_hf`` writes it:
     without the release the original weights came from (source, tag), with the current classes (and no labels of
     another set), the input size the model was wrapped at, and how its inputs were prepared when `data` says so."""
-    kept = {k: v for k, v in cfg.items() if k not in _SOURCE_KEYS and (v is not None or k in ("pool_size", "first_conv", "classifier")) and _serialisable(v)}
+    kept = {k: v for k, v in cfg.items()
+            if k not in _SOURCE_KEYS and (v is not None or k in ("pool_size", "first_conv", "classifier")) and _serialisable(v)}
     if kept.get("num_classes") != num_classes:
         for key in ("label_names", "label_descriptions", "label_offset"):
             kept.pop(key, None)
@@ -282,10 +288,15 @@ def from_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
         raise ValueError(f"{folder / CONFIG} holds a {type(config).__name__}, not the object save_pretrained writes")
     exits = config.get("timm_exits")
     if exits is None:
-        raise ValueError(f"{folder / CONFIG} describes a plain model (no 'timm_exits' section): build it with timm.create_model, then wrap it")
+        raise ValueError(
+            f"{folder / CONFIG} describes a plain model (no 'timm_exits' section): build it with timm.create_model, then wrap it"
+        )
     needed = {"stages", "head", "head_kwargs", "eval_output", "input_size", "leaf_modules", "autowrap_functions"}
     if "architecture" not in config or not needed <= set(exits):
-        raise ValueError(f"{folder / CONFIG} lacks {sorted(needed - set(exits)) + ([] if 'architecture' in config else ['architecture'])}: it was not written by save_pretrained, or was edited")
+        raise ValueError(
+            f"{folder / CONFIG} lacks {sorted(needed - set(exits)) + ([] if 'architecture' in config else ['architecture'])}: "
+            "it was not written by save_pretrained, or was edited"
+        )
     model = create_model(
         config["architecture"],
         exits["stages"],

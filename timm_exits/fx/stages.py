@@ -6,6 +6,7 @@ same index means the same depth in both libraries.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -109,12 +110,16 @@ def _stages_from_feature_info(model, traced, shapes, input_hw) -> list[tuple]:
             rows.append((name, None, chans, f"the classifier has no module {name!r} (feature_info names timm's features_only model); "
                          "cut the classifier after one of its own modules by name"))
         elif node is None:
-            rows.append((name, None, chans, f"{name!r} is not computed by the classifier's forward (it belongs to timm's features_only model)"))
+            rows.append((name, None, chans,
+                         f"{name!r} is not computed by the classifier's forward (it belongs to timm's features_only model)"))
         elif shapes.get(node) is None:
             rows.append((name, None, chans, f"{name!r} outputs no single feature tensor"))
-        elif (found := read_feature(shapes[node], chans, model, input_hw)[1]) != chans:  # hrnet: its stage modules output branches, feature_info their merge
-            rows.append((name, None, chans, f"the classifier's {name!r} ends in a {found}-channel tensor, not the {chans}-channel feature feature_info[{i}] "
-                         "describes (timm's features_only model takes that one elsewhere); cut the classifier after one of its own modules by name"))
+        # hrnet: its stage modules output branches, feature_info their merge
+        elif (found := read_feature(shapes[node], chans, model, input_hw)[1]) != chans:
+            rows.append((name, None, chans,
+                         f"the classifier's {name!r} ends in a {found}-channel tensor, not the {chans}-channel feature feature_info[{i}] "
+                         "describes (timm's features_only model takes that one elsewhere); "
+                         "cut the classifier after one of its own modules by name"))
         elif node in seen:  # coat lists one module several times (one per scale it emits): one cut
             rows.append((name, None, chans, f"it is the same cut as stage {seen[node]}"))
         else:
@@ -162,7 +167,7 @@ def _stages_from_graph(model, traced, shapes, last_use) -> list[tuple[str, fx.No
             hw = size(shape)
             if hw not in ((1, 1), (1,)) and (not levels or levels[-1][0] != hw):
                 levels.append((hw, n))
-        shrinking = all(b[0] < a[0] for a, b in zip(levels, levels[1:]))  # a ViT's reshapes are not stages
+        shrinking = all(b[0] < a[0] for a, b in itertools.pairwise(levels))  # a ViT's reshapes are not stages
         if len(levels) >= 2 and (ndim == 4 or shrinking):
             break
     else:
@@ -215,7 +220,8 @@ def stage_table(model, traced, shapes, last_use, input_hw, found_at=None) -> lis
     if getattr(model, "feature_info", None):
         raw = _stages_from_feature_info(model, traced, shapes, input_hw)
     if not any(row[1] is not None or traced.find(row[0]) is not None for row in raw):  # no feature_info name is in the classifier's graph
-        raw = sorted(((*row, None) for row in _stages_from_graph(model, traced, found_at or shapes, last_use)), key=lambda row: traced.position[row[1]])
+        raw = sorted(((*row, None) for row in _stages_from_graph(model, traced, found_at or shapes, last_use)),
+                     key=lambda row: traced.position[row[1]])
     last = max((i for i, row in enumerate(raw) if row[1] is not None), default=-1)
     stages = []
     for i, (name, node, chans, reason) in enumerate(raw):
@@ -241,7 +247,8 @@ def read_feature(shape: tuple[int, ...], channels: int | None, model: nn.Module,
 
 def describe(stages: Sequence[Stage]) -> str:
     rows = [
-        f"  {s.index}: {s.name!r} " + (f"(no exit: {s.reason})" if s.reason else f"({s.channels} ch" + (f", 1/{s.reduction}" if s.reduction else "") + ")")
+        f"  {s.index}: {s.name!r} "
+        + (f"(no exit: {s.reason})" if s.reason else f"({s.channels} ch" + (f", 1/{s.reduction}" if s.reduction else "") + ")")
         + (" [final]" if s.final else "")
         for s in stages
     ]
@@ -262,7 +269,9 @@ def list_stages(model: nn.Module, input_size: Sequence[int] | None = None, leaf_
         hint = f"; build it first, e.g. timm.create_model({model!r})" if isinstance(model, str) else ""
         raise TypeError(f"list_stages takes a model (an nn.Module), got {type(model).__name__}{hint}")
     if hasattr(model, "exits") and hasattr(model, "backbone") and hasattr(model, "steps"):  # a MultiExitModel (not imported here)
-        raise TypeError(f"list_stages takes the backbone: this model is already wrapped (stages {model.stages}); call list_stages(model.backbone)")
+        raise TypeError(
+            f"list_stages takes the backbone: this model is already wrapped (stages {model.stages}); call list_stages(model.backbone)"
+        )
     traced, shapes, size = _traced_with_shapes(model, input_size, TraceOptions.of(leaf_modules, autowrap_functions))
     return stage_table(model, traced, shapes, last_uses(traced), size[1:], own_size_shapes(model, traced, size, shapes))
 
@@ -284,7 +293,7 @@ def own_size_shapes(model: nn.Module, traced: TracedGraph, size, shapes):
         return None
     try:
         found, _ = run_shapes(model, traced, dummy_input(model, own))
-    except Exception:  # a model built for one size only: the stages are found at that size
+    except Exception:  # noqa: BLE001 - a model built for one size only: the stages are found at that size
         found = None
     traced.shapes = shapes  # run_shapes records its shapes on the graph; put the wrapped size's back
     return found
@@ -312,7 +321,8 @@ def candidate_stages(model: nn.Module, candidates: str, input_size=None, options
     if final is not None:
         limit = traced.position[traced.find(final.name)]
     else:  # no row of the table takes an exit (hrnet): the head reads the last feature map
-        limit = max((traced.position[n] for n in cuts if shapes.get(n) is not None and len(shapes[n]) in (3, 4)), default=len(traced.position))
+        limit = max((traced.position[n] for n in cuts if shapes.get(n) is not None and len(shapes[n]) in (3, 4)),
+                    default=len(traced.position))
     modules = {n for n, _ in model.named_modules()}
     names: list[str] = []
     for node in cuts:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import itertools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .classifier import check_classifier, classifier_node, first_input, first_layer
 from .inputs import check_input_size, dummy_input
 from .modes import set_training
 from .stages import FeatureLayout, Stage, describe, feature_layout, final_stage, own_size_shapes, read_feature, stage_table
@@ -77,73 +79,23 @@ class ExitPlan:
         return self  # never changed after wrap(); copies of a model share it (and its graphs)
 
 
-def _get_classifier(model: nn.Module):
-    """timm's ``get_classifier()``, or None where the model has none (or one that needs arguments)."""
-    get_classifier = getattr(model, "get_classifier", None)
-    try:
-        return get_classifier() if callable(get_classifier) else None
-    except Exception:  # some models' get_classifier needs arguments
-        return None
-
-
-def _classifier_node(model: nn.Module, traced: TracedGraph) -> fx.Node | None:
-    """The call of the backbone's final classifier layer, whose input is the pre-logits feature."""
-    clf = _get_classifier(model)
-    if isinstance(clf, nn.Module) and not isinstance(clf, nn.Identity):
-        path = next((n for n, m in model.named_modules() if m is clf), None)
-        if path:
-            node = traced.last_node_of_module(path)
-            if node is not None:
-                return node
-    calls = [n for n in traced.nodes if n.op == "call_module" and isinstance(model.get_submodule(n.target), (nn.Linear, nn.Conv2d))]
-    return calls[-1] if calls else None
-
-
-_CLASSIFIER_NAMES = ("fc", "classifier", "head", "heads", "last_linear")
-
-
-def _check_classifier(model: nn.Module) -> None:
-    """Refuse a backbone whose classifier was removed: it returns its features, which would pass for logits."""
-    fix = "create it with the number of classes, e.g. timm.create_model(name, num_classes=10) or torchvision's resnet18(num_classes=10)"
-    num_classes = getattr(model, "num_classes", None)
-    if isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes <= 0:
-        raise ValueError(f"{type(model).__name__} has no classifier (num_classes={num_classes}); {fix}")
-    classifier = _get_classifier(model)
-    where = "get_classifier()" if isinstance(classifier, nn.Identity) else None
-    if where is None and classifier is None:
-        where = next((f"model.{name}" for name in _CLASSIFIER_NAMES if isinstance(getattr(model, name, None), nn.Identity)), None)
-    if where is not None:
-        raise ValueError(f"{type(model).__name__} has no classifier ({where} is an nn.Identity): it returns its features, not logits; {fix}")
-
-
-def _first_layer(model: nn.Module, traced: TracedGraph) -> tuple[str, int] | None:
-    """The convolution that reads the input itself, and how many channels it expects (None if no layer does)."""
-    x = next(n for n in traced.nodes if n.op == "placeholder")
-    for n in x.users:
-        if n.op == "call_module" and n.args and n.args[0] is x:
-            layer = model.get_submodule(n.target)
-            if isinstance(layer, nn.modules.conv._ConvNd):
-                return n.target, int(layer.in_channels)
-    return None
-
-
-def _first_input(node: fx.Node) -> fx.Node | None:
-    """The tensor a classifier reads: the first Node among its call's arguments."""
-    for a in node.args:
-        if isinstance(a, fx.Node):
-            return a
-    return None
-
-
 def _resolve(spec, table: list[Stage], traced: TracedGraph, module_names: set[str]) -> tuple[str, fx.Node]:
     if isinstance(spec, bool) or not isinstance(spec, (int, str)):
-        raise TypeError(f"each entry of `stages` must be an int (index into the stage table) or a str (module or node name), got {spec!r} of type {type(spec).__name__}")
+        raise TypeError(
+            "each entry of `stages` must be an int (index into the stage table) or a str (module or node name), "
+            f"got {spec!r} of type {type(spec).__name__}"
+        )
     if isinstance(spec, int):
         if not -len(table) <= spec < len(table):
-            raise ValueError(f"stage index {spec} is out of range: this model has {len(table)} stages (indices 0..{len(table) - 1}, negative counting from the end):\n{describe(table)}")
+            raise ValueError(
+                f"stage index {spec} is out of range: this model has {len(table)} stages (indices 0..{len(table) - 1}, "
+                f"negative counting from the end):\n{describe(table)}"
+            )
         stage = table[spec]
         if not stage.usable:
-            raise ValueError(f"stage {spec} ({stage.name!r}) cannot take an exit: {stage.reason}. The model's stages are:\n{describe(table)}")
+            raise ValueError(
+                f"stage {spec} ({stage.name!r}) cannot take an exit: {stage.reason}. The model's stages are:\n{describe(table)}"
+            )
         return stage.name, traced.find(stage.name)
     node = traced.find(spec) if spec in module_names else traced.by_name(spec)
     if node is not None and node.op in ("get_attr", "placeholder", "output"):
@@ -179,7 +131,7 @@ def split(traced: TracedGraph, cuts: list[fx.Node], pre_logits: fx.Node | None, 
             else:
                 env[n] = g.placeholder(f"carry_{i}")
 
-        def lookup(n: fx.Node) -> fx.Node:
+        def lookup(n: fx.Node, env=env, g=g) -> fx.Node:
             if n not in env:  # parameters and buffers are fetched again in every segment
                 env[n] = g.get_attr(prefix + n.target)
             return env[n]
@@ -217,15 +169,19 @@ def _replicate(model, traced, shapes, last_use, table, start: fx.Node):
         end = traced.find(stage.name)
         if pos[end] <= pos[start]:
             continue
-        first = next(c for c in traced.nodes[pos[prev] + 1 : pos[end] + 1] if closes_block(traced, last_use, prev, c) and shapes.get(c) is not None and shapes[c][1:] == shapes[end][1:])
+        first = next(c for c in traced.nodes[pos[prev] + 1 : pos[end] + 1]
+                     if closes_block(traced, last_use, prev, c) and shapes.get(c) is not None and shapes[c][1:] == shapes[end][1:])
         region = traced.nodes[pos[prev] + 1 : pos[first] + 1]
         reads = {a for n in region for a in n.all_input_nodes if pos[a] <= pos[prev] and a.op != "get_attr"}
         if reads != {prev}:
-            raise ValueError(f"the replica head needs a block that reads only the stage output {prev.name!r}, but it reads {sorted(a.name for a in reads)}")
+            raise ValueError(
+                f"the replica head needs a block that reads only the stage output {prev.name!r}, "
+                f"but it reads {sorted(a.name for a in reads)}"
+            )
         piece = fx.Graph()
         env = {prev: piece.placeholder("x")}
         for n in region:
-            env[n] = piece.node_copy(n, lambda a: env[a] if a in env else env.setdefault(a, piece.get_attr(a.target)))
+            env[n] = piece.node_copy(n, lambda a, env=env, piece=piece: env[a] if a in env else env.setdefault(a, piece.get_attr(a.target)))
         piece.output(env[first])
         blocks.append(copy.deepcopy(fx.GraphModule(model, piece, class_name="ReplicaBlock")))
         layout, channels, prev = FeatureLayout(stage.layout), stage.channels, end
@@ -243,20 +199,29 @@ def plan_exits(model: nn.Module, stages, input_size=None, options: TraceOptions 
     if not isinstance(stages, Sequence) or isinstance(stages, (bytes, bytearray)):
         raise TypeError(f"stages must be a list of stage indices or names, got {type(stages).__name__}")
     if len(stages) == 0:
-        raise ValueError("stages is empty: give at least one stage to attach an exit to, e.g. stages=[1, 2, 3]; see timm_exits.list_stages(model)")
-    _check_classifier(model)
+        raise ValueError(
+            "stages is empty: give at least one stage to attach an exit to, e.g. stages=[1, 2, 3]; see timm_exits.list_stages(model)"
+        )
+    check_classifier(model)
     size = check_input_size(input_size, model)
     try:
         eval_traced = trace(model, False, options)
         train_traced = trace(model, True, options)
     except TraceError as err:
-        if not all(callable(getattr(model, a, None)) for a in ("forward_intermediates", "forward_head")) or not getattr(model, "feature_info", None):
+        if (not all(callable(getattr(model, a, None)) for a in ("forward_intermediates", "forward_head"))
+                or not getattr(model, "feature_info", None)):
             raise
-        warnings.warn(f"{err} Falling back to {type(model).__name__}.forward_intermediates: every exit is computed on every call, so early exits save no compute.", stacklevel=3)
+        warnings.warn(
+            f"{err} Falling back to {type(model).__name__}.forward_intermediates: every exit is computed on every call, "
+            "so early exits save no compute.",
+            stacklevel=3,
+        )
         return _plan_from_intermediates(model, stages, size)
     shapes, out = shapes_at(model, eval_traced, size, given=input_size is not None)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise ValueError(f"the backbone must return logits of shape (B, num_classes) in eval mode; {type(model).__name__} returned {_shape_of(out)}")
+        raise ValueError(
+            f"the backbone must return logits of shape (B, num_classes) in eval mode; {type(model).__name__} returned {_shape_of(out)}"
+        )
     last_use = last_uses(eval_traced)
     table = stage_table(model, eval_traced, shapes, last_use, size[1:], own_size_shapes(model, eval_traced, size, shapes))
     final = final_stage(table)
@@ -265,11 +230,11 @@ def plan_exits(model: nn.Module, stages, input_size=None, options: TraceOptions 
     resolved = [_resolve(s, table, eval_traced, module_names) for s in stages]
     pos = eval_traced.position
     names = [name for name, _ in resolved]
-    for (prev, a), (name, b) in zip(resolved, resolved[1:]):
+    for (prev, a), (name, b) in itertools.pairwise(resolved):
         if pos[b] <= pos[a]:
             kind = "repeated" if pos[a] == pos[b] else "out of order"
             raise ValueError(f"stages must be distinct and ordered shallow to deep; {name!r} is {kind} after {prev!r} in {list(stages)!r}")
-    classifier = _classifier_node(model, eval_traced)
+    classifier = classifier_node(model, eval_traced)
     limit = pos[eval_traced.find(final.name)] if final else (pos[classifier] if classifier is not None else len(pos) - 1)
     for (name, node), spec in zip(resolved, stages):
         if pos[node] >= limit:
@@ -278,7 +243,9 @@ def plan_exits(model: nn.Module, stages, input_size=None, options: TraceOptions 
                 f"which is already the last exit. Choose an earlier stage:\n{describe(table)}"
             )
         if shapes.get(node) is None or len(shapes[node]) not in (3, 4):
-            raise ValueError(f"stage {spec!r} ({name!r}) outputs {shapes.get(node)!r}, not a (B, C, H, W), (B, H, W, C) or (B, L, C) feature")
+            raise ValueError(
+                f"stage {spec!r} ({name!r}) outputs {shapes.get(node)!r}, not a (B, C, H, W), (B, H, W, C) or (B, L, C) feature"
+            )
 
     train_cuts = []
     for name, node in resolved:
@@ -288,15 +255,16 @@ def plan_exits(model: nn.Module, stages, input_size=None, options: TraceOptions 
         if twin is None:
             raise ValueError(f"stage {name!r} exists in the eval-mode graph but not in the training-mode graph of {type(model).__name__}")
         train_cuts.append(twin)
-    train_classifier = _classifier_node(model, train_traced)
+    train_classifier = classifier_node(model, train_traced)
 
-    final_shape = shapes.get(_first_input(classifier)) if classifier is not None else None
+    final_shape = shapes.get(first_input(classifier)) if classifier is not None else None
     pre_logits_ok = final_shape is not None and len(final_shape) == 2
     final_channels = final_shape[1] if pre_logits_ok else final.channels if final else 0
     sites = []
     for name, node in resolved:
         row = next((s for s in table if s.name == name), None)
-        layout, channels, reduction = read_feature(shapes[node], row.channels if row and row.usable else None, model, size[1:])  # a refused row's width is not this node's
+        # a refused row's width is not this node's
+        layout, channels, reduction = read_feature(shapes[node], row.channels if row and row.usable else None, model, size[1:])
         sites.append(
             ExitSite(
                 stage=name,
@@ -309,8 +277,8 @@ def plan_exits(model: nn.Module, stages, input_size=None, options: TraceOptions 
                 replicate=functools.partial(_replicate, model, eval_traced, shapes, last_use, table, node),
             )
         )
-    eval_pre = _first_input(classifier) if pre_logits_ok else None
-    train_pre = _first_input(train_classifier) if pre_logits_ok and train_classifier is not None else None
+    eval_pre = first_input(classifier) if pre_logits_ok else None
+    train_pre = first_input(train_classifier) if pre_logits_ok and train_classifier is not None else None
     return ExitPlan(
         eval_segments=split(eval_traced, [n for _, n in resolved], eval_pre),
         train_segments=split(train_traced, train_cuts, train_pre),
@@ -318,7 +286,7 @@ def plan_exits(model: nn.Module, stages, input_size=None, options: TraceOptions 
         stage_names=names,
         num_classes=int(out.shape[1]),
         input_size=size,
-        first_layer=_first_layer(model, eval_traced),
+        first_layer=first_layer(model, eval_traced),
     )
 
 
@@ -326,7 +294,8 @@ def _plan_from_intermediates(model: nn.Module, stages, size) -> ExitPlan:
     """The plan for a model fx cannot trace: timm's forward_intermediates gives every exit's feature."""
     infos = [i if isinstance(i, dict) else vars(i) for i in model.feature_info]
     names = [i["module"] for i in infos]
-    table = [Stage(k, n, int(i["num_chs"]), i.get("reduction"), "NCHW", final=k == len(infos) - 1) for k, (n, i) in enumerate(zip(names, infos))]
+    table = [Stage(k, n, int(i["num_chs"]), i.get("reduction"), "NCHW", final=k == len(infos) - 1)
+             for k, (n, i) in enumerate(zip(names, infos))]
     indices = []
     for spec in stages:
         if isinstance(spec, str) and spec in names:
@@ -334,12 +303,18 @@ def _plan_from_intermediates(model: nn.Module, stages, size) -> ExitPlan:
         elif isinstance(spec, int) and not isinstance(spec, bool) and -len(names) <= spec < len(names):
             indices.append(spec % len(names))
         else:
-            raise ValueError(f"stage {spec!r} is not one of this model's feature_info stages (it is run through forward_intermediates, so only these work):\n{describe(table)}")
-    for a, b in zip(indices, indices[1:]):
+            raise ValueError(
+                f"stage {spec!r} is not one of this model's feature_info stages (it is run through forward_intermediates, "
+                f"so only these work):\n{describe(table)}"
+            )
+    for a, b in itertools.pairwise(indices):
         if b <= a:
             raise ValueError(f"stages must be distinct and ordered shallow to deep, got {list(stages)!r}")
     if indices[-1] >= len(names) - 1:
-        raise ValueError(f"stage {stages[-1]!r} is the final stage: its output feeds the backbone's own head, which is already the last exit. Choose an earlier stage:\n{describe(table)}")
+        raise ValueError(
+            f"stage {stages[-1]!r} is the final stage: its output feeds the backbone's own head, "
+            f"which is already the last exit. Choose an earlier stage:\n{describe(table)}"
+        )
     x = dummy_input(model, size)
     old = set_training(model, False)
     try:
@@ -349,7 +324,10 @@ def _plan_from_intermediates(model: nn.Module, stages, size) -> ExitPlan:
     finally:
         set_training(model, old)
     if not torch.allclose(logits, reference, rtol=1e-4, atol=1e-5):
-        raise TraceError(f"torch.fx could not trace {type(model).__name__}, and its forward_intermediates + forward_head do not reproduce its forward; it cannot be wrapped")
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}, "
+            "and its forward_intermediates + forward_head do not reproduce its forward; it cannot be wrapped"
+        )
     sites = [
         ExitSite(stage=names[i], channels=int(f.shape[1]), layout=FeatureLayout("NCHW"), shape=tuple(f.shape), reduction=table[i].reduction,
                  final_channels=int(pre_logits.shape[-1]), final_reduction=table[-1].reduction)

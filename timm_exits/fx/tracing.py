@@ -49,7 +49,8 @@ class TracedGraph:
         """The module's output: its last node, or, when that is no feature map (mvitv2's stages
         return ``(x, size)``), the last 3-D/4-D tensor it computed (known once shapes are run)."""
         prefix = path + "."
-        inside = [n for n in self.nodes if n.op in ("call_module", "call_function", "call_method") and (self.paths.get(n, "") in (path,) or self.paths.get(n, "").startswith(prefix))]
+        inside = [n for n in self.nodes if n.op in ("call_module", "call_function", "call_method")
+                  and (self.paths.get(n, "") in (path,) or self.paths.get(n, "").startswith(prefix))]
         if not inside:
             return None
         if self.shapes is not None and not _is_feature(self.shapes.get(inside[-1])):
@@ -80,8 +81,10 @@ class TraceOptions:
     @classmethod
     def of(cls, leaf_modules: Iterable[type] = (), autowrap_functions: Iterable[Any] = ()) -> TraceOptions:
         """Checked: a list of module classes, and a list of functions."""
-        if isinstance(leaf_modules, type) or isinstance(leaf_modules, nn.Module):
-            raise TypeError(f"leaf_modules must be a list of module classes, e.g. leaf_modules=[{_class_name(leaf_modules)}], got {leaf_modules!r}")
+        if isinstance(leaf_modules, (type, nn.Module)):
+            raise TypeError(
+                f"leaf_modules must be a list of module classes, e.g. leaf_modules=[{_class_name(leaf_modules)}], got {leaf_modules!r}"
+            )
         leaves = tuple(leaf_modules)
         for leaf in leaves:
             if isinstance(leaf, nn.Module):
@@ -89,7 +92,9 @@ class TraceOptions:
             if not (isinstance(leaf, type) and issubclass(leaf, nn.Module)):
                 raise TypeError(f"leaf_modules must hold nn.Module subclasses, got {leaf!r}")
         if callable(autowrap_functions):
-            raise TypeError(f"autowrap_functions must be a list of functions, e.g. autowrap_functions=[{getattr(autowrap_functions, '__name__', 'fn')}]")
+            raise TypeError(
+                f"autowrap_functions must be a list of functions, e.g. autowrap_functions=[{getattr(autowrap_functions, '__name__', 'fn')}]"
+            )
         functions = tuple(autowrap_functions)
         for fn in functions:
             if not callable(fn):

@@ -28,7 +28,7 @@ def _to_nchw(x: torch.Tensor, layout: FeatureLayout) -> torch.Tensor:
         return x.permute(0, 3, 1, 2)
     if layout.format == "NLC":
         tokens = x[:, layout.num_prefix_tokens :]
-        side = int(round(tokens.shape[1] ** 0.5))
+        side = round(tokens.shape[1] ** 0.5)
         if side * side != tokens.shape[1]:
             raise ValueError(f"this head needs a square grid of tokens, got {tokens.shape[1]} patch tokens")
         return tokens.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
@@ -114,7 +114,8 @@ class SDNHead(_Head):
             mixed = self.alpha * x.amax(1) + (1 - self.alpha) * x.mean(1)
         else:
             x = _to_nchw(x, self.layout)
-            mixed = self.alpha * nn.functional.adaptive_max_pool2d(x, self.grid) + (1 - self.alpha) * nn.functional.adaptive_avg_pool2d(x, self.grid)
+            mixed = (self.alpha * nn.functional.adaptive_max_pool2d(x, self.grid)
+                     + (1 - self.alpha) * nn.functional.adaptive_avg_pool2d(x, self.grid))
         return mixed.flatten(1)
 
     def extra_repr(self) -> str:
@@ -154,13 +155,15 @@ class BottleneckHead(_Head):
     as the backbone's pre-logits feature, so feature hints ``||f_i - f_N||^2`` need no adapter.
     """
 
-    def __init__(self, channels: int, num_classes: int, layout: FeatureLayout, out_channels: int, stride: int = 1, width: int | None = None):
+    def __init__(self, channels: int, num_classes: int, layout: FeatureLayout, out_channels: int,
+                 stride: int = 1, width: int | None = None):
         super().__init__()
         self.layout = layout
         width = max(channels, out_channels // 4) if width is None else _positive(width, "width", "bottleneck")
         self.body = nn.Sequential(
             _conv_bn_relu(channels, width, 1, 1),
-            nn.Sequential(nn.Conv2d(width, width, stride, stride, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)) if stride > 1 else nn.Identity(),
+            (nn.Sequential(nn.Conv2d(width, width, stride, stride, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+             if stride > 1 else nn.Identity()),
             _conv_bn_relu(width, out_channels, 1, 1),
         )
         self.fc = nn.Linear(out_channels, num_classes)

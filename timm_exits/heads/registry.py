@@ -31,7 +31,10 @@ def register_head(name: str, *, override: bool = False):
     if not isinstance(name, str) or not name:
         raise TypeError(f"register_head needs a non-empty head name, got {name!r}")
     if name in _HEADS and not override:
-        raise ValueError(f"a head named {name!r} is already registered ({_HEADS[name].__name__}); pass register_head({name!r}, override=True) to replace it everywhere, or choose another name")
+        raise ValueError(
+            f"a head named {name!r} is already registered ({_HEADS[name].__name__}); "
+            f"pass register_head({name!r}, override=True) to replace it everywhere, or choose another name"
+        )
 
     def add(cls):
         _HEADS[name] = cls
@@ -47,7 +50,8 @@ def check_head(module: nn.Module, site: ExitSite, num_classes: int, which: str) 
     put back as they were.
     """
     ref = next(module.parameters(), None)
-    x = torch.randn(2, *site.shape[1:], device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None and ref.is_floating_point() else None)
+    x = torch.randn(2, *site.shape[1:], device=ref.device if ref is not None else None,
+                    dtype=ref.dtype if ref is not None and ref.is_floating_point() else None)
     modes = set_training(module, False)
     try:
         with torch.no_grad():
@@ -73,7 +77,10 @@ def create_head(head, site: ExitSite, num_classes: int, **kwargs) -> nn.Module:
     """Build the head `head` (a registered name or a callable) for the feature described by `site`."""
     if isinstance(head, str):
         if head not in _HEADS:
-            raise ValueError(f"unknown head {head!r}; known heads: {', '.join(head_names())}, or pass a callable (channels, num_classes, layout) -> nn.Module")
+            raise ValueError(
+                f"unknown head {head!r}; known heads: {', '.join(head_names())}, "
+                "or pass a callable (channels, num_classes, layout) -> nn.Module"
+            )
         cls = _HEADS[head]
         if hasattr(cls, "from_site"):
             return cls.from_site(site, num_classes, **kwargs)

@@ -110,16 +110,23 @@ class MultiExitTask(_TaskBase):
             super().__init__(device=device, dtype=dtype, verbose=verbose)
         inner = _unwrap(model)
         if not isinstance(inner, MultiExitModel):
-            raise TypeError(f"model must be a MultiExitModel: wrap the backbone first (timm_exits.wrap(model, stages=...)), got {type(model).__name__}")
+            raise TypeError(
+                f"model must be a MultiExitModel: wrap the backbone first (timm_exits.wrap(model, stages=...)), got {type(model).__name__}"
+            )
         n = inner.num_exits
         if isinstance(criterion, str):
             criterion = create_loss(criterion, num_exits=n, **(criterion_kwargs or {}))
         elif criterion_kwargs:
             raise ValueError(f"pass either a loss name with criterion_kwargs or a loss instance, not both: {sorted(criterion_kwargs)}")
         if not isinstance(criterion, MultiExitLoss):
-            raise TypeError(f"criterion must be a timm_exits loss (a MultiExitLoss) or one of {loss_names()}, got {type(criterion).__name__}")
+            raise TypeError(
+                f"criterion must be a timm_exits loss (a MultiExitLoss) or one of {loss_names()}, got {type(criterion).__name__}"
+            )
         if criterion.num_exits is not None and criterion.num_exits != n:
-            raise ValueError(f"criterion was built for num_exits={criterion.num_exits} but the model has {n} exits (stages {inner.stages} + the backbone's head)")
+            raise ValueError(
+                f"criterion was built for num_exits={criterion.num_exits} "
+                f"but the model has {n} exits (stages {inner.stages} + the backbone's head)"
+            )
         self.teachers = self._check_teachers(teachers, criterion, inner)
         self.trainable_module = MultiExitTrainable(model, criterion.to(device=self.device))
         if verbose:
@@ -143,12 +150,16 @@ class MultiExitTask(_TaskBase):
                 raise TypeError(f"teachers[{k}] must be an nn.Module, got {type(t).__name__}")
             classes = _num_classes(t)
             if classes is not None and classes != model.num_classes:
-                raise ValueError(f"teachers[{k}] ({type(_unwrap(t)).__name__}) outputs {classes} classes but the model has {model.num_classes}")
+                raise ValueError(
+                    f"teachers[{k}] ({type(_unwrap(t)).__name__}) outputs {classes} classes but the model has {model.num_classes}"
+                )
         assignment = getattr(criterion, "assignment", None)
         if teachers and assignment is not None and max(assignment) >= len(teachers):
             raise ValueError(f"the loss's assignment refers to teacher {max(assignment)} but {len(teachers)} teachers were given")
         if teachers and assignment is None and len(teachers) not in (1, model.num_exits):
-            raise ValueError(f"{len(teachers)} teachers for {model.num_exits} exits: give one per exit, a single one, or the loss an assignment")
+            raise ValueError(
+                f"{len(teachers)} teachers for {model.num_exits} exits: give one per exit, a single one, or the loss an assignment"
+            )
         for t in teachers:
             t.eval()
             t.requires_grad_(False)
@@ -263,7 +274,8 @@ class MultiExitTask(_TaskBase):
             "heads": [type(h).__name__ for h in model.exits],
         }
 
-    def load_task_state(self, state: dict[str, Any] | None, strict: bool = True, module: nn.Module | None = None, ema: bool = False) -> None:
+    def load_task_state(self, state: dict[str, Any] | None, strict: bool = True, module: nn.Module | None = None,
+                        ema: bool = False) -> None:
         if not state:
             return
         trainable = _unwrap(module) if module is not None else self._trainable(ema=ema)
@@ -291,7 +303,8 @@ class MultiExitTask(_TaskBase):
         suffix = "_ema" if ema else ""
         return {f"state_dict{suffix}": model.state_dict(), f"task_state{suffix}": self.get_task_state(ema=ema)}
 
-    def load_checkpoint_state(self, state_dict: dict[str, Any], task_state: dict[str, Any] | None = None, ema: bool = False, strict: bool = True) -> None:
+    def load_checkpoint_state(self, state_dict: dict[str, Any], task_state: dict[str, Any] | None = None,
+                              ema: bool = False, strict: bool = True) -> None:
         """Load what `get_checkpoint_state` saved; a differently wrapped model gets an error naming the difference."""
         trainable = self._trainable(ema=ema)
         if task_state:

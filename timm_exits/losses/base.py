@@ -53,7 +53,8 @@ def soft(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def check_positive(name: str, value, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value >= 0 if allow_zero else value > 0))
     if not ok:
         raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
 
@@ -82,7 +83,8 @@ class MultiExitLoss(nn.Module):
 
     min_exits = 1
 
-    def __init__(self, num_exits: int | None = None, base_loss: Callable | None = None, label_smoothing: float = 0.0, ignore_index: int = -100):
+    def __init__(self, num_exits: int | None = None, base_loss: Callable | None = None,
+                 label_smoothing: float = 0.0, ignore_index: int = -100):
         super().__init__()
         if num_exits is not None and (not isinstance(num_exits, int) or isinstance(num_exits, bool) or num_exits < self.min_exits):
             raise ValueError(f"num_exits must be an int >= {self.min_exits} (or None for any), got {num_exits!r}")
@@ -180,7 +182,8 @@ class MultiExitLoss(nn.Module):
         labeled = target != self.ignore_index
         if self.base_loss is None:
             # the mean over labeled samples, without a host sync; zero when none is labeled
-            per_sample = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, reduction="none")
+            per_sample = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+                                         reduction="none")
             return per_sample.sum() / labeled.sum().clamp_min(1)
         if bool(labeled.all()):
             return self.base_loss(logits, target)

@@ -27,7 +27,8 @@ class MultiExitCELoss(MultiExitLoss):
     0-based like timm's loop, hence the ``+ 1``.
     """
 
-    def __init__(self, weights: Sequence[float] | None = None, schedule: str | None = None, depths: Sequence[float] | None = None, epochs: int | None = None, **kwargs):
+    def __init__(self, weights: Sequence[float] | None = None, schedule: str | None = None,
+                 depths: Sequence[float] | None = None, epochs: int | None = None, **kwargs):
         super().__init__(**kwargs)
         if schedule not in (None, "sdn"):
             raise ValueError(f"schedule must be None (fixed weights) or 'sdn', got {schedule!r}")
@@ -38,7 +39,9 @@ class MultiExitCELoss(MultiExitLoss):
                 raise ValueError(f"schedule='sdn' needs epochs, the number of training epochs (a positive int), got {epochs!r}")
         if depths is not None:
             if schedule != "sdn":
-                raise ValueError("depths set the SDN schedule's C_i: give schedule='sdn' (and epochs) with them, or fixed weights without them")
+                raise ValueError(
+                    "depths set the SDN schedule's C_i: give schedule='sdn' (and epochs) with them, or fixed weights without them"
+                )
             if any(not 0.0 < d <= 1.0 for d in depths):
                 raise ValueError(f"depths must be fractions in (0, 1], one per early exit, got {list(depths)}")
             self._expect_exits("depths", len(depths) + 1)
@@ -73,7 +76,10 @@ class MultiExitCELoss(MultiExitLoss):
         # graph) and no copy from the host (on a GPU each is a wait)
         if self.schedule is None:
             return torch.ones(num_exits, device=device) if self.weight_values is None else self.weight_values.to(device)
-        depths = torch.arange(1, num_exits, device=device, dtype=torch.float32) / num_exits if self.depth_values is None else self.depth_values.to(device)
+        if self.depth_values is None:
+            depths = torch.arange(1, num_exits, device=device, dtype=torch.float32) / num_exits
+        else:
+            depths = self.depth_values.to(device)
         e = self.epoch.to(device) + 1
         ramp = torch.minimum(depths, 0.01 + e * depths / self.epochs)
         return torch.cat([ramp, ramp.new_ones(1)])

@@ -42,8 +42,8 @@ class DistillationBasedLoss(MultiExitLoss):
 
     min_exits = 2
 
-    def __init__(self, C: float = 0.5, temperature: float | str = "adaptive", t_mult: float = 1.05, maxprob: float = 0.5, t_squared: bool = True,
-                 scale: float = 1.0, **kwargs):
+    def __init__(self, C: float = 0.5, temperature: float | str = "adaptive", t_mult: float = 1.05, maxprob: float = 0.5,
+                 t_squared: bool = True, scale: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         check_fraction("C", C)
         check_positive("scale", scale)
@@ -55,7 +55,9 @@ class DistillationBasedLoss(MultiExitLoss):
             check_positive("temperature", temperature)
         check_positive("t_mult", t_mult)
         if t_mult < 1:
-            raise ValueError(f"t_mult must be >= 1: the adaptive temperature only grows (T *= t_mult when the teacher is sure), got {t_mult!r}")
+            raise ValueError(
+                f"t_mult must be >= 1: the adaptive temperature only grows (T *= t_mult when the teacher is sure), got {t_mult!r}"
+            )
         check_fraction("maxprob", maxprob)
         self.C = float(C)
         self.adaptive = adaptive
@@ -79,7 +81,10 @@ class DistillationBasedLoss(MultiExitLoss):
         return loss
 
     def extra_repr(self) -> str:
-        t = f"adaptive(start=1.0, t_mult={self.t_mult}, maxprob={self.maxprob}, now={float(self.temperature):.4g})" if self.adaptive else float(self.temperature)
+        if self.adaptive:
+            t = f"adaptive(start=1.0, t_mult={self.t_mult}, maxprob={self.maxprob}, now={float(self.temperature):.4g})"
+        else:
+            t = float(self.temperature)
         return self._repr(C=self.C, temperature=t, t_squared=self.t_squared, **({"scale": self.scale} if self.scale != 1.0 else {}))
 
 
@@ -102,7 +107,8 @@ class ExitEnsembleLoss(MultiExitLoss):
     min_exits = 2
     DISTANCES = ("mse", "kl")
 
-    def __init__(self, distance: str = "mse", temperature: float = 3.0, kl_weight: float = 0.1, feature_weight: float = 0.0, feature_dims: Sequence[int] | None = None, t_squared: bool = True, **kwargs):
+    def __init__(self, distance: str = "mse", temperature: float = 3.0, kl_weight: float = 0.1,
+                 feature_weight: float = 0.0, feature_dims: Sequence[int] | None = None, t_squared: bool = True, **kwargs):
         super().__init__(**kwargs)
         if distance not in self.DISTANCES:
             raise ValueError(f"distance must be one of {self.DISTANCES}, got {distance!r}")

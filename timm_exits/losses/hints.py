@@ -40,7 +40,7 @@ class _HintLoss(MultiExitLoss):
         self.feature_weight = float(feature_weight)
         self.t_squared = t_squared
         self.feature_distance = feature_distance
-        self.hint_exits = None if hint_exits is None else sorted(set(int(k) for k in hint_exits))
+        self.hint_exits = None if hint_exits is None else sorted({int(k) for k in hint_exits})
         self.adapters = feature_adapters(feature_dims, always_linear=linear_adapters)
 
     def hints(self, features, n: int) -> torch.Tensor:
@@ -76,8 +76,8 @@ class SelfDistillationLoss(_HintLoss):
     give them, other heads need ``feature_dims`` for adapters.
     """
 
-    def __init__(self, alpha: float = 0.3, temperature: float = 3.0, feature_weight: float = 0.0, feature_dims: Sequence[int] | None = None, t_squared: bool = True,
-                 **kwargs):
+    def __init__(self, alpha: float = 0.3, temperature: float = 3.0, feature_weight: float = 0.0,
+                 feature_dims: Sequence[int] | None = None, t_squared: bool = True, **kwargs):
         super().__init__(alpha, temperature, feature_weight, feature_dims, t_squared, **kwargs)
 
     def objective(self, logits, features, target):
@@ -98,7 +98,8 @@ class SelfDistillationLoss(_HintLoss):
 
     def extra_repr(self) -> str:
         hints = dict(feature_distance=self.feature_distance, hint_exits=self.hint_exits) if self.feature_weight else {}
-        return self._repr(alpha=self.alpha, temperature=self.temperature, feature_weight=self.feature_weight, t_squared=self.t_squared, **hints)
+        return self._repr(alpha=self.alpha, temperature=self.temperature, feature_weight=self.feature_weight, t_squared=self.t_squared,
+                          **hints)
 
 
 class MultiSelfDistillationLoss(_HintLoss):
@@ -112,7 +113,8 @@ class MultiSelfDistillationLoss(_HintLoss):
     ``set_epoch(epoch)`` each epoch); without it b stays constant.
     """
 
-    def __init__(self, alpha: float = 0.5, temperature: float = 3.0, feature_weight: float = 0.0, epochs: int | None = None, feature_dims: Sequence[int] | None = None, t_squared: bool = True, **kwargs):
+    def __init__(self, alpha: float = 0.5, temperature: float = 3.0, feature_weight: float = 0.0, epochs: int | None = None,
+                 feature_dims: Sequence[int] | None = None, t_squared: bool = True, **kwargs):
         super().__init__(alpha, temperature, feature_weight, feature_dims, t_squared, **kwargs)
         if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
             raise ValueError(f"epochs must be a positive int (or None for a constant hint weight), got {epochs!r}")
@@ -150,4 +152,5 @@ class MultiSelfDistillationLoss(_HintLoss):
         return loss
 
     def extra_repr(self) -> str:
-        return self._repr(alpha=self.alpha, temperature=self.temperature, feature_weight=self.feature_weight, epochs=self.epochs, t_squared=self.t_squared)
+        return self._repr(alpha=self.alpha, temperature=self.temperature, feature_weight=self.feature_weight, epochs=self.epochs,
+                          t_squared=self.t_squared)

@@ -21,13 +21,17 @@ SOURCES = {
     "sdn": "yigitcankaya/Shallow-Deep-Networks, model_funcs.py (max_coeffs, the ramp) and network_architectures.py (100 epochs)",
     "distillation": "mary-phuong/multiexit-distillation, main.py (DistillationLoss) and train_cifar.py (C, maxprob, global_scale)",
     "eed": "hjdw2/Exit-Ensemble-Distillation, train.py (MSE to the detached mean of the logits; masked feature MSE, always on)",
-    "byot": "ArchipLab-LinfengZhang/pytorch-self-distillation-final, train.py (a, T, the torch.dist feature term and its adaptation layers)",
+    "byot": "ArchipLab-LinfengZhang/pytorch-self-distillation-final, train.py "
+            "(a, T, the torch.dist feature term and its adaptation layers)",
 }
 
 
 def _needs(name: str, num_exits, at_least: int = 2) -> int:
     if isinstance(num_exits, bool) or not isinstance(num_exits, int) or num_exits < at_least:
-        raise ValueError(f"the authors' preset of {name!r} needs num_exits (model.num_exits, at least {at_least}): its weights depend on it, got {num_exits!r}")
+        raise ValueError(
+            f"the authors' preset of {name!r} needs num_exits (model.num_exits, "
+            f"at least {at_least}): its weights depend on it, got {num_exits!r}"
+        )
     return num_exits
 
 
@@ -50,7 +54,9 @@ def _eed(num_exits, epochs, given) -> dict:
 def _byot(num_exits, epochs, given) -> dict:
     n = _needs("byot", num_exits, at_least=3)
     if "feature_dims" not in given:
-        raise ValueError("the authors' preset of 'byot' adapts each early exit's feature with a Linear: give feature_dims, each exit's feature width")
+        raise ValueError(
+            "the authors' preset of 'byot' adapts each early exit's feature with a Linear: give feature_dims, each exit's feature width"
+        )
     return {"alpha": 0.3, "temperature": 3.0, "t_squared": False, "feature_weight": 0.03, "feature_distance": "l2",
             "hint_exits": list(range(n - 2)), "linear_adapters": True}  # every early exit but the deepest
 
@@ -63,7 +69,10 @@ def authors_preset(name: str, preset: str, num_exits, epochs, given: dict) -> di
     if preset != "authors":
         raise ValueError(f"preset must be 'authors' (or None for the library's defaults), got {preset!r}")
     if name not in PRESETS:
-        raise ValueError(f"{name!r} has no authors' preset: no released code to match (presets exist for {sorted(PRESETS)}); its defaults follow the paper")
+        raise ValueError(
+            f"{name!r} has no authors' preset: no released code to match (presets exist for {sorted(PRESETS)}); "
+            "its defaults follow the paper"
+        )
     return PRESETS[name](num_exits, epochs, given)
 
 
@@ -85,7 +94,8 @@ def loss_names() -> list[str]:
     return list(_LOSSES)
 
 
-def create_loss(name: str, num_exits: int | None = None, epochs: int | None = None, *, preset: str | None = None, **kwargs) -> MultiExitLoss:
+def create_loss(name: str, num_exits: int | None = None, epochs: int | None = None, *,
+                preset: str | None = None, **kwargs) -> MultiExitLoss:
     """A loss by short name: ``ce``, ``sdn`` (SDN ramp), ``distillation`` (Phuong & Lampert), ``eed``,
     ``byot``, ``msd``, ``mate``, ``ekd``. `epochs` feeds the schedules of ``sdn`` and ``msd``.
 

@@ -35,7 +35,8 @@ class AppropriateTeachersLoss(MultiExitLoss):
 
     min_exits = 2
 
-    def __init__(self, num_exits: int, lam: float = 0.5, temperature: float = 3.0, primary_init: float = 1.0, t_squared: bool = True, **kwargs):
+    def __init__(self, num_exits: int, lam: float = 0.5, temperature: float = 3.0, primary_init: float = 1.0,
+                 t_squared: bool = True, **kwargs):
         if num_exits is None:
             raise ValueError("AppropriateTeachersLoss needs num_exits (model.num_exits): it holds N teachers' weights")
         super().__init__(num_exits=num_exits, **kwargs)
@@ -82,7 +83,8 @@ class EnsembleKnowledgeDistillationLoss(MultiExitLoss):
 
     min_exits = 1
 
-    def __init__(self, alpha: float = 0.5, temperature: float = 3.0, assignment: Sequence[int] | None = None, ensemble_weight: float = 1.0, t_squared: bool = True, **kwargs):
+    def __init__(self, alpha: float = 0.5, temperature: float = 3.0, assignment: Sequence[int] | None = None,
+                 ensemble_weight: float = 1.0, t_squared: bool = True, **kwargs):
         super().__init__(**kwargs)
         check_fraction("alpha", alpha)
         check_positive("temperature", temperature)
@@ -104,7 +106,9 @@ class EnsembleKnowledgeDistillationLoss(MultiExitLoss):
         target = self._check_target(target, logits[0])
         if teacher_logits is None:
             raise TypeError("EnsembleKnowledgeDistillationLoss needs the teachers' logits: loss_fn(outputs, target, teacher_logits)")
-        if isinstance(teacher_logits, nn.Module) or (isinstance(teacher_logits, (list, tuple)) and any(isinstance(t, nn.Module) for t in teacher_logits)):
+        if isinstance(teacher_logits, nn.Module) or (
+            isinstance(teacher_logits, (list, tuple)) and any(isinstance(t, nn.Module) for t in teacher_logits)
+        ):
             raise TypeError(
                 "teacher_logits takes the teachers' logits, not the teacher models: compute them first, "
                 "e.g. with torch.no_grad(): teacher_logits = [teacher(x) for teacher in teachers]"
@@ -140,4 +144,5 @@ class EnsembleKnowledgeDistillationLoss(MultiExitLoss):
         return loss
 
     def extra_repr(self) -> str:
-        return self._repr(alpha=self.alpha, temperature=self.temperature, assignment=self.assignment, ensemble_weight=self.ensemble_weight, t_squared=self.t_squared)
+        return self._repr(alpha=self.alpha, temperature=self.temperature, assignment=self.assignment, ensemble_weight=self.ensemble_weight,
+                          t_squared=self.t_squared)

@@ -59,7 +59,8 @@ class MultiExitModel(nn.Module):
     loop under fvcore.
     """
 
-    def __init__(self, backbone: nn.Module, plan: ExitPlan, exits: nn.ModuleList, eval_output: str | int = "all", wrap_args: dict | None = None):
+    def __init__(self, backbone: nn.Module, plan: ExitPlan, exits: nn.ModuleList, eval_output: str | int = "all",
+                 wrap_args: dict | None = None):
         super().__init__()
         self._wrap_args = dict(wrap_args) if wrap_args is not None else None
         self.backbone = backbone
@@ -89,7 +90,10 @@ class MultiExitModel(nn.Module):
     def eval_output(self, value: str | int) -> None:
         if isinstance(value, int) and not isinstance(value, bool):
             if not -self.num_exits <= value < self.num_exits:
-                raise ValueError(f"eval_output={value} is not an exit index: this model has {self.num_exits} exits, 0..{self.num_exits - 1} (or -{self.num_exits}..-1)")
+                raise ValueError(
+                    f"eval_output={value} is not an exit index: this model has {self.num_exits} exits, "
+                    f"0..{self.num_exits - 1} (or -{self.num_exits}..-1)"
+                )
         elif value not in EVAL_OUTPUTS:
             raise ValueError(f"eval_output must be one of {EVAL_OUTPUTS} or an exit index 0..{self.num_exits - 1}, got {value!r}")
         self._eval_output = value
@@ -204,7 +208,10 @@ class MultiExitModel(nn.Module):
         if not return_features:
             return logits
         if outputs[-1].feature is None:
-            raise ValueError(f"return_features=True needs the input of {type(self.backbone).__name__}'s classifier, which wrap() could not find in its graph")
+            raise ValueError(
+                f"return_features=True needs the input of {type(self.backbone).__name__}'s classifier, "
+                "which wrap() could not find in its graph"
+            )
         return ExitOutputs(logits, [o.feature for o in outputs])
 
     # -- what trainers ask a timm model for --------------------------------------------------------
@@ -224,7 +231,10 @@ class MultiExitModel(nn.Module):
     def _backbone_method(self, name: str):
         method = getattr(self.backbone, name, None)
         if not callable(method):  # torchvision models have none of timm's methods
-            raise AttributeError(f"the backbone ({type(self.backbone).__name__}) has no {name}(): it is a timm model method; use model.backbone's own layers, or a timm backbone")
+            raise AttributeError(
+                f"the backbone ({type(self.backbone).__name__}) has no {name}(): "
+                "it is a timm model method; use model.backbone's own layers, or a timm backbone"
+            )
         return method
 
     def get_classifier(self) -> nn.Module:
@@ -238,12 +248,19 @@ class MultiExitModel(nn.Module):
         ``reset_classifier(num_classes)`` method (the built-in ones have it).
         """
         num_classes = positive_int(num_classes, "num_classes", "a multi-exit model needs a classifier on every exit")
-        if global_pool is not None and global_pool != _pool_type(self.backbone):  # timm's signature; a new pool changes the features the exits were cut from
-            raise ValueError(f"global_pool={global_pool!r} would change the backbone's final features after wrap: build the backbone with global_pool={global_pool!r}, then wrap it")
+        # timm's signature; a new pool changes the features the exits were cut from
+        if global_pool is not None and global_pool != _pool_type(self.backbone):
+            raise ValueError(
+                f"global_pool={global_pool!r} would change the backbone's final features after wrap: "
+                f"build the backbone with global_pool={global_pool!r}, then wrap it"
+            )
         inner = [h.head if isinstance(h, CascadedHead) else h for h in self.exits]  # a cascade resets the head it wraps
         lacking = [f"exit {k + 1} ({type(h).__name__})" for k, h in enumerate(inner) if not callable(getattr(h, "reset_classifier", None))]
         if lacking:
-            raise TypeError(f"the heads of {', '.join(lacking)} have no reset_classifier(num_classes): give them one, or wrap the backbone again after its own reset_classifier")
+            raise TypeError(
+                f"the heads of {', '.join(lacking)} have no reset_classifier(num_classes): "
+                "give them one, or wrap the backbone again after its own reset_classifier"
+            )
         _reset_backbone_classifier(self.backbone, self._num_classes, num_classes)
         for h in self.exits:
             h.reset_classifier(num_classes)
@@ -340,11 +357,15 @@ def _reset_backbone_classifier(backbone: nn.Module, old: int, new: int) -> None:
         return
     found = [(name, m) for name, m in backbone.named_modules() if isinstance(m, nn.Linear) and m.out_features == old]
     if not found:
-        raise TypeError(f"{type(backbone).__name__} has no reset_classifier and no nn.Linear of {old} outputs to replace: replace its classifier yourself, then wrap it again")
+        raise TypeError(
+            f"{type(backbone).__name__} has no reset_classifier and no nn.Linear of {old} outputs to replace: "
+            "replace its classifier yourself, then wrap it again"
+        )
     name, layer = found[-1]
     parent_name, _, attr = name.rpartition(".")
     parent = backbone.get_submodule(parent_name) if parent_name else backbone
-    setattr(parent, attr, nn.Linear(layer.in_features, new, bias=layer.bias is not None, device=layer.weight.device, dtype=layer.weight.dtype))
+    setattr(parent, attr, nn.Linear(layer.in_features, new, bias=layer.bias is not None,
+                                    device=layer.weight.device, dtype=layer.weight.dtype))
 
 
 def _pool_type(backbone: nn.Module):

@@ -45,7 +45,13 @@ def check_state_keys(model, state_dict) -> None:
         lines.append(f"unexpected keys: {_listed(unexpected)}")
     cascaded = lambda keys: any(".previous." in k for k in keys)  # noqa: E731 - a CascadedHead's map of the previous exit's logits
     if cascaded(missing) != cascaded(unexpected) and _uncascaded(own) == _uncascaded(given):  # the same heads, cascaded on one side only
-        lines.append(f"the checkpoint comes from a model wrapped with cascade={cascaded(unexpected)}, this one with cascade={cascaded(missing)}: wrap it as it was saved")
+        lines.append(
+            f"the checkpoint comes from a model wrapped with cascade={cascaded(unexpected)}, "
+            f"this one with cascade={cascaded(missing)}: wrap it as it was saved"
+        )
     elif all(k.startswith("exits.") for k in missing | unexpected):
-        lines.append("only exit heads differ: the checkpoint comes from a model wrapped at other stages or with other heads; wrap the backbone the way it was wrapped when saved")
+        lines.append(
+            "only exit heads differ: the checkpoint comes from a model wrapped at other stages or with other heads; "
+            "wrap the backbone the way it was wrapped when saved"
+        )
     raise RuntimeError("; ".join(lines))

@@ -82,7 +82,8 @@ class ExitStep(nn.Module):
     an exit would cost.
     """
 
-    def __init__(self, segment: nn.Module, head: nn.Module | None, stage: str = "", standalone: nn.Module | None = None, passes_on: bool = False):
+    def __init__(self, segment: nn.Module, head: nn.Module | None, stage: str = "", standalone: nn.Module | None = None,
+                 passes_on: bool = False):
         super().__init__()
         self.segment = segment
         self.head = head
@@ -182,7 +183,8 @@ class ExitRun:
                 if self.num_classes is not None and logits.shape[-1] != self.num_classes:
                     raise RuntimeError(
                         f"the backbone's head now outputs {logits.shape[-1]} classes, the exits {self.num_classes}: its classifier was "
-                        f"changed after wrap(); call reset_classifier({logits.shape[-1]}) on the wrapped model, which resets every exit, or wrap the backbone again"
+                        f"changed after wrap(); call reset_classifier({logits.shape[-1]}) on the wrapped model, which resets every exit, "
+                        "or wrap the backbone again"
                     )
                 yield ExitOutput(k, logits, carried if self.features else None)
                 return
@@ -245,14 +247,19 @@ class _UpTo(nn.Module):
         return self.backbone.forward_intermediates(x, indices=[self.index], intermediates_only=True, stop_early=True)[0]
 
 
-def build_steps(backbone: nn.Module, plan: ExitPlan, exits: list[nn.Module], stages: list[str], whole: bool = True) -> tuple[list[ExitStep], list[ExitStep]]:
-    """The training and the eval steps of `backbone` cut as `plan` says, with `exits` for heads (the same list twice when both modes trace alike).
+def build_steps(backbone: nn.Module, plan: ExitPlan, exits: list[nn.Module], stages: list[str],
+                whole: bool = True) -> tuple[list[ExitStep], list[ExitStep]]:
+    """The training and the eval steps of `backbone` cut as `plan` says, with `exits` for heads (the same list twice
+    when both modes trace alike).
 
     ``whole``: each segment reads the live backbone (see `_bind`); otherwise it holds only the modules it calls.
     """
     heads, stages = list(exits) + [None], stages + ["final"]
     if getattr(heads[0], "cascaded", False):
-        raise ValueError(f"the head of exit 1 ({type(heads[0]).__name__}) is cascaded, but there is no exit before it to read: cascade the heads after the first")
+        raise ValueError(
+            f"the head of exit 1 ({type(heads[0]).__name__}) is cascaded, "
+            "but there is no exit before it to read: cascade the heads after the first"
+        )
     passes = [bool(getattr(h, "cascaded", False)) for h in heads[1:]] + [False]  # step k carries its logits on to a cascaded head k+1
     indices = plan.feature_indices
     if indices is not None:  # fx could not trace it: timm's own API computes every feature at once

@@ -66,7 +66,10 @@ def wrap(
     if isinstance(model, MultiExitModel):
         raise TypeError("model is already a MultiExitModel; wrap its .backbone instead")
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        raise TypeError(f"model is a {type(model).__name__}: wrap the model inside it (model.module), then apply {type(model).__name__} to the wrapped model")
+        raise TypeError(
+            f"model is a {type(model).__name__}: wrap the model inside it (model.module), "
+            f"then apply {type(model).__name__} to the wrapped model"
+        )
     if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
         raise TypeError("model is compiled (torch.compile): wrap the plain model (model._orig_mod), then compile the wrapped model")
     if num_classes is not None:
@@ -84,16 +87,23 @@ def wrap(
     if cascade not in (False, True, "layernorm") or not isinstance(cascade, (bool, str)):
         raise ValueError(f"cascade must be False, True or 'layernorm', got {cascade!r}")
     if cascade and len(plan.sites) < 2:
-        raise ValueError(f"cascade={cascade!r} needs at least two exit heads (a head after the first reads the one before it); stages {plan.stage_names} give {len(plan.sites)}")
+        raise ValueError(
+            f"cascade={cascade!r} needs at least two exit heads (a head after the first reads the one before it); "
+            f"stages {plan.stage_names} give {len(plan.sites)}"
+        )
     heads = list(head) if isinstance(head, (list, tuple)) else [head] * len(plan.sites)
     if len(heads) != len(plan.sites):
-        raise ValueError(f"head has {len(heads)} entries but there are {len(plan.sites)} stages {plan.stage_names}; give one head or one per stage")
-    exits = ExitHeads([create_head(h, site, plan.num_classes, **(head_kwargs or {})) for h, site in zip(heads, plan.sites)], plan.stage_names)
+        raise ValueError(
+            f"head has {len(heads)} entries but there are {len(plan.sites)} stages {plan.stage_names}; give one head or one per stage"
+        )
+    exits = ExitHeads([create_head(h, site, plan.num_classes, **(head_kwargs or {})) for h, site in zip(heads, plan.sites)],
+                      plan.stage_names)
     ref = next(iter(model.parameters()), None)
     if ref is not None:
         exits.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
     for k, (h, site, module) in enumerate(zip(heads, plan.sites, exits)):
-        check_head(module, site, plan.num_classes, f"the head of exit {k + 1} ({site.stage!r}, {h if isinstance(h, str) else getattr(h, '__name__', type(h).__name__)})")
+        name = h if isinstance(h, str) else getattr(h, "__name__", type(h).__name__)
+        check_head(module, site, plan.num_classes, f"the head of exit {k + 1} ({site.stage!r}, {name})")
     for k in range(1, len(exits) if cascade else 0):
         exits[k] = CascadedHead(exits[k], plan.num_classes, norm=cascade == "layernorm")
     plan.sites = []  # the heads are built; drop the traced graphs the sites refer to

@@ -73,7 +73,10 @@ def compile_exits(model: MultiExitModel, **compile_kwargs) -> MultiExitModel:
         raise TypeError(f"model must be a MultiExitModel (timm_exits.wrap(...)), got {type(model).__name__}")
     steps = model.steps(training=False)
     if not model.has_segments:
-        raise ValueError("this model runs through forward_intermediates (fx could not trace its backbone): it has no segments to compile one by one; compile the whole model instead")
+        raise ValueError(
+            "this model runs through forward_intermediates (fx could not trace its backbone): "
+            "it has no segments to compile one by one; compile the whole model instead"
+        )
     done = [part for step in steps for part in (step.segment, step.head) if isinstance(part, CompiledPart)]
     if done:
         if all(_settings(part.compile_kwargs) == _settings(compile_kwargs) for part in done):
@@ -85,5 +88,6 @@ def compile_exits(model: MultiExitModel, **compile_kwargs) -> MultiExitModel:
             "compile_exits(copy.deepcopy(model), ...))"
         )
 
-    model.replace_step_parts(lambda part: CompiledPart(part, **compile_kwargs))  # all built first: a bad argument leaves the model as it was
+    # all built first: a bad argument leaves the model as it was
+    model.replace_step_parts(lambda part: CompiledPart(part, **compile_kwargs))
     return model

@@ -77,7 +77,10 @@ def exit_confidence(logits: torch.Tensor, criterion="max_prob") -> torch.Tensor:
     if criterion == "entropy":
         return (probs * probs.clamp_min(1e-12).log()).sum(-1)
     if criterion == "patience":
-        raise ValueError("the patience criterion reads the exits before this one (how long the prediction has held): use patience_streaks on every exit's logits")
+        raise ValueError(
+            "the patience criterion reads the exits before this one (how long the prediction has held): "
+            "use patience_streaks on every exit's logits"
+        )
     raise ValueError(f"unknown criterion {criterion!r}; use one of {CRITERIA} or a callable (logits) -> (B,) confidence")
 
 
@@ -118,7 +121,9 @@ def confidence_thresholds(threshold, criterion, num_exits: int, ensemble: bool =
         if not callable(criterion) and threshold.criterion != criterion:
             raise ValueError(f"the calibration was made for criterion={threshold.criterion!r}, not {criterion!r}")
         if threshold.ensemble != ensemble:
-            raise ValueError(f"the calibration was made with ensemble={threshold.ensemble}, not ensemble={ensemble}: its thresholds are for other scores")
+            raise ValueError(
+                f"the calibration was made with ensemble={threshold.ensemble}, not ensemble={ensemble}: its thresholds are for other scores"
+            )
         threshold = threshold.thresholds
     if isinstance(threshold, torch.Tensor) and threshold.dim() == 0:
         threshold = threshold.item()
@@ -131,7 +136,10 @@ def confidence_thresholds(threshold, criterion, num_exits: int, ensemble: bool =
     if len(values) == 1:
         values = values * (num_exits - 1)
     if len(values) != num_exits - 1:
-        raise ValueError(f"threshold has {len(values)} values; give one number or one per early exit ({num_exits - 1}: the last exit takes every sample left)")
+        raise ValueError(
+            f"threshold has {len(values)} values; give one number or one per early exit ({num_exits - 1}: "
+            "the last exit takes every sample left)"
+        )
     for v in values:
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
             raise ValueError(f"thresholds must be numbers (inf allowed, NaN not), got {values}")
@@ -140,8 +148,8 @@ def confidence_thresholds(threshold, criterion, num_exits: int, ensemble: bool =
         bad = [v for v in values if math.isfinite(v) and not (v == int(v) and 1 <= v <= num_exits - 1)]
         if bad:
             raise ValueError(
-                f"patience must be a whole number of exits from 1 to {num_exits - 1} (the last exit takes every sample left; inf keeps everyone "
-                f"going), got {bad[0]:g}"
+                f"patience must be a whole number of exits from 1 to {num_exits - 1} (the last exit takes every sample left; "
+                f"inf keeps everyone going), got {bad[0]:g}"
             )
     _warn_unreachable(values, criterion)
     return [-v for v in values] if criterion == "entropy" else values
@@ -153,7 +161,10 @@ def check_ensemble(ensemble, num_exits: int) -> None:
         if ensemble.num_exits != num_exits:
             raise ValueError(f"the geometric ensemble was fit for {ensemble.num_exits} exits, this model has {num_exits}")
     elif not isinstance(ensemble, bool):
-        raise TypeError(f"ensemble must be True (the mean of the exits so far), False, or a GeometricEnsemble (fit_geometric_ensemble), got {type(ensemble).__name__}")
+        raise TypeError(
+            "ensemble must be True (the mean of the exits so far), False, or a GeometricEnsemble (fit_geometric_ensemble), "
+            f"got {type(ensemble).__name__}"
+        )
 
 
 def patience_threshold(threshold, criterion, patience):
@@ -186,7 +197,9 @@ def _warn_unreachable(values: list[float], criterion) -> None:
                 f"(a probability: 0.9, not 90; inf keeps everyone on purpose)"
             )
         if below:
-            warn_at_caller(f"threshold {below[0]:g} is below 0: every sample leaves at that exit ({criterion} is at least 0; -inf on purpose)")
+            warn_at_caller(
+                f"threshold {below[0]:g} is below 0: every sample leaves at that exit ({criterion} is at least 0; -inf on purpose)"
+            )
     elif criterion == "entropy":
         below = [v for v in values if -math.inf < v < 0]
         if below:
@@ -215,7 +228,9 @@ def calibration_temperature(threshold, temperature, num_exits: int) -> list[floa
     given = check_temperatures(temperature, num_exits)
     if isinstance(threshold, Calibration) and threshold.temperature is not None:
         if given is not None and given != threshold.temperature:
-            raise ValueError(f"the calibration was made with temperature={threshold.temperature}, not {given}: its thresholds are for those confidences")
+            raise ValueError(
+                f"the calibration was made with temperature={threshold.temperature}, not {given}: its thresholds are for those confidences"
+            )
         return list(threshold.temperature)
     if isinstance(threshold, Calibration) and given is not None:
         raise ValueError("the calibration was made without temperatures: calibrate again with temperature=..., or leave temperature out")
@@ -234,4 +249,7 @@ def passes_nobody(threshold: float, criterion) -> bool:
 def check_logit_count(model, criterion) -> None:
     """A softmax over one logit is always 1: a one-logit model needs a callable criterion."""
     if model.num_classes == 1 and isinstance(criterion, str):
-        raise ValueError(f"criterion={criterion!r} reads a softmax, which is always 1 over one logit (every sample would leave at exit 1); pass a callable criterion, e.g. lambda z: (z.sigmoid() - 0.5).abs().squeeze(1)")
+        raise ValueError(
+            f"criterion={criterion!r} reads a softmax, which is always 1 over one logit (every sample would leave at exit 1); "
+            "pass a callable criterion, e.g. lambda z: (z.sigmoid() - 0.5).abs().squeeze(1)"
+        )

@@ -56,7 +56,8 @@ class EarlyExitResult:
         return torch.bincount(self.exit_index.cpu(), minlength=n).tolist()
 
 
-def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion="max_prob", ensemble: bool = False, temperature=None, patience=None) -> EarlyExitResult:
+def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion="max_prob", ensemble: bool = False,
+               temperature=None, patience=None) -> EarlyExitResult:
     """Classify `x`, each sample stopping at the first exit where it is confident enough.
 
     Args:
@@ -95,7 +96,9 @@ def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion=
     temperatures = calibration_temperature(threshold, temperature, model.num_exits)
     thresholds = confidence_thresholds(threshold, criterion, model.num_exits, ensemble)
     if not model.has_segments:
-        warn_at_caller("this model runs through forward_intermediates (fx could not trace it): every exit is computed, then one is selected")
+        warn_at_caller(
+            "this model runs through forward_intermediates (fx could not trace it): every exit is computed, then one is selected"
+        )
     with torch.no_grad():
         spent = exit_costs_on(model, tuple(x.shape[1:]), x.device)
         return _early_exit(model, x, thresholds, criterion, ensemble, spent, temperatures)

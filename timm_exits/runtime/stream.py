@@ -90,7 +90,10 @@ def early_exit_stream(model: MultiExitModel, batches: Iterable[torch.Tensor], th
     check_criterion(criterion)
     check_logit_count(model, criterion)
     if getattr(threshold, "ensemble", False):
-        raise ValueError("the calibration was made with ensemble=True: early_exit_stream decides on each exit's own logits; use model.early_exit(..., ensemble=True) for it, or calibrate without the ensemble")
+        raise ValueError(
+            "the calibration was made with ensemble=True: early_exit_stream decides on each exit's own logits; "
+            "use model.early_exit(..., ensemble=True) for it, or calibrate without the ensemble"
+        )
     if isinstance(batches, torch.Tensor) and batches.dim() == len(model.input_size) + 1:  # one batch (a stack of batches is fine)
         raise TypeError("batches must be an iterable of input batches (a DataLoader's images, a list of tensors), "
                         f"got one tensor of shape {tuple(batches.shape)}: pass [x], or call model.early_exit(x)")
@@ -98,7 +101,10 @@ def early_exit_stream(model: MultiExitModel, batches: Iterable[torch.Tensor], th
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     steps = model.steps()
     if not model.has_segments:
-        raise ValueError("this model runs through forward_intermediates (fx could not trace its backbone): its exits share one pass, so there is nothing to queue; use model.early_exit")
+        raise ValueError(
+            "this model runs through forward_intermediates (fx could not trace its backbone): "
+            "its exits share one pass, so there is nothing to queue; use model.early_exit"
+        )
     temperatures = calibration_temperature(threshold, temperature, model.num_exits)
     thresholds = confidence_thresholds(threshold, criterion, model.num_exits, False)
     queues: list[_Queue] = []
