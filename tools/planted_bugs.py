@@ -4,7 +4,7 @@ Each bug is one textual change to one file of the package, made in a scratch cop
 repository; the test file meant to catch it then runs against that copy. A bug that no test
 catches is a hole in the suite. Prints one row per bug and exits 1 if any survives:
 
-    python benchmarks/planted_bugs.py [--only NAME ...]
+    python tools/planted_bugs.py [--only NAME ...]
 
 The first six are the ones that passed every test before the tests were rewritten against
 independent references (docs/testing.md; the third now plants its fallback slip in the steps, where
