@@ -42,7 +42,7 @@ def child(rounds: int) -> None:
     import torch
 
     import timm_exits
-    from overhead import allocator
+    from common import allocator
     from timm_exits.runtime import exit_costs
 
     warnings.filterwarnings("ignore")
@@ -83,7 +83,7 @@ def main() -> None:
     import timm
     import torch
 
-    from overhead import cpu_name
+    from common import cpu_name
 
     print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}, timm {timm.__version__}.")
     print(f"Command: `python benchmarks/allocator.py --rounds {args.rounds}`\n")

@@ -18,7 +18,7 @@ import timm
 import torch
 
 import timm_exits
-from stream import median_thresholds
+from common import median_thresholds
 from timm_exits.cost.profile import alternating_medians
 
 

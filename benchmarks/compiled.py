@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import timm_exits
-from overhead import allocator, cpu_name
-from stream import median_thresholds
+from common import allocator, cpu_name, median_thresholds
 
 
 def train_steps(compiled: bool, size: int, batch: int):

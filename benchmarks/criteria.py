@@ -32,8 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import timm_exits
-from loss_study import interval
-from overhead import cpu_name
+from common import batches, cpu_name, interval
 from timm_exits.data import corrupted_digits
 from timm_exits.demo import fit
 from timm_exits.heads import SDNHead
@@ -54,10 +53,6 @@ def criteria(train, val, test) -> dict[str, dict]:
         "anytime ensemble (mean)": {"ensemble": True},
         "ZTW geometric ensemble (of EED's exits)": {"ensemble": geometric},
     }
-
-
-def batches(split):
-    return [(split.x[i : i + 256], split.y[i : i + 256]) for i in range(0, len(split), 256)]
 
 
 def equal_budgets(val, test, kwargs: dict) -> list[float]:

@@ -26,7 +26,7 @@ import timm
 import torch
 
 import timm_exits
-from overhead import cpu_name
+from common import cpu_name
 from timm_exits.cost.profile import alternating_medians
 
 CASES = {"resnet50": ("resnet50", [1, 2, 3]), "vit_small_patch16_224": ("vit_small_patch16_224", [3, 6, 9])}

@@ -18,7 +18,7 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 
 import timm_exits
-from overhead import cpu_name
+from common import cpu_name
 
 CASES = {
     "resnet50, exits after layer1-3": ("resnet50", [1, 2, 3]),

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import statistics
@@ -38,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import timm_exits
+from common import batches, cpu_name, interval
 from timm_exits.calibration import budgeted_curve, collect_exit_logits
 from timm_exits.data import corrupted_digits
 from timm_exits.demo import evaluate, fit, narrower
@@ -48,9 +48,6 @@ LOSSES = ["ce", "sdn", "distillation", "eed", "byot", "msd", "mate", "ekd"]
 LIMITED = ["limited/baseline", "limited/ce", "limited/distillation", "limited/distillation+unlabeled"]
 MODEL, STAGES, EPOCHS, BATCH, SIZE = "resnet18", [1, 2, 3], 8, 64, (1, 32, 32)
 BUDGETS = 20
-# two-sided 95 % Student t quantiles by degrees of freedom (beyond 30: the normal's 1.96 is within 2 %)
-T95 = [math.nan, 12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 
 def plain(seed: int, **kwargs):
@@ -72,7 +69,6 @@ def record(model, task, epochs_val: list, budgets: list[float], seconds: float) 
     accs = evaluate(model, task.test.x, task.test.y)
     out = {"test": accs, "val_by_epoch": epochs_val, "seconds": seconds}
     if isinstance(model, timm_exits.MultiExitModel):
-        batches = lambda s: [(s.x[i : i + 256], s.y[i : i + 256]) for i in range(0, len(s), 256)]  # noqa: E731
         val, test = collect_exit_logits(model, batches(task.val)), collect_exit_logits(model, batches(task.test))
         out["anytime_ensemble"] = [float(v) for v in ((test.predictions(True) == test.labels).double().mean(1)).tolist()]
         curve = budgeted_curve(val, budgets, evaluate_on=test)
@@ -152,13 +148,6 @@ def run_study(seeds, epochs: int, path: str, log, variants: int = 6) -> dict:
 
 
 # -- the report ------------------------------------------------------------------------------------
-
-
-def interval(values) -> tuple[float, float]:
-    """Mean and the half-width of its two-sided 95 % Student t interval."""
-    n = len(values)
-    mean = statistics.fmean(values)
-    return mean, (T95[n - 1] if n - 1 < len(T95) else 1.96) * statistics.stdev(values) / math.sqrt(n) if n > 1 else math.nan
 
 
 def fmt(values, scale=100.0) -> str:
@@ -398,8 +387,6 @@ def step_study(repeats: int) -> dict[str, tuple[float, float]]:
 
 
 def main() -> None:
-    from overhead import cpu_name
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=EPOCHS)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import timm_exits
-from train_step import malloc_in_use
+from common import malloc_in_use
 
 
 class Trace(TorchDispatchMode):

@@ -24,7 +24,6 @@ with more, threads that spin waiting for each other count).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 import warnings
@@ -33,28 +32,13 @@ import timm
 import torch
 
 import timm_exits
+from common import allocator, cpu_name
 from timm_exits.cost.profile import alternating_medians
 
 CASES = {
     "resnet50, exits after layer1-3": ("resnet50", [1, 2, 3]),
     "vit_small_patch16_224, exits after blocks 3, 6, 9": ("vit_small_patch16_224", [3, 6, 9]),
 }
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
-def allocator() -> str:
-    """The C allocator's settings that change CPU timings: glibc's MALLOC_* variables and an LD_PRELOAD-ed allocator (see benchmarks/allocator.py)."""
-    import os
-
-    tuned = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or (k == "LD_PRELOAD" and v)]
-    return "allocator " + (" ".join(tuned) if tuned else "glibc defaults")
 
 
 @torch.inference_mode()

@@ -26,7 +26,7 @@ import timm
 import torch
 
 import timm_exits
-from overhead import cpu_name
+from common import batches, cpu_name
 from timm_exits.calibration import calibrate_thresholds, collect_exit_logits
 from timm_exits.cost.profile import alternating_medians
 from timm_exits.data import corrupted_digits
@@ -70,7 +70,6 @@ def main() -> None:
     torch.manual_seed(0)  # the batch order, as the demo's
     fit(model, timm_exits.create_loss("eed", num_exits=4, epochs=args.epochs), *task.train.tensors(), args.epochs)
     model.eval()
-    batches = lambda s: [(s.x[i : i + 256], s.y[i : i + 256]) for i in range(0, len(s), 256)]  # noqa: E731
     val, test = collect_exit_logits(model, batches(task.val)), collect_exit_logits(model, batches(task.test))
     backbone = timm_exits.flops_report(model).backbone_flops
     first, full = val.flops[0], val.flops[-1]

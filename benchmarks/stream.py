@@ -29,7 +29,7 @@ import timm
 import torch
 
 import timm_exits
-from overhead import allocator, cpu_name
+from common import allocator, cpu_name, median_thresholds
 
 MODELS = {
     "resnet18, 1x32x32 (the demo's shape)": (lambda: timm.create_model("resnet18", num_classes=10, in_chans=1), [1, 2, 3], (1, 32, 32)),
@@ -44,12 +44,6 @@ def selected(args) -> list:
     if not chosen:
         raise SystemExit(f"--model {args.model} names none of {list(MODELS)}")
     return chosen
-
-
-def median_thresholds(model, images: torch.Tensor) -> list[float]:
-    """Each early exit's median confidence on `images`: about half of those still running leave at each exit."""
-    with torch.no_grad():
-        return [float(z.softmax(-1).amax(-1).median()) for z in model.forward_exits(images)[:-1]]
 
 
 def prepared(build, stages, size, args, batch_size: int):

@@ -23,7 +23,7 @@ import timm
 import torch
 
 import timm_exits
-from overhead import cpu_name
+from common import cpu_name
 from timm_exits.runtime import exit_confidence
 
 MODELS = {

@@ -18,7 +18,6 @@ models, so the ratio should be 1 + that share.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import statistics
 import subprocess
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 import timm_exits
-from overhead import cpu_name
+from common import cpu_name, malloc_in_use
 
 STAGES = [1, 2, 3]
 
@@ -82,25 +81,6 @@ def rss_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def malloc_in_use():
-    """A function returning the bytes glibc's malloc has handed out and not taken back, or None without glibc >= 2.33."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2
-    except (OSError, AttributeError):
-        return None
-
-    def in_use() -> int:
-        info = libc.mallinfo2()
-        return info.uordblks + info.hblkhd
-
-    return in_use
 
 
 def allocated_peak(step, x, y, in_use) -> float:
