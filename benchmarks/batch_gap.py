@@ -43,8 +43,9 @@ def main() -> None:
             read_n = tuple(t[: sizes[k]] if isinstance(t, torch.Tensor) else t for t in read)
             out, _ = step.segment(*read_n)
             parts[f"segment {k + 1} at {sizes[k]}"] = lambda s=step.segment, c=read_n: s(*c)
-            if step.head is not None:
-                parts[f"head {k + 1} at {sizes[k]}"] = lambda st=step, o=out, p=previous: st.logits(o, p if p is None else p[: sizes[k]])
+            if step.head is not None:  # each value bound as a default: the parts run after the loop, when k is the last exit's
+                n = sizes[k]
+                parts[f"head {k + 1} at {n}"] = lambda st=step, o=out, p=previous, n=n: st.logits(o, p if p is None else p[:n])
             full, carried = step.segment(*read)
             if step.head is not None:
                 carried = step.onward(carried, step.logits(full, previous))
