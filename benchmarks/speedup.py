@@ -70,7 +70,7 @@ def main() -> None:
     torch.manual_seed(0)  # the batch order, as the demo's
     fit(model, timm_exits.create_loss("eed", num_exits=4, epochs=args.epochs), *task.train.tensors(), args.epochs)
     model.eval()
-    val, test = collect_exit_logits(model, batches(task.val)), collect_exit_logits(model, batches(task.test))
+    val = collect_exit_logits(model, batches(task.val))
     backbone = timm_exits.flops_report(model).backbone_flops
     first, full = val.flops[0], val.flops[-1]
     budgets = [first + (full - first) * i / 4 for i in range(5)]
