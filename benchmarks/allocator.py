@@ -53,7 +53,7 @@ def child(rounds: int) -> None:
         x = torch.randn(batch, *size, generator=torch.Generator().manual_seed(1))
         faults = {}
 
-        def plain():
+        def plain(model=model, x=x, faults=faults):  # this case's, bound as defaults
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             model.backbone(x)
             faults.setdefault("plain", []).append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)

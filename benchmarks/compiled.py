@@ -44,7 +44,7 @@ def train_steps(compiled: bool, size: int, batch: int):
             model, loss_fn = timm_exits.wrap(backbone, stages=[1, 2, 3], input_size=(3, size, size)), timm_exits.ExitEnsembleLoss()
         model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        loss_of = (lambda m=model, f=loss_fn: f(m(x), y))
+        loss_of = (lambda m=model, f=loss_fn: f(m(x), y))  # noqa: E731 - one callable for torch.compile: the forward and the loss
         loss_of = torch.compile(loss_of) if compiled else loss_of
 
         def step(loss_of=loss_of, optimizer=optimizer):
@@ -59,6 +59,21 @@ def train_steps(compiled: bool, size: int, batch: int):
         step()
         steps[kind] = step
     return steps, first
+
+
+def over_batches(fn, images: torch.Tensor, batch: int):
+    """A callable running `fn` on `images` in batches of `batch`, slicing as it goes."""
+    return lambda: [fn(images[i : i + batch]) for i in range(0, len(images), batch)]
+
+
+def streamed(model, images: torch.Tensor, batch: int, thresholds):
+    """A callable running `early_exit_stream` over `images` in batches of `batch`, slicing as it goes."""
+    return lambda: timm_exits.early_exit_stream(model, [images[i : i + batch] for i in range(0, len(images), batch)], threshold=thresholds)
+
+
+def predicted_seconds(profile, shares: list[float]) -> float:
+    """Seconds per image the profile predicts when `shares` of the images leave at each exit."""
+    return sum(s * c for s, c in zip(shares, profile.seconds))
 
 
 def graphs() -> int:
@@ -128,19 +143,18 @@ def compiled_early_exit(args) -> None:
         shares = [c / len(timed) for c in result.exit_counts(4)]
         fns = {"plain": plain, "exit": lambda x: model.early_exit(x, threshold=thresholds),
                "eager plain": eager.backbone, "eager exit": lambda x: eager.early_exit(x, threshold=thresholds)}
-        runs = {name: (lambda fn=fn: [fn(timed[i : i + batch]) for i in range(0, len(timed), batch)]) for name, fn in fns.items()}
+        runs = {name: over_batches(fn, timed, batch) for name, fn in fns.items()}
         if batch > 1:
-            runs["stream"] = lambda: timm_exits.early_exit_stream(model, [timed[i : i + batch] for i in range(0, len(timed), batch)], threshold=thresholds)
+            runs["stream"] = streamed(model, timed, batch, thresholds)
         # the compiled parts profiled in the measured runs' rounds; the prediction is the compiled plain model's time over theirs
         profile = timm_exits.profile_exits(model, images[:batch], repeats=args.rounds, beside=runs)
         per_image = {name: t / len(timed) for name, t in profile.beside_seconds.items()}
-        spent = lambda p: sum(s * c for s, c in zip(shares, p.seconds))  # noqa: E731  (seconds per image, predicted)
-        predicted_time = per_image["plain"] / spent(profile)
+        predicted_time = per_image["plain"] / predicted_seconds(profile, shares)
         predicted_flops = flops.exits[-1].flops / float(result.flops.float().mean())
         cells = {}
         for label in ("exit", "stream"):
             if label in runs:
-                each = sorted(spent(p) * len(timed) / p.beside_seconds[label] for p in profile.rounds())  # measured over predicted, round by round
+                each = sorted(predicted_seconds(p, shares) * len(timed) / p.beside_seconds[label] for p in profile.rounds())  # measured over predicted, round by round
                 cells[label] = f"{per_image['plain'] / per_image[label]:.2f}x / {statistics.median(each):.0%}"
         stream = f"{1e3 * per_image['stream']:.3f}" if "stream" in runs else "-"
         print(f"| {batch} | {1e3 * per_image['plain']:.3f} | {1e3 * per_image['exit']:.3f} | {stream} "

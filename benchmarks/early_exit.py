@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import statistics
 import time
 import warnings
@@ -99,10 +100,10 @@ def measure_earlyon(images: int, repeats: int) -> list[dict] | None:
         ours_t = [0.0 if k == exit_k else float("inf") for k in range(3)]
         for batch in (images, 1):
             if batch > 1:
-                runs = {"plain": lambda: plain(x), "timm-exits": lambda: ours.early_exit(x, threshold=ours_t),
+                runs = {"plain": lambda: plain(x), "timm-exits": lambda t=ours_t: ours.early_exit(x, threshold=t),
                         "earlyon": lambda: theirs.forward_inference_batched(x)}
             else:
-                runs = {"plain": one_by_one(plain, x), "timm-exits": one_by_one(lambda b: ours.early_exit(b, threshold=ours_t), x),
+                runs = {"plain": one_by_one(plain, x), "timm-exits": one_by_one(lambda b, t=ours_t: ours.early_exit(b, threshold=t), x),
                         "earlyon": one_by_one(lambda b: theirs(b, mode="inference"), x)}
             t = medians(runs, repeats)
             rows.append({"exit": exit_k + 1, "batch": batch, "ours": t["plain"] / t["timm-exits"], "earlyon": t["plain"] / t["earlyon"]})
@@ -117,7 +118,7 @@ def segment_shares(name: str, stages, images: int, repeats: int) -> dict:
     model = timm_exits.wrap(plain, stages=stages).eval()
     x = torch.randn(images, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     report = timm_exits.flops_report(model).exits
-    flops = [report[0].backbone_flops] + [b.backbone_flops - a.backbone_flops for a, b in zip(report, report[1:])]
+    flops = [report[0].backbone_flops] + [b.backbone_flops - a.backbone_flops for a, b in itertools.pairwise(report)]
     seconds = [[] for _ in range(model.num_exits)]
 
     def run_segments():  # the time to each exit from the one before: a segment and its (small) head

@@ -80,12 +80,12 @@ def train(model, loss_fn, x, y, task, epochs: int, seed: int, teacher=None, batc
     val_by_epoch = []
     start = time.perf_counter()
     torch.manual_seed(seed)  # the same batch order for every run of a seed
-    fit(model, loss_fn, x, y, epochs, batch, teacher=teacher, on_epoch=lambda e, l: val_by_epoch.append(evaluate(model, task.val.x, task.val.y)))
+    fit(model, loss_fn, x, y, epochs, batch, teacher=teacher, on_epoch=lambda epoch, loss: val_by_epoch.append(evaluate(model, task.val.x, task.val.y)))
     return val_by_epoch, time.perf_counter() - start
 
 
 def run_study(seeds, epochs: int, path: str, log, variants: int = 6) -> dict:
-    results = json.load(open(path)) if os.path.exists(path) else {}
+    results = json.loads(Path(path).read_text()) if os.path.exists(path) else {}
     task = corrupted_digits(seed=0, variants=variants)
     x, y = task.train.tensors()
     x_lab, y_lab = repeated(*task.limited(unlabeled=False).tensors(), len(x))
@@ -416,7 +416,7 @@ def main() -> None:
         run_study(args.seeds, args.epochs, args.results, log, args.variants)
         log(f"study done in {(time.perf_counter() - start) / 60:.1f} min")
     os.makedirs(os.path.dirname(args.figure) or ".", exist_ok=True)
-    report(json.load(open(args.results)), args.figure)
+    report(json.loads(Path(args.results).read_text()), args.figure)
 
 
 if __name__ == "__main__":

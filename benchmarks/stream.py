@@ -65,6 +65,15 @@ def share_of_prediction(profile, plain: str, label: str, shares: list[float]) ->
     return f"{statistics.median(each):.0%} ({each[0]:.0%}-{each[-1]:.0%})"
 
 
+def timed_runs(model, batches, thresholds) -> dict:
+    """The plain model, early exit batch by batch and the stream over `batches`: what `profile_exits` times beside its parts."""
+    return {
+        "plain": lambda: [model.backbone(b) for b in batches],
+        "per batch": lambda: [model.early_exit(b, threshold=thresholds) for b in batches],
+        "stream": lambda: timm_exits.early_exit_stream(model, batches, threshold=thresholds),
+    }
+
+
 def models(args) -> str:
     return "".join(f" --model {m}" for m in args.model or [])
 
@@ -88,11 +97,7 @@ def main() -> None:
     print("|---|---|---:|---|---|---:|---:|")
     for name, (build, stages, size) in selected(args):
         model, batches, thresholds, shares, flops = prepared(build, stages, size, args, args.batch_size)
-        runs = {
-            "plain": lambda: [model.backbone(b) for b in batches],
-            "per batch": lambda: [model.early_exit(b, threshold=thresholds) for b in batches],
-            "stream": lambda: timm_exits.early_exit_stream(model, batches, threshold=thresholds),
-        }
+        runs = timed_runs(model, batches, thresholds)
         profile = timm_exits.profile_exits(model, batches[0], repeats=args.rounds, beside=runs)  # measured and predicted in the same rounds
         seconds, predicted = profile.beside_seconds, profile.predicted_speedup(shares)
         cells = [f"{seconds['plain'] / seconds[label]:.2f}x / {share_of_prediction(profile, 'plain', label, shares)}" for label in ("per batch", "stream")]
@@ -113,14 +118,10 @@ def channels_last(args) -> None:
         model, batches, thresholds, shares, flops = prepared(build, stages, size, args, 64)
         last = copy.deepcopy(model).to(memory_format=torch.channels_last)
         batches_last = [b.contiguous(memory_format=torch.channels_last) for b in batches]
-        runs = {
-            "plain": lambda: [model.backbone(b) for b in batches],
-            "plain, channels_last": lambda: [last.backbone(b) for b in batches_last],
-            "per batch": lambda: [model.early_exit(b, threshold=thresholds) for b in batches],
-            "per batch, channels_last": lambda: [last.early_exit(b, threshold=thresholds) for b in batches_last],
-            "stream": lambda: timm_exits.early_exit_stream(model, batches, threshold=thresholds),
-            "stream, channels_last": lambda: timm_exits.early_exit_stream(last, batches_last, threshold=thresholds),
-        }
+        contiguous_runs, last_runs = timed_runs(model, batches, thresholds), timed_runs(last, batches_last, thresholds)
+        runs = {}
+        for label in ("plain", "per batch", "stream"):  # each run beside its channels_last twin, in the rounds' order
+            runs[label], runs[f"{label}, channels_last"] = contiguous_runs[label], last_runs[label]
         profile = timm_exits.profile_exits(last, batches_last[0], repeats=args.rounds, beside=runs)  # measured and predicted in the same rounds
         seconds, predicted = profile.beside_seconds, profile.predicted_speedup(shares)
         cells = [f"{seconds['plain, channels_last'] / seconds[label]:.2f}x / {share_of_prediction(profile, 'plain, channels_last', label, shares)}"

@@ -49,7 +49,7 @@ def build(kind: str, device: torch.device):
 
 
 def make_step(kind: str, compiled: bool, device: torch.device):
-    model, loss_of, optimizer = build(kind, device)
+    _, loss_of, optimizer = build(kind, device)  # the model lives on in loss_of
     if compiled:
         loss_of = torch.compile(loss_of)
 
@@ -127,7 +127,7 @@ def memory(kind: str, compiled: bool, batch: int, size: int) -> dict:
 
 def saved_for_backward(kind: str, batch: int, size: int) -> float:
     """MiB of tensors autograd saves in one eager training forward (each storage counted once)."""
-    model, loss_of, _ = build(kind, torch.device("cpu"))
+    _, loss_of, _ = build(kind, torch.device("cpu"))
     seen: set[int] = set()
     total = 0
 
