@@ -57,9 +57,12 @@ def main() -> None:
     aware = sum(t for name, t in seconds.items() if name.startswith(("segment", "head")))
     predicted = timm_exits.profile_exits(model, x, repeats=args.rounds).predicted_speedup([c / 64 for c in counts])
     spent = model.early_exit(x, threshold=thresholds).flops.float().mean()
-    flops = timm_exits.flops_report(model, input_size=tuple(x.shape[1:])).exits[-1].flops / float(spent)  # the backbone's FLOPs over those spent
-    print(f"predicted at the sizes seen {1e3 * aware:.3f} ms: {seconds['plain at 64'] / aware:.2f}x; measured {seconds['plain at 64'] / seconds['early exit at 64']:.2f}x "
-          f"(bookkeeping {1e3 * (seconds['early exit at 64'] - aware):.3f} ms); time-predicted from batch-64 rates {predicted:.2f}x; FLOPs-predicted {flops:.2f}x")
+    # the backbone's FLOPs over those spent
+    flops = timm_exits.flops_report(model, input_size=tuple(x.shape[1:])).exits[-1].flops / float(spent)
+    print(f"predicted at the sizes seen {1e3 * aware:.3f} ms: {seconds['plain at 64'] / aware:.2f}x; "
+          f"measured {seconds['plain at 64'] / seconds['early exit at 64']:.2f}x "
+          f"(bookkeeping {1e3 * (seconds['early exit at 64'] - aware):.3f} ms); "
+          f"time-predicted from batch-64 rates {predicted:.2f}x; FLOPs-predicted {flops:.2f}x")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,10 @@ def cpu_name() -> str:
 
 
 def allocator() -> str:
-    """The C allocator's settings that change CPU timings: glibc's MALLOC_* variables and an LD_PRELOAD-ed allocator (see benchmarks/allocator.py)."""
+    """The C allocator's settings that change CPU timings: glibc's MALLOC_* variables and an LD_PRELOAD-ed allocator.
+
+    benchmarks/allocator.py measures what they change.
+    """
     tuned = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or (k == "LD_PRELOAD" and v)]
     return "allocator " + (" ".join(tuned) if tuned else "glibc defaults")
 

@@ -136,7 +136,8 @@ def segment_shares(name: str, stages, images: int, repeats: int) -> dict:
 
 
 def print_segment_shares(images: int, repeats: int) -> None:
-    print(f"\nper segment at batch {images}: share of the time / share of the FLOPs; time of the wrapped forward and of early_exit with nobody leaving, over the plain model")
+    print(f"\nper segment at batch {images}: share of the time / share of the FLOPs; "
+          "time of the wrapped forward and of early_exit with nobody leaving, over the plain model")
     print("| model | segments' time shares | segments' FLOPs shares | all exits / plain | early_exit, nobody leaves / plain |")
     print("|---|---|---|---|---|")
     for name, stages in CASES.values():
@@ -157,12 +158,14 @@ def main() -> None:
         print_segment_shares(args.images, args.repeats)
         return
     print(f"{args.images} random 224x224 images, eval, no_grad, median of {args.repeats} alternating rounds after a warm-up round")
-    print("| model | batch | operating point | images leaving at exit 1/2/3/4 | FLOPs-predicted speedup | measured speedup | measured / predicted | vs all exits, then select |")
+    print("| model | batch | operating point | images leaving at exit 1/2/3/4 | FLOPs-predicted speedup | measured speedup "
+          "| measured / predicted | vs all exits, then select |")
     print("|---" * 8 + "|")
     for name, stages in CASES.values():
         for r in measure(name, stages, args.images, args.repeats):
             shares = " / ".join(f"{s:.0%}" for s in r["shares"])
-            print(f"| {r['model']} | {r['batch']} | {r['point']} | {shares} | {r['predicted']:.2f}x | {r['measured']:.2f}x | {r['measured'] / r['predicted']:.0%} | {r['vs_select']:.2f}x |", flush=True)
+            print(f"| {r['model']} | {r['batch']} | {r['point']} | {shares} | {r['predicted']:.2f}x | {r['measured']:.2f}x "
+                  f"| {r['measured'] / r['predicted']:.0%} | {r['vs_select']:.2f}x |", flush=True)
     print_segment_shares(args.images, args.repeats)
     rows = measure_earlyon(args.images, args.repeats)
     if rows is None:

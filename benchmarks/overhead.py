@@ -177,19 +177,22 @@ def main() -> None:
                 print(f"| {name} | {middle:.4f} ({each[0]:.4f}-{each[-1]:.4f}) |")
         return
     if args.breakdown:
-        print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads; resnet50, batch {args.batch} at {args.size}, median of {args.repeats} rounds, over plain")
+        print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads; "
+              f"resnet50, batch {args.batch} at {args.size}, median of {args.repeats} rounds, over plain")
         for label, ratio in breakdown(args.batch, args.size, args.repeats).items():
             print(f"| {label} | {ratio:.3f} |")
         return
     rows = {label: measure(name, stages, args.batch, args.size, args.repeats) for label, (name, stages) in CASES.items()}
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}")
     print(f"batch {args.batch} at {args.size}x{args.size}, eval, inference_mode, median of {args.repeats} alternating runs")
-    header = "| model | backbone GFLOPs/img | heads MFLOPs/img | plain s | wrapped s | measured ratio | FLOPs-predicted ratio | excess | wrap() s |"
+    header = ("| model | backbone GFLOPs/img | heads MFLOPs/img | plain s | wrapped s | measured ratio | FLOPs-predicted ratio "
+              "| excess | wrap() s |")
     print(header)
     print("|---" * 9 + "|")
     for label, r in rows.items():
         excess = (r["measured"] / r["predicted"] - 1) * 100
-        print(f"| {label} | {r['backbone_gflops']:.2f} | {r['heads_mflops']:.3f} | {r['plain_s']:.3f} | {r['wrapped_s']:.3f} | {r['measured']:.4f} | {r['predicted']:.4f} | {excess:+.1f} % | {r['wrap_s']:.2f} |")
+        print(f"| {label} | {r['backbone_gflops']:.2f} | {r['heads_mflops']:.3f} | {r['plain_s']:.3f} | {r['wrapped_s']:.3f} "
+              f"| {r['measured']:.4f} | {r['predicted']:.4f} | {excess:+.1f} % | {r['wrap_s']:.2f} |")
 
 
 if __name__ == "__main__":

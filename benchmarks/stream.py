@@ -47,7 +47,8 @@ def selected(args) -> list:
 
 
 def prepared(build, stages, size, args, batch_size: int):
-    """The wrapped model (eval), `--images` images in batches, the thresholds, each exit's share of the images and the FLOPs-predicted speedup."""
+    """The wrapped model (eval), `--images` images in batches, the thresholds, each exit's share of the images and the
+    FLOPs-predicted speedup."""
     torch.manual_seed(0)
     model = timm_exits.wrap(build(), stages=stages, input_size=size).eval()
     images = torch.randn(args.images, *size, generator=torch.Generator().manual_seed(1))
@@ -92,16 +93,20 @@ def main() -> None:
         return channels_last(args)
     warnings.filterwarnings("ignore")
     print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads, {allocator()}; torch {torch.__version__}, timm {timm.__version__}.")
-    print(f"Command: `python benchmarks/stream.py --rounds {args.rounds} --images {args.images} --batch-size {args.batch_size}{models(args)}`\n")
-    print("| model | leaving at each exit | plain (images/s) | early exit per batch: measured / share of time-predicted | stream: measured / share of time-predicted | time-predicted | FLOPs-predicted |")
+    print(f"Command: `python benchmarks/stream.py --rounds {args.rounds} --images {args.images} --batch-size {args.batch_size}"
+          f"{models(args)}`\n")
+    print("| model | leaving at each exit | plain (images/s) | early exit per batch: measured / share of time-predicted "
+          "| stream: measured / share of time-predicted | time-predicted | FLOPs-predicted |")
     print("|---|---|---:|---|---|---:|---:|")
     for name, (build, stages, size) in selected(args):
         model, batches, thresholds, shares, flops = prepared(build, stages, size, args, args.batch_size)
         runs = timed_runs(model, batches, thresholds)
         profile = timm_exits.profile_exits(model, batches[0], repeats=args.rounds, beside=runs)  # measured and predicted in the same rounds
         seconds, predicted = profile.beside_seconds, profile.predicted_speedup(shares)
-        cells = [f"{seconds['plain'] / seconds[label]:.2f}x / {share_of_prediction(profile, 'plain', label, shares)}" for label in ("per batch", "stream")]
-        print(f"| {name} | {' / '.join(f'{100 * s:.0f} %' for s in shares)} | {args.images / seconds['plain']:.0f} | {cells[0]} | {cells[1]} | {predicted:.2f}x | {flops:.2f}x |", flush=True)
+        cells = [f"{seconds['plain'] / seconds[label]:.2f}x / {share_of_prediction(profile, 'plain', label, shares)}"
+                 for label in ("per batch", "stream")]
+        print(f"| {name} | {' / '.join(f'{100 * s:.0f} %' for s in shares)} | {args.images / seconds['plain']:.0f} "
+              f"| {cells[0]} | {cells[1]} | {predicted:.2f}x | {flops:.2f}x |", flush=True)
 
 
 def channels_last(args) -> None:
@@ -110,7 +115,9 @@ def channels_last(args) -> None:
 
     print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads, {allocator()}; torch {torch.__version__}, timm {timm.__version__}.")
     print(f"Command: `python benchmarks/stream.py --channels-last --rounds {args.rounds} --images {args.images}{models(args)}`\n")
-    print("| model | plain: channels_last over contiguous (time) | early exit per batch, channels_last: speedup / share of time-predicted | stream, channels_last: speedup / share | time-predicted, channels_last | FLOPs-predicted | contiguous, same rounds: per batch / stream speedups |")
+    print("| model | plain: channels_last over contiguous (time) "
+          "| early exit per batch, channels_last: speedup / share of time-predicted | stream, channels_last: speedup / share "
+          "| time-predicted, channels_last | FLOPs-predicted | contiguous, same rounds: per batch / stream speedups |")
     print("|---|---:|---|---|---:|---:|---|")
     for name, (build, stages, size) in selected(args):
         if "vit" in name:
@@ -122,12 +129,15 @@ def channels_last(args) -> None:
         runs = {}
         for label in ("plain", "per batch", "stream"):  # each run beside its channels_last twin, in the rounds' order
             runs[label], runs[f"{label}, channels_last"] = contiguous_runs[label], last_runs[label]
-        profile = timm_exits.profile_exits(last, batches_last[0], repeats=args.rounds, beside=runs)  # measured and predicted in the same rounds
+        # measured and predicted in the same rounds
+        profile = timm_exits.profile_exits(last, batches_last[0], repeats=args.rounds, beside=runs)
         seconds, predicted = profile.beside_seconds, profile.predicted_speedup(shares)
-        cells = [f"{seconds['plain, channels_last'] / seconds[label]:.2f}x / {share_of_prediction(profile, 'plain, channels_last', label, shares)}"
+        cells = [f"{seconds['plain, channels_last'] / seconds[label]:.2f}x / "
+                 f"{share_of_prediction(profile, 'plain, channels_last', label, shares)}"
                  for label in ("per batch, channels_last", "stream, channels_last")]
         contiguous = " / ".join(f"{seconds['plain'] / seconds[k]:.2f}x" for k in ("per batch", "stream"))
-        print(f"| {name} | {seconds['plain, channels_last'] / seconds['plain']:.2f} | {cells[0]} | {cells[1]} | {predicted:.2f}x | {flops:.2f}x | {contiguous} |", flush=True)
+        print(f"| {name} | {seconds['plain, channels_last'] / seconds['plain']:.2f} | {cells[0]} | {cells[1]} "
+              f"| {predicted:.2f}x | {flops:.2f}x | {contiguous} |", flush=True)
 
 
 if __name__ == "__main__":

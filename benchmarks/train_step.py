@@ -160,16 +160,19 @@ def main() -> None:
         return
     if args.saved:
         saved = {kind: saved_for_backward(kind, args.batch, args.size) for kind in ("plain", "wrapped")}
-        print(f"saved for backward, batch {args.batch}, {args.size}x{args.size}: plain {saved['plain']:.1f} MiB, wrapped {saved['wrapped']:.1f} MiB, ratio {saved['wrapped'] / saved['plain']:.4f}")
+        print(f"saved for backward, batch {args.batch}, {args.size}x{args.size}: plain {saved['plain']:.1f} MiB, "
+              f"wrapped {saved['wrapped']:.1f} MiB, ratio {saved['wrapped'] / saved['plain']:.4f}")
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = timm_exits.flops_report(timm_exits.wrap(timm.create_model("resnet50"), stages=STAGES), input_size=(3, args.size, args.size))
     share = report.all_exits_flops / report.backbone_flops - 1
     print(f"# train step: resnet50 + exits at {STAGES} (linear heads) with ExitEnsembleLoss vs plain resnet50 with CE")
-    print(f"# batch {args.batch}, {args.size}x{args.size}, SGD; {torch.cuda.get_device_name() if device.type == 'cuda' else cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"# batch {args.batch}, {args.size}x{args.size}, SGD; {torch.cuda.get_device_name() if device.type == 'cuda' else cpu_name()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"# heads' share of the FLOPs: {100 * share:.2f} % -> goal: ratio <= {1 + share + 0.05:.3f}")
     print()
-    print("| mode | plain step (s) | wrapped step (s) | time ratio | plain peak (MiB) | wrapped peak (MiB) | memory ratio | plain / wrapped peak RSS (MiB), ratio |")
+    print("| mode | plain step (s) | wrapped step (s) | time ratio | plain peak (MiB) | wrapped peak (MiB) | memory ratio "
+          "| plain / wrapped peak RSS (MiB), ratio |")
     print("|---|---|---|---|---|---|---|---|")
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(0, 1000, (args.batch,), device=device)
@@ -187,14 +190,17 @@ def main() -> None:
                     times[kind].append(timed(step, x, y, device))
                 ratios.append(times["wrapped"][-1] / times["plain"][-1])
             del steps
-            cells = [f"{statistics.median(times['plain']):.3f}", f"{statistics.median(times['wrapped']):.3f}", f"{statistics.median(ratios):.3f}"]
+            cells = [f"{statistics.median(times['plain']):.3f}", f"{statistics.median(times['wrapped']):.3f}",
+                     f"{statistics.median(ratios):.3f}"]
         peaks = {}
         for kind in ("plain", "wrapped"):
-            out = subprocess.run([sys.executable, __file__, "--memory", kind, mode, "--batch", str(args.batch), "--size", str(args.size)], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, __file__, "--memory", kind, mode, "--batch", str(args.batch), "--size", str(args.size)],
+                                 capture_output=True, text=True, check=True)
             peaks[kind] = json.loads(out.stdout.strip().splitlines()[-1])
         for field in ("peak_mib",):
             if all(field in p for p in peaks.values()):
-                cells += [f"{peaks['plain'][field]:.0f}", f"{peaks['wrapped'][field]:.0f}", f"{peaks['wrapped'][field] / peaks['plain'][field]:.3f}"]
+                cells += [f"{peaks['plain'][field]:.0f}", f"{peaks['wrapped'][field]:.0f}",
+                          f"{peaks['wrapped'][field] / peaks['plain'][field]:.3f}"]
             else:
                 cells += ["–"] * 3
         rss = [p.get("rss_peak_mib") for p in (peaks["plain"], peaks["wrapped"])]

@@ -53,7 +53,8 @@ BUGS = [
     Bug("fallback model hands each exit the next stage's feature", "timm_exits/model/steps.py",
         "return feats[0], (*feats[1:], final)", "return feats[-1], (*feats[1:], final)", ("test_bad_input.py", "test_inference.py")),
     Bug("MSD's teacher probabilities not detached", "timm_exits/losses/hints.py",
-        "teachers = torch.stack([soft(z, T) for z in logits])", "teachers = torch.stack([F.softmax(z.float() / T, dim=-1) for z in logits])",
+        "teachers = torch.stack([soft(z, T) for z in logits])",
+        "teachers = torch.stack([F.softmax(z.float() / T, dim=-1) for z in logits])",
         ("test_losses.py",)),
     Bug("MATE's exits not detached inside its teachers", "timm_exits/losses/teachers.py",
         "stacked = torch.stack([z.detach().float() for z in logits])", "stacked = torch.stack([z.float() for z in logits])",
@@ -80,15 +81,18 @@ BUGS = [
     Bug("Phuong's temperature grows on unsure teachers", "timm_exits/losses/distillation.py",
         "grow = (teacher_maxprob.detach() > self.maxprob)", "grow = (teacher_maxprob.detach() < self.maxprob)", ("test_losses.py",)),
     Bug("KD scaled by T instead of T^2", "timm_exits/losses/base.py",
-        "return kl * temperature**2 if t_squared else kl\n\n\ndef kd_matrix", "return kl * temperature if t_squared else kl\n\n\ndef kd_matrix",
+        "return kl * temperature**2 if t_squared else kl\n\n\ndef kd_matrix",
+        "return kl * temperature if t_squared else kl\n\n\ndef kd_matrix",
         ("test_losses.py",)),
     Bug("unlabeled samples counted in the CE mean", "timm_exits/losses/base.py",
         "return per_sample.sum() / labeled.sum().clamp_min(1)", "return per_sample.sum() / len(target)", ("test_losses.py",)),
     Bug("ensemble weights not normalised", "timm_exits/ensemble.py",
-        "w = torch.full((n,), 1.0 / n) if weights is None else weights / weights.sum()", "w = torch.full((n,), 1.0 / n) if weights is None else weights",
+        "w = torch.full((n,), 1.0 / n) if weights is None else weights / weights.sum()",
+        "w = torch.full((n,), 1.0 / n) if weights is None else weights",
         ("test_ensemble.py",)),
     Bug("tokens laid on the grid without the transpose", "timm_exits/heads/builtin.py",
-        "return tokens.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)", "return tokens.reshape(x.shape[0], x.shape[2], side, side)",
+        "return tokens.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)",
+        "return tokens.reshape(x.shape[0], x.shape[2], side, side)",
         ("test_heads.py",)),
     Bug("token mean pool includes the class and register tokens", "timm_exits/heads/builtin.py",
         "x = x[:, self.layout.num_prefix_tokens :].mean(1)", "x = x.mean(1)", ("test_heads.py",)),
@@ -102,7 +106,8 @@ BUGS = [
     Bug("calls that change modes do not take turns (FLOPs counts of two threads overlap)", "timm_exits/fx/modes.py",
         "    with _MODES:\n", "    with contextlib.nullcontext():\n", ("test_runtime.py", "-k", "threads")),
     Bug("collect_exit_logits leaves the model in eval mode", "timm_exits/calibration/cached.py",
-        "    with evaluating(model):\n        for batch in Progress(progress)(loader,", "    model.eval()\n    if True:\n        for batch in Progress(progress)(loader,",
+        "    with evaluating(model):\n        for batch in Progress(progress)(loader,",
+        "    model.eval()\n    if True:\n        for batch in Progress(progress)(loader,",
         ("test_runtime.py",)),
     Bug("the steps keep a head the user replaced", "timm_exits/model/multi_exit.py",
         "any(a is not b for a, b in zip(built[0], parts))", "built[0][0] is not parts[0]", ("test_runtime.py",)),
@@ -110,10 +115,12 @@ BUGS = [
         "if learned is None or learned.steps is not steps:", "if learned is None:", ("test_runtime.py",)),
     # the corrupted-digits evidence: a task that leaks, or grades nothing, or a speedup predicted without the heads
     Bug("images split instead of scans (a test digit's variants seen in training)", "timm_exits/data/digits.py",
-        ".subset(part[source] == p) for p in range(3)]", ".subset(_split_by_scan(labels[source], fractions, torch.Generator().manual_seed(seed)) == p) for p in range(3)]",
+        ".subset(part[source] == p) for p in range(3)]",
+        ".subset(_split_by_scan(labels[source], fractions, torch.Generator().manual_seed(seed)) == p) for p in range(3)]",
         ("test_data.py",)),
     Bug("every corruption at the same severity", "timm_exits/data/digits.py",
-        "out[rows] = _APPLY[name](x[rows], severity[rows].to(x.dtype), g)", "out[rows] = _APPLY[name](x[rows], torch.full((len(rows),), 3.0), g)",
+        "out[rows] = _APPLY[name](x[rows], severity[rows].to(x.dtype), g)",
+        "out[rows] = _APPLY[name](x[rows], torch.full((len(rows),), 3.0), g)",
         ("test_data.py",)),
     Bug("the time-predicted speedup leaves out the heads", "timm_exits/cost/profile.py",
         "steps = [s + h for s, h in zip(self.segment_seconds, self.head_seconds)]", "steps = list(self.segment_seconds)",
@@ -139,14 +146,17 @@ BUGS = [
     Bug("a cascaded head lets its loss flow into the previous exit", "timm_exits/heads/cascade.py",
         "previous = self.norm(previous.detach() if self.detach else previous)", "previous = self.norm(previous)", ("test_cascade.py",)),
     Bug("a cascaded head starts as a layer of the feature's width alone", "timm_exits/heads/cascade.py",
-        "bound = 1.0 / math.sqrt(fc.in_features + self.previous.in_features)", "bound = 1.0 / math.sqrt(fc.in_features)", ("test_cascade.py",)),
+        "bound = 1.0 / math.sqrt(fc.in_features + self.previous.in_features)",
+        "bound = 1.0 / math.sqrt(fc.in_features)", ("test_cascade.py",)),
     # performance: compiled parts, the stream, one host read per exit, losses that compute on the device
     Bug("compiled parts get a graph per batch size", "timm_exits/runtime/compiled.py",
-        "self.compiled = torch.compile(module, **compile_kwargs)", "self.compiled = torch.compile(module, **{**compile_kwargs, 'dynamic': False})", ("test_compiled.py",)),
+        "self.compiled = torch.compile(module, **compile_kwargs)",
+        "self.compiled = torch.compile(module, **{**compile_kwargs, 'dynamic': False})", ("test_compiled.py",)),
     Bug("FLOPs counted through the compiled parts", "timm_exits/cost/flops.py",
         "steps = [step.uncompiled() for step in model.steps()] if", "steps = [step for step in model.steps()] if", ("test_compiled.py",)),
     Bug("the stream's queue hands out the rows it keeps", "timm_exits/runtime/stream.py",
-        "parts.append(take_rows(carried, self.kind, rows[:wanted]))", "parts.append(take_rows(carried, self.kind, rows[-wanted:]))", ("test_stream.py",)),
+        "parts.append(take_rows(carried, self.kind, rows[:wanted]))",
+        "parts.append(take_rows(carried, self.kind, rows[-wanted:]))", ("test_stream.py",)),
     Bug("one sample that should leave stays when some but not all leave", "timm_exits/runtime/rows.py",
         "    return order[:n], order[n:]\n", "    return order[: n - 1], order[n - 1 :]\n", ("test_inference.py",)),
     Bug("early exit reads the device twice per exit", "timm_exits/runtime/rows.py",
@@ -158,7 +168,8 @@ BUGS = [
         "grow = (teacher_maxprob.detach() > self.maxprob)", "grow = (teacher_maxprob.detach() > -1.0)", ("test_losses.py",)),
     # the stage-width check: a stage row whose module outputs another width than feature_info's
     Bug("a stage row is cut at a width other than its table's", "timm_exits/fx/stages.py",
-        "elif (found := read_feature(shapes[node], chans, model, input_hw)[1]) != chans:", "elif (found := read_feature(shapes[node], chans, model, input_hw)[1]) < 0:", ("test_misuse.py",)),
+        "elif (found := read_feature(shapes[node], chans, model, input_hw)[1]) != chans:",
+        "elif (found := read_feature(shapes[node], chans, model, input_hw)[1]) < 0:", ("test_misuse.py",)),
 ]
 
 
@@ -206,7 +217,8 @@ def run(bug: Bug) -> tuple[str, float, str]:
         plant(bug, copy)
         env = {**os.environ, "PYTHONPATH": str(copy)}  # the copy shadows the installed package
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *pytest_args(bug, copy)], cwd=copy, env=env, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *pytest_args(bug, copy)],
+                              cwd=copy, env=env, capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.strip()]
         last = lines[-1] if lines else done.stderr.strip()[-200:]
         status = "SURVIVED" if done.returncode == 0 else "caught" if done.returncode == 1 and " failed" in last else "BROKEN"
