@@ -53,8 +53,9 @@ benchmarks: $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/early_exit.py
 	$(BIN)/python benchmarks/train_step.py
 
+# tools/ holds the scripts that measure the suite itself: which models wrap (writes docs/coverage.md), planted bugs.
 coverage: $(VENV)/.dev-installed
-	$(BIN)/python benchmarks/coverage.py
+	$(BIN)/python tools/coverage.py
 
 # How strong the suite is (docs/testing.md); neither runs in CI.
 mutation: $(VENV)/.dev-installed
@@ -62,7 +63,7 @@ mutation: $(VENV)/.dev-installed
 	$(BIN)/mutmut export-cicd-stats
 
 planted-bugs: $(VENV)/.dev-installed
-	$(BIN)/python benchmarks/planted_bugs.py
+	$(BIN)/python tools/planted_bugs.py
 
 clean:
 	rm -rf $(VENV) $(LOWEST) build *.egg-info mutants

@@ -1,4 +1,5 @@
-"""What glibc's malloc does to CPU timings: big activations given back to the system after every call, and page-faulted in again on the next.
+"""What glibc's malloc does to CPU timings: big activations given back to the system after every call,
+and page-faulted in again on the next.
 
 glibc serves an allocation above its mmap threshold (128 KiB, rising to at most 32 MiB as such
 blocks are freed) with a fresh mapping and unmaps it on free, and trims the heap's free top above
@@ -42,7 +43,7 @@ def child(rounds: int) -> None:
     import torch
 
     import timm_exits
-    from overhead import allocator
+    from common import allocator
     from timm_exits.runtime import exit_costs
 
     warnings.filterwarnings("ignore")
@@ -53,7 +54,7 @@ def child(rounds: int) -> None:
         x = torch.randn(batch, *size, generator=torch.Generator().manual_seed(1))
         faults = {}
 
-        def plain():
+        def plain(model=model, x=x, faults=faults):  # this case's, bound as defaults
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             model.backbone(x)
             faults.setdefault("plain", []).append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -74,7 +75,7 @@ def child(rounds: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph: the summary takes two lines
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -83,22 +84,25 @@ def main() -> None:
     import timm
     import torch
 
-    from overhead import cpu_name
+    from common import cpu_name
 
     print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}, timm {timm.__version__}.")
     print(f"Command: `python benchmarks/allocator.py --rounds {args.rounds}`\n")
-    print("| allocator | resnet50 | plain (ms / batch) | minor page faults / call | segments' share of the time | of the FLOPs | time-predicted | FLOPs-predicted |")
+    print("| allocator | resnet50 | plain (ms / batch) | minor page faults / call | segments' share of the time | of the FLOPs "
+          "| time-predicted | FLOPs-predicted |")
     print("|---|---|---:|---:|---|---|---:|---:|")
     for name, env in SETTINGS.items():
         clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
-        out = subprocess.run([sys.executable, __file__, "--child", "--rounds", str(args.rounds)], env={**clean, **env}, capture_output=True, text=True)
+        out = subprocess.run([sys.executable, __file__, "--child", "--rounds", str(args.rounds)],
+                             env={**clean, **env}, capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"the child under {name} failed:\n{out.stderr}")
         child_said = json.loads(out.stdout.strip().splitlines()[-1])
         assert child_said["allocator"] == f"allocator {name}", child_said["allocator"]  # the child ran under the setting named
         for row in child_said["rows"]:
             shares = lambda v: " / ".join(f"{100 * s:.0f} %" for s in v)  # noqa: E731
-            print(f"| {name} | {row['case']} | {row['plain_ms']:.1f} | {row['faults']:.0f} | {shares(row['time_shares'])} | {shares(row['flops_shares'])} "
+            print(f"| {name} | {row['case']} | {row['plain_ms']:.1f} | {row['faults']:.0f} "
+                  f"| {shares(row['time_shares'])} | {shares(row['flops_shares'])} "
                   f"| {row['time_predicted']:.2f}x | {row['flops_predicted']:.2f}x |", flush=True)
 
 

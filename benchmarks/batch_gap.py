@@ -18,7 +18,7 @@ import timm
 import torch
 
 import timm_exits
-from stream import median_thresholds
+from common import median_thresholds
 from timm_exits.cost.profile import alternating_medians
 
 
@@ -43,8 +43,9 @@ def main() -> None:
             read_n = tuple(t[: sizes[k]] if isinstance(t, torch.Tensor) else t for t in read)
             out, _ = step.segment(*read_n)
             parts[f"segment {k + 1} at {sizes[k]}"] = lambda s=step.segment, c=read_n: s(*c)
-            if step.head is not None:
-                parts[f"head {k + 1} at {sizes[k]}"] = lambda st=step, o=out, p=previous: st.logits(o, p if p is None else p[: sizes[k]])
+            if step.head is not None:  # each value bound as a default: the parts run after the loop, when k is the last exit's
+                n = sizes[k]
+                parts[f"head {k + 1} at {n}"] = lambda st=step, o=out, p=previous, n=n: st.logits(o, p if p is None else p[:n])
             full, carried = step.segment(*read)
             if step.head is not None:
                 carried = step.onward(carried, step.logits(full, previous))
@@ -56,9 +57,12 @@ def main() -> None:
     aware = sum(t for name, t in seconds.items() if name.startswith(("segment", "head")))
     predicted = timm_exits.profile_exits(model, x, repeats=args.rounds).predicted_speedup([c / 64 for c in counts])
     spent = model.early_exit(x, threshold=thresholds).flops.float().mean()
-    flops = timm_exits.flops_report(model, input_size=tuple(x.shape[1:])).exits[-1].flops / float(spent)  # the backbone's FLOPs over those spent
-    print(f"predicted at the sizes seen {1e3 * aware:.3f} ms: {seconds['plain at 64'] / aware:.2f}x; measured {seconds['plain at 64'] / seconds['early exit at 64']:.2f}x "
-          f"(bookkeeping {1e3 * (seconds['early exit at 64'] - aware):.3f} ms); time-predicted from batch-64 rates {predicted:.2f}x; FLOPs-predicted {flops:.2f}x")
+    # the backbone's FLOPs over those spent
+    flops = timm_exits.flops_report(model, input_size=tuple(x.shape[1:])).exits[-1].flops / float(spent)
+    print(f"predicted at the sizes seen {1e3 * aware:.3f} ms: {seconds['plain at 64'] / aware:.2f}x; "
+          f"measured {seconds['plain at 64'] / seconds['early exit at 64']:.2f}x "
+          f"(bookkeeping {1e3 * (seconds['early exit at 64'] - aware):.3f} ms); "
+          f"time-predicted from batch-64 rates {predicted:.2f}x; FLOPs-predicted {flops:.2f}x")
 
 
 if __name__ == "__main__":

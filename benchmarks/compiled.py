@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import timm_exits
-from overhead import allocator, cpu_name
-from stream import median_thresholds
+from common import allocator, cpu_name, median_thresholds
 
 
 def train_steps(compiled: bool, size: int, batch: int):
@@ -45,7 +44,7 @@ def train_steps(compiled: bool, size: int, batch: int):
             model, loss_fn = timm_exits.wrap(backbone, stages=[1, 2, 3], input_size=(3, size, size)), timm_exits.ExitEnsembleLoss()
         model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        loss_of = (lambda m=model, f=loss_fn: f(m(x), y))
+        loss_of = (lambda m=model, f=loss_fn: f(m(x), y))  # noqa: E731 - one callable for torch.compile: the forward and the loss
         loss_of = torch.compile(loss_of) if compiled else loss_of
 
         def step(loss_of=loss_of, optimizer=optimizer):
@@ -62,6 +61,21 @@ def train_steps(compiled: bool, size: int, batch: int):
     return steps, first
 
 
+def over_batches(fn, images: torch.Tensor, batch: int):
+    """A callable running `fn` on `images` in batches of `batch`, slicing as it goes."""
+    return lambda: [fn(images[i : i + batch]) for i in range(0, len(images), batch)]
+
+
+def streamed(model, images: torch.Tensor, batch: int, thresholds):
+    """A callable running `early_exit_stream` over `images` in batches of `batch`, slicing as it goes."""
+    return lambda: timm_exits.early_exit_stream(model, [images[i : i + batch] for i in range(0, len(images), batch)], threshold=thresholds)
+
+
+def predicted_seconds(profile, shares: list[float]) -> float:
+    """Seconds per image the profile predicts when `shares` of the images leave at each exit."""
+    return sum(s * c for s, c in zip(shares, profile.seconds))
+
+
 def graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
@@ -75,7 +89,8 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads, {allocator()}; torch {torch.__version__}, timm {timm.__version__}.")
-    print(f"Command: `python benchmarks/compiled.py --rounds {args.rounds} --images {args.images} --size {args.size}{' --skip-train' if args.skip_train else ''}`\n")
+    print(f"Command: `python benchmarks/compiled.py --rounds {args.rounds} --images {args.images} --size {args.size}"
+          f"{' --skip-train' if args.skip_train else ''}`\n")
     if not args.skip_train:
         compiled_train_steps(args)
     compiled_early_exit(args)
@@ -83,9 +98,13 @@ def main() -> None:
 
 def compiled_train_steps(args) -> None:
     size = args.size
-    report = timm_exits.flops_report(timm_exits.wrap(timm.create_model("resnet18", num_classes=10), stages=[1, 2, 3], input_size=(3, size, size)), input_size=(3, size, size))
+    report = timm_exits.flops_report(
+        timm_exits.wrap(timm.create_model("resnet18", num_classes=10), stages=[1, 2, 3], input_size=(3, size, size)),
+        input_size=(3, size, size),
+    )
     share = report.all_exits_flops / report.backbone_flops - 1
-    print(f"Train step, resnet18 at {size}x{size}, batch 32; the heads' share of the FLOPs {100 * share:.2f} %, goal: ratio <= {1 + share + 0.05:.3f}\n")
+    print(f"Train step, resnet18 at {size}x{size}, batch 32; the heads' share of the FLOPs {100 * share:.2f} %, "
+          f"goal: ratio <= {1 + share + 0.05:.3f}\n")
     print("| mode | plain step (ms) | wrapped step (ms) | ratio | first step, plain / wrapped (s) |")
     print("|---|---:|---:|---:|---|")
     for compiled in (False, True):
@@ -97,7 +116,8 @@ def compiled_train_steps(args) -> None:
                 step()
                 times[kind].append(time.perf_counter() - t)
         ratio = statistics.median(w / p for w, p in zip(times["wrapped"], times["plain"]))
-        print(f"| {'compiled (inductor)' if compiled else 'eager'} | {1e3 * statistics.median(times['plain']):.1f} | {1e3 * statistics.median(times['wrapped']):.1f} "
+        print(f"| {'compiled (inductor)' if compiled else 'eager'} "
+              f"| {1e3 * statistics.median(times['plain']):.1f} | {1e3 * statistics.median(times['wrapped']):.1f} "
               f"| {ratio:.3f} | {first['plain']:.1f} / {first['wrapped']:.1f} |", flush=True)
         del steps
 
@@ -119,8 +139,10 @@ def compiled_early_exit(args) -> None:
             model.early_exit(images[:n], threshold=thresholds)
     warm_up = time.perf_counter() - t
     before = graphs()
-    print(f"\nEarly exit with compiled parts (inductor) against the compiled plain resnet18, 1x32x32; warm-up (compiling) {warm_up:.0f} s.\n")
-    print("| batch | plain (ms / image) | early exit (ms / image) | stream (ms / image) | leaving at exit 1 / 2 / 3 / 4 | early exit: measured / share of time-predicted "
+    print(f"\nEarly exit with compiled parts (inductor) against the compiled plain resnet18, 1x32x32; "
+          f"warm-up (compiling) {warm_up:.0f} s.\n")
+    print("| batch | plain (ms / image) | early exit (ms / image) | stream (ms / image) | leaving at exit 1 / 2 / 3 / 4 "
+          "| early exit: measured / share of time-predicted "
           "| stream: measured / share | time-predicted | FLOPs-predicted | eager: plain / early exit (ms / image) |")
     print("|---:|---:|---:|---:|---|---|---|---:|---:|---|")
     for batch in (1, 64):
@@ -129,23 +151,24 @@ def compiled_early_exit(args) -> None:
         shares = [c / len(timed) for c in result.exit_counts(4)]
         fns = {"plain": plain, "exit": lambda x: model.early_exit(x, threshold=thresholds),
                "eager plain": eager.backbone, "eager exit": lambda x: eager.early_exit(x, threshold=thresholds)}
-        runs = {name: (lambda fn=fn: [fn(timed[i : i + batch]) for i in range(0, len(timed), batch)]) for name, fn in fns.items()}
+        runs = {name: over_batches(fn, timed, batch) for name, fn in fns.items()}
         if batch > 1:
-            runs["stream"] = lambda: timm_exits.early_exit_stream(model, [timed[i : i + batch] for i in range(0, len(timed), batch)], threshold=thresholds)
+            runs["stream"] = streamed(model, timed, batch, thresholds)
         # the compiled parts profiled in the measured runs' rounds; the prediction is the compiled plain model's time over theirs
         profile = timm_exits.profile_exits(model, images[:batch], repeats=args.rounds, beside=runs)
         per_image = {name: t / len(timed) for name, t in profile.beside_seconds.items()}
-        spent = lambda p: sum(s * c for s, c in zip(shares, p.seconds))  # noqa: E731  (seconds per image, predicted)
-        predicted_time = per_image["plain"] / spent(profile)
+        predicted_time = per_image["plain"] / predicted_seconds(profile, shares)
         predicted_flops = flops.exits[-1].flops / float(result.flops.float().mean())
         cells = {}
         for label in ("exit", "stream"):
             if label in runs:
-                each = sorted(spent(p) * len(timed) / p.beside_seconds[label] for p in profile.rounds())  # measured over predicted, round by round
+                # measured over predicted, round by round
+                each = sorted(predicted_seconds(p, shares) * len(timed) / p.beside_seconds[label] for p in profile.rounds())
                 cells[label] = f"{per_image['plain'] / per_image[label]:.2f}x / {statistics.median(each):.0%}"
         stream = f"{1e3 * per_image['stream']:.3f}" if "stream" in runs else "-"
         print(f"| {batch} | {1e3 * per_image['plain']:.3f} | {1e3 * per_image['exit']:.3f} | {stream} "
-              f"| {' / '.join(f'{100 * s:.0f} %' for s in shares)} | {cells['exit']} | {cells.get('stream', '-')} | {predicted_time:.2f}x | {predicted_flops:.2f}x "
+              f"| {' / '.join(f'{100 * s:.0f} %' for s in shares)} | {cells['exit']} | {cells.get('stream', '-')} "
+              f"| {predicted_time:.2f}x | {predicted_flops:.2f}x "
               f"| {1e3 * per_image['eager plain']:.3f} / {1e3 * per_image['eager exit']:.3f} |", flush=True)
     print(f"\nGraphs compiled during the timed runs, after warm-up: {graphs() - before}.")
 

@@ -12,8 +12,9 @@ Zero Time Waste as a method follows the authors' pipeline (gmum/Zero-Time-Waste,
 ``ztw_cv_original``: ``train_networks.py`` with ``-t sdn_ic --stacking --detach_prev``, then
 ``running_ensb``): the plain backbone trained with cross entropy, then frozen (its batch norm
 too), then its exit heads (theirs: a 3x3 conv, ReLU, SDN's mixed pooling, linear) trained alone
-with the sum of their cross entropies (Adam, lr 1e-3, weight decay 1e-4, lr x0.1 after 30 % of the epochs: their 15 of 50), once with plain heads (the
-SDN "IC-only" baseline they compare with) and once cascaded; then the geometric ensemble.
+with the sum of their cross entropies (Adam, lr 1e-3, weight decay 1e-4, lr x0.1 after 30 % of
+the epochs: their 15 of 50), once with plain heads (the SDN "IC-only" baseline they compare with)
+and once cascaded; then the geometric ensemble.
 Also each exit's NLL and expected calibration error before and after temperature scaling
 (fitted on validation, measured on test), and each model's per-exit test accuracy.
 
@@ -32,8 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import timm_exits
-from loss_study import interval
-from overhead import cpu_name
+from common import batches, cpu_name, interval
 from timm_exits.data import corrupted_digits
 from timm_exits.demo import fit
 from timm_exits.heads import SDNHead
@@ -56,10 +56,6 @@ def criteria(train, val, test) -> dict[str, dict]:
     }
 
 
-def batches(split):
-    return [(split.x[i : i + 256], split.y[i : i + 256]) for i in range(0, len(split), 256)]
-
-
 def equal_budgets(val, test, kwargs: dict) -> list[float]:
     """Test accuracy at each share of the full cost, thresholds calibrated on validation."""
     accs = []
@@ -70,7 +66,8 @@ def equal_budgets(val, test, kwargs: dict) -> list[float]:
 
 
 class ZTWHead(SDNHead):
-    """The authors' internal classifier at these feature sizes (``--head_arch conv sdn_pool``): a 3x3 conv keeping the width, ReLU, SDN's mixed pooling, linear."""
+    """The authors' internal classifier at these feature sizes (``--head_arch conv sdn_pool``): a 3x3 conv keeping the
+    width, ReLU, SDN's mixed pooling, linear."""
 
     def __init__(self, channels: int, num_classes: int, layout):
         super().__init__(channels, num_classes, layout)
@@ -115,13 +112,18 @@ def run(seed: int, epochs: int, variants: int, log) -> tuple[dict, list, dict]:
     fit_t = timm_exits.calibrate_temperature(val)
     calibration_rows = []
     for k, (z, t) in enumerate(zip(test.logits, fit_t.temperatures)):
-        calibration_rows.append({"exit": k + 1, "temperature": t, "nll": (F.cross_entropy(z, test.labels).item(), F.cross_entropy(z / t, test.labels).item()),
-                                 "ece": (timm_exits.expected_calibration_error(z, test.labels), timm_exits.expected_calibration_error(z / t, test.labels))})
+        calibration_rows.append({
+            "exit": k + 1,
+            "temperature": t,
+            "nll": (F.cross_entropy(z, test.labels).item(), F.cross_entropy(z / t, test.labels).item()),
+            "ece": (timm_exits.expected_calibration_error(z, test.labels), timm_exits.expected_calibration_error(z / t, test.labels)),
+        })
 
     torch.manual_seed(seed)
     backbone = timm.create_model("resnet18", num_classes=10, in_chans=1)
     fit(backbone, F.cross_entropy, *task.train.tensors(), epochs)
-    for cascade, name in ((False, "plain heads on the frozen CE backbone (SDN IC-only)"), (True, "ZTW: cascaded heads on the frozen CE backbone")):
+    for cascade, name in ((False, "plain heads on the frozen CE backbone (SDN IC-only)"),
+                          (True, "ZTW: cascaded heads on the frozen CE backbone")):
         torch.manual_seed(seed)
         ztw = timm_exits.wrap(copy.deepcopy(backbone), stages=[1, 2, 3], head=ZTWHead, input_size=(1, 32, 32), cascade=cascade)
         train_heads(ztw, *task.train.tensors(), epochs)
@@ -129,7 +131,8 @@ def run(seed: int, epochs: int, variants: int, log) -> tuple[dict, list, dict]:
         accuracies[name] = exit_accuracies(test)
         rows[name + ", max-prob"] = equal_budgets(val, test, {})
         if cascade:
-            rows[name + " + geometric ensemble (the method)"] = equal_budgets(val, test, {"ensemble": timm_exits.fit_geometric_ensemble(train)})
+            rows[name + " + geometric ensemble (the method)"] = equal_budgets(
+                val, test, {"ensemble": timm_exits.fit_geometric_ensemble(train)})
         for key in [k for k in rows if k.startswith(name)]:
             log(f"seed {seed} {key:<45} " + " ".join(f"{a:.4f}" for a in rows[key]))
     return rows, calibration_rows, accuracies
@@ -144,7 +147,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}, timm {timm.__version__}.")
-    print(f"Command: `python benchmarks/criteria.py --seeds {' '.join(map(str, args.seeds))} --epochs {args.epochs} --variants {args.variants}`\n")
+    print(f"Command: `python benchmarks/criteria.py --seeds {' '.join(map(str, args.seeds))} "
+          f"--epochs {args.epochs} --variants {args.variants}`\n")
     per_seed = [run(seed, args.epochs, args.variants, log) for seed in args.seeds]
     def cell(values) -> str:
         mean, half = interval(values)
@@ -161,12 +165,14 @@ def main() -> None:
     for name in per_seed[0][2]:
         print(f"| {name} | " + " | ".join(cell([100 * acc[name][k] for _, _, acc in per_seed]) for k in range(4)) + " |")
     plain, ztw = list(per_seed[0][2])[1:]
-    print("| cascade's gain (paired, points) | " + " | ".join(cell([100 * (acc[ztw][k] - acc[plain][k]) for _, _, acc in per_seed]) for k in range(4)) + " |")
+    print("| cascade's gain (paired, points) | "
+          + " | ".join(cell([100 * (acc[ztw][k] - acc[plain][k]) for _, _, acc in per_seed]) for k in range(4)) + " |")
     print("\nEach exit's calibration on test, temperature fitted on validation (first seed):\n")
     print("| exit | temperature | NLL before → after | ECE before → after |")
     print("|---|---|---|---|")
     for row in per_seed[0][1]:
-        print(f"| {row['exit']} | {row['temperature']:.3f} | {row['nll'][0]:.4f} → {row['nll'][1]:.4f} | {row['ece'][0]:.4f} → {row['ece'][1]:.4f} |")
+        print(f"| {row['exit']} | {row['temperature']:.3f} "
+              f"| {row['nll'][0]:.4f} → {row['nll'][1]:.4f} | {row['ece'][0]:.4f} → {row['ece'][1]:.4f} |")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import statistics
 import time
 import warnings
@@ -26,7 +27,7 @@ import timm
 import torch
 
 import timm_exits
-from overhead import cpu_name
+from common import cpu_name
 from timm_exits.cost.profile import alternating_medians
 
 CASES = {"resnet50": ("resnet50", [1, 2, 3]), "vit_small_patch16_224": ("vit_small_patch16_224", [3, 6, 9])}
@@ -99,10 +100,10 @@ def measure_earlyon(images: int, repeats: int) -> list[dict] | None:
         ours_t = [0.0 if k == exit_k else float("inf") for k in range(3)]
         for batch in (images, 1):
             if batch > 1:
-                runs = {"plain": lambda: plain(x), "timm-exits": lambda: ours.early_exit(x, threshold=ours_t),
+                runs = {"plain": lambda: plain(x), "timm-exits": lambda t=ours_t: ours.early_exit(x, threshold=t),
                         "earlyon": lambda: theirs.forward_inference_batched(x)}
             else:
-                runs = {"plain": one_by_one(plain, x), "timm-exits": one_by_one(lambda b: ours.early_exit(b, threshold=ours_t), x),
+                runs = {"plain": one_by_one(plain, x), "timm-exits": one_by_one(lambda b, t=ours_t: ours.early_exit(b, threshold=t), x),
                         "earlyon": one_by_one(lambda b: theirs(b, mode="inference"), x)}
             t = medians(runs, repeats)
             rows.append({"exit": exit_k + 1, "batch": batch, "ours": t["plain"] / t["timm-exits"], "earlyon": t["plain"] / t["earlyon"]})
@@ -117,7 +118,7 @@ def segment_shares(name: str, stages, images: int, repeats: int) -> dict:
     model = timm_exits.wrap(plain, stages=stages).eval()
     x = torch.randn(images, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     report = timm_exits.flops_report(model).exits
-    flops = [report[0].backbone_flops] + [b.backbone_flops - a.backbone_flops for a, b in zip(report, report[1:])]
+    flops = [report[0].backbone_flops] + [b.backbone_flops - a.backbone_flops for a, b in itertools.pairwise(report)]
     seconds = [[] for _ in range(model.num_exits)]
 
     def run_segments():  # the time to each exit from the one before: a segment and its (small) head
@@ -135,7 +136,8 @@ def segment_shares(name: str, stages, images: int, repeats: int) -> dict:
 
 
 def print_segment_shares(images: int, repeats: int) -> None:
-    print(f"\nper segment at batch {images}: share of the time / share of the FLOPs; time of the wrapped forward and of early_exit with nobody leaving, over the plain model")
+    print(f"\nper segment at batch {images}: share of the time / share of the FLOPs; "
+          "time of the wrapped forward and of early_exit with nobody leaving, over the plain model")
     print("| model | segments' time shares | segments' FLOPs shares | all exits / plain | early_exit, nobody leaves / plain |")
     print("|---|---|---|---|---|")
     for name, stages in CASES.values():
@@ -156,12 +158,14 @@ def main() -> None:
         print_segment_shares(args.images, args.repeats)
         return
     print(f"{args.images} random 224x224 images, eval, no_grad, median of {args.repeats} alternating rounds after a warm-up round")
-    print("| model | batch | operating point | images leaving at exit 1/2/3/4 | FLOPs-predicted speedup | measured speedup | measured / predicted | vs all exits, then select |")
+    print("| model | batch | operating point | images leaving at exit 1/2/3/4 | FLOPs-predicted speedup | measured speedup "
+          "| measured / predicted | vs all exits, then select |")
     print("|---" * 8 + "|")
     for name, stages in CASES.values():
         for r in measure(name, stages, args.images, args.repeats):
             shares = " / ".join(f"{s:.0%}" for s in r["shares"])
-            print(f"| {r['model']} | {r['batch']} | {r['point']} | {shares} | {r['predicted']:.2f}x | {r['measured']:.2f}x | {r['measured'] / r['predicted']:.0%} | {r['vs_select']:.2f}x |", flush=True)
+            print(f"| {r['model']} | {r['batch']} | {r['point']} | {shares} | {r['predicted']:.2f}x | {r['measured']:.2f}x "
+                  f"| {r['measured'] / r['predicted']:.0%} | {r['vs_select']:.2f}x |", flush=True)
     print_segment_shares(args.images, args.repeats)
     rows = measure_earlyon(args.images, args.repeats)
     if rows is None:

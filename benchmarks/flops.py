@@ -18,7 +18,7 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 
 import timm_exits
-from overhead import cpu_name
+from common import cpu_name
 
 CASES = {
     "resnet50, exits after layer1-3": ("resnet50", [1, 2, 3]),
@@ -59,10 +59,12 @@ def main() -> None:
     rows = {label: measure(name, stages, args.repeats) for label, (name, stages) in CASES.items()}
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}")
     print(f"one 3x224x224 sample, median of {args.repeats} alternating runs after one warm-up round")
-    print("| model | exits | one fvcore analysis of the plain model (s) | flops_report of the wrapped model (s) | ratio | plain GFLOPs (fvcore as shipped) | last exit GFLOPs (report) |")
+    print("| model | exits | one fvcore analysis of the plain model (s) | flops_report of the wrapped model (s) | ratio "
+          "| plain GFLOPs (fvcore as shipped) | last exit GFLOPs (report) |")
     print("|---" * 7 + "|")
     for label, r in rows.items():
-        print(f"| {label} | {r['exits']} | {r['fvcore_s']:.3f} | {r['report_s']:.3f} | {r['ratio']:.2f} | {r['plain_gflops']:.3f} | {r['report_gflops']:.3f} |")
+        print(f"| {label} | {r['exits']} | {r['fvcore_s']:.3f} | {r['report_s']:.3f} | {r['ratio']:.2f} "
+              f"| {r['plain_gflops']:.3f} | {r['report_gflops']:.3f} |")
 
 
 if __name__ == "__main__":

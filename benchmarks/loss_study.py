@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import statistics
@@ -38,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import timm_exits
+from common import batches, cpu_name, interval
 from timm_exits.calibration import budgeted_curve, collect_exit_logits
 from timm_exits.data import corrupted_digits
 from timm_exits.demo import evaluate, fit, narrower
@@ -48,9 +48,6 @@ LOSSES = ["ce", "sdn", "distillation", "eed", "byot", "msd", "mate", "ekd"]
 LIMITED = ["limited/baseline", "limited/ce", "limited/distillation", "limited/distillation+unlabeled"]
 MODEL, STAGES, EPOCHS, BATCH, SIZE = "resnet18", [1, 2, 3], 8, 64, (1, 32, 32)
 BUDGETS = 20
-# two-sided 95 % Student t quantiles by degrees of freedom (beyond 30: the normal's 1.96 is within 2 %)
-T95 = [math.nan, 12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 
 def plain(seed: int, **kwargs):
@@ -72,7 +69,6 @@ def record(model, task, epochs_val: list, budgets: list[float], seconds: float) 
     accs = evaluate(model, task.test.x, task.test.y)
     out = {"test": accs, "val_by_epoch": epochs_val, "seconds": seconds}
     if isinstance(model, timm_exits.MultiExitModel):
-        batches = lambda s: [(s.x[i : i + 256], s.y[i : i + 256]) for i in range(0, len(s), 256)]  # noqa: E731
         val, test = collect_exit_logits(model, batches(task.val)), collect_exit_logits(model, batches(task.test))
         out["anytime_ensemble"] = [float(v) for v in ((test.predictions(True) == test.labels).double().mean(1)).tolist()]
         curve = budgeted_curve(val, budgets, evaluate_on=test)
@@ -84,12 +80,13 @@ def train(model, loss_fn, x, y, task, epochs: int, seed: int, teacher=None, batc
     val_by_epoch = []
     start = time.perf_counter()
     torch.manual_seed(seed)  # the same batch order for every run of a seed
-    fit(model, loss_fn, x, y, epochs, batch, teacher=teacher, on_epoch=lambda e, l: val_by_epoch.append(evaluate(model, task.val.x, task.val.y)))
+    fit(model, loss_fn, x, y, epochs, batch, teacher=teacher,
+        on_epoch=lambda epoch, loss: val_by_epoch.append(evaluate(model, task.val.x, task.val.y)))
     return val_by_epoch, time.perf_counter() - start
 
 
 def run_study(seeds, epochs: int, path: str, log, variants: int = 6) -> dict:
-    results = json.load(open(path)) if os.path.exists(path) else {}
+    results = json.loads(Path(path).read_text()) if os.path.exists(path) else {}
     task = corrupted_digits(seed=0, variants=variants)
     x, y = task.train.tensors()
     x_lab, y_lab = repeated(*task.limited(unlabeled=False).tensors(), len(x))
@@ -101,10 +98,12 @@ def run_study(seeds, epochs: int, path: str, log, variants: int = 6) -> dict:
     budgets = [costs[0] + (costs[-1] - costs[0]) * i / (BUDGETS - 1) for i in range(BUDGETS)]
     settings = {"model": MODEL, "stages": STAGES, "epochs": epochs, "batch": BATCH, "variants": variants}
     if "meta" in results and results["meta"]["settings"] != settings:
-        raise SystemExit(f"{path} holds a study with {results['meta']['settings']}, not {settings}: give another --results to start a new one")
+        raise SystemExit(f"{path} holds a study with {results['meta']['settings']}, not {settings}: "
+                         "give another --results to start a new one")
     backbone = timm_exits.flops_report(multi_exit(0)).backbone_flops
-    results["meta"] = {"settings": settings, "epochs": epochs, "batch": BATCH, "stages": STAGES, "flops": costs, "backbone_flops": backbone, "budgets": budgets,
-                       "train": len(task.train), "val": len(task.val), "test": len(task.test), "labeled": int(task.labeled.sum())}
+    results["meta"] = {"settings": settings, "epochs": epochs, "batch": BATCH, "stages": STAGES, "flops": costs, "backbone_flops": backbone,
+                       "budgets": budgets, "train": len(task.train), "val": len(task.val), "test": len(task.test),
+                       "labeled": int(task.labeled.sum())}
 
     def save(key, seed, value):
         results.setdefault(key, {})[str(seed)] = value
@@ -152,13 +151,6 @@ def run_study(seeds, epochs: int, path: str, log, variants: int = 6) -> dict:
 
 
 # -- the report ------------------------------------------------------------------------------------
-
-
-def interval(values) -> tuple[float, float]:
-    """Mean and the half-width of its two-sided 95 % Student t interval."""
-    n = len(values)
-    mean = statistics.fmean(values)
-    return mean, (T95[n - 1] if n - 1 < len(T95) else 1.96) * statistics.stdev(values) / math.sqrt(n) if n > 1 else math.nan
 
 
 def fmt(values, scale=100.0) -> str:
@@ -213,8 +205,9 @@ def report(results: dict, figure: str | None) -> None:
     n_exits = len(meta["flops"])
     seeds = sorted(runs(results, "ce"), key=int)
     SEEDS_SHOWN[0] = len(seeds)
-    print(f"Corrupted digits: {meta['train']} train / {meta['val']} validation / {meta['test']} test images; {MODEL}, exits after stages {meta['stages']}, "
-          f"{meta['epochs']} epochs, batch {meta['batch']}; seeds {', '.join(seeds)}. Mean ± half-width of the 95 % t interval over seeds, in %.\n")
+    print(f"Corrupted digits: {meta['train']} train / {meta['val']} validation / {meta['test']} test images; "
+          f"{MODEL}, exits after stages {meta['stages']}, {meta['epochs']} epochs, batch {meta['batch']}; seeds {', '.join(seeds)}. "
+          "Mean ± half-width of the 95 % t interval over seeds, in %.\n")
     names = [f"exit {k + 1} ({f / 1e6:.1f} MFLOPs)" for k, f in enumerate(meta["flops"])]
     print("Test accuracy per exit:\n")
     print("| method | " + " | ".join(names) + " |")
@@ -224,7 +217,8 @@ def report(results: dict, figure: str | None) -> None:
             print(f"| {name} | " + " | ".join(fmt(column(results, name, "test", k)) for k in range(n_exits)) + " |")
     for name in LOSSES:
         if runs(results, name):
-            print(f"| {name}, anytime ensemble | " + " | ".join(fmt(column(results, name, "anytime_ensemble", k)) for k in range(n_exits)) + " |")
+            print(f"| {name}, anytime ensemble | "
+                  + " | ".join(fmt(column(results, name, "anytime_ensemble", k)) for k in range(n_exits)) + " |")
     print(f"| baseline: {MODEL} alone, CE | " + " | " * (n_exits - 1) + fmt(column(results, "baseline", "test", 0)) + " |")
     print("\nSmaller plain models (narrower resnet18, CE) at about each early exit's FLOPs:\n")
     print("| model | MFLOPs | test accuracy | the exit it matches, best loss (accuracy) |")
@@ -234,16 +228,19 @@ def report(results: dict, figure: str | None) -> None:
         if runs(results, key):
             any_run = next(iter(runs(results, key).values()))
             best = max(LOSSES, key=lambda n: statistics.fmean(column(results, n, "test", k)) if runs(results, n) else -1)
-            print(f"| channels {tuple(any_run['channels'])} | {any_run['flops'] / 1e6:.1f} | {fmt(column(results, key, 'test', 0))} | exit {k + 1}: {best} {fmt(column(results, best, 'test', k))} |")
+            print(f"| channels {tuple(any_run['channels'])} | {any_run['flops'] / 1e6:.1f} | {fmt(column(results, key, 'test', 0))} "
+                  f"| exit {k + 1}: {best} {fmt(column(results, best, 'test', k))} |")
     print("\nValidation accuracy by epoch, mean over exits and seeds (the last exit alone for the baseline):\n")
     epochs = meta["epochs"]
     print("| method | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + " |")
     print("|---|" + "---|" * epochs)
     for name in LOSSES + ["baseline"]:
         if runs(results, name):
-            by_epoch = [statistics.fmean(statistics.fmean(r["val_by_epoch"][e]) for r in runs(results, name).values()) for e in range(epochs)]
+            by_epoch = [statistics.fmean(statistics.fmean(r["val_by_epoch"][e]) for r in runs(results, name).values())
+                        for e in range(epochs)]
             print(f"| {name} | " + " | ".join(f"{100 * v:.1f}" for v in by_epoch) + " |")
-    print(f"\nLimited labels ({meta['labeled']} labeled training images; the unlabeled setting adds the other {meta['train'] - meta['labeled']}), test accuracy:\n")
+    print(f"\nLimited labels ({meta['labeled']} labeled training images; "
+          f"the unlabeled setting adds the other {meta['train'] - meta['labeled']}), test accuracy:\n")
     print("| method | " + " | ".join(f"exit {k + 1}" for k in range(n_exits)) + " |")
     print("|---|" + "---|" * n_exits)
     for key in LIMITED:
@@ -273,14 +270,18 @@ def print_claims(results, n_exits: int) -> None:
 
     if runs(results, "eed"):
         parts, text = every_exit("eed", "ce")
-        claims.append(("EED (Lee et al.)", "the exits' ensemble as teacher improves every exit over per-exit CE, the final one too", verdict(parts), f"eed − ce per exit: {text}"))
+        claims.append(("EED (Lee et al.)", "the exits' ensemble as teacher improves every exit over per-exit CE, the final one too",
+                       verdict(parts), f"eed − ce per exit: {text}"))
         first = range(min(2, results["meta"]["epochs"]))
         eed, ce = runs(results, "eed"), runs(results, "ce")
-        conv = [[statistics.fmean(eed[s]["val_by_epoch"][e]) - statistics.fmean(ce[s]["val_by_epoch"][e]) for s in sorted(set(eed) & set(ce))] for e in first]
-        claims.append(("EED", "converges faster: higher accuracy in the first epochs", verdict(conv), "eed − ce, validation mean over exits, epoch 1 / 2: " + " / ".join(diff(c) for c in conv)))
+        conv = [[statistics.fmean(eed[s]["val_by_epoch"][e]) - statistics.fmean(ce[s]["val_by_epoch"][e])
+                 for s in sorted(set(eed) & set(ce))] for e in first]
+        claims.append(("EED", "converges faster: higher accuracy in the first epochs", verdict(conv),
+                       "eed − ce, validation mean over exits, epoch 1 / 2: " + " / ".join(diff(c) for c in conv)))
     if runs(results, "distillation"):
         parts, text = every_exit("distillation", "ce")
-        claims.append(("Phuong & Lampert", "distillation from the last exit improves the early exits over per-exit CE", verdict(parts[:-1]), f"distillation − ce per exit: {text}"))
+        claims.append(("Phuong & Lampert", "distillation from the last exit improves the early exits over per-exit CE", verdict(parts[:-1]),
+                       f"distillation − ce per exit: {text}"))
     if runs(results, "limited/distillation") and runs(results, "limited/ce"):
         both = common(results, "distillation", "ce", "limited/distillation", "limited/ce")
         full = [paired(results, "distillation", "ce", "test", k, both) for k in range(last)]
@@ -291,29 +292,35 @@ def print_claims(results, n_exits: int) -> None:
     if runs(results, "limited/distillation+unlabeled"):
         parts = [paired(results, "limited/distillation+unlabeled", "limited/distillation", "test", k) for k in range(n_exits)]
         claims.append(("Phuong & Lampert", "unlabeled data helps (distillation on it, no labels)", verdict(parts),
-                       "with − without the unlabeled images (the same labeled batches, unlabeled ones added), per exit: " + " / ".join(diff(p) for p in parts)))
+                       "with − without the unlabeled images (the same labeled batches, unlabeled ones added), per exit: "
+                       + " / ".join(diff(p) for p in parts)))
     if runs(results, "byot"):
         parts, text = every_exit("byot", "ce")
-        claims.append(("BYOT (Zhang et al.)", "self-distillation from the deepest exit improves every exit, the final one too", verdict(parts), f"byot − ce per exit: {text}"))
+        claims.append(("BYOT (Zhang et al.)", "self-distillation from the deepest exit improves every exit, the final one too",
+                       verdict(parts), f"byot − ce per exit: {text}"))
     if runs(results, "msd"):
         parts, text = every_exit("msd", "byot")
-        claims.append(("MSD (Luan et al.)", "distilling from every deeper exit beats BYOT at every exit", verdict(parts), f"msd − byot per exit: {text}"))
+        claims.append(("MSD (Luan et al.)", "distilling from every deeper exit beats BYOT at every exit", verdict(parts),
+                       f"msd − byot per exit: {text}"))
     if runs(results, "mate"):
         gains = [paired(results, "mate", "ce", "test", k) for k in range(n_exits)]
         shallow_most = [[a - b for a, b in zip(gains[0], gains[last])]]
-        claims.append(("MATE (Sun et al.)", "appropriate teachers improve every exit over per-exit CE", verdict(gains), "mate − ce per exit: " + " / ".join(diff(g) for g in gains)))
-        claims.append(("MATE", "the shallow exits gain most", verdict(shallow_most), "exit 1's gain over ce − the final exit's: " + diff(shallow_most[0])))
+        claims.append(("MATE (Sun et al.)", "appropriate teachers improve every exit over per-exit CE", verdict(gains),
+                       "mate − ce per exit: " + " / ".join(diff(g) for g in gains)))
+        claims.append(("MATE", "the shallow exits gain most", verdict(shallow_most),
+                       "exit 1's gain over ce − the final exit's: " + diff(shallow_most[0])))
     if runs(results, "ekd"):
         parts, text = every_exit("ekd", "ce")
         claims.append(("EKD", "distilling from an external teacher improves every exit", verdict(parts), f"ekd − ce per exit: {text}"))
     if runs(results, "sdn"):
         parts, text = every_exit("sdn", "ce")
-        claims.append(("SDN weighting (Kaya et al.)", "weighting the exits by depth, ramped up, improves the early exits", verdict(parts[:-1]), f"sdn − ce per exit: {text}"))
+        claims.append(("SDN weighting (Kaya et al.)", "weighting the exits by depth, ramped up, improves the early exits",
+                       verdict(parts[:-1]), f"sdn − ce per exit: {text}"))
     if runs(results, "ce") and runs(results, "baseline"):
         ce, alone = runs(results, "ce"), runs(results, "baseline")
         parts = [[ce[s]["test"][last] - alone[s]["test"][0] for s in sorted(set(ce) & set(alone))]]
-        claims.append(("deep supervision (BYOT, DSN)", "training with exits improves the final classifier over the backbone trained alone", verdict(parts),
-                       "ce's final exit − the backbone alone: " + diff(parts[0])))
+        claims.append(("deep supervision (BYOT, DSN)", "training with exits improves the final classifier over the backbone trained alone",
+                       verdict(parts), "ce's final exit − the backbone alone: " + diff(parts[0])))
     print("\nThe papers' claims, checked here (paired over seeds: same initial weights and batches):\n")
     print("| paper | claim | here | numbers (points of accuracy, mean ± 95 % interval) |")
     print("|---|---|---|---|")
@@ -335,14 +342,15 @@ def draw(results: dict, path: str) -> None:
             flops = [statistics.fmean(v) / 1e6 for v in zip(*[r["curve_flops"] for r in runs(results, name).values()])]
             ax.plot(flops, [100 * statistics.fmean(v) for v in zip(*curves)], "-", lw=1.4, label=name)
     base = column(results, "baseline", "test", 0)
-    ax.errorbar([meta["backbone_flops"] / 1e6], [100 * statistics.fmean(base)], yerr=[interval([100 * v for v in base])[1]], fmt="kD", ms=7, capsize=3, label=f"{MODEL} alone (CE)")
+    ax.errorbar([meta["backbone_flops"] / 1e6], [100 * statistics.fmean(base)], yerr=[interval([100 * v for v in base])[1]],
+                fmt="kD", ms=7, capsize=3, label=f"{MODEL} alone (CE)")
     for k in range(len(meta["flops"]) - 1):
         key = f"smaller@exit{k + 1}"
         if runs(results, key):
             acc = column(results, key, "test", 0)
             flops = next(iter(runs(results, key).values()))["flops"] / 1e6
-            ax.errorbar([flops], [100 * statistics.fmean(acc)], yerr=[interval([100 * v for v in acc])[1]], fmt="k^", mfc="white", ms=7, capsize=3,
-                        label="narrower resnet18 alone (CE)" if k == 0 else None)
+            ax.errorbar([flops], [100 * statistics.fmean(acc)], yerr=[interval([100 * v for v in acc])[1]], fmt="k^", mfc="white", ms=7,
+                        capsize=3, label="narrower resnet18 alone (CE)" if k == 0 else None)
     ax.set_xlabel("average MFLOPs per image")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"corrupted digits: budgeted early exit per loss, mean over {SEEDS_SHOWN[0]} seeds")
@@ -398,8 +406,6 @@ def step_study(repeats: int) -> dict[str, tuple[float, float]]:
 
 
 def main() -> None:
-    from overhead import cpu_name
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=EPOCHS)
@@ -421,7 +427,8 @@ def main() -> None:
         print("|---|---|---|---|---|")
         for name in LOSSES:
             step_s, call_s = timing[name]
-            print(f"| {name} | {step_s * 1e3:.1f} | {step_s / base_step:.4f} | {call_s * 1e3:.3f} | {(call_s - base_call) / base_step * 100:+.2f} % |")
+            print(f"| {name} | {step_s * 1e3:.1f} | {step_s / base_step:.4f} | {call_s * 1e3:.3f} "
+                  f"| {(call_s - base_call) / base_step * 100:+.2f} % |")
         return
     if not args.report:
         os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
@@ -429,7 +436,7 @@ def main() -> None:
         run_study(args.seeds, args.epochs, args.results, log, args.variants)
         log(f"study done in {(time.perf_counter() - start) / 60:.1f} min")
     os.makedirs(os.path.dirname(args.figure) or ".", exist_ok=True)
-    report(json.load(open(args.results)), args.figure)
+    report(json.loads(Path(args.results).read_text()), args.figure)
 
 
 if __name__ == "__main__":

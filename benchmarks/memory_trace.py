@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import timm_exits
-from train_step import malloc_in_use
+from common import malloc_in_use
 
 
 class Trace(TorchDispatchMode):
@@ -38,7 +38,10 @@ def main() -> None:
         raise SystemExit("needs glibc >= 2.33 (mallinfo2)")
     torch.manual_seed(0)
     backbone = timm.create_model("resnet50", num_classes=1000)
-    model, loss_fn = (backbone, nn.CrossEntropyLoss()) if kind == "plain" else (timm_exits.wrap(backbone, stages=[1, 2, 3]), timm_exits.ExitEnsembleLoss())
+    if kind == "plain":
+        model, loss_fn = backbone, nn.CrossEntropyLoss()
+    else:
+        model, loss_fn = timm_exits.wrap(backbone, stages=[1, 2, 3]), timm_exits.ExitEnsembleLoss()
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))

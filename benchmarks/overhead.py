@@ -24,7 +24,6 @@ with more, threads that spin waiting for each other count).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 import warnings
@@ -33,28 +32,13 @@ import timm
 import torch
 
 import timm_exits
+from common import allocator, cpu_name
 from timm_exits.cost.profile import alternating_medians
 
 CASES = {
     "resnet50, exits after layer1-3": ("resnet50", [1, 2, 3]),
     "vit_small_patch16_224, exits after blocks 3, 6, 9": ("vit_small_patch16_224", [3, 6, 9]),
 }
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
-def allocator() -> str:
-    """The C allocator's settings that change CPU timings: glibc's MALLOC_* variables and an LD_PRELOAD-ed allocator (see benchmarks/allocator.py)."""
-    import os
-
-    tuned = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or (k == "LD_PRELOAD" and v)]
-    return "allocator " + (" ".join(tuned) if tuned else "glibc defaults")
 
 
 @torch.inference_mode()
@@ -193,19 +177,22 @@ def main() -> None:
                 print(f"| {name} | {middle:.4f} ({each[0]:.4f}-{each[-1]:.4f}) |")
         return
     if args.breakdown:
-        print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads; resnet50, batch {args.batch} at {args.size}, median of {args.repeats} rounds, over plain")
+        print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads; "
+              f"resnet50, batch {args.batch} at {args.size}, median of {args.repeats} rounds, over plain")
         for label, ratio in breakdown(args.batch, args.size, args.repeats).items():
             print(f"| {label} | {ratio:.3f} |")
         return
     rows = {label: measure(name, stages, args.batch, args.size, args.repeats) for label, (name, stages) in CASES.items()}
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}")
     print(f"batch {args.batch} at {args.size}x{args.size}, eval, inference_mode, median of {args.repeats} alternating runs")
-    header = "| model | backbone GFLOPs/img | heads MFLOPs/img | plain s | wrapped s | measured ratio | FLOPs-predicted ratio | excess | wrap() s |"
+    header = ("| model | backbone GFLOPs/img | heads MFLOPs/img | plain s | wrapped s | measured ratio | FLOPs-predicted ratio "
+              "| excess | wrap() s |")
     print(header)
     print("|---" * 9 + "|")
     for label, r in rows.items():
         excess = (r["measured"] / r["predicted"] - 1) * 100
-        print(f"| {label} | {r['backbone_gflops']:.2f} | {r['heads_mflops']:.3f} | {r['plain_s']:.3f} | {r['wrapped_s']:.3f} | {r['measured']:.4f} | {r['predicted']:.4f} | {excess:+.1f} % | {r['wrap_s']:.2f} |")
+        print(f"| {label} | {r['backbone_gflops']:.2f} | {r['heads_mflops']:.3f} | {r['plain_s']:.3f} | {r['wrapped_s']:.3f} "
+              f"| {r['measured']:.4f} | {r['predicted']:.4f} | {excess:+.1f} % | {r['wrap_s']:.2f} |")
 
 
 if __name__ == "__main__":

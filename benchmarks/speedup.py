@@ -26,7 +26,7 @@ import timm
 import torch
 
 import timm_exits
-from overhead import cpu_name
+from common import batches, cpu_name
 from timm_exits.calibration import calibrate_thresholds, collect_exit_logits
 from timm_exits.cost.profile import alternating_medians
 from timm_exits.data import corrupted_digits
@@ -70,8 +70,7 @@ def main() -> None:
     torch.manual_seed(0)  # the batch order, as the demo's
     fit(model, timm_exits.create_loss("eed", num_exits=4, epochs=args.epochs), *task.train.tensors(), args.epochs)
     model.eval()
-    batches = lambda s: [(s.x[i : i + 256], s.y[i : i + 256]) for i in range(0, len(s), 256)]  # noqa: E731
-    val, test = collect_exit_logits(model, batches(task.val)), collect_exit_logits(model, batches(task.test))
+    val = collect_exit_logits(model, batches(task.val))
     backbone = timm_exits.flops_report(model).backbone_flops
     first, full = val.flops[0], val.flops[-1]
     budgets = [first + (full - first) * i / 4 for i in range(5)]
@@ -93,12 +92,15 @@ def main() -> None:
         accuracy = float((result.logits.argmax(1) == task.test.y).double().mean())
         rows.append({"budget": budgets[i], "accuracy": accuracy, "latency": lat,
                      "shares": [n / len(x) for n in result.exit_counts(model.num_exits)], "flops": float(result.flops.double().mean()),
-                     "shares_1": [n / args.images for n in first_n.exit_counts(model.num_exits)], "flops_1": float(first_n.flops.double().mean())})
+                     "shares_1": [n / args.images for n in first_n.exit_counts(model.num_exits)],
+                     "flops_1": float(first_n.flops.double().mean())})
     rates = throughput(runs, x, 64, args.repeats)
     p50_plain, p95_plain = percentile(lat_plain, 0.5), percentile(lat_plain, 0.95)
-    print(f"Test split: {len(x)} images; batch 1 over the first {args.images}. Plain resnet18: p50 {p50_plain * 1e3:.2f} ms, p95 {p95_plain * 1e3:.2f} ms at batch 1; "
+    print(f"Test split: {len(x)} images; batch 1 over the first {args.images}. "
+          f"Plain resnet18: p50 {p50_plain * 1e3:.2f} ms, p95 {p95_plain * 1e3:.2f} ms at batch 1; "
           f"{rates['plain']:.0f} images/s at batch 64.\n")
-    print("| budget (MFLOPs) | test accuracy | images leaving at exit 1/2/3/4 | batch 1: p50 / p95 (ms) | batch 1 speedup: measured (mean latency) / time-pred. / FLOPs-pred. "
+    print("| budget (MFLOPs) | test accuracy | images leaving at exit 1/2/3/4 | batch 1: p50 / p95 (ms) "
+          "| batch 1 speedup: measured (mean latency) / time-pred. / FLOPs-pred. "
           "| batch 64: images/s | batch 64 speedup: measured / time-pred. / FLOPs-pred. |")
     print("|---|---|---|---|---|---|---|")
     for i, r in enumerate(rows):
@@ -111,7 +113,8 @@ def main() -> None:
     for b, p in profiles.items():
         time_shares = [t / sum(p.segment_seconds) for t in p.segment_seconds]
         heads = sum(p.head_seconds) / p.plain_seconds
-        print(f"\nAt batch {b}: segments' share of the time " + " / ".join(f"{v:.0%}" for v in time_shares) + f"; the three early heads together {heads:.1%} of the plain model's time.")
+        print(f"\nAt batch {b}: segments' share of the time " + " / ".join(f"{v:.0%}" for v in time_shares)
+              + f"; the three early heads together {heads:.1%} of the plain model's time.")
     reached = [e.backbone_flops for e in timm_exits.flops_report(model).exits]
     print("\nSegments' share of the FLOPs: " + " / ".join(f"{(b - a) / backbone:.0%}" for a, b in zip([0] + reached, reached)))
 

@@ -29,7 +29,7 @@ import timm
 import torch
 
 import timm_exits
-from overhead import allocator, cpu_name
+from common import allocator, cpu_name, median_thresholds
 
 MODELS = {
     "resnet18, 1x32x32 (the demo's shape)": (lambda: timm.create_model("resnet18", num_classes=10, in_chans=1), [1, 2, 3], (1, 32, 32)),
@@ -46,14 +46,9 @@ def selected(args) -> list:
     return chosen
 
 
-def median_thresholds(model, images: torch.Tensor) -> list[float]:
-    """Each early exit's median confidence on `images`: about half of those still running leave at each exit."""
-    with torch.no_grad():
-        return [float(z.softmax(-1).amax(-1).median()) for z in model.forward_exits(images)[:-1]]
-
-
 def prepared(build, stages, size, args, batch_size: int):
-    """The wrapped model (eval), `--images` images in batches, the thresholds, each exit's share of the images and the FLOPs-predicted speedup."""
+    """The wrapped model (eval), `--images` images in batches, the thresholds, each exit's share of the images and the
+    FLOPs-predicted speedup."""
     torch.manual_seed(0)
     model = timm_exits.wrap(build(), stages=stages, input_size=size).eval()
     images = torch.randn(args.images, *size, generator=torch.Generator().manual_seed(1))
@@ -69,6 +64,15 @@ def share_of_prediction(profile, plain: str, label: str, shares: list[float]) ->
     """The measured speedup's share of the time-predicted one, round by round: the median (lowest-highest)."""
     each = sorted(p.beside_seconds[plain] / p.beside_seconds[label] / p.predicted_speedup(shares) for p in profile.rounds())
     return f"{statistics.median(each):.0%} ({each[0]:.0%}-{each[-1]:.0%})"
+
+
+def timed_runs(model, batches, thresholds) -> dict:
+    """The plain model, early exit batch by batch and the stream over `batches`: what `profile_exits` times beside its parts."""
+    return {
+        "plain": lambda: [model.backbone(b) for b in batches],
+        "per batch": lambda: [model.early_exit(b, threshold=thresholds) for b in batches],
+        "stream": lambda: timm_exits.early_exit_stream(model, batches, threshold=thresholds),
+    }
 
 
 def models(args) -> str:
@@ -89,20 +93,20 @@ def main() -> None:
         return channels_last(args)
     warnings.filterwarnings("ignore")
     print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads, {allocator()}; torch {torch.__version__}, timm {timm.__version__}.")
-    print(f"Command: `python benchmarks/stream.py --rounds {args.rounds} --images {args.images} --batch-size {args.batch_size}{models(args)}`\n")
-    print("| model | leaving at each exit | plain (images/s) | early exit per batch: measured / share of time-predicted | stream: measured / share of time-predicted | time-predicted | FLOPs-predicted |")
+    print(f"Command: `python benchmarks/stream.py --rounds {args.rounds} --images {args.images} --batch-size {args.batch_size}"
+          f"{models(args)}`\n")
+    print("| model | leaving at each exit | plain (images/s) | early exit per batch: measured / share of time-predicted "
+          "| stream: measured / share of time-predicted | time-predicted | FLOPs-predicted |")
     print("|---|---|---:|---|---|---:|---:|")
     for name, (build, stages, size) in selected(args):
         model, batches, thresholds, shares, flops = prepared(build, stages, size, args, args.batch_size)
-        runs = {
-            "plain": lambda: [model.backbone(b) for b in batches],
-            "per batch": lambda: [model.early_exit(b, threshold=thresholds) for b in batches],
-            "stream": lambda: timm_exits.early_exit_stream(model, batches, threshold=thresholds),
-        }
+        runs = timed_runs(model, batches, thresholds)
         profile = timm_exits.profile_exits(model, batches[0], repeats=args.rounds, beside=runs)  # measured and predicted in the same rounds
         seconds, predicted = profile.beside_seconds, profile.predicted_speedup(shares)
-        cells = [f"{seconds['plain'] / seconds[label]:.2f}x / {share_of_prediction(profile, 'plain', label, shares)}" for label in ("per batch", "stream")]
-        print(f"| {name} | {' / '.join(f'{100 * s:.0f} %' for s in shares)} | {args.images / seconds['plain']:.0f} | {cells[0]} | {cells[1]} | {predicted:.2f}x | {flops:.2f}x |", flush=True)
+        cells = [f"{seconds['plain'] / seconds[label]:.2f}x / {share_of_prediction(profile, 'plain', label, shares)}"
+                 for label in ("per batch", "stream")]
+        print(f"| {name} | {' / '.join(f'{100 * s:.0f} %' for s in shares)} | {args.images / seconds['plain']:.0f} "
+              f"| {cells[0]} | {cells[1]} | {predicted:.2f}x | {flops:.2f}x |", flush=True)
 
 
 def channels_last(args) -> None:
@@ -111,7 +115,9 @@ def channels_last(args) -> None:
 
     print(f"Machine: {cpu_name()}, {torch.get_num_threads()} threads, {allocator()}; torch {torch.__version__}, timm {timm.__version__}.")
     print(f"Command: `python benchmarks/stream.py --channels-last --rounds {args.rounds} --images {args.images}{models(args)}`\n")
-    print("| model | plain: channels_last over contiguous (time) | early exit per batch, channels_last: speedup / share of time-predicted | stream, channels_last: speedup / share | time-predicted, channels_last | FLOPs-predicted | contiguous, same rounds: per batch / stream speedups |")
+    print("| model | plain: channels_last over contiguous (time) "
+          "| early exit per batch, channels_last: speedup / share of time-predicted | stream, channels_last: speedup / share "
+          "| time-predicted, channels_last | FLOPs-predicted | contiguous, same rounds: per batch / stream speedups |")
     print("|---|---:|---|---|---:|---:|---|")
     for name, (build, stages, size) in selected(args):
         if "vit" in name:
@@ -119,20 +125,19 @@ def channels_last(args) -> None:
         model, batches, thresholds, shares, flops = prepared(build, stages, size, args, 64)
         last = copy.deepcopy(model).to(memory_format=torch.channels_last)
         batches_last = [b.contiguous(memory_format=torch.channels_last) for b in batches]
-        runs = {
-            "plain": lambda: [model.backbone(b) for b in batches],
-            "plain, channels_last": lambda: [last.backbone(b) for b in batches_last],
-            "per batch": lambda: [model.early_exit(b, threshold=thresholds) for b in batches],
-            "per batch, channels_last": lambda: [last.early_exit(b, threshold=thresholds) for b in batches_last],
-            "stream": lambda: timm_exits.early_exit_stream(model, batches, threshold=thresholds),
-            "stream, channels_last": lambda: timm_exits.early_exit_stream(last, batches_last, threshold=thresholds),
-        }
-        profile = timm_exits.profile_exits(last, batches_last[0], repeats=args.rounds, beside=runs)  # measured and predicted in the same rounds
+        contiguous_runs, last_runs = timed_runs(model, batches, thresholds), timed_runs(last, batches_last, thresholds)
+        runs = {}
+        for label in ("plain", "per batch", "stream"):  # each run beside its channels_last twin, in the rounds' order
+            runs[label], runs[f"{label}, channels_last"] = contiguous_runs[label], last_runs[label]
+        # measured and predicted in the same rounds
+        profile = timm_exits.profile_exits(last, batches_last[0], repeats=args.rounds, beside=runs)
         seconds, predicted = profile.beside_seconds, profile.predicted_speedup(shares)
-        cells = [f"{seconds['plain, channels_last'] / seconds[label]:.2f}x / {share_of_prediction(profile, 'plain, channels_last', label, shares)}"
+        cells = [f"{seconds['plain, channels_last'] / seconds[label]:.2f}x / "
+                 f"{share_of_prediction(profile, 'plain, channels_last', label, shares)}"
                  for label in ("per batch, channels_last", "stream, channels_last")]
         contiguous = " / ".join(f"{seconds['plain'] / seconds[k]:.2f}x" for k in ("per batch", "stream"))
-        print(f"| {name} | {seconds['plain, channels_last'] / seconds['plain']:.2f} | {cells[0]} | {cells[1]} | {predicted:.2f}x | {flops:.2f}x | {contiguous} |", flush=True)
+        print(f"| {name} | {seconds['plain, channels_last'] / seconds['plain']:.2f} | {cells[0]} | {cells[1]} "
+              f"| {predicted:.2f}x | {flops:.2f}x | {contiguous} |", flush=True)
 
 
 if __name__ == "__main__":

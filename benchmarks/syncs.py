@@ -23,7 +23,7 @@ import timm
 import torch
 
 import timm_exits
-from overhead import cpu_name
+from common import cpu_name
 from timm_exits.runtime import exit_confidence
 
 MODELS = {
@@ -94,11 +94,13 @@ def main() -> None:
         for loss in timm_exits.loss_names():
             if loss == "ekd":
                 continue  # its teachers are models of the user's: not ours to count
-            task = timm_exits.MultiExitTask(model, loss, criterion_kwargs={"epochs": 10} if loss in ("sdn", "msd") else None, verbose=False).to(device)
+            kwargs = {"epochs": 10} if loss in ("sdn", "msd") else None
+            task = timm_exits.MultiExitTask(model, loss, criterion_kwargs=kwargs, verbose=False).to(device)
             task(x[:8], y[:8])["loss"].backward()  # warm-up
             with counted(device) as syncs:
                 task(x[:8], y[:8])["loss"].backward()
-            print(row(f"train step, {loss} (batch 8)", syncs, "the target's range check" if syncs.counts.get("_local_scalar_dense") == 1 else ""))
+            note = "the target's range check" if syncs.counts.get("_local_scalar_dense") == 1 else ""
+            print(row(f"train step, {loss} (batch 8)", syncs, note))
         print()
 
 

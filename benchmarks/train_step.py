@@ -18,7 +18,6 @@ models, so the ratio should be 1 + that share.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import statistics
 import subprocess
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 import timm_exits
-from overhead import cpu_name
+from common import cpu_name, malloc_in_use
 
 STAGES = [1, 2, 3]
 
@@ -50,7 +49,7 @@ def build(kind: str, device: torch.device):
 
 
 def make_step(kind: str, compiled: bool, device: torch.device):
-    model, loss_of, optimizer = build(kind, device)
+    _, loss_of, optimizer = build(kind, device)  # the model lives on in loss_of
     if compiled:
         loss_of = torch.compile(loss_of)
 
@@ -82,25 +81,6 @@ def rss_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def malloc_in_use():
-    """A function returning the bytes glibc's malloc has handed out and not taken back, or None without glibc >= 2.33."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2
-    except (OSError, AttributeError):
-        return None
-
-    def in_use() -> int:
-        info = libc.mallinfo2()
-        return info.uordblks + info.hblkhd
-
-    return in_use
 
 
 def allocated_peak(step, x, y, in_use) -> float:
@@ -147,7 +127,7 @@ def memory(kind: str, compiled: bool, batch: int, size: int) -> dict:
 
 def saved_for_backward(kind: str, batch: int, size: int) -> float:
     """MiB of tensors autograd saves in one eager training forward (each storage counted once)."""
-    model, loss_of, _ = build(kind, torch.device("cpu"))
+    _, loss_of, _ = build(kind, torch.device("cpu"))
     seen: set[int] = set()
     total = 0
 
@@ -180,16 +160,19 @@ def main() -> None:
         return
     if args.saved:
         saved = {kind: saved_for_backward(kind, args.batch, args.size) for kind in ("plain", "wrapped")}
-        print(f"saved for backward, batch {args.batch}, {args.size}x{args.size}: plain {saved['plain']:.1f} MiB, wrapped {saved['wrapped']:.1f} MiB, ratio {saved['wrapped'] / saved['plain']:.4f}")
+        print(f"saved for backward, batch {args.batch}, {args.size}x{args.size}: plain {saved['plain']:.1f} MiB, "
+              f"wrapped {saved['wrapped']:.1f} MiB, ratio {saved['wrapped'] / saved['plain']:.4f}")
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = timm_exits.flops_report(timm_exits.wrap(timm.create_model("resnet50"), stages=STAGES), input_size=(3, args.size, args.size))
     share = report.all_exits_flops / report.backbone_flops - 1
     print(f"# train step: resnet50 + exits at {STAGES} (linear heads) with ExitEnsembleLoss vs plain resnet50 with CE")
-    print(f"# batch {args.batch}, {args.size}x{args.size}, SGD; {torch.cuda.get_device_name() if device.type == 'cuda' else cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"# batch {args.batch}, {args.size}x{args.size}, SGD; {torch.cuda.get_device_name() if device.type == 'cuda' else cpu_name()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"# heads' share of the FLOPs: {100 * share:.2f} % -> goal: ratio <= {1 + share + 0.05:.3f}")
     print()
-    print("| mode | plain step (s) | wrapped step (s) | time ratio | plain peak (MiB) | wrapped peak (MiB) | memory ratio | plain / wrapped peak RSS (MiB), ratio |")
+    print("| mode | plain step (s) | wrapped step (s) | time ratio | plain peak (MiB) | wrapped peak (MiB) | memory ratio "
+          "| plain / wrapped peak RSS (MiB), ratio |")
     print("|---|---|---|---|---|---|---|---|")
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(0, 1000, (args.batch,), device=device)
@@ -207,14 +190,17 @@ def main() -> None:
                     times[kind].append(timed(step, x, y, device))
                 ratios.append(times["wrapped"][-1] / times["plain"][-1])
             del steps
-            cells = [f"{statistics.median(times['plain']):.3f}", f"{statistics.median(times['wrapped']):.3f}", f"{statistics.median(ratios):.3f}"]
+            cells = [f"{statistics.median(times['plain']):.3f}", f"{statistics.median(times['wrapped']):.3f}",
+                     f"{statistics.median(ratios):.3f}"]
         peaks = {}
         for kind in ("plain", "wrapped"):
-            out = subprocess.run([sys.executable, __file__, "--memory", kind, mode, "--batch", str(args.batch), "--size", str(args.size)], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, __file__, "--memory", kind, mode, "--batch", str(args.batch), "--size", str(args.size)],
+                                 capture_output=True, text=True, check=True)
             peaks[kind] = json.loads(out.stdout.strip().splitlines()[-1])
         for field in ("peak_mib",):
             if all(field in p for p in peaks.values()):
-                cells += [f"{peaks['plain'][field]:.0f}", f"{peaks['wrapped'][field]:.0f}", f"{peaks['wrapped'][field] / peaks['plain'][field]:.3f}"]
+                cells += [f"{peaks['plain'][field]:.0f}", f"{peaks['wrapped'][field]:.0f}",
+                          f"{peaks['wrapped'][field] / peaks['plain'][field]:.3f}"]
             else:
                 cells += ["–"] * 3
         rss = [p.get("rss_peak_mib") for p in (peaks["plain"], peaks["wrapped"])]

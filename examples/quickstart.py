@@ -9,7 +9,8 @@ import torchvision
 import timm_exits
 
 # Where can exits go? timm's feature_info; torchvision's stages are found in the graph.
-for name, backbone in [("timm resnet50", timm.create_model("resnet50", num_classes=10)), ("torchvision resnet50", torchvision.models.resnet50(num_classes=10))]:
+for name, backbone in [("timm resnet50", timm.create_model("resnet50", num_classes=10)),
+                       ("torchvision resnet50", torchvision.models.resnet50(num_classes=10))]:
     print(name, [s.name for s in timm_exits.list_stages(backbone)])
 
 model = timm_exits.wrap(timm.create_model("resnet50", num_classes=10), stages=[1, 2, 3], head="sdn")

@@ -49,7 +49,8 @@ for epoch in range(args.epochs):
         result["loss"].backward()
         optimizer.step()
     if rank == 0:
-        print(f"epoch {epoch}: loss {result['loss'].item():.3f}, exit accuracy {[round(a, 3) for a in evaluate(task.model, x_test.to(device), y_test.to(device))]}")
+        accuracy = evaluate(task.model, x_test.to(device), y_test.to(device))
+        print(f"epoch {epoch}: loss {result['loss'].item():.3f}, exit accuracy {[round(a, 3) for a in accuracy]}")
 
 # the replicas must be identical: compare every rank's parameters with rank 0's. (Buffers such as
 # batch-norm statistics are rank 0's at the start of every forward, DDP's broadcast_buffers, and

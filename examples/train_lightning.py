@@ -22,7 +22,8 @@ class MultiExitModule(L.LightningModule):
         super().__init__()
         backbone = timm.create_model("resnet18", num_classes=10, in_chans=1)
         model = timm_exits.wrap(backbone, stages=[1, 2, 3], input_size=(1, 32, 32))
-        self.task = timm_exits.MultiExitTask(model, loss, criterion_kwargs={"epochs": epochs} if loss in ("sdn", "msd") else None, verbose=False)
+        criterion_kwargs = {"epochs": epochs} if loss in ("sdn", "msd") else None
+        self.task = timm_exits.MultiExitTask(model, loss, criterion_kwargs=criterion_kwargs, verbose=False)
 
     def on_train_epoch_start(self):
         self.task.set_epoch(self.current_epoch)
@@ -51,7 +52,10 @@ if __name__ == "__main__":
     x_train, y_train, x_test, y_test = load_digits_32()
     if args.smoke:
         x_train, y_train, x_test, y_test, args.epochs = x_train[:64], y_train[:64], x_test[:64], y_test[:64], 1
-    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu" if args.smoke else "auto", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu" if args.smoke else "auto", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     module = MultiExitModule(epochs=args.epochs)
-    trainer.fit(module, DataLoader(TensorDataset(x_train, y_train), batch_size=32, shuffle=True), DataLoader(TensorDataset(x_test, y_test), batch_size=128))
+    train_loader = DataLoader(TensorDataset(x_train, y_train), batch_size=32, shuffle=True)
+    val_loader = DataLoader(TensorDataset(x_test, y_test), batch_size=128)
+    trainer.fit(module, train_loader, val_loader)
     print("validation:", {k: round(v.item(), 3) for k, v in trainer.callback_metrics.items() if k.startswith("val_acc")})

@@ -74,7 +74,8 @@ task.setup_ema(decay=0.9)
 
 mixup = Mixup(mixup_alpha=0.2, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=10)
 optimizer = create_optimizer_v2(task.get_trainable_module(), opt="adamw", lr=2e-3, weight_decay=0.05)
-scheduler, epochs = create_scheduler_v2(optimizer, sched="cosine", num_epochs=args.epochs, warmup_epochs=0, updates_per_epoch=len(loader_train))
+scheduler, epochs = create_scheduler_v2(optimizer, sched="cosine", num_epochs=args.epochs, warmup_epochs=0,
+                                        updates_per_epoch=len(loader_train))
 
 
 def validate(eval_model) -> dict:
@@ -120,7 +121,8 @@ for epoch in range(epochs):
     train_metrics = {key: total / steps for key, total in sums.items()}  # timm's train_one_epoch returns {"loss": ...}
     eval_metrics = validate(task.get_eval_model())
     update_summary(epoch, train_metrics, eval_metrics, filename=summary, write_header=epoch == 0)
-    print(f"epoch {epoch}: loss {train_metrics['loss']:.3f}, top-1 per exit " + " / ".join(f"{eval_metrics[f'top1/exit{k}']:.1f}" for k in range(1, 5)))
+    exits_top1 = " / ".join(f"{eval_metrics[f'top1/exit{k}']:.1f}" for k in range(1, 5))
+    print(f"epoch {epoch}: loss {train_metrics['loss']:.3f}, top-1 per exit {exits_top1}")
 
 with open(summary) as f:
     columns = next(csv.reader(f))
@@ -137,7 +139,8 @@ resumed = timm_exits.MultiExitTask(fresh, "eed", verbose=False)
 with torch.serialization.safe_globals([argparse.Namespace]):  # the saver pickles args; weights-only loading allows only what is listed
     checkpoint = torch.load(path, weights_only=True)
 resumed.load_checkpoint_state(checkpoint["state_dict"], checkpoint.get("task_state"))
-print(f"resumed from {os.path.basename(path)} (epoch {checkpoint['epoch']}); its final-exit top1 {validate(resumed.get_eval_model())['top1']:.1f}")
+final_top1 = validate(resumed.get_eval_model())["top1"]
+print(f"resumed from {os.path.basename(path)} (epoch {checkpoint['epoch']}); its final-exit top1 {final_top1:.1f}")
 
 # the plain backbone for timm's own validate.py: `timm-exits export-backbone CHECKPOINT OUT` does the same
 plain, _ = timm_exits.export_backbone(path, os.path.join(output, "backbone.safetensors"))
