@@ -588,7 +588,7 @@ def test_from_pretrained_names_a_truncated_file(tmp_path):
 
 def test_numbers_of_other_types_are_taken_where_python_numbers_are():
     np = pytest.importorskip("numpy")
-    from test_temperature import overconfident
+    from conftest import overconfident
 
     cached = overconfident()
     expected = timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.05)

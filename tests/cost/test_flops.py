@@ -221,7 +221,7 @@ def test_plain_model_is_one_exit_with_a_note(resnet18):
 
 
 def test_forward_intermediates_fallback_is_counted_per_exit():
-    from test_bad_input import DataDependent
+    from conftest import DataDependent
 
     torch.manual_seed(0)
     backbone = timm.create_model("resnet18", num_classes=5).eval()

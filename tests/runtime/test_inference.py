@@ -14,8 +14,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import timm_exits
-from conftest import exactly
-from test_bad_input import DataDependent
+from conftest import DataDependent, exactly
 
 CRITERIA = ["max_prob", "margin", "entropy"]
 

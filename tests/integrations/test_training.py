@@ -12,7 +12,7 @@ import torch
 import timm_exits
 from timm_exits._checks import release
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def small_model(stages=(1, 2, 3), name="resnet10t", **kwargs):

@@ -18,8 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 import timm_exits
-from conftest import exactly
-from test_bad_input import DataDependent
+from conftest import exactly, fallback_resnet
 
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -41,14 +40,6 @@ class RaisesWhenTraced(nn.Module):
 def resnet(head="linear"):
     torch.manual_seed(0)
     return timm_exits.wrap(timm.create_model("resnet18", num_classes=5), stages=[1, 2], head=head, input_size=(3, 32, 32))
-
-
-def fallback_resnet(head="linear"):
-    torch.manual_seed(0)
-    backbone = timm.create_model("resnet18", num_classes=5)
-    backbone.layer2[0].act1 = DataDependent()
-    with pytest.warns(UserWarning, match="forward_intermediates"):
-        return timm_exits.wrap(backbone, stages=[1, 2], head=head, input_size=(3, 32, 32))
 
 
 def hooks(model: timm_exits.MultiExitModel) -> int:

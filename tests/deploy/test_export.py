@@ -6,7 +6,7 @@ import timm
 import torch
 
 import timm_exits
-from test_bad_input import DataDependent
+from conftest import DataDependent
 from timm_exits._checks import release
 
 CASES = {

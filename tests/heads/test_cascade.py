@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import timm_exits
-from conftest import exactly
-from test_runtime import fallback_resnet
+from conftest import exactly, fallback_resnet
 from timm_exits._checks import release
 from timm_exits.heads import CascadedHead
 from timm_exits.plots import describe_exits
