@@ -19,7 +19,8 @@ def reference_ece(logits, labels, bins=15):
         conf, pred = probs.max(-1)
         inside = (conf > lo) & (conf <= hi) if b else (conf >= lo) & (conf <= hi)
         if inside.any():
-            total += inside.sum().item() / len(labels) * abs(conf[inside].mean().item() - (pred[inside] == labels[inside]).double().mean().item())
+            accuracy = (pred[inside] == labels[inside]).double().mean().item()
+            total += inside.sum().item() / len(labels) * abs(conf[inside].mean().item() - accuracy)
     return total
 
 
@@ -78,7 +79,9 @@ def test_early_exit_with_temperatures_equals_the_cached_outcome():
     with pytest.raises(ValueError, match=r"^the calibration was made without temperatures"):
         model.early_exit(x, threshold=untempered, temperature=temperatures)
     curve = timm_exits.budgeted_curve(cached, 3, evaluate_on=cached, temperature=temperatures)
-    assert [p.accuracy for p in curve] == [timm_exits.evaluate_thresholds(cached, p.thresholds, temperature=temperatures).accuracy for p in curve]
+    assert [p.accuracy for p in curve] == [
+        timm_exits.evaluate_thresholds(cached, p.thresholds, temperature=temperatures).accuracy for p in curve
+    ]
 
 
 @pytest.mark.parametrize("temperature, message", [
