@@ -4,6 +4,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from torch import nn
 
 tv = torchvision.models
 
@@ -54,3 +55,34 @@ def resnet10t_exits(images: int, cascade=False):
     torch.manual_seed(0)
     model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=5), stages=[1, 2], input_size=(3, 32, 32), cascade=cascade).eval()
     return model, torch.randn(images, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+class DataDependent(nn.Module):
+    """fx cannot trace control flow on tensor values."""
+
+    def forward(self, x):
+        return x.relu() if x.mean() > 0 else x
+
+
+def fallback_resnet(head="linear"):
+    """A resnet18 that fx cannot trace (a DataDependent in layer2): wrap() falls back to forward_intermediates, saying so."""
+    import timm_exits
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("resnet18", num_classes=5)
+    backbone.layer2[0].act1 = DataDependent()
+    with pytest.warns(UserWarning, match="forward_intermediates"):
+        return timm_exits.wrap(backbone, stages=[1, 2], head=head, input_size=(3, 32, 32))
+
+
+def overconfident(n=2000, classes=5, sharpness=(3.0, 1.0, 0.5), seed=0):
+    """Cached exits: the labels are drawn from softmax(`truth`) and the last exit's logits are `truth` x 2
+    (so its true temperature is 2); the earlier exits are noisier and sharpened by `sharpness[k]`."""
+    import timm_exits
+
+    g = torch.Generator().manual_seed(seed)
+    truth = torch.randn(n, classes, generator=g) * 2
+    labels = torch.multinomial(truth.softmax(-1), 1, generator=g).squeeze(1)
+    logits = [(truth + torch.randn(n, classes, generator=g) * (len(sharpness) - 1 - k)) * s for k, s in enumerate(sharpness[:-1])]
+    logits.append(truth * 2)
+    return timm_exits.CachedExits(torch.stack(logits), labels, [1.0, 2.0, 3.0][: len(sharpness)], [f"s{k}" for k in range(len(sharpness))])

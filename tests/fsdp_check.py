@@ -23,7 +23,7 @@ for block in blocks:
 fully_shard(task.trainable_module)
 optimizer = torch.optim.AdamW(task.parameters(), lr=1e-3)
 torch.manual_seed(1 + rank)  # different data on each rank
-for step in range(3):
+for _ in range(3):
     result = task(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
     optimizer.zero_grad()
     result["loss"].backward()
@@ -32,7 +32,8 @@ full = torch.cat([p.full_tensor().flatten() for p in task.parameters()])
 reference = full.clone()
 dist.broadcast(reference, src=0)
 if rank == 0:
-    print(f"fsdp2: {len(blocks)} block units, moved {(full - initial).abs().max().item():.3g}, largest difference from rank 0: {(full - reference).abs().max().item():.3g}")
+    moved, difference = (full - initial).abs().max().item(), (full - reference).abs().max().item()
+    print(f"fsdp2: {len(blocks)} block units, moved {moved:.3g}, largest difference from rank 0: {difference:.3g}")
 # as in examples/train_ddp.py: release what holds the gloo group, and meet, before destroying it
 # (a rank that tears down while the other still holds it can abort at exit)
 del task, optimizer, result, model, blocks

@@ -6,7 +6,8 @@ import re
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PAGES = ["README.md", "docs/index.md", "docs/losses.md", "docs/heads.md", "docs/flops.md", "docs/early_exit.md", "docs/training.md", "docs/surgery.md"]
+PAGES = ["README.md", "docs/index.md", "docs/losses.md", "docs/heads.md", "docs/flops.md", "docs/early_exit.md", "docs/training.md",
+         "docs/surgery.md"]
 
 
 def python_blocks(page: str) -> list[str]:

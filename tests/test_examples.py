@@ -50,9 +50,11 @@ def test_train_timm_reads_an_image_folder_through_timms_loaders_and_writes_per_e
             for i, image in enumerate(data.x[data.y == c][:4]):  # 40 training images: one batch of 32
                 folder = tmp_path / "digits" / split / str(c)
                 folder.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(((image[0] - image.min()) / (image.max() - image.min()) * 255).byte().numpy(), mode="L").save(folder / f"{i}.png")
+                scaled = (image[0] - image.min()) / (image.max() - image.min()) * 255
+                Image.fromarray(scaled.byte().numpy(), mode="L").save(folder / f"{i}.png")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, str(ROOT / "examples" / "train_timm.py"), "--smoke", "--data", str(tmp_path / "digits"), "--output", str(tmp_path / "out")]
+    command = [sys.executable, str(ROOT / "examples" / "train_timm.py"), "--smoke",
+               "--data", str(tmp_path / "digits"), "--output", str(tmp_path / "out")]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     header = (tmp_path / "out" / "summary.csv").read_text().splitlines()[0].split(",")

@@ -110,7 +110,8 @@ def test_the_upward_imports_allowed_are_lazy_and_say_why():
         found = [(line, lazy) for t, _, line, lazy in imports(name, path) if t == target]
         assert found, f"{name} no longer imports {target}: drop it from UPWARD_ALLOWED"
         for line, lazy in found:
-            assert lazy and "#" in lines[line - 1], f"{path.name}:{line}: an upward import sits inside the method that needs it, with a comment"
+            assert lazy and "#" in lines[line - 1], (
+                f"{path.name}:{line}: an upward import sits inside the method that needs it, with a comment")
 
 
 def test_modules_inside_a_folder_import_each_other_without_a_cycle():
@@ -142,34 +143,37 @@ def test_no_module_imports_another_modules_private_names():
 
 
 def test_each_folder_init_only_re_exports():
-    for name, path in modules().items():
+    for path in modules().values():
         if path.name != "__init__.py":
             continue
         body = ast.parse(path.read_text()).body
         if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
             body = body[1:]  # the docstring
-        kinds = {type(node).__name__ for node in body if not (isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == ["__all__"])}
+        kinds = {type(node).__name__ for node in body
+                 if not (isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == ["__all__"])}
         assert kinds <= {"ImportFrom"}, f"{path.relative_to(PACKAGE.parent)} holds {sorted(kinds)}: code belongs in a module of the folder"
 
 
 def test_no_module_is_two_ideas():
-    long = {f"{path.relative_to(PACKAGE.parent)}": n for path in modules().values() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    long = {f"{path.relative_to(PACKAGE.parent)}": n
+            for path in modules().values() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert long == {}, f"over {MAX_LINES} lines; split by idea"
 
 
 def test_lazy_imports_say_why():
     """A function-level import of another package carries a comment (on its line or the line before) that says why it waits."""
     silent = []
-    for name, path in modules().items():
+    for path in modules().values():
         lines = path.read_text().splitlines()
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
+            import_lines = {s.lineno for s in ast.walk(node) if isinstance(s, (ast.Import, ast.ImportFrom))}
             for sub in ast.walk(node):
                 if isinstance(sub, (ast.Import, ast.ImportFrom)):
                     here, before = lines[sub.lineno - 1], lines[sub.lineno - 2].strip()
-                    if "#" not in here and not before.startswith("#") and not ("import" in before and sub.lineno - 1 in {s.lineno for s in ast.walk(node) if isinstance(s, (ast.Import, ast.ImportFrom))}):
+                    if "#" not in here and not before.startswith("#") and not ("import" in before and sub.lineno - 1 in import_lines):
                         silent.append(f"{path.relative_to(PACKAGE.parent)}:{sub.lineno}: {here.strip()}")
     assert silent == []
 

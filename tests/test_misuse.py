@@ -51,12 +51,15 @@ class Wrong(nn.Module):
 
 
 def test_a_head_of_the_wrong_width_is_refused_at_wrap():
-    with pytest.raises(ValueError, match=exactly("the head of exit 1 ('layer1', Wrong) must return logits of shape (B, num_classes) = (2, 10) on a batch of 2; it returned (2, 13)")):
+    with pytest.raises(ValueError, match=exactly(
+        "the head of exit 1 ('layer1', Wrong) must return logits of shape (B, num_classes) = (2, 10) on a batch of 2; it returned (2, 13)"
+    )):
         resnet(head=Wrong)
 
 
 def test_a_head_that_cannot_read_its_feature_is_refused_at_wrap():
-    with pytest.raises(ValueError, match=r"^the head of exit 1 \('layer1', Unpooled\) cannot read its feature: on a \(2, 64, 8, 8\) feature \(NCHW\) it raised RuntimeError: .*pools it itself"):
+    with pytest.raises(ValueError, match=r"^the head of exit 1 \('layer1', Unpooled\) cannot read its feature: "
+                                         r"on a \(2, 64, 8, 8\) feature \(NCHW\) it raised RuntimeError: .*pools it itself"):
         resnet(head=Unpooled)
 
 
@@ -71,7 +74,10 @@ def test_head_kwargs_that_build_nothing(head, kwargs, message):
 
 
 def test_a_built_in_head_is_replaced_only_on_purpose():
-    with pytest.raises(ValueError, match=exactly("a head named 'linear' is already registered (LinearHead); pass register_head('linear', override=True) to replace it everywhere, or choose another name")):
+    with pytest.raises(ValueError, match=exactly(
+        "a head named 'linear' is already registered (LinearHead); "
+        "pass register_head('linear', override=True) to replace it everywhere, or choose another name"
+    )):
         timm_exits.register_head("linear")(Wrong)
     assert resnet().exits[0].__class__.__name__ == "LinearHead"
 
@@ -82,7 +88,8 @@ def test_a_built_in_head_is_replaced_only_on_purpose():
 def test_backbones_without_a_classifier_are_refused():
     torchvision_features = torchvision.models.resnet18(num_classes=10)
     torchvision_features.fc = nn.Identity()
-    with pytest.raises(ValueError, match=r"^ResNet has no classifier \(model.fc is an nn.Identity\): it returns its features, not logits; create it with"):
+    with pytest.raises(ValueError, match=r"^ResNet has no classifier \(model.fc is an nn.Identity\): "
+                                         r"it returns its features, not logits; create it with"):
         timm_exits.wrap(torchvision_features, stages=[1, 2])
     timm_features = timm.create_model("resnet18", num_classes=10)
     timm_features.reset_classifier(0)
@@ -97,13 +104,15 @@ def test_backbones_without_a_classifier_are_refused():
 def test_a_classifier_changed_after_wrap_is_named_at_the_next_forward():
     model = resnet().eval()
     model.backbone.reset_classifier(5)
-    with pytest.raises(RuntimeError, match=r"^the backbone's head now outputs 5 classes, the exits 10: its classifier was changed after wrap\(\)"):
+    with pytest.raises(RuntimeError,
+                       match=r"^the backbone's head now outputs 5 classes, the exits 10: its classifier was changed after wrap\(\)"):
         model(torch.randn(2, 3, 32, 32))
 
 
 def test_eval_output_is_checked_whenever_it_is_set():
     model = resnet()
-    with pytest.raises(ValueError, match=exactly("eval_output must be one of ('all', 'final', 'ensemble') or an exit index 0..3, got 'last'")):
+    with pytest.raises(ValueError,
+                       match=exactly("eval_output must be one of ('all', 'final', 'ensemble') or an exit index 0..3, got 'last'")):
         model.eval_output = "last"
     model.eval_output = "final"
     copy = pickle.loads(pickle.dumps(model))
@@ -120,7 +129,9 @@ def test_eval_output_is_checked_whenever_it_is_set():
     (["demo", "--head", "foo"], "argument --head: invalid choice: 'foo'"),
     (["demo", "--model", "resnet1O"], "timm-exits demo: error: unknown timm model 'resnet1O'; did you mean resnet18"),
     (["demo", "--stages", "9"], "timm-exits demo: error: stage index 9 is out of range: this model has 5 stages"),
-    (["flops", "resnet18", "--input-size", "1", "64", "64"], "timm-exits flops: error: ResNet cannot run on an input of shape (1, 1, 64, 64) (from input_size), where it runs on its own (3, 224, 224): RuntimeError: Given groups=1"),
+    (["flops", "resnet18", "--input-size", "1", "64", "64"],
+     "timm-exits flops: error: ResNet cannot run on an input of shape (1, 1, 64, 64) (from input_size), "
+     "where it runs on its own (3, 224, 224): RuntimeError: Given groups=1"),
     (["flops", "resnet18", "--stages", "1", "--input-size", "1", "64", "64"],
      "timm-exits flops: error: ResNet cannot run on a dummy input of input_size=(1, 64, 64): RuntimeError: Given groups=1"),
     (["flops", "resnet18", "--stages", "layer9"], "timm-exits flops: error: unknown stage 'layer9'"),
@@ -142,14 +153,18 @@ LOSS_NAMES = timm_exits.loss_names()
 def test_an_empty_batch_is_an_error_not_a_nan(name):
     loss = timm_exits.create_loss(name, num_exits=3, epochs=2)
     empty = [torch.zeros(0, 5, requires_grad=True) for _ in range(3)]
-    with pytest.raises(ValueError, match=exactly("the batch is empty (the exits' logits have batch size 0): there is no loss to compute; skip the step")):
+    with pytest.raises(ValueError, match=exactly(
+        "the batch is empty (the exits' logits have batch size 0): there is no loss to compute; skip the step"
+    )):
         loss(empty, torch.zeros(0, dtype=torch.long))
 
 
 def test_a_target_outside_the_classes_is_named():
     loss = timm_exits.MultiExitCELoss()
     logits = [torch.randn(3, 5) for _ in range(2)]
-    with pytest.raises(ValueError, match=exactly("target holds class 5, outside [0, 5) for 5-class logits (unlabeled samples take ignore_index=-100)")):
+    with pytest.raises(ValueError, match=exactly(
+        "target holds class 5, outside [0, 5) for 5-class logits (unlabeled samples take ignore_index=-100)"
+    )):
         loss(logits, torch.tensor([0, 5, 1]))
     with pytest.raises(ValueError, match=r"target holds class -1"):
         loss(logits, torch.tensor([0, -1, 1]))
@@ -159,7 +174,8 @@ def test_a_target_outside_the_classes_is_named():
 @pytest.mark.parametrize("call,message", [
     (lambda z: timm_exits.exit_ensemble(z, weights=[1, -1, 1]), "weights must be non-negative with a positive sum, got [1.0, -1.0, 1.0]"),
     (lambda z: timm_exits.exit_ensemble(z, weights=[0, 0, 0]), "weights must be non-negative with a positive sum, got [0.0, 0.0, 0.0]"),
-    (lambda z: timm_exits.exit_ensemble(z, weights=[1, float("inf"), 1]), "weights must be non-negative with a positive sum, got [1.0, inf, 1.0]"),
+    (lambda z: timm_exits.exit_ensemble(z, weights=[1, float("inf"), 1]),
+     "weights must be non-negative with a positive sum, got [1.0, inf, 1.0]"),
     (lambda z: timm_exits.anytime_ensemble(z, weights=[0, 1, 1]),
      "weights[0] must be positive: the anytime ensemble after exit 1 is exit 1 alone, normalised by its weight; got [0.0, 1.0, 1.0]"),
 ])
@@ -208,7 +224,9 @@ def cached_exits(n=40, labels=None):
 
 def test_a_calibration_is_used_with_the_ensemble_setting_it_was_made_for():
     calibration = timm_exits.calibrate_thresholds(cached_exits(), 2.0)
-    with pytest.raises(ValueError, match=exactly("the calibration was made with ensemble=False, not ensemble=True: its thresholds are for other scores")):
+    with pytest.raises(ValueError, match=exactly(
+        "the calibration was made with ensemble=False, not ensemble=True: its thresholds are for other scores"
+    )):
         timm_exits.evaluate_thresholds(cached_exits(), calibration, ensemble=True)
 
 
@@ -219,20 +237,28 @@ def test_one_logit_models_need_a_criterion_that_is_not_a_softmax():
         model.early_exit(torch.randn(2, 3, 32, 32))
     result = model.early_exit(torch.randn(2, 3, 32, 32), threshold=0.2, criterion=lambda z: (z.sigmoid() - 0.5).abs().squeeze(1))
     assert result.logits.shape == (2, 1)
-    with pytest.raises(ValueError, match=exactly("the model outputs one logit per sample: thresholds need class logits (CachedExits says why); early_exit takes a callable criterion instead")):
+    with pytest.raises(ValueError, match=exactly(
+        "the model outputs one logit per sample: thresholds need class logits (CachedExits says why); "
+        "early_exit takes a callable criterion instead"
+    )):
         timm_exits.collect_exit_logits(model, [(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))], progress=False)
     with pytest.raises(ValueError, match=r"^logits hold one logit per sample \(C = 1\): thresholds read a prediction as the argmax"):
-        timm_exits.CachedExits(torch.randn(3, 4, 1), torch.zeros(4, dtype=torch.long), [1.0, 2.0, 3.0], ["a", "b", "final"])  # it used to send everyone out at exit 1
+        # it used to send everyone out at exit 1
+        timm_exits.CachedExits(torch.randn(3, 4, 1), torch.zeros(4, dtype=torch.long), [1.0, 2.0, 3.0], ["a", "b", "final"])
 
 
 def test_cached_labels_outside_the_classes_are_refused():
     """A label of C was counted as an error without a word."""
-    with pytest.raises(ValueError, match=exactly("labels hold class 4, outside [0, 4) for 4-class logits (unlabeled samples take a negative label)")):
+    with pytest.raises(ValueError, match=exactly(
+        "labels hold class 4, outside [0, 4) for 4-class logits (unlabeled samples take a negative label)"
+    )):
         timm_exits.CachedExits(torch.randn(3, 2, 4), torch.tensor([0, 4]), [1.0, 2.0, 3.0], ["a", "b", "final"])
 
 
 def test_empty_cached_exits_are_refused():
-    with pytest.raises(ValueError, match=exactly("logits hold no samples (shape (num_exits, 0, C)): thresholds need cached exits of at least one sample")):
+    with pytest.raises(ValueError, match=exactly(
+        "logits hold no samples (shape (num_exits, 0, C)): thresholds need cached exits of at least one sample"
+    )):
         timm_exits.CachedExits(torch.zeros(3, 0, 4), torch.zeros(0, dtype=torch.long), [1.0, 2.0, 3.0], ["a", "b", "final"])
 
 
@@ -280,15 +306,21 @@ def test_a_timm_stage_index_is_its_feature_info_index():
     # stem and stage1 name modules of timm's features_only model; the classifier's stage2-4 end in their
     # lowest-resolution branch (32-128 channels), not the merged 256-1024-channel features feature_info describes
     assert not any(s.usable for s in table) and not any(s.final for s in table)
-    with pytest.raises(ValueError, match=r"^stage 1 \('stage1'\) cannot take an exit: the classifier has no module 'stage1' \(feature_info names timm's features_only model\)"):
+    with pytest.raises(ValueError, match=r"^stage 1 \('stage1'\) cannot take an exit: the classifier has no module 'stage1' "
+                                         r"\(feature_info names timm's features_only model\)"):
         timm_exits.wrap(model, stages=[1], input_size=(3, 64, 64))
-    with pytest.raises(ValueError, match=r"^stage 3 \('stage3'\) cannot take an exit: the classifier's 'stage3' ends in a 64-channel tensor, not the 512-channel feature feature_info\[3\] describes"):
+    with pytest.raises(ValueError, match=r"^stage 3 \('stage3'\) cannot take an exit: the classifier's 'stage3' ends in "
+                                         r"a 64-channel tensor, not the 512-channel feature feature_info\[3\] describes"):
         timm_exits.wrap(model, stages=[3], input_size=(3, 64, 64))
     wrapped = timm_exits.wrap(model, stages=["layer1"], input_size=(3, 64, 64))  # by the classifier's own module name
     assert [tuple(z.shape) for z in wrapped(torch.randn(2, 3, 64, 64))] == [(2, 5)] * 2
 
 
-@pytest.mark.parametrize("name, size, refused", [("resnet18", (3, 64, 64), []), ("efficientvim_m1", (3, 224, 224), [0, 1]), ("crossvit_tiny_240", (3, 240, 240), [0, 1, 2])])
+@pytest.mark.parametrize("name, size, refused", [
+    ("resnet18", (3, 64, 64), []),
+    ("efficientvim_m1", (3, 224, 224), [0, 1]),
+    ("crossvit_tiny_240", (3, 240, 240), [0, 1, 2]),
+])
 def test_every_row_that_takes_an_exit_gives_its_head_the_width_the_table_says(name, size, refused):
     """efficientvim's stage modules end in the next stage's downsampling, and crossvit lists each block once per
     scale while the block ends in its wider branch: the rows whose module does not output feature_info's width are
@@ -326,12 +358,17 @@ def test_torchvision_indices_do_not_depend_on_the_input_size(build):
 
 def test_wrap_names_what_it_cannot_take():
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32)
-    with pytest.raises(ValueError, match=r"^stage 'pos_embed' is a parameter or buffer of the model, not a feature it computes. The model's stages are:"):
+    with pytest.raises(ValueError, match=r"^stage 'pos_embed' is a parameter or buffer of the model, not a feature it computes. "
+                                         r"The model's stages are:"):
         timm_exits.wrap(vit, stages=["pos_embed"])
     backbone = timm.create_model("resnet18", num_classes=5)
-    with pytest.raises(TypeError, match=exactly("model is a DataParallel: wrap the model inside it (model.module), then apply DataParallel to the wrapped model")):
+    with pytest.raises(TypeError, match=exactly(
+        "model is a DataParallel: wrap the model inside it (model.module), then apply DataParallel to the wrapped model"
+    )):
         timm_exits.wrap(nn.DataParallel(backbone), stages=[1])
-    with pytest.raises(TypeError, match=exactly("model is compiled (torch.compile): wrap the plain model (model._orig_mod), then compile the wrapped model")):
+    with pytest.raises(TypeError, match=exactly(
+        "model is compiled (torch.compile): wrap the plain model (model._orig_mod), then compile the wrapped model"
+    )):
         timm_exits.wrap(torch.compile(backbone), stages=[1])
     with pytest.raises(TypeError, match=exactly("leaf_modules takes module classes, not instances: pass ReLU, not ReLU()")):
         timm_exits.wrap(backbone, stages=[1], leaf_modules=[nn.ReLU()])
@@ -340,9 +377,14 @@ def test_wrap_names_what_it_cannot_take():
 
 
 def test_list_stages_names_what_it_takes():
-    with pytest.raises(TypeError, match=exactly("list_stages takes a model (an nn.Module), got str; build it first, e.g. timm.create_model('resnet18')")):
+    with pytest.raises(TypeError, match=exactly(
+        "list_stages takes a model (an nn.Module), got str; build it first, e.g. timm.create_model('resnet18')"
+    )):
         timm_exits.list_stages("resnet18")
-    with pytest.raises(TypeError, match=exactly("list_stages takes the backbone: this model is already wrapped (stages ['layer1', 'layer2', 'layer3']); call list_stages(model.backbone)")):
+    with pytest.raises(TypeError, match=exactly(
+        "list_stages takes the backbone: this model is already wrapped (stages ['layer1', 'layer2', 'layer3']); "
+        "call list_stages(model.backbone)"
+    )):
         timm_exits.list_stages(resnet())
 
 
@@ -359,7 +401,8 @@ def test_a_traced_shape_check_names_the_sizes_not_fx_proxies():
     for call in (lambda: vit(torch.randn(2, 3, 64, 64)), lambda: timm_exits.early_exit(vit, torch.randn(2, 3, 64, 64), threshold=0.5)):
         with pytest.raises(AssertionError, match=exactly("Input height (64) doesn't match model (32).")):
             call()
-    with pytest.raises(ValueError, match=r"\(from input_size\), where it runs on its own \(3, 32, 32\): AssertionError: Input height \(64\) doesn't match model \(32\)\.;"):
+    with pytest.raises(ValueError, match=r"\(from input_size\), where it runs on its own \(3, 32, 32\): "
+                                         r"AssertionError: Input height \(64\) doesn't match model \(32\)\.;"):
         timm_exits.flops_report(vit, input_size=(3, 64, 64))
     assert vit(torch.randn(2, 3, 32, 32))[-1].shape == (2, 5)
     x = torch.randn(1, 3, 32, 32)
@@ -405,7 +448,8 @@ def test_a_count_that_depends_on_the_input_says_so():
     wrapped = timm_exits.wrap(net, stages=["gate"], leaf_modules=[Gated], input_size=(3, 16, 16))
     for model in (net, wrapped):
         notes = timm_exits.flops_report(model, input_size=(3, 16, 16)).notes
-        assert any(n.startswith("the count depends on the example input: the model branches on tensor values (at ") and __file__ in n for n in notes), notes
+        branches = "the count depends on the example input: the model branches on tensor values (at "
+        assert any(n.startswith(branches) and __file__ in n for n in notes), notes
     resnet_notes = timm_exits.flops_report(resnet()).notes
     vit = timm_exits.wrap(timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32), stages=[3])
     assert not any("tensor values" in n for n in resnet_notes + timm_exits.flops_report(vit).notes)  # shape checks are not branches
@@ -433,8 +477,9 @@ def test_a_checkpoint_of_another_wrap_is_refused_by_name_even_when_the_shapes_ag
     model = wrapped_at(["layer1"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError, match=exactly(
-        "the checkpoint comes from a model wrapped at stages ['layer1.0'] with heads ['LinearHead']; this one is wrapped at stages ['layer1'] "
-        "with heads ['LinearHead']: wrap the backbone as it was when saved (or load with strict=False to take what fits)"
+        "the checkpoint comes from a model wrapped at stages ['layer1.0'] with heads ['LinearHead']; "
+        "this one is wrapped at stages ['layer1'] with heads ['LinearHead']: "
+        "wrap the backbone as it was when saved (or load with strict=False to take what fits)"
     )):
         model.load_state_dict(saved)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing half-loaded
@@ -447,7 +492,8 @@ def test_checkpoints_from_before_the_record_still_load_alone_and_nested():
     wrapped_at([1, 2]).load_state_dict(old)
     nn.Sequential(wrapped_at([1, 2])).load_state_dict({f"0.{k}": v for k, v in old.items()})
     other_wrap = {f"0.{k}": v for k, v in wrapped_at(["layer1.0"]).state_dict().items()}
-    with pytest.raises(RuntimeError, match=r"wrapped at stages \['layer1.0'\] with heads \['LinearHead'\]; this one is wrapped at stages \['layer1'\]"):
+    with pytest.raises(RuntimeError,
+                       match=r"wrapped at stages \['layer1.0'\] with heads \['LinearHead'\]; this one is wrapped at stages \['layer1'\]"):
         nn.Sequential(wrapped_at(["layer1"])).load_state_dict(other_wrap)  # the record is checked inside a parent module too
 
 
@@ -471,7 +517,8 @@ def test_ekd_is_given_the_teachers_logits_not_the_teachers():
     loss = timm_exits.EnsembleKnowledgeDistillationLoss()
     teachers = nn.ModuleList([nn.Linear(4, 5)])
     logits = [torch.randn(2, 5) for _ in range(3)]
-    message = "teacher_logits takes the teachers' logits, not the teacher models: compute them first, e.g. with torch.no_grad(): teacher_logits = [teacher(x) for teacher in teachers]"
+    message = ("teacher_logits takes the teachers' logits, not the teacher models: compute them first, "
+               "e.g. with torch.no_grad(): teacher_logits = [teacher(x) for teacher in teachers]")
     for given in (teachers, list(teachers)):
         with pytest.raises(TypeError, match=exactly(message)):
             loss(logits, torch.zeros(2, dtype=torch.long), given)
@@ -479,28 +526,37 @@ def test_ekd_is_given_the_teachers_logits_not_the_teachers():
 
 
 def test_sizes_a_model_cannot_run_are_named_outside_wrap_too():
-    """list_stages and flops_report ran the model on the size without a check: torch's or fx's message, and a traceback on the command line."""
+    """list_stages and flops_report ran the model on the size without a check: torch's or fx's message, and a traceback on the
+    command line."""
     resnet = timm.create_model("resnet18", num_classes=5)
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32, depth=2)
     with pytest.raises(ValueError, match=r"^ResNet cannot run on a dummy input of input_size=\(1, 64, 64\): RuntimeError: Given groups=1"):
         timm_exits.list_stages(resnet, input_size=(1, 64, 64))
-    with pytest.raises(ValueError, match=r"^VisionTransformer cannot run on a dummy input of input_size=\(3, 64, 64\): AssertionError: Input height \(64\) doesn't match model \(32\)"):
+    with pytest.raises(ValueError, match=r"^VisionTransformer cannot run on a dummy input of input_size=\(3, 64, 64\): "
+                                         r"AssertionError: Input height \(64\) doesn't match model \(32\)"):
         timm_exits.list_stages(vit, input_size=(3, 64, 64))
-    with pytest.raises(ValueError, match=r"^MultiExitModel cannot run on an input of shape \(1, 3, 64, 64\) \(from input_size\), where it runs on its own \(3, 32, 32\): AssertionError: Input height"):
+    with pytest.raises(ValueError, match=r"^MultiExitModel cannot run on an input of shape \(1, 3, 64, 64\) \(from input_size\), "
+                                         r"where it runs on its own \(3, 32, 32\): AssertionError: Input height"):
         timm_exits.flops_report(timm_exits.wrap(vit, stages=[0]), input_size=(3, 64, 64))
-    with pytest.raises(ValueError, match=r"^ResNet cannot run on an input of shape \(1, 1, 32, 32\) \(from example_input\), where it runs on its own \(3, 224, 224\)"):
+    with pytest.raises(ValueError, match=r"^ResNet cannot run on an input of shape \(1, 1, 32, 32\) \(from example_input\), "
+                                         r"where it runs on its own \(3, 224, 224\)"):
         timm_exits.flops_report(resnet, example_input=torch.randn(1, 1, 32, 32))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in resnet.modules())  # the failed count left no hook
-    assert all(m.training for m in resnet.modules()) and all(m.training for m in vit.modules())  # nor a mode: both were built in training mode
+    # nor a mode: both were built in training mode
+    assert all(m.training for m in resnet.modules()) and all(m.training for m in vit.modules())
     with pytest.raises(ValueError, match=exactly("input_size must be three positive ints (channels, height, width), got 32")):
         timm_exits.wrap(resnet, stages=[1], input_size=32)
     with pytest.raises(ValueError, match=exactly("threshold must be a number, one number per early exit, or a Calibration; got '0.9'")):
         timm_exits.wrap(resnet, stages=[1], input_size=(3, 32, 32)).eval().early_exit(torch.randn(2, 3, 32, 32), threshold="0.9")
 
 
-@pytest.mark.parametrize("args", [["stages", "resnet18", "--input-size", "1", "64", "64"], ["flops", "vit_tiny_patch16_224", "--input-size", "3", "64", "64"]])
+@pytest.mark.parametrize("args", [
+    ["stages", "resnet18", "--input-size", "1", "64", "64"],
+    ["flops", "vit_tiny_patch16_224", "--input-size", "3", "64", "64"],
+])
 def test_the_command_line_names_a_size_the_model_cannot_run(args):
-    done = subprocess.run([sys.executable, "-m", "timm_exits", *args], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "timm_exits", *args], capture_output=True, text=True, env=env)
     assert done.returncode == 2 and "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert "cannot run on" in done.stderr and "input_size" in done.stderr
 
@@ -537,7 +593,7 @@ def test_a_confidence_on_a_bin_edge_falls_in_the_lower_bin():
 
 
 def test_compile_exits_a_second_time_with_other_settings_is_refused():
-    model, x = _resnet10t()
+    model, _ = _resnet10t()
     timm_exits.compile_exits(model, backend="eager")
     assert timm_exits.compile_exits(model, backend="eager", dynamic=None) is model  # the same settings again (a default spelled out)
     for other in ({"backend": "aot_eager"}, {"backend": "no_such_backend"}, {}):
@@ -588,7 +644,7 @@ def test_from_pretrained_names_a_truncated_file(tmp_path):
 
 def test_numbers_of_other_types_are_taken_where_python_numbers_are():
     np = pytest.importorskip("numpy")
-    from test_temperature import overconfident
+    from conftest import overconfident
 
     cached = overconfident()
     expected = timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.05)

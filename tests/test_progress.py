@@ -5,6 +5,7 @@ keeps tqdm's bar; ``progress=False`` says nothing. The clock is a fake one that 
 so the pace is checked without timing anything.
 """
 import io
+import itertools
 import logging
 import re
 
@@ -43,7 +44,7 @@ def test_a_log_gets_a_line_at_the_start_the_end_and_at_most_one_per_interval(cap
     assert [int(m[2]) for m in matches] == [100 * n // 1000 for n in done]
     assert done == sorted(set(done))  # the end is not said twice
     # throttled: a second a batch and one line per 100 s at most, so 100 batches apart at least
-    assert all(b - a >= 100 for a, b in zip(done, done[1:]))
+    assert all(b - a >= 100 for a, b in itertools.pairwise(done))
     assert 10 <= len(lines) <= 1000 // 100 + 1
 
 

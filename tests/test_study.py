@@ -21,7 +21,8 @@ def study():
 def test_the_interval_is_students_t(study):
     mean, half = study.interval([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
-    assert study.interval([1.0, 3.0] * 10)[1] == pytest.approx(2.093 * math.sqrt(20 / 19) / math.sqrt(20), rel=1e-3)  # 19 degrees of freedom
+    # 19 degrees of freedom
+    assert study.interval([1.0, 3.0] * 10)[1] == pytest.approx(2.093 * math.sqrt(20 / 19) / math.sqrt(20), rel=1e-3)
     assert math.isnan(study.interval([1.0])[1])
 
 
@@ -39,10 +40,15 @@ def test_differences_pair_the_same_seeds(study):
 
 def test_a_report_of_a_resumed_study_with_uneven_seeds_runs(study, tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    run = lambda acc: {"test": [acc] * 4, "anytime_ensemble": [acc] * 4, "val_by_epoch": [[acc] * 4] * 2, "curve": [acc] * 20, "curve_flops": [1e6 * (i + 1) for i in range(20)], "seconds": 1.0}  # noqa: E731
-    results = {"meta": {"epochs": 2, "batch": 64, "stages": [1, 2, 3], "flops": [1e6, 2e6, 3e6, 4e6], "backbone_flops": 4e6, "budgets": [1e6 * (i + 1) for i in range(20)],
-                        "train": 10, "val": 5, "test": 5, "labeled": 2},
-               "baseline": {"0": {"test": [0.8], "val_by_epoch": [[0.7], [0.8]], "seconds": 1.0}, "1": {"test": [0.82], "val_by_epoch": [[0.7], [0.8]], "seconds": 1.0}},
+
+    def run(acc):
+        return {"test": [acc] * 4, "anytime_ensemble": [acc] * 4, "val_by_epoch": [[acc] * 4] * 2, "curve": [acc] * 20,
+                "curve_flops": [1e6 * (i + 1) for i in range(20)], "seconds": 1.0}
+
+    results = {"meta": {"epochs": 2, "batch": 64, "stages": [1, 2, 3], "flops": [1e6, 2e6, 3e6, 4e6], "backbone_flops": 4e6,
+                        "budgets": [1e6 * (i + 1) for i in range(20)], "train": 10, "val": 5, "test": 5, "labeled": 2},
+               "baseline": {"0": {"test": [0.8], "val_by_epoch": [[0.7], [0.8]], "seconds": 1.0},
+                            "1": {"test": [0.82], "val_by_epoch": [[0.7], [0.8]], "seconds": 1.0}},
                **{name: {"0": run(0.80), "1": run(0.81), "2": run(0.83)} for name in study.LOSSES},
                "eed": {"0": run(0.85), "1": run(0.86)}}
     study.report(results, str(tmp_path / "study.png"))

@@ -14,7 +14,7 @@ def population(n=40_000, classes=10, seed=0):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, classes, (n,), generator=g)
     logits = []
-    for k, signal in enumerate((1.0, 2.0, 3.5)):
+    for signal in (1.0, 2.0, 3.5):
         z = torch.randn(n, classes, generator=g)
         z[torch.arange(n), labels] += signal * torch.rand(n, generator=g) * 2
         logits.append(z)
@@ -57,8 +57,10 @@ def test_hoeffding_bentkus_p_values_match_their_definition():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"max_accuracy_drop": 0.01, "delta": 0}, "delta must be a probability in (0, 1): the chance the guarantee may fail (0.1 = 90 % confidence), got 0"),
-    ({"max_accuracy_drop": 0.01, "delta": 1.5}, "delta must be a probability in (0, 1): the chance the guarantee may fail (0.1 = 90 % confidence), got 1.5"),
+    ({"max_accuracy_drop": 0.01, "delta": 0},
+     "delta must be a probability in (0, 1): the chance the guarantee may fail (0.1 = 90 % confidence), got 0"),
+    ({"max_accuracy_drop": 0.01, "delta": 1.5},
+     "delta must be a probability in (0, 1): the chance the guarantee may fail (0.1 = 90 % confidence), got 1.5"),
     ({"budget": 2.0, "delta": 0.1}, "delta goes with max_accuracy_drop: the guarantee bounds the accuracy lost against the last exit"),
 ])
 def test_bad_delta_is_named(kwargs, message):
@@ -75,7 +77,8 @@ def test_testing_stops_at_the_first_threshold_not_rejected(monkeypatch):
     logits, labels = population(n=500)
     conf = torch.stack([z.softmax(-1).amax(-1) for z in logits])
     preds = logits.argmax(-1)
-    candidates = torch.quantile(conf[:-1].flatten().double(), torch.linspace(1, 0, 201, dtype=torch.float64)).unique(sorted=True).flip(0).tolist()
+    levels = torch.linspace(1, 0, 201, dtype=torch.float64)
+    candidates = torch.quantile(conf[:-1].flatten().double(), levels).unique(sorted=True).flip(0).tolist()
     verdicts = iter([0.0, 0.0, 0.5] + [0.0] * len(candidates))  # the third fails, every later one would pass
     monkeypatch.setattr(risk, "hoeffding_bentkus_p", lambda *args: next(verdicts))
     assert risk.risk_controlled_thresholds(conf, preds, labels, 0.05, 0.1) == [candidates[1]] * 2

@@ -14,8 +14,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import timm_exits
-from conftest import exactly
-from test_bad_input import DataDependent
+from conftest import DataDependent, exactly
 
 CRITERIA = ["max_prob", "margin", "entropy"]
 
@@ -203,9 +202,9 @@ def test_samples_that_left_are_not_computed_further(build):
     segments, per_segment, per_head, state = model.segments(), [], [], (one,)
     with torch.no_grad():
         for segment, head in zip(segments[:-1], model.exits):
-            per_segment.append(executed_flops(lambda: segment(*state)))
+            per_segment.append(executed_flops(lambda: segment(*state)))  # noqa: B023 - called at once, in this iteration
             feature, state = segment(*state)
-            per_head.append(executed_flops(lambda: head(feature)))
+            per_head.append(executed_flops(lambda: head(feature)))  # noqa: B023 - called at once, in this iteration
         per_segment.append(executed_flops(lambda: segments[-1](*state)))
     running = [16 - sum(counts[:k]) for k in range(model.num_exits)]  # samples that entered segment k
     expected = sum(n * (s + h) for n, s, h in zip(running, per_segment, per_head + [0]))
@@ -297,7 +296,7 @@ def test_inference_mode_and_mode_errors():
         result = model.early_exit(x, threshold=0.5)
     assert result.logits.shape == (3, 5)
     model.train()
-    with pytest.raises(RuntimeError, match="call model.eval"):
+    with pytest.raises(RuntimeError, match=r"call model.eval"):
         model.early_exit(x)
 
 
@@ -327,7 +326,8 @@ def cached_digits_like(num_exits=3, n=400, classes=5, seed=0):
         z = torch.randn(n, classes, generator=g)
         z[torch.arange(n), labels] += 1.0 + 1.5 * k
         logits.append(z)
-    return timm_exits.CachedExits(torch.stack(logits), labels, [100.0 * (k + 1) + 1 for k in range(num_exits)], [f"s{k}" for k in range(num_exits)])
+    flops = [100.0 * (k + 1) + 1 for k in range(num_exits)]
+    return timm_exits.CachedExits(torch.stack(logits), labels, flops, [f"s{k}" for k in range(num_exits)])
 
 
 def outcome(cached, thresholds, criterion="max_prob", ensemble=False):
@@ -389,13 +389,16 @@ def test_budgeted_curve_is_monotone_and_anytime_accuracy_rises():
     assert [p.budget for p in timm_exits.budgeted_curve(cached, budgets=2)] == [101.0, 301.0]
     assert [p.budget for p in timm_exits.budgeted_curve(cached, budgets=[150.0, 250.0])] == [150.0, 250.0]
     # the criterion and the ensemble reach the calibration and the held-out evaluation
-    for point in timm_exits.budgeted_curve(cached, budgets=[150.0, 250.0], criterion="margin", ensemble=True, evaluate_on=cached_digits_like(seed=2)):
+    for point in timm_exits.budgeted_curve(cached, budgets=[150.0, 250.0], criterion="margin", ensemble=True,
+                                           evaluate_on=cached_digits_like(seed=2)):
         alone = timm_exits.calibrate_thresholds(cached, point.budget, criterion="margin", ensemble=True)
         assert point.thresholds == alone.thresholds
         accuracy, flops, _ = outcome(cached_digits_like(seed=2), point.thresholds, "margin", True)
         assert (point.accuracy, point.flops) == pytest.approx((accuracy, flops))
     on_ensembles = timm_exits.anytime_accuracy(cached, ensemble=True)
-    assert [p.accuracy for p in on_ensembles] == [(z.argmax(-1) == cached.labels).double().mean().item() for z in running_means(list(cached.logits))]
+    assert [p.accuracy for p in on_ensembles] == [
+        (z.argmax(-1) == cached.labels).double().mean().item() for z in running_means(list(cached.logits))
+    ]
     held_out = cached_digits_like(seed=1)
     on_test = timm_exits.budgeted_curve(cached, budgets=10, evaluate_on=held_out)
     assert [p.thresholds for p in on_test] == [p.thresholds for p in curve]
@@ -484,7 +487,8 @@ def test_plot_tradeoff_draws_the_curve_and_the_exits(tmp_path):
     fig = timm_exits.plot_tradeoff(curve, tmp_path / "tradeoff.png", anytime=anytime)
     assert type(fig).__name__ == "Figure" and matplotlib.get_backend() == backend  # returned, and the global backend untouched
     png = (tmp_path / "tradeoff.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (780, 540)  # 6.5 x 4.5 in at 120 dpi
+    size = (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big"))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and size == (780, 540)  # 6.5 x 4.5 in at 120 dpi
     (ax,) = fig.axes
     (budgeted, exits) = ax.get_lines()
     exact = dict(rel=1e-12)
@@ -501,7 +505,8 @@ def test_plot_tradeoff_draws_the_curve_and_the_exits(tmp_path):
     fig = timm_exits.plot_tradeoff(curve, title="digits", points={"plain": (cached.flops[-1], 0.5)})  # no path: nothing written
     (ax,) = fig.axes
     (_, plain) = ax.get_lines()
-    assert ax.get_title() == "digits" and plain.get_label() == "plain" and (plain.get_xdata()[0], plain.get_ydata()[0]) == (cached.flops[-1] / 1e6, 50.0)
+    assert ax.get_title() == "digits" and plain.get_label() == "plain"
+    assert (plain.get_xdata()[0], plain.get_ydata()[0]) == (cached.flops[-1] / 1e6, 50.0)
     low, high = ax.get_ylim()
     values = [100 * p.accuracy for p in curve] + [50.0]
     assert low <= min(values) and high >= max(values) and high - low >= 10  # everything shown, and never fewer than 10 points of accuracy
@@ -522,7 +527,8 @@ def test_plot_tradeoff_draws_into_a_given_axes_in_gflops_and_any_format(tmp_path
 
 def test_plot_tradeoff_does_not_magnify_a_few_images_into_a_cliff():
     pytest.importorskip("matplotlib")
-    curve = [timm_exits.calibration.CurvePoint(f, a, f, [1.0], []) for f, a in [(1e6, 0.9950), (2e6, 0.9956), (3e6, 0.9956)]]  # two images of 450
+    # two images of 450
+    curve = [timm_exits.calibration.CurvePoint(f, a, f, [1.0], []) for f, a in [(1e6, 0.9950), (2e6, 0.9956), (3e6, 0.9956)]]
     low, high = timm_exits.plot_tradeoff(curve).axes[0].get_ylim()
     assert high - low >= 10 and high <= 100
 
@@ -594,7 +600,9 @@ def test_calibration_messages_word_for_word():
     cached = cached_digits_like()
     with pytest.raises(ValueError, match=exactly("give exactly one of budget (average FLOPs per sample) or max_accuracy_drop")):
         timm_exits.calibrate_thresholds(cached)
-    with pytest.raises(ValueError, match=exactly("budget must be an average FLOPs per sample between the first exit's cost (101) and the full model's (301), got '150'")):
+    with pytest.raises(ValueError, match=exactly(
+        "budget must be an average FLOPs per sample between the first exit's cost (101) and the full model's (301), got '150'"
+    )):
         timm_exits.calibrate_thresholds(cached, "150")
     with pytest.raises(ValueError, match=exactly("max_accuracy_drop must be a fraction in [0, 1] (0.01 = one point), got '0.1'")):
         timm_exits.calibrate_thresholds(cached, max_accuracy_drop="0.1")
@@ -622,12 +630,14 @@ def test_defaults_and_argument_checks_of_early_exit(recwarn):
         model.early_exit("images")
     with pytest.raises(ValueError, match=exactly("x must be a batch tensor (B, ...), got torch.Size([3])")):
         model.early_exit(torch.randn(3))
-    with pytest.raises(RuntimeError, match=exactly("early_exit runs in eval mode (batch norm statistics, dropout); call model.eval() first")):
+    with pytest.raises(RuntimeError,
+                       match=exactly("early_exit runs in eval mode (batch norm statistics, dropout); call model.eval() first")):
         model.train().early_exit(x)
     # a calibration made for a callable criterion is used with it
     cached = timm_exits.collect_exit_logits(model.eval(), [(x, torch.zeros(6, dtype=torch.long))])
     calibration = timm_exits.calibrate_thresholds(cached, (cached.flops[0] + cached.flops[-1]) / 2, criterion=named_score)
-    assert model.early_exit(x, threshold=calibration, criterion=named_score).exit_counts(3) == [round(s * 6) for s in calibration.exit_shares]
+    counts = model.early_exit(x, threshold=calibration, criterion=named_score).exit_counts(3)
+    assert counts == [round(s * 6) for s in calibration.exit_shares]
 
 
 def test_exit_confidence_on_its_own():
@@ -639,7 +649,9 @@ def test_exit_confidence_on_its_own():
     torch.testing.assert_close(exit_confidence(torch.zeros(3, 1), "margin"), torch.ones(3))  # one class: nothing to be unsure about
     with pytest.raises(ValueError, match=exactly("the criterion callable must return one score per sample, shape (1,); it returned float")):
         exit_confidence(z, lambda logits: 0.5)
-    with pytest.raises(ValueError, match=exactly("unknown criterion 'top1'; use one of ('max_prob', 'entropy', 'margin', 'patience') or a callable (logits) -> (B,) confidence")):
+    with pytest.raises(ValueError, match=exactly(
+        "unknown criterion 'top1'; use one of ('max_prob', 'entropy', 'margin', 'patience') or a callable (logits) -> (B,) confidence"
+    )):
         exit_confidence(z, "top1")
 
 
@@ -666,7 +678,8 @@ def test_early_exit_keeps_channels_last_for_the_rows_that_stay():
     plain = timm_exits.early_exit(model, x, threshold=threshold)
     model = model.to(memory_format=torch.channels_last)
     seen = []
-    model.backbone.layer3[0].conv1.register_forward_pre_hook(lambda m, args: seen.append((args[0].shape[0], args[0].is_contiguous(memory_format=torch.channels_last))))
+    model.backbone.layer3[0].conv1.register_forward_pre_hook(
+        lambda m, args: seen.append((args[0].shape[0], args[0].is_contiguous(memory_format=torch.channels_last))))
     result = timm_exits.early_exit(model, x.contiguous(memory_format=torch.channels_last), threshold=threshold)
     assert seen and all(last for _, last in seen) and 0 < seen[-1][0] < 16, seen  # layer3 ran on the rows that stayed, in channels_last
     assert torch.equal(result.exit_index, plain.exit_index)

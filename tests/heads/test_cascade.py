@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import timm_exits
-from conftest import exactly
-from test_runtime import fallback_resnet
+from conftest import exactly, fallback_resnet
 from timm_exits._checks import release
 from timm_exits.heads import CascadedHead
 from timm_exits.plots import describe_exits
@@ -23,7 +22,8 @@ from timm_exits.runtime import exit_costs
 
 def cascaded(cascade=True, head="linear", stages=(1, 2, 3)):
     torch.manual_seed(0)
-    return timm_exits.wrap(timm.create_model("resnet18", num_classes=5), stages=list(stages), head=head, input_size=(3, 32, 32), cascade=cascade)
+    backbone = timm.create_model("resnet18", num_classes=5)
+    return timm_exits.wrap(backbone, stages=list(stages), head=head, input_size=(3, 32, 32), cascade=cascade)
 
 
 def reference(model, x):
@@ -138,7 +138,9 @@ def test_the_cascades_flops_are_the_map_of_the_previous_logits():
     assert report[-1].flops == plain[-1].flops  # the backbone's own head is not cascaded
     costs = [exit_costs(m, (3, 32, 32)) for m in (cascaded(False), cascaded())]
     assert [round(b - a) for a, b in zip(*costs)] == [0, 25, 50, 50]  # leaving at exit k computes every head on the way
-    assert [p.head for p in describe_exits(cascaded())] == ["LinearHead", "CascadedHead(LinearHead)", "CascadedHead(LinearHead)", "backbone's own head"]
+    assert [p.head for p in describe_exits(cascaded())] == [
+        "LinearHead", "CascadedHead(LinearHead)", "CascadedHead(LinearHead)", "backbone's own head"
+    ]
     profile = timm_exits.profile_exits(cascaded().eval(), torch.randn(2, 3, 32, 32), repeats=1)
     assert len(profile.head_seconds) == 4
 
@@ -168,14 +170,17 @@ def test_bad_cascades_are_named():
 def test_a_first_head_cascaded_by_hand_is_named():
     model = cascaded(False).eval()
     model.exits[0] = CascadedHead(model.exits[0], 5)
-    with pytest.raises(ValueError, match=exactly("the head of exit 1 (CascadedHead) is cascaded, but there is no exit before it to read: cascade the heads after the first")):
+    with pytest.raises(ValueError, match=exactly(
+        "the head of exit 1 (CascadedHead) is cascaded, but there is no exit before it to read: cascade the heads after the first"
+    )):
         model(torch.randn(2, 3, 32, 32))
 
 
 def test_a_checkpoint_saved_without_the_cascade_names_it():
     plain = timm_exits.wrap(timm.create_model("resnet18", num_classes=5), stages=[1, 2], input_size=(3, 32, 32))
     cascaded = timm_exits.wrap(timm.create_model("resnet18", num_classes=5), stages=[1, 2], input_size=(3, 32, 32), cascade=True)
-    with pytest.raises(RuntimeError, match=r"the checkpoint comes from a model wrapped with cascade=False, this one with cascade=True: wrap it as it was saved$"):
+    with pytest.raises(RuntimeError, match=r"the checkpoint comes from a model wrapped with cascade=False, this one with cascade=True: "
+                                            r"wrap it as it was saved$"):
         cascaded.load_state_dict(plain.state_dict())
     with pytest.raises(RuntimeError, match=r"wrapped with cascade=True, this one with cascade=False"):
         plain.load_state_dict(cascaded.state_dict())

@@ -1,4 +1,5 @@
-"""The patience criterion (PBEE, Zhou et al. 2020): leave once the prediction has held for p exits; checked against a per-sample reference."""
+"""The patience criterion (PBEE, Zhou et al. 2020): leave once the prediction has held for p exits; checked against a
+per-sample reference."""
 import pytest
 import timm
 import torch
@@ -28,7 +29,7 @@ def model_and_data():
     model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=10, in_chans=1), stages=[1, 2, 3], input_size=(1, 32, 32))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     loss_fn = timm_exits.MultiExitCELoss()
-    for step in range(12):
+    for _ in range(12):
         rows = torch.randint(0, len(task.train), (64,))
         loss = loss_fn(model(task.train.x[rows]), task.train.y[rows])
         optimizer.zero_grad()
@@ -72,11 +73,14 @@ def test_patience_thresholds_can_be_calibrated_per_exit(model_and_data):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"criterion": "patience", "patience": 0}, "patience must be a whole number of exits from 1 to 3 (the last exit takes every sample left; inf keeps everyone going), got 0"),
-    ({"criterion": "patience", "patience": 4}, "patience must be a whole number of exits from 1 to 3 (the last exit takes every sample left; inf keeps everyone going), got 4"),
+    ({"criterion": "patience", "patience": 0},
+     "patience must be a whole number of exits from 1 to 3 (the last exit takes every sample left; inf keeps everyone going), got 0"),
+    ({"criterion": "patience", "patience": 4},
+     "patience must be a whole number of exits from 1 to 3 (the last exit takes every sample left; inf keeps everyone going), got 4"),
     ({"criterion": "patience", "patience": 1.5}, "patience must be a whole number of exits (1 = leave at the first exit), got 1.5"),
     ({"criterion": "max_prob", "patience": 2}, "patience=2 is for criterion='patience', not criterion='max_prob'"),
-    ({"criterion": "patience", "threshold": 0.9}, "patience must be a whole number of exits from 1 to 3 (the last exit takes every sample left; inf keeps everyone going), got 0.9"),
+    ({"criterion": "patience", "threshold": 0.9},
+     "patience must be a whole number of exits from 1 to 3 (the last exit takes every sample left; inf keeps everyone going), got 0.9"),
 ])
 def test_bad_patience_is_named(model_and_data, kwargs, message):
     model, x = model_and_data

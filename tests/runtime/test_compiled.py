@@ -9,8 +9,7 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import timm_exits
-from conftest import exactly, resnet10t_exits
-from test_runtime import fallback_resnet
+from conftest import exactly, fallback_resnet, resnet10t_exits
 
 
 def model_and_thresholds(cascade=False):

@@ -12,7 +12,7 @@ import torch
 import timm_exits
 from timm_exits._checks import release
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def small_model(stages=(1, 2, 3), name="resnet10t", **kwargs):
@@ -228,7 +228,7 @@ def test_gradient_checkpointing_keeps_fewer_activations_and_gives_the_same_gradi
         task = timm_exits.MultiExitTask(small_model(), "eed", verbose=False)
         task.model.set_grad_checkpointing(enable)
         result = {}
-        saved.append(saved_for_backward(lambda: result.update(task(x, y))))
+        saved.append(saved_for_backward(lambda: result.update(task(x, y))))  # noqa: B023 - called at once, in this iteration
         result["loss"].backward()
         grads.append([p.grad for p in task.parameters()])
     for a, b in zip(*grads):
@@ -264,7 +264,8 @@ def test_resume_continues_exactly(loss, tmp_path):
     first.setup_ema(decay=0.5)
     optimizer = torch.optim.AdamW(first.parameters(), lr=1e-3)
     head = _train(first, optimizer, 3)
-    torch.save({**first.get_checkpoint_state(), **first.get_checkpoint_state(ema=True), "optimizer": optimizer.state_dict()}, tmp_path / "run.pth")
+    checkpoint = {**first.get_checkpoint_state(), **first.get_checkpoint_state(ema=True), "optimizer": optimizer.state_dict()}
+    torch.save(checkpoint, tmp_path / "run.pth")
 
     second = make()
     second.setup_ema(decay=0.5)
@@ -283,7 +284,8 @@ def test_resume_continues_exactly(loss, tmp_path):
 def test_resume_from_a_differently_wrapped_model_names_the_difference():
     saved = timm_exits.MultiExitTask(small_model(stages=(1, 2)), "eed", verbose=False).get_checkpoint_state()
     task = timm_exits.MultiExitTask(small_model(stages=(1, 2, 3)), "eed", verbose=False)
-    with pytest.raises(RuntimeError, match=r"wrapped at stages=\['layer1', 'layer2'\](.|\n)*this model is wrapped at stages=\['layer1', 'layer2', 'layer3'\]"):
+    with pytest.raises(RuntimeError, match=r"wrapped at stages=\['layer1', 'layer2'\](.|\n)*"
+                                            r"this model is wrapped at stages=\['layer1', 'layer2', 'layer3'\]"):
         task.load_checkpoint_state(saved["state_dict"], saved["task_state"])
     # without the task state, the model itself names the keys
     with pytest.raises(RuntimeError, match=r"missing keys: exits\.2\.(.|\n)*only exit heads differ"):
@@ -308,7 +310,8 @@ def test_unwrap_and_a_wrapped_model_from_a_timm_checkpoint(tmp_path):
         torch.testing.assert_close(plain(x), task.model(x)[-1], rtol=0, atol=0)
     # the trained backbone, saved as a plain timm checkpoint, builds a wrapped model again
     torch.save(plain.state_dict(), tmp_path / "backbone.pth")
-    rebuilt = timm_exits.wrap(timm.create_model("resnet10t", num_classes=10, checkpoint_path=str(tmp_path / "backbone.pth")), stages=[1, 2, 3]).eval()
+    backbone = timm.create_model("resnet10t", num_classes=10, checkpoint_path=str(tmp_path / "backbone.pth"))
+    rebuilt = timm_exits.wrap(backbone, stages=[1, 2, 3]).eval()
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x)[-1], plain(x), rtol=0, atol=0)
 
@@ -328,7 +331,9 @@ def test_fsdp2_on_cpu():
         pytest.skip("FSDP2 on CPU needs torch >= 2.6 (torch.distributed.fsdp.fully_shard; 2.5's requires CUDA streams); "
                     f"this is torch {torch.__version__}")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "tests" / "fsdp_check.py")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    script = str(ROOT / "tests" / "fsdp_check.py")
+    done = subprocess.run([*torchrun, script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    line = next(l for l in done.stdout.splitlines() if l.startswith("fsdp2:"))
+    line = next(text for text in done.stdout.splitlines() if text.startswith("fsdp2:"))
     assert line.endswith("largest difference from rank 0: 0") and "moved 0 " not in line, line

@@ -14,7 +14,8 @@ def test_same_seed_same_bytes_other_seed_other_task(task):
     again, other = corrupted_digits(seed=0, variants=4), corrupted_digits(seed=1, variants=4)
     for name in ("train", "val", "test"):
         a, b = getattr(task, name), getattr(again, name)
-        assert all(torch.equal(u, v) for u, v in zip((a.x, a.y, a.source, a.severity, a.corruption), (b.x, b.y, b.source, b.severity, b.corruption)))
+        fields = ("x", "y", "source", "severity", "corruption")
+        assert all(torch.equal(getattr(a, field), getattr(b, field)) for field in fields)
     assert torch.equal(task.labeled, again.labeled)
     assert not torch.equal(task.test.source, other.test.source) and not torch.equal(task.train.x[:100], other.train.x[:100])
 

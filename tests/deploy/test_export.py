@@ -6,7 +6,7 @@ import timm
 import torch
 
 import timm_exits
-from test_bad_input import DataDependent
+from conftest import DataDependent
 from timm_exits._checks import release
 
 CASES = {
@@ -46,7 +46,7 @@ def test_step_batch_can_shrink_between_steps():
     model = timm_exits.wrap(timm.create_model("resnet18", num_classes=5), stages=[1, 2]).eval()
     exported = timm_exits.export_exits(model, torch.randn(4, 3, 32, 32), whole=False)
     x = torch.randn(6, 3, 32, 32)
-    z0, *carried = exported.steps[0].module()(x)
+    _, *carried = exported.steps[0].module()(x)
     keep = torch.tensor([0, 3, 5])  # what an early-exit runtime does: only the unconfident go on
     z1, *carried = exported.steps[1].module()(*[c[keep] for c in carried])
     with torch.no_grad():

@@ -92,7 +92,7 @@ def test_per_exit_heads(resnet18):
 
 
 def test_callable_returning_a_non_module(resnet18):
-    with pytest.raises(TypeError, match="expected an nn.Module"):
+    with pytest.raises(TypeError, match=r"expected an nn.Module"):
         timm_exits.wrap(resnet18, stages=[1], head=lambda c, n, layout: "nope")
 
 
@@ -102,7 +102,8 @@ LAYOUT_CASES = {
     "NCHW": LAYOUTS["NCHW"],
     "NHWC": LAYOUTS["NHWC"],
     "NLC class token": LAYOUTS["NLC"],
-    "NLC mean of patch tokens": lambda: timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32, global_pool="avg", reg_tokens=2),
+    "NLC mean of patch tokens":
+        lambda: timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32, global_pool="avg", reg_tokens=2),
 }
 
 

@@ -7,19 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import timm_exits
-from conftest import exactly
+from conftest import exactly, overconfident
 from timm_exits.runtime.criteria import check_temperatures
-
-
-def overconfident(n=2000, classes=5, sharpness=(3.0, 1.0, 0.5), seed=0):
-    """Cached exits: the labels are drawn from softmax(`truth`) and the last exit's logits are `truth` x 2
-    (so its true temperature is 2); the earlier exits are noisier and sharpened by `sharpness[k]`."""
-    g = torch.Generator().manual_seed(seed)
-    truth = torch.randn(n, classes, generator=g) * 2
-    labels = torch.multinomial(truth.softmax(-1), 1, generator=g).squeeze(1)
-    logits = [(truth + torch.randn(n, classes, generator=g) * (len(sharpness) - 1 - k)) * s for k, s in enumerate(sharpness[:-1])]
-    logits.append(truth * 2)
-    return timm_exits.CachedExits(torch.stack(logits), labels, [1.0, 2.0, 3.0][: len(sharpness)], [f"s{k}" for k in range(len(sharpness))])
 
 
 def reference_ece(logits, labels, bins=15):
@@ -30,7 +19,8 @@ def reference_ece(logits, labels, bins=15):
         conf, pred = probs.max(-1)
         inside = (conf > lo) & (conf <= hi) if b else (conf >= lo) & (conf <= hi)
         if inside.any():
-            total += inside.sum().item() / len(labels) * abs(conf[inside].mean().item() - (pred[inside] == labels[inside]).double().mean().item())
+            accuracy = (pred[inside] == labels[inside]).double().mean().item()
+            total += inside.sum().item() / len(labels) * abs(conf[inside].mean().item() - accuracy)
     return total
 
 
@@ -89,7 +79,9 @@ def test_early_exit_with_temperatures_equals_the_cached_outcome():
     with pytest.raises(ValueError, match=r"^the calibration was made without temperatures"):
         model.early_exit(x, threshold=untempered, temperature=temperatures)
     curve = timm_exits.budgeted_curve(cached, 3, evaluate_on=cached, temperature=temperatures)
-    assert [p.accuracy for p in curve] == [timm_exits.evaluate_thresholds(cached, p.thresholds, temperature=temperatures).accuracy for p in curve]
+    assert [p.accuracy for p in curve] == [
+        timm_exits.evaluate_thresholds(cached, p.thresholds, temperature=temperatures).accuracy for p in curve
+    ]
 
 
 @pytest.mark.parametrize("temperature, message", [

@@ -63,7 +63,8 @@ def test_multi_exit_ce_fixed_weights_and_sdn_ramp():
         ramp = [min(c, 0.01 + (epoch + 1) * c / 10) for c in (0.15, 0.45, 0.75)] + [1.0]
         assert close(loss(z, y), sum(r * ce(zi, y) for r, zi in zip(ramp, z)))
     assert loss.current_weights(N) == pytest.approx([0.15, 0.45, 0.75, 1.0])  # the ramp tops out at C_i
-    assert MultiExitCELoss(schedule="sdn", epochs=4).current_weights(4)[:3] == pytest.approx([0.01 + 0.25 / 4, 0.01 + 0.5 / 4, 0.01 + 0.75 / 4])
+    ramp = [0.01 + 0.25 / 4, 0.01 + 0.5 / 4, 0.01 + 0.75 / 4]
+    assert MultiExitCELoss(schedule="sdn", epochs=4).current_weights(4)[:3] == pytest.approx(ramp)
 
 
 @pytest.mark.parametrize("T", ["adaptive", 4.0])
@@ -241,7 +242,8 @@ def reference_loss(name, z, f, y, teacher_logits, theta):
         w = theta.softmax(1)
         teachers = [sum(w[k, j] * z[j].detach() for j in range(N)) for k in range(N)]
         gate = lambda i, k: 0.5 if i == k else 0.5 / (N - 1)  # noqa: E731
-        return sum(ce(zi, y) + sum(gate(i, k) * kd(zi, teachers[k], 3.0) for k in range(N)) for i, zi in enumerate(z)) + sum(ce(t, y) for t in teachers)
+        distilled = sum(ce(zi, y) + sum(gate(i, k) * kd(zi, teachers[k], 3.0) for k in range(N)) for i, zi in enumerate(z))
+        return distilled + sum(ce(t, y) for t in teachers)
     if name == "ekd":  # external teachers are constants; the ensemble CE couples the exits
         return sum(0.5 * ce(zi, y) + 0.5 * kd(zi, ti, 3.0) for zi, ti in zip(z, teacher_logits)) + ce(torch.stack(z).mean(0), y)
     raise AssertionError(name)
@@ -271,7 +273,7 @@ def test_gradients_equal_the_reference_whose_teachers_are_detached(name):
     for k, (a, b) in enumerate(zip(got, want)):
         a = torch.zeros_like(inputs[k]) if a is None else a
         b = torch.zeros_like(inputs[k]) if b is None else b
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: gradient of input {k}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{name}: gradient of input {k}: {m}")
     # every exit learns something; the one that must not learn from a teacher term gets only its own
     assert all(a is not None and a.abs().max() > 0 for a in got[:N])
     if name == "ekd":
@@ -408,11 +410,14 @@ def test_components_and_repr_show_what_a_logger_needs():
         (lambda: MultiExitCELoss(base_loss=F.cross_entropy), "weights=None, base_loss=cross_entropy"),
         (lambda: DistillationBasedLoss(temperature=4.0, num_exits=3), "C=0.5, temperature=4.0, t_squared=True, num_exits=3"),
         (lambda: ExitEnsembleLoss(), "distance='mse', feature_weight=0.0"),
-        (lambda: ExitEnsembleLoss(distance="kl", feature_weight=0.5), "distance='kl', temperature=3.0, kl_weight=0.1, t_squared=True, feature_weight=0.5"),
+        (lambda: ExitEnsembleLoss(distance="kl", feature_weight=0.5),
+         "distance='kl', temperature=3.0, kl_weight=0.1, t_squared=True, feature_weight=0.5"),
         (lambda: SelfDistillationLoss(t_squared=False), "alpha=0.3, temperature=3.0, feature_weight=0.0, t_squared=False"),
-        (lambda: MultiSelfDistillationLoss(epochs=10, feature_weight=0.2), "alpha=0.5, temperature=3.0, feature_weight=0.2, epochs=10, t_squared=True"),
+        (lambda: MultiSelfDistillationLoss(epochs=10, feature_weight=0.2),
+         "alpha=0.5, temperature=3.0, feature_weight=0.2, epochs=10, t_squared=True"),
         (lambda: AppropriateTeachersLoss(num_exits=3, lam=0.7), "lam=0.7, temperature=3.0, t_squared=True, num_exits=3"),
-        (lambda: EnsembleKnowledgeDistillationLoss(assignment=[0, 1]), "alpha=0.5, temperature=3.0, assignment=[0, 1], ensemble_weight=1.0, t_squared=True"),
+        (lambda: EnsembleKnowledgeDistillationLoss(assignment=[0, 1]),
+         "alpha=0.5, temperature=3.0, assignment=[0, 1], ensemble_weight=1.0, t_squared=True"),
     ],
 )
 def test_repr_shows_every_hyperparameter(build, shown):
@@ -421,7 +426,8 @@ def test_repr_shows_every_hyperparameter(build, shown):
 
 
 def test_repr_names_a_base_loss_module_by_its_class():
-    assert repr(MultiExitCELoss(base_loss=SoftTargetCrossEntropy())).startswith("MultiExitCELoss(\n  weights=None, base_loss=SoftTargetCrossEntropy\n")
+    assert repr(MultiExitCELoss(base_loss=SoftTargetCrossEntropy())).startswith(
+        "MultiExitCELoss(\n  weights=None, base_loss=SoftTargetCrossEntropy\n")
 
 
 # -- bad input ----------------------------------------------------------------------------------
@@ -449,11 +455,12 @@ def test_wrong_number_of_exits_and_mismatched_targets():
         ExitEnsembleLoss(num_exits=3)(z, y)
     with pytest.raises(ValueError, match="at least 2 exits"):
         DistillationBasedLoss()(z[:1], y)
-    with pytest.raises(ValueError, match="weights has 3 entries, one per exit, but outputs holds 4 exits"):  # not num_exits: the user gave none
+    # not num_exits: the user gave none
+    with pytest.raises(ValueError, match="weights has 3 entries, one per exit, but outputs holds 4 exits"):
         MultiExitCELoss(weights=[1, 1, 1])(z, y)
     with pytest.raises(ValueError, match="weights implies 3 exits but num_exits=4"):
         MultiExitCELoss(weights=[1, 1, 1], num_exits=4)
-    with pytest.raises(ValueError, match="target has 5 labels but .* batch size 6"):
+    with pytest.raises(ValueError, match=r"target has 5 labels but .* batch size 6"):
         MultiExitCELoss()(z, y[:5])
     with pytest.raises(ValueError, match=r"soft target must have the logits' shape"):
         MultiExitCELoss()(z, torch.full((B, C + 1), 1.0 / (C + 1)))
@@ -534,19 +541,28 @@ def test_every_bad_hyperparameter_is_named_with_its_value(cls, name, bad, messag
 @pytest.mark.parametrize(
     "build, error, message",
     [
-        (lambda: MultiSelfDistillationLoss(epochs=0), ValueError, "epochs must be a positive int (or None for a constant hint weight), got 0"),
-        (lambda: MultiSelfDistillationLoss(epochs=2.5), ValueError, "epochs must be a positive int (or None for a constant hint weight), got 2.5"),
-        (lambda: AppropriateTeachersLoss(num_exits=None), ValueError, "AppropriateTeachersLoss needs num_exits (model.num_exits): it holds N teachers' weights"),
-        (lambda: EnsembleKnowledgeDistillationLoss(assignment=[0, -1]), ValueError, "assignment must hold teacher indices >= 0, got [0, -1]"),
+        (lambda: MultiSelfDistillationLoss(epochs=0), ValueError,
+         "epochs must be a positive int (or None for a constant hint weight), got 0"),
+        (lambda: MultiSelfDistillationLoss(epochs=2.5), ValueError,
+         "epochs must be a positive int (or None for a constant hint weight), got 2.5"),
+        (lambda: AppropriateTeachersLoss(num_exits=None), ValueError,
+         "AppropriateTeachersLoss needs num_exits (model.num_exits): it holds N teachers' weights"),
+        (lambda: EnsembleKnowledgeDistillationLoss(assignment=[0, -1]), ValueError,
+         "assignment must hold teacher indices >= 0, got [0, -1]"),
         (lambda: EnsembleKnowledgeDistillationLoss(num_exits=4, assignment=[0, 1]), ValueError, "assignment has 2 entries but num_exits=4"),
         (lambda: MultiExitCELoss(num_exits=0), ValueError, "num_exits must be an int >= 1 (or None for any), got 0"),
         (lambda: DistillationBasedLoss(num_exits=1), ValueError, "num_exits must be an int >= 2 (or None for any), got 1"),
         (lambda: MultiExitCELoss(base_loss="ce"), TypeError, "base_loss must be a callable (logits, target) -> loss, got str"),
-        (lambda: MultiExitCELoss(weights=[1, 1], schedule="sdn", epochs=3), ValueError, "give either weights (fixed) or schedule='sdn', not both"),
-        (lambda: MultiExitCELoss(schedule="sdn", epochs=0), ValueError, "schedule='sdn' needs epochs, the number of training epochs (a positive int), got 0"),
-        (lambda: MultiExitCELoss(depths=[0.0, 0.5], schedule="sdn", epochs=3), ValueError, "depths must be fractions in (0, 1], one per early exit, got [0.0, 0.5]"),
-        (lambda: MultiExitCELoss(depths=[0.5, 1.5], schedule="sdn", epochs=3), ValueError, "depths must be fractions in (0, 1], one per early exit, got [0.5, 1.5]"),
-        (lambda: MultiExitCELoss(depths=[0.5], num_exits=3, schedule="sdn", epochs=3), ValueError, "depths implies 2 exits but num_exits=3"),
+        (lambda: MultiExitCELoss(weights=[1, 1], schedule="sdn", epochs=3), ValueError,
+         "give either weights (fixed) or schedule='sdn', not both"),
+        (lambda: MultiExitCELoss(schedule="sdn", epochs=0), ValueError,
+         "schedule='sdn' needs epochs, the number of training epochs (a positive int), got 0"),
+        (lambda: MultiExitCELoss(depths=[0.0, 0.5], schedule="sdn", epochs=3), ValueError,
+         "depths must be fractions in (0, 1], one per early exit, got [0.0, 0.5]"),
+        (lambda: MultiExitCELoss(depths=[0.5, 1.5], schedule="sdn", epochs=3), ValueError,
+         "depths must be fractions in (0, 1], one per early exit, got [0.5, 1.5]"),
+        (lambda: MultiExitCELoss(depths=[0.5], num_exits=3, schedule="sdn", epochs=3), ValueError,
+         "depths implies 2 exits but num_exits=3"),
         (lambda: MultiExitCELoss(depths=[0.25, 0.5]), ValueError,
          "depths set the SDN schedule's C_i: give schedule='sdn' (and epochs) with them, or fixed weights without them"),
         (lambda: DistillationBasedLoss(t_mult=0.5), ValueError,
@@ -563,7 +579,8 @@ def test_bad_construction_messages(build, error, message):
 
 def test_boundaries_that_are_valid():
     assert MultiExitCELoss(schedule="sdn", epochs=1).epochs == 1
-    assert MultiExitCELoss(depths=[1.0, 0.5], schedule="sdn", epochs=2).depths == [1.0, 0.5] and MultiExitCELoss(weights=[0, 1]).weights == [0.0, 1.0]
+    assert MultiExitCELoss(depths=[1.0, 0.5], schedule="sdn", epochs=2).depths == [1.0, 0.5]
+    assert MultiExitCELoss(weights=[0, 1]).weights == [0.0, 1.0]
     assert MultiSelfDistillationLoss(epochs=1).epochs == 1
     assert EnsembleKnowledgeDistillationLoss(num_exits=2, assignment=[0, 1]).assignment == [0, 1]
     assert MultiExitCELoss(num_exits=1).num_exits == 1 and DistillationBasedLoss(num_exits=2).num_exits == 2
@@ -584,11 +601,15 @@ def test_set_epoch_and_log_dict():
 
 def test_ekd_call_errors_name_the_teacher_and_the_assignment():
     z, y = logits(), labels()
-    with pytest.raises(TypeError, match=exactly("EnsembleKnowledgeDistillationLoss needs the teachers' logits: loss_fn(outputs, target, teacher_logits)")):
+    with pytest.raises(TypeError, match=exactly(
+        "EnsembleKnowledgeDistillationLoss needs the teachers' logits: loss_fn(outputs, target, teacher_logits)"
+    )):
         EnsembleKnowledgeDistillationLoss()(z, y)
     with pytest.raises(ValueError, match=exactly(f"teacher_logits[1] must have the exits' logits shape (B, C) = {(B, C)}, got str")):
         EnsembleKnowledgeDistillationLoss()(z, y, [torch.randn(B, C), "t"])
-    with pytest.raises(ValueError, match=exactly(f"teacher_logits[0] must have the exits' logits shape (B, C) = {(B, C)}, got {(B, C + 1)}")):
+    with pytest.raises(ValueError, match=exactly(
+        f"teacher_logits[0] must have the exits' logits shape (B, C) = {(B, C)}, got {(B, C + 1)}"
+    )):
         EnsembleKnowledgeDistillationLoss()(z, y, torch.randn(B, C + 1))
     assigned = EnsembleKnowledgeDistillationLoss(assignment=[0, 1, 1, 0])
     with pytest.raises(ValueError, match=exactly("assignment has 4 entries but outputs holds 3 exits")):
@@ -699,7 +720,7 @@ def test_eed_feature_mask_keeps_only_where_either_side_is_positive():
     z, y = logits(n=2), labels()
     # exit 1's feature and the mean target: exact zeros and negatives, where the mask decides
     f = [torch.tensor([[0.0, -1.0, 2.0, 0.0]]).repeat(B, 1), torch.tensor([[-2.0, 1.0, 0.0, -2.0]]).repeat(B, 1)]
-    target = (f[0] + f[1]) / 2  # [-1, 0, 1, -1]
+    # the mean target, (f[0] + f[1]) / 2, is [-1, 0, 1, -1]
     loss_fn = ExitEnsembleLoss(feature_weight=1.0)
     loss_fn(timm_exits.ExitOutputs(z, f), y)
     # exit 1: kept where f > 0 or target > 0 -> entry 2 only: (2 - 1)^2 / 4; exit 2: entries 1 (f = 1) and 2 (target = 1)
@@ -741,7 +762,9 @@ def test_feature_dims_boundaries():
     assert [type(a).__name__ for a in timm_exits.losses.base.feature_adapters([1, 8])] == ["Linear"]
     assert [type(a).__name__ for a in timm_exits.losses.base.feature_adapters([8, 8])] == ["Identity"]
     for bad in ([8], [0, 8], [4, -1, 8]):
-        with pytest.raises(ValueError, match=exactly(f"feature_dims must list each exit's feature width (>= 2 exits, positive), got {bad!r}")):
+        with pytest.raises(ValueError, match=exactly(
+            f"feature_dims must list each exit's feature width (>= 2 exits, positive), got {bad!r}"
+        )):
             timm_exits.losses.base.feature_adapters(bad)
 
 
@@ -760,7 +783,8 @@ def test_a_base_loss_with_class_indices_and_unlabeled_samples():
     y_half[::2] = -100
     loss_fn(z, y_half)  # the base loss sees only the labeled samples
     labeled = y_half != -100
-    torch.testing.assert_close(loss_fn.components["ce"], torch.stack([F.cross_entropy(zi[labeled], y[labeled], label_smoothing=0.2) for zi in z]))
+    expected = torch.stack([F.cross_entropy(zi[labeled], y[labeled], label_smoothing=0.2) for zi in z])
+    torch.testing.assert_close(loss_fn.components["ce"], expected)
     calls.clear()
     total = loss_fn(z, torch.full_like(y, -100))  # none labeled: zero, still part of the graph, the base loss not called
     assert calls == [] and total.item() == 0.0 and total.requires_grad
@@ -772,7 +796,8 @@ def test_target_checks_word_for_word():
     near = F.one_hot(y, C).float() * 1.0005  # rows within 1e-3 of one are distributions
     assert torch.isfinite(loss_fn(z, near))
     for rows in (F.one_hot(y, C).float() * 1.01, F.one_hot(y, C).float() * 2 - 0.2 * torch.ones(B, C)):
-        with pytest.raises(ValueError, match=r"^soft target rows must be probability distributions \(non-negative, summing to 1\); row sums range over"):
+        with pytest.raises(ValueError, match=r"^soft target rows must be probability distributions "
+                                             r"\(non-negative, summing to 1\); row sums range over"):
             loss_fn(z, rows)
     negative = F.one_hot(y, C).float() * 1.5 - 0.5 * F.one_hot(y.roll(1), C).float()  # sums to one, with a negative entry
     with pytest.raises(ValueError, match="probability distributions"):

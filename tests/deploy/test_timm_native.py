@@ -28,7 +28,8 @@ def test_eval_output_as_an_exit_index_returns_that_exit():
             model.eval_output = bad
     with pytest.raises(ValueError, match=r"^eval_output must be one of"):
         model.eval_output = True
-    assert timm_exits.wrap(timm.create_model("resnet18", num_classes=10), stages=[1], input_size=(3, 32, 32), eval_output=1).eval()(x).shape == (2, 10)
+    one = timm_exits.wrap(timm.create_model("resnet18", num_classes=10), stages=[1], input_size=(3, 32, 32), eval_output=1)
+    assert one.eval()(x).shape == (2, 10)
 
 
 def test_reset_classifier_resets_the_backbone_and_every_exit():
@@ -52,28 +53,34 @@ def test_reset_classifier_on_a_torchvision_model_replaces_its_last_linear():
 
 def test_reset_classifier_names_what_it_cannot_do():
     model = resnet()
-    with pytest.raises(ValueError, match=exactly("num_classes must be an int >= 1 (a multi-exit model needs a classifier on every exit), got 0")):
+    with pytest.raises(ValueError, match=exactly(
+        "num_classes must be an int >= 1 (a multi-exit model needs a classifier on every exit), got 0"
+    )):
         model.reset_classifier(0)
 
     def plain_head(channels, num_classes, layout):
         return nn.Sequential(timm_exits.heads.FeaturePool(channels, layout), nn.Linear(channels, num_classes))
 
     custom = resnet(head=plain_head)
-    with pytest.raises(TypeError, match=r"^the heads of exit 1 \(Sequential\), exit 2 \(Sequential\), exit 3 \(Sequential\) have no reset_classifier"):
+    with pytest.raises(TypeError, match=r"^the heads of exit 1 \(Sequential\), exit 2 \(Sequential\), exit 3 \(Sequential\) "
+                                         r"have no reset_classifier"):
         custom.reset_classifier(5)
     assert custom.num_classes == 10 and custom.backbone.num_classes == 10  # refused before anything changed
 
 
 def test_timms_reset_signature_and_torchvision_backbones_get_clear_answers():
     model = resnet()
-    with pytest.raises(ValueError, match=exactly("global_pool='max' would change the backbone's final features after wrap: build the backbone with global_pool='max', then wrap it")):
+    with pytest.raises(ValueError, match=exactly(
+        "global_pool='max' would change the backbone's final features after wrap: build the backbone with global_pool='max', then wrap it"
+    )):
         model.reset_classifier(5, global_pool="max")
     model.reset_classifier(5, global_pool=None)
     model.reset_classifier(5, global_pool="avg")  # the pool it has
     assert model.num_classes == 5
     vision = timm_exits.wrap(torchvision.models.resnet18(num_classes=10), stages=[1, 2], input_size=(3, 32, 32))
     for call in (vision.get_classifier, lambda: vision.forward_features(torch.randn(1, 3, 32, 32))):
-        with pytest.raises(AttributeError, match=r"^the backbone \(ResNet\) has no (get_classifier|forward_features)\(\): it is a timm model method"):
+        with pytest.raises(AttributeError,
+                           match=r"^the backbone \(ResNet\) has no (get_classifier|forward_features)\(\): it is a timm model method"):
             call()
 
 
@@ -243,7 +250,8 @@ def test_a_model_wrapped_by_hand_saves_too_and_another_wrap_is_refused(tmp_path)
     other = timm_exits.create_model("resnet18", stages=["layer1.0", "layer2"], num_classes=10, in_chans=1, input_size=(1, 32, 32))
     torch.save(other.state_dict(), tmp_path / "other.pth")
     with pytest.raises(RuntimeError, match=r"the checkpoint comes from a model wrapped at stages \['layer1.0', 'layer2'\]"):
-        timm_exits.create_model("resnet18", stages=[1, 2], num_classes=10, in_chans=1, input_size=(1, 32, 32), checkpoint_path=tmp_path / "other.pth")
+        timm_exits.create_model("resnet18", stages=[1, 2], num_classes=10, in_chans=1, input_size=(1, 32, 32),
+                                checkpoint_path=tmp_path / "other.pth")
 
 
 def test_a_head_that_cannot_be_imported_is_named_at_save(tmp_path):
@@ -251,7 +259,9 @@ def test_a_head_that_cannot_be_imported_is_named_at_save(tmp_path):
         return timm_exits.heads.LinearHead(channels, num_classes, layout)
 
     model = timm_exits.create_model("resnet18", stages=[1], head=local_head, num_classes=10, input_size=(3, 32, 32))
-    with pytest.raises(ValueError, match=r"^the head of exit 1 'test_timm_native:test_a_head_that_cannot_be_imported_is_named_at_save.<locals>.local_head' cannot be imported"):
+    with pytest.raises(ValueError, match=r"^the head of exit 1 "
+                                          r"'test_timm_native:test_a_head_that_cannot_be_imported_is_named_at_save.<locals>.local_head' "
+                                          r"cannot be imported"):
         model.save_pretrained(tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
@@ -294,14 +304,16 @@ def test_export_backbone_writes_what_timm_loads(tmp_path, capsys):
     assert main(["export-backbone", str(folder), str(tmp_path / "folder_ema.pth"), "--use-ema"]) == 0
     out = capsys.readouterr().out  # asked for EMA weights where there are none: said, and the folder names its backbone
     assert "(from the file (it holds no EMA weights) of" in out and "timm.create_model('resnet18', checkpoint_path=" in out
-    again = timm_exits.create_model("resnet18", stages=[1, 2, 3], num_classes=10, input_size=(3, 32, 32), checkpoint_path=folder)  # a folder as a checkpoint
+    # a folder as a checkpoint
+    again = timm_exits.create_model("resnet18", stages=[1, 2, 3], num_classes=10, input_size=(3, 32, 32), checkpoint_path=folder)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
     (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
     torch.save(model.backbone.state_dict(), tmp_path / "plain.pth")
     torch.save({"state_dict": model.state_dict(), "args": fractions.Fraction(1, 3)}, tmp_path / "foreign.pth")  # a trainer's own class
     for argv, message in [
         ([str(tmp_path / "missing.pth"), str(tmp_path / "out.pth")], f"checkpoint '{tmp_path / 'missing.pth'}' is not a file"),
-        ([str(tmp_path / "broken.pth"), str(tmp_path / "out.pth")], f"checkpoint '{tmp_path / 'broken.pth'}' could not be read as a checkpoint: "),
+        ([str(tmp_path / "broken.pth"), str(tmp_path / "out.pth")],
+         f"checkpoint '{tmp_path / 'broken.pth'}' could not be read as a checkpoint: "),
         ([str(tmp_path / "plain.pth"), str(tmp_path / "out.pth")], f"'{tmp_path / 'plain.pth'}' has no 'backbone.*' keys"),
         ([str(tmp_path / "foreign.pth"), str(tmp_path / "out.pth")],
          f"checkpoint '{tmp_path / 'foreign.pth'}' holds a pickled fractions.Fraction, which loading with weights_only=True does not"),
@@ -372,7 +384,8 @@ def test_plot_exits_draws_the_segments_the_carried_values_and_the_heads(tmp_path
     assert [s.stage for s in steps] == ["layer1", "layer2", "layer3", "final"]
     assert [s.feature for s in steps[:3]] == [(64, 8, 8), (128, 4, 4), (256, 2, 2)] and steps[-1].feature == (10,)
     assert [s.carried for s in steps] == [[(64, 8, 8)], [(128, 4, 4)], [(256, 2, 2)], []]
-    assert sum(s.segment_flops for s in steps) == report[-1].backbone_flops and [s.head_flops for s in steps] == [e.head_flops for e in report]
+    assert (sum(s.segment_flops for s in steps) == report[-1].backbone_flops
+            and [s.head_flops for s in steps] == [e.head_flops for e in report])
     fig = timm_exits.plot_exits(model, tmp_path / "resnet18.png")
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert type(fig).__name__ == "Figure" and matplotlib.get_backend() == backend

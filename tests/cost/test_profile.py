@@ -24,14 +24,18 @@ def test_a_profile_has_one_part_per_segment_and_head_and_restores_the_mode():
 
 
 def test_callables_beside_the_profile_are_timed_in_its_rounds_and_each_round_is_a_profile():
-    """beside=: a measured speedup and the prediction from the same rounds; rounds() gives each round's profile, whose medians are the profile's."""
+    """beside=: a measured speedup and the prediction from the same rounds; rounds() gives each round's
+    profile, whose medians are the profile's."""
     import statistics
 
     torch.manual_seed(0)
     model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=10), stages=[1, 2], input_size=(3, 32, 32)).eval()
     x = torch.randn(4, 3, 32, 32)
     calls = []
-    beside = {"plain": lambda: calls.append("plain") or model.backbone(x), "early exit": lambda: calls.append("early exit") or model.early_exit(x, threshold=0.5)}
+    beside = {
+        "plain": lambda: calls.append("plain") or model.backbone(x),
+        "early exit": lambda: calls.append("early exit") or model.early_exit(x, threshold=0.5),
+    }
     profile = profile_exits(model, x, repeats=3, beside=beside)
     assert calls == ["plain", "early exit"] * 4  # a warm-up round and three timed ones; "plain" is not taken by the profile's own part
     assert set(profile.beside_seconds) == {"plain", "early exit"} and min(profile.beside_seconds.values()) > 0
@@ -44,7 +48,9 @@ def test_callables_beside_the_profile_are_timed_in_its_rounds_and_each_round_is_
     assert profile.beside_seconds == {name: statistics.median(r.beside_seconds[name] for r in rounds) for name in beside}
     assert profile_exits(model, x, repeats=1).beside_seconds == {}
     handmade = ExitProfile(4, ["a", "final"], [0.1, 0.1], [0.01, 0.0], 0.2, "cpu", 2)
-    with pytest.raises(ValueError, match=exactly("this profile of 2 rounds keeps no round's seconds (profile_exits keeps them; one made by hand does not)")):
+    with pytest.raises(ValueError, match=exactly(
+        "this profile of 2 rounds keeps no round's seconds (profile_exits keeps them; one made by hand does not)"
+    )):
         handmade.rounds()
     with pytest.raises(TypeError, match=exactly("beside must be a dict of names to callables taking no argument, got list")):
         profile_exits(model, x, beside=["plain"])
@@ -82,10 +88,12 @@ def test_a_failing_callable_beside_the_profile_leaves_the_model_as_it_was():
 
 
 def test_the_predicted_speedup_is_the_plain_time_over_the_shares_of_each_exit_cost():
-    profile = ExitProfile(batch_size=4, stages=["a", "b", "final"], segment_seconds=[0.4, 0.2, 0.2], head_seconds=[0.04, 0.04, 0.0], plain_seconds=0.8, device="cpu", repeats=1)
+    profile = ExitProfile(batch_size=4, stages=["a", "b", "final"], segment_seconds=[0.4, 0.2, 0.2], head_seconds=[0.04, 0.04, 0.0],
+                          plain_seconds=0.8, device="cpu", repeats=1)
     per_sample = [0.44 / 4, 0.68 / 4, 0.88 / 4]
     assert profile.seconds == pytest.approx(per_sample)
-    assert profile.predicted_speedup([0.5, 0.25, 0.25]) == pytest.approx(0.2 / (0.5 * per_sample[0] + 0.25 * per_sample[1] + 0.25 * per_sample[2]))
+    expected = 0.2 / (0.5 * per_sample[0] + 0.25 * per_sample[1] + 0.25 * per_sample[2])
+    assert profile.predicted_speedup([0.5, 0.25, 0.25]) == pytest.approx(expected)
     assert profile.predicted_speedup([0, 0, 1]) == pytest.approx(0.8 / 0.88)  # nobody leaves: the heads are pure cost
     with pytest.raises(ValueError, match=exactly("exit_shares must be 3 non-negative shares, one per exit, summing to 1; got [0.5, 0.5]")):
         profile.predicted_speedup([0.5, 0.5])
@@ -109,14 +117,16 @@ def test_a_time_budget_is_met_on_the_profiles_own_costs():
     model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=10), stages=[1, 2], input_size=(3, 32, 32)).eval()
     x = torch.randn(24, 3, 32, 32)
     cached = timm_exits.collect_exit_logits(model, [(x, torch.randint(0, 10, (24,)))])
-    profile = ExitProfile(batch_size=8, stages=["layer1", "layer2", "final"], segment_seconds=[0.004, 0.002, 0.002], head_seconds=[0.0004, 0.0004, 0.0],
-                          plain_seconds=0.008, device="cpu", repeats=1)  # made up: the rule, not the clock, is under test
+    # made up: the rule, not the clock, is under test
+    profile = ExitProfile(batch_size=8, stages=["layer1", "layer2", "final"], segment_seconds=[0.004, 0.002, 0.002],
+                          head_seconds=[0.0004, 0.0004, 0.0], plain_seconds=0.008, device="cpu", repeats=1)
     seconds = profile.seconds
     for budget in (seconds[0], (seconds[0] + seconds[-1]) / 2, seconds[-1]):
         calibration = timm_exits.calibrate_thresholds(cached, budget, costs=profile)
         spent = sum(share * cost for share, cost in zip(calibration.exit_shares, seconds))
         assert calibration.cost == pytest.approx(spent) and spent <= budget + 1e-15
-        assert calibration.flops == pytest.approx(sum(share * cost for share, cost in zip(calibration.exit_shares, cached.flops)))  # flops stay FLOPs
+        flops = sum(share * cost for share, cost in zip(calibration.exit_shares, cached.flops))
+        assert calibration.flops == pytest.approx(flops)  # flops stay FLOPs
     curve = timm_exits.budgeted_curve(cached, 4, costs=profile)
     assert [p.budget for p in curve] == pytest.approx([seconds[0] + (seconds[-1] - seconds[0]) * i / 3 for i in range(4)])
     assert timm_exits.calibrate_thresholds(cached, cached.flops[-1]).cost is None
@@ -127,7 +137,8 @@ def test_a_time_budget_is_met_on_the_profiles_own_costs():
     ([1.0, 3.0, 2.0], "costs must not decrease from exit to exit (leaving later computes more), got [1.0, 3.0, 2.0]"),
     ([1.0, 0.0, 2.0], "costs must be finite numbers > 0, got [1.0, 0.0, 2.0]"),
     (ExitProfile(1, ["layer1", "layer3", "final"], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], 3.0, "cpu", 1),
-     "costs is a profile of a model with exits at ['layer1', 'layer3', 'final'], the cached exits are at ['layer1', 'layer2', 'final']: profile the same model"),
+     "costs is a profile of a model with exits at ['layer1', 'layer3', 'final'], "
+     "the cached exits are at ['layer1', 'layer2', 'final']: profile the same model"),
 ])
 def test_bad_costs_are_named(costs, message):
     cached = timm_exits.CachedExits(torch.randn(3, 4, 5), torch.zeros(4, dtype=torch.long), [1.0, 2.0, 3.0], ["layer1", "layer2", "final"])
@@ -177,8 +188,9 @@ def test_host_syncs_counts_the_ops_that_read_the_device_on_the_host():
         z.masked_fill_(z > 2, 0.0)
         z.fill_(1.0)
         z * torch.tensor(2.0)  # one number built into a tensor: on a GPU, a copy from the host
-    assert dict(syncs.counts) == {"_local_scalar_dense": 2, "nonzero": 1, "index (boolean mask)": 1, "masked_select": 1, "repeat_interleave": 1,
-                                  "tensor from host data": 3, "bincount": 1}  # torch.tensor([1, 2]) twice and torch.tensor(2.0)
+    assert dict(syncs.counts) == {"_local_scalar_dense": 2, "nonzero": 1, "index (boolean mask)": 1, "masked_select": 1,
+                                  "repeat_interleave": 1, "tensor from host data": 3,  # torch.tensor([1, 2]) twice and torch.tensor(2.0)
+                                  "bincount": 1}
     assert syncs.total == 10 and y.shape == (3,)
 
 

@@ -187,7 +187,9 @@ def test_report_formats():
     # ~27 MFLOPs: the table shows MFLOPs to 4 digits, shares to 0.1 %, parameters in millions to 3 digits
     md = report.to_markdown()
     header = next(line for line in md.splitlines() if line.startswith("| "))
-    assert [c.strip() for c in header.strip("|").split("|")] == ["exit", "attached after", "head", "backbone MFLOPs", "head MFLOPs", "total MFLOPs", "share", "params (M)"]
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "exit", "attached after", "head", "backbone MFLOPs", "head MFLOPs", "total MFLOPs", "share", "params (M)"
+    ]
     rows = table_rows(md)
     assert [r[:3] for r in rows] == [["1", "blocks.3", "LinearHead"], ["2", "blocks.6", "SDNHead"], ["3", "final", "backbone's own"]]
     for row, e in zip(rows, exits):
@@ -221,19 +223,19 @@ def test_plain_model_is_one_exit_with_a_note(resnet18):
 
 
 def test_forward_intermediates_fallback_is_counted_per_exit():
-    from test_bad_input import DataDependent
+    from conftest import DataDependent
 
     torch.manual_seed(0)
     backbone = timm.create_model("resnet18", num_classes=5).eval()
     traceable = timm_exits.flops_report(timm_exits.wrap(backbone, stages=[1, 2]), input_size=(3, 32, 32))
     backbone.layer2[0].act1 = DataDependent()
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="forward_intermediates: every exit is computed"):
         model = timm_exits.wrap(backbone, stages=[1, 2])
     report = timm_exits.flops_report(model, input_size=(3, 32, 32))
     assert [e.flops for e in report.exits] == [e.flops for e in traceable.exits]
     assert [e.params for e in report.exits] == [e.params for e in traceable.exits]
     assert any("its own trace" in note for note in report.notes)
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="forward_intermediates: every exit is computed"):
         placed = timm_exits.wrap(backbone, stages=timm_exits.at_flops(0.3, 0.55), input_size=(3, 32, 32))
     assert placed.stages == ["layer1", "layer2"]  # 32 % and 55 % of resnet18's FLOPs
 
@@ -256,7 +258,7 @@ def test_bad_input_size(resnet18, size):
 
 
 def test_bad_arguments(resnet18):
-    with pytest.raises(TypeError, match="model must be an nn.Module"):
+    with pytest.raises(TypeError, match=r"model must be an nn.Module"):
         timm_exits.flops_report("resnet18")
     with pytest.raises(TypeError, match="handles must be a dict"):
         timm_exits.flops_report(resnet18, handles=[1])

@@ -97,7 +97,8 @@ def test_sdn_matches_the_released_coefficients_and_ramp(epoch):
 
 @pytest.mark.parametrize("call,message", [
     (lambda: timm_exits.create_loss("mate", num_exits=4, preset="authors"),
-     "'mate' has no authors' preset: no released code to match (presets exist for ['byot', 'distillation', 'eed', 'sdn']); its defaults follow the paper"),
+     "'mate' has no authors' preset: no released code to match (presets exist for ['byot', 'distillation', 'eed', 'sdn']); "
+     "its defaults follow the paper"),
     (lambda: timm_exits.create_loss("eed", preset="paper"), "preset must be 'authors' (or None for the library's defaults), got 'paper'"),
     (lambda: timm_exits.create_loss("distillation", preset="authors"),
      "the authors' preset of 'distillation' needs num_exits (model.num_exits, at least 2): its weights depend on it, got None"),
