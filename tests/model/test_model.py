@@ -142,3 +142,30 @@ def test_grad_checkpointing_gives_the_same_gradients(model):
     assert model.grad_checkpointing and model.backbone.grad_checkpointing
     for a, b in zip(plain, checked):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_lets_go_of_a_steps_input_before_the_next_segment_runs():
+    """Early exit keeps some rows between items; what the step before read must not stay alive in the run meanwhile."""
+    import weakref
+
+    model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=10), stages=[1, 2], input_size=(3, 32, 32)).eval()
+    seen, gone = [], None
+    hook = model.backbone.layer3[0].conv1.register_forward_pre_hook(lambda module, args: seen.append(gone() is None))
+    with torch.no_grad():
+        owner = model.run(torch.randn(4, 3, 32, 32))
+        run = iter(owner)
+        next(run)
+        kept = tuple(c[:2].clone() for c in owner.carried)  # early exit keeps two rows
+        owner.carried, gone = kept, weakref.ref(kept[0])
+        kept = None
+        next(run)  # step 2 reads the kept rows
+        owner.carried = tuple(c[:1].clone() for c in owner.carried)  # and keeps one of them
+        next(run)  # segment 3 runs: the two rows step 2 read are gone
+    hook.remove()
+    assert seen == [True]
+
+
+def test_wrap_records_a_head_class_by_the_path_users_import_it_from():
+    backbone = timm.create_model("resnet10t", num_classes=10)
+    model = timm_exits.wrap(backbone, stages=[1], head=timm_exits.heads.SDNHead, input_size=(3, 32, 32))
+    assert model.wrap_args["head"] == ["timm_exits.heads:SDNHead"]

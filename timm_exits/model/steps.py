@@ -174,9 +174,12 @@ class ExitRun:
 
     def __iter__(self):
         for k, step in enumerate(self.steps):
+            # the last step's parts go before this segment runs: a caller that kept some rows (early exit) frees the rest
+            self.last = out = carried = None
             read, previous = step.split(self.carried)
             out, carried = self._segment(step, read)
             self.last = StepParts(read, previous, out)
+            read = None
             if step.head is None:  # the backbone's own head: carried is its pre-logits feature
                 self.carried = ()
                 logits = main_output(out)

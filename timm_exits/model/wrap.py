@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Sequence
 
 from torch import nn
@@ -121,4 +122,7 @@ def _reference(obj) -> str:
         return obj
     if not (inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj)):
         return f"<a {type(obj).__qualname__} instance>"  # a functools.partial, a callable object: no name imports it
-    return f"{obj.__module__}:{obj.__qualname__}"
+    parts = obj.__module__.split(".")
+    while len(parts) > 1 and getattr(sys.modules.get(".".join(parts[:-1])), obj.__qualname__, None) is obj:
+        parts.pop()  # the public path a package re-exports it from (timm_exits.heads, not timm_exits.heads.builtin)
+    return f"{'.'.join(parts)}:{obj.__qualname__}"
