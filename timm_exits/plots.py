@@ -1,8 +1,9 @@
-"""A picture of a wrapped model: its segments, the values carried between them, and its exit heads.
+"""Figures, the only module that imports matplotlib: the cut model (`plot_exits`) and the accuracy-FLOPs trade-off (`plot_tradeoff`).
 
 `plot_exits` runs the model once on a dummy input, exit by exit, records what each segment hands
 its head and carries to the next, counts each part's FLOPs, and draws the cut model with
-matplotlib's object API (pyplot and its backend are never touched).
+matplotlib's object API (pyplot and its backend are never touched). `plot_tradeoff` draws
+`budgeted_curve`'s points beside each exit alone and other models.
 """
 from __future__ import annotations
 

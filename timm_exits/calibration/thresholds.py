@@ -135,7 +135,7 @@ def calibrate_thresholds(cached: CachedExits, budget: float | None = None, *,
     guarantee on new data from the same distribution: the accuracy drop against the last exit is
     at most `max_accuracy_drop` with probability at least ``1 - delta`` over the draw of `cached`
     (Learn-then-Test with a Hoeffding-Bentkus bound, as Jazbec et al. 2024 do; see
-    `timm_exits.risk`). `costs`: what leaving at each exit costs in another unit, such as
+    `timm_exits.calibration.risk`). `costs`: what leaving at each exit costs in another unit, such as
     `profile_exits`' seconds (or the profile itself); `budget` is then in that unit, and the
     `Calibration`'s ``cost`` is the average in it (its ``flops`` stay FLOPs). `temperature`: per-exit
     temperatures (`calibrate_temperature`) the confidences are read after; the `Calibration`

@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..fx import tracing
-from ..fx.inputs import check_input_size, dummy_input
+from ..fx.inputs import check_input_size, default_input_size, dummy_input
 from ..fx.modes import evaluating
 from ..heads import head_kind
 from ..model import ExitRun, ExitStep, MultiExitModel
@@ -276,7 +276,7 @@ class InputSizeError(ValueError):
 def _check_runs(model: nn.Module, x: torch.Tensor, argument: str, counting_error: Exception) -> None:
     """After a failed count: if the model cannot run on `x` but runs on its own input size, name the argument that gave `x`
     (a model that fails on both has a fault of its own: the count's error stands)."""
-    own = tuple(model.input_size) if isinstance(model, MultiExitModel) else tracing.default_input_size(model)
+    own = tuple(model.input_size) if isinstance(model, MultiExitModel) else default_input_size(model)
     if tuple(x.shape[1:]) == own:
         return
     with evaluating(model), torch.no_grad():

@@ -32,7 +32,7 @@ class ExitProfile:
     """Median seconds of each segment and head, at one batch size, and of the plain backbone in the same rounds.
 
     ``seconds[k]`` is what one sample leaving at exit k costs: segments 0..k and heads 0..k (every
-    head on the way is computed to decide), per sample, as `timm_exits.exit_costs` counts FLOPs.
+    head on the way is computed to decide), per sample, as `timm_exits.runtime.exit_costs` counts FLOPs.
     """
 
     batch_size: int

@@ -100,7 +100,7 @@ def create_loss(name: str, num_exits: int | None = None, epochs: int | None = No
     ``byot``, ``msd``, ``mate``, ``ekd``. `epochs` feeds the schedules of ``sdn`` and ``msd``.
 
     ``preset="authors"``: the configuration of the authors' released code, where there is one
-    (``sdn``, ``distillation``, ``eed``, ``byot``; see `timm_exits.presets`); keyword arguments
+    (``sdn``, ``distillation``, ``eed``, ``byot``; see `timm_exits.losses.presets`); keyword arguments
     given here override it.
     """
     if name not in _LOSSES:

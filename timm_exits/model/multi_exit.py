@@ -313,7 +313,7 @@ class MultiExitModel(nn.Module):
 
     def early_exit(self, x: torch.Tensor, threshold=0.9, criterion="max_prob", ensemble: bool = False, temperature=None, patience=None):
         """Classify `x`, each sample stopping at its first confident exit; see `timm_exits.early_exit`."""
-        from ..runtime.early_exit import early_exit  # lazy: inference builds on this module, not the other way round
+        from ..runtime.early_exit import early_exit  # lazy: the runtime builds on the model, not the other way round
 
         return early_exit(self, x, threshold, criterion, ensemble, temperature, patience)
 

@@ -6,7 +6,7 @@ size would be a new graph. `compile_exits` compiles each eval step's segment and
 function, and torch's automatic dynamic shapes make the batch dimension dynamic at the first
 size change. After a warm-up at a batch of 1 (always specialised), one of 2 to 15 and one of 16
 or more (CPU convolution picks its path by batch size, and the graphs follow), no batch size from
-1 to 64 compiles again: `tests/test_compiled.py` counts the graphs. Pass ``dynamic=False`` and
+1 to 64 compiles again: `tests/runtime/test_compiled.py` counts the graphs. Pass ``dynamic=False`` and
 every size is a graph of its own.
 """
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""Early-exit inference that stops computing for confident samples: criteria, thresholds, per-sample skipping.
+"""Early-exit inference that stops computing for confident samples: per-sample skipping, exit by exit.
 
 `early_exit` runs a `MultiExitModel` exit by exit (`MultiExitModel.run`). After each exit, the
 samples whose confidence passes that exit's threshold leave the batch; the others go on,
 carrying only their own rows of the values the next step reads. The last exit takes whoever is
-left. Choosing the thresholds from cached validation logits is `timm_exits.calibration`'s job.
+left. The criteria and thresholds are `criteria.py`'s, the row mechanics `rows.py`'s; choosing the
+thresholds from cached validation logits is `timm_exits.calibration`'s job.
 """
 from __future__ import annotations
 
