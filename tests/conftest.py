@@ -86,3 +86,14 @@ def overconfident(n=2000, classes=5, sharpness=(3.0, 1.0, 0.5), seed=0):
     logits = [(truth + torch.randn(n, classes, generator=g) * (len(sharpness) - 1 - k)) * s for k, s in enumerate(sharpness[:-1])]
     logits.append(truth * 2)
     return timm_exits.CachedExits(torch.stack(logits), labels, [1.0, 2.0, 3.0][: len(sharpness)], [f"s{k}" for k in range(len(sharpness))])
+
+
+@pytest.fixture(autouse=True)
+def head_registry_restored():
+    """A test (or a docs example) that registers a head leaves the registry as it found it, whatever runs after it."""
+    from timm_exits.heads import registry
+
+    saved = dict(registry._HEADS)
+    yield
+    registry._HEADS.clear()
+    registry._HEADS.update(saved)
