@@ -19,7 +19,19 @@ from .calibration import (
     fit_geometric_ensemble,
 )
 from .cost import ExitCost, ExitProfile, FlopsPlacement, FlopsReport, HostSyncs, at_flops, flops_report, host_syncs, profile_exits
-from .deploy import ExportedExits, ExportError, create_model, exit_steps, export_backbone, export_exits, from_pretrained, save_pretrained
+from .deploy import (
+    EarlyExitGraph,
+    ExportedExits,
+    ExportError,
+    create_model,
+    exit_steps,
+    export_backbone,
+    export_early_exit,
+    export_exits,
+    export_onnx,
+    from_pretrained,
+    save_pretrained,
+)
 from .ensemble import ExitEnsemble, GeometricEnsemble, anytime_ensemble, exit_ensemble
 from .fx import FeatureLayout, Stage, TraceError, graph_node_names, list_stages
 from .heads import create_head, head_names, register_head
@@ -108,4 +120,7 @@ __all__ = [
     "ExportedExits",
     "ExitStep",
     "ExportError",
+    "export_onnx",
+    "export_early_exit",
+    "EarlyExitGraph",
 ]

@@ -81,7 +81,8 @@ def _batch_dims(args, batch):
     return tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
 
 
-def _export(module: nn.Module, args: tuple, what: str, model: MultiExitModel, dynamic_batch: bool, strict: bool):
+def export_program(module: nn.Module, args: tuple, what: str, model: MultiExitModel, dynamic_batch: bool, strict: bool):
+    """`torch.export` `module` on `args` (batch dimension dynamic or not); a failure is an `ExportError` naming `what` and why."""
     shapes = _batch_dims(args, torch.export.Dim("batch", min=1, max=1 << 16)) if dynamic_batch else None
     if shapes is not None and isinstance(module, ExitStep):
         shapes = (shapes,)  # a step takes its carried values as *args: one entry for the tuple
@@ -123,7 +124,7 @@ def export_exits(model: MultiExitModel, example_input: torch.Tensor, *,
         raise ValueError("example_input needs a batch of at least 2 for dynamic_batch=True (torch.export specialises sizes 0 and 1)")
     pieces = exit_steps(model) if steps else []  # a model without segments fails here, before anything is exported
     with evaluating(model):
-        program = _export(_AllExits(model), (example_input,), "the all-exits model", model, dynamic_batch, strict) if whole else None
+        program = export_program(_AllExits(model), (example_input,), "the all-exits model", model, dynamic_batch, strict) if whole else None
         exported, names = [], model.stages + ["the backbone's head"]
         if pieces:
             with torch.no_grad():
@@ -131,5 +132,5 @@ def export_exits(model: MultiExitModel, example_input: torch.Tensor, *,
                 inputs = [run.carried for _ in run][:-1]  # what each step reads: the input, then what each exit carries on
             inputs.insert(0, (example_input,))
             for k, (step, carried) in enumerate(zip(pieces, inputs)):
-                exported.append(_export(step, carried, f"step {k} (up to {names[k]})", model, dynamic_batch, strict))
+                exported.append(export_program(step, carried, f"step {k} (up to {names[k]})", model, dynamic_batch, strict))
     return ExportedExits(program, exported, list(model.stages))
