@@ -8,18 +8,20 @@ import sys
 from pathlib import Path
 
 import timm
+import torch
 import torchvision
 from tabulate import tabulate
 
 from .cost.flops import flops_report
 from .cost.placement import at_flops
 from .demo.run import run_demo
-from .deploy import export_backbone
+from .deploy import create_model, export_backbone, export_onnx, from_pretrained
 from .deploy.checkpoints import load_training_checkpoint
 from .fx.stages import list_stages
 from .heads import head_names
 from .losses.presets import loss_names
 from .model import wrap
+from .runtime import Calibration
 from .version import __version__
 
 __all__ = ["main"]
@@ -90,6 +92,31 @@ def _export_backbone(args: argparse.Namespace) -> int:
         f"wrote the plain backbone's weights (from {where} of {args.checkpoint}) to {out}: "
         f"timm.create_model({name!r}, checkpoint_path={str(out)!r}) and timm's validate.py load them"
     )
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    source = Path(args.source)
+    if source.is_dir():
+        if args.stages or args.checkpoint:
+            raise ValueError(f"{source} is a saved model folder: it records its stages and weights; leave out --stages and --checkpoint")
+        model = from_pretrained(source)
+    else:
+        if not args.stages:
+            raise ValueError(f"{args.source!r} is not a save_pretrained folder: to build it as a timm model name, give --stages "
+                             "(and --checkpoint with the weights your training wrote)")
+        _check_name(args.source)
+        stages = [int(s) if s.lstrip("-").isdigit() else s for s in args.stages]
+        kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+        model = create_model(args.source, stages, checkpoint_path=args.checkpoint, input_size=args.input_size, **kwargs).eval()
+    if args.calibration:
+        threshold = Calibration.load(args.calibration)
+    else:
+        threshold = args.threshold[0] if len(args.threshold) == 1 else args.threshold
+    size = tuple(args.input_size or model.input_size)
+    out = export_onnx(model, args.out, torch.zeros(1, *size), threshold=threshold, criterion=args.criterion)
+    print(f"wrote {out}: ONNX Runtime runs it on 'input' (N, {', '.join(map(str, size))}) and returns 'logits' and 'exit_index' "
+          "(from 0), each sample leaving at the first exit it is confident at")
     return 0
 
 
@@ -196,6 +223,28 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--use-ema", action="store_true",
                         help="take the checkpoint's EMA weights (state_dict_ema), as validate.py --use-ema does")
     export.set_defaults(run=_export_backbone)
+
+    onnx = sub.add_parser(
+        "export-onnx",
+        help="write early exit as one ONNX file whose graph holds the exit decisions (run by ONNX Runtime, no PyTorch)",
+        description="Write SOURCE, a save_pretrained folder or a timm model name with --stages, as one ONNX file: input 'input', "
+        "outputs 'logits' and 'exit_index'. Needs torch >= 2.10 and pip install 'timm-exits[deploy]'.",
+    )
+    onnx.add_argument("source", help="a save_pretrained folder, or a timm model name (with --stages, and --checkpoint for its weights)")
+    onnx.add_argument("out", help="the .onnx file to write")
+    decide = onnx.add_mutually_exclusive_group(required=True)
+    decide.add_argument("--threshold", type=float, nargs="+", metavar="T",
+                        help="one confidence threshold for every early exit, or one per early exit (as early_exit takes them)")
+    decide.add_argument("--calibration", metavar="FILE",
+                        help="a calibration Calibration.save wrote: its thresholds, criterion and temperatures go into the graph")
+    onnx.add_argument("--criterion", choices=["max_prob", "margin", "entropy", "patience"], default=None,
+                      help="what a threshold is on (default: the calibration's, else max_prob)")
+    onnx.add_argument("--stages", nargs="+", metavar="STAGE", help="with a model name: the stages to attach exits to")
+    onnx.add_argument("--checkpoint", help="with a model name: the multi-exit weights to load (a timm train.py checkpoint, say)")
+    onnx.add_argument("--num-classes", type=_positive_int, default=None, help="with a model name: classes of the head and the exits")
+    onnx.add_argument("--input-size", type=_positive_int, nargs=3, default=None, metavar=("C", "H", "W"),
+                      help="size of one input sample (default: the size the model was wrapped at)")
+    onnx.set_defaults(run=_export_onnx)
 
     args = parser.parse_args(argv)
     try:

@@ -16,7 +16,7 @@ moving every call onto the model's one loop put that path); the next five put ba
 the runtime faults that moving every call onto the model's one loop fixed; the next three are slips in the corrupted-digits evidence, the
 next three in the timm-native saving and resetting, the next six in temperature scaling, patience,
 Learn-then-Test and Zero Time Waste, three in compiled and streamed early exit, four in the host
-reads and device-side schedules, one in the check of a stage row's width; the others are the kind
+reads and device-side schedules, one in the check of a stage row's width, one in early exit exported as one graph; the others are the kind
 of slip the suite must keep catching. `mutmut` (docs/testing.md) does the same thing
 mechanically and at scale; this list is the hand-picked, readable part.
 """
@@ -170,6 +170,8 @@ BUGS = [
     Bug("a stage row is cut at a width other than its table's", "timm_exits/fx/stages.py",
         "elif (found := read_feature(shapes[node], chans, model, input_hw)[1]) != chans:",
         "elif (found := read_feature(shapes[node], chans, model, input_hw)[1]) < 0:", ("test_misuse.py",)),
+    Bug("the one-graph export lets a later exit overwrite a sample that already left", "timm_exits/deploy/early_exit_graph.py",
+        "leaving = running & passed", "leaving = passed", ("test_early_exit_graph.py", "-m", "not slow")),
 ]
 
 

@@ -14,6 +14,7 @@ import torch
 
 import timm_exits
 from tests.conftest import exactly, fallback_resnet, resnet10t_exits
+from timm_exits.cli import main
 from timm_exits.deploy.early_exit_graph import EarlyExitGraph
 
 ONNX_TORCH = (2, 10)
@@ -94,18 +95,49 @@ def test_onnx_file_of_a_cnn_exits_where_early_exit_does(tmp_path):
 
 
 @needs_onnx
-def test_onnx_file_of_a_vit_with_temperatures_entropy_and_the_anytime_ensemble(tmp_path):
+def test_the_command_line_writes_a_vit_saved_folder_with_its_calibration(tmp_path):
+    """The user's route: a save_pretrained folder and a saved calibration (entropy, the anytime ensemble, temperatures)."""
     torch.manual_seed(0)
     backbone = timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32, depth=6)
     model = timm_exits.wrap(backbone, stages=[2, 4], input_size=(3, 32, 32)).eval()
-    x = images(16)
     calibration = budget_calibration(model, images(48, seed=2), criterion="entropy", ensemble=True, temperature=[0.5, 1.0, 2.0])
-    path = timm_exits.export_onnx(model, tmp_path / "vit.onnx", x[:1], threshold=calibration)  # criterion, ensemble, temperatures from it
-    session = onnx_session(path)
+    folder = model.save_pretrained(tmp_path / "vit", model_name="vit_tiny_patch16_224",
+                                   model_args={"num_classes": 5, "img_size": 32, "depth": 6})
+    saved = calibration.save(tmp_path / "calibration.json")
+    out = tmp_path / "vit.onnx"
+    assert main(["export-onnx", str(folder), str(out), "--calibration", str(saved)]) == 0
+
+    session = onnx_session(out)
+    loaded = timm_exits.from_pretrained(folder)
+    x = images(16)
     counts = assert_same_as_early_exit(
-        lambda xi: session.run(None, {"input": xi.numpy()}), model, x, calibration, criterion="entropy", ensemble=True
+        lambda xi: session.run(None, {"input": xi.numpy()}), loaded, x, calibration, criterion="entropy", ensemble=True
     )
     assert counts[0] > 0 and counts[-1] > 0, counts
+
+
+def test_a_calibration_round_trips_through_its_file(tmp_path):
+    calibration = timm_exits.Calibration([0.5, float("inf")], "entropy", True, 0.75, 1.5e6, [0.5, 0.0, 0.5], [0.5, 1.0, 2.0])
+    assert timm_exits.Calibration.load(calibration.save(tmp_path / "c.json")) == calibration
+    (tmp_path / "bad.json").write_text('{"thresholds": [0.5]}')
+    with pytest.raises(ValueError, match=r"bad.json is not a calibration Calibration.save wrote: it needs the keys \['accuracy', "):
+        timm_exits.Calibration.load(tmp_path / "bad.json")
+    (tmp_path / "text.json").write_text("thresholds 0.5")
+    with pytest.raises(ValueError, match=r"text.json is not a calibration Calibration.save wrote: it is not JSON"):
+        timm_exits.Calibration.load(tmp_path / "text.json")
+
+
+def test_the_command_line_says_what_it_needs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["export-onnx", "resnet10t", str(tmp_path / "m.onnx"), "--threshold", "0.9"])
+    assert ("'resnet10t' is not a save_pretrained folder: to build it as a timm model name, give --stages (and --checkpoint "
+            "with the weights your training wrote)") in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export-onnx", str(tmp_path), str(tmp_path / "m.onnx"), "--threshold", "0.9", "--stages", "1"])
+    assert "is a saved model folder: it records its stages and weights; leave out --stages and --checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: one of --threshold or --calibration
+        main(["export-onnx", str(tmp_path), str(tmp_path / "m.onnx")])
+    assert "one of the arguments --threshold --calibration is required" in capsys.readouterr().err
 
 
 def program_run(program):

@@ -6,12 +6,14 @@ runtime reads them without importing the fitting code.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 import os
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -218,6 +220,37 @@ class Calibration:
     exit_shares: list[float]  # share of the samples leaving at each exit
     temperature: list[float] | None = None  # per-exit temperatures the confidences were read after (calibrate_temperature)
     cost: float | None = None  # average cost per sample in the unit of the costs calibrated with (seconds from profile_exits), if any
+
+    def save(self, path) -> Path:
+        """Write this calibration to `path` as JSON, for `Calibration.load` and ``timm-exits export-onnx --calibration``.
+
+        ``inf`` thresholds are written as JSON's ``Infinity``, which Python's json reads back.
+        """
+        if not isinstance(self.ensemble, bool):
+            raise ValueError(
+                "a calibration made with a GeometricEnsemble cannot be saved as JSON (the ensemble is a module with weights): "
+                "keep it in Python, or torch.save the ensemble beside the thresholds"
+            )
+        path = Path(path)
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path) -> Calibration:
+        """The calibration `Calibration.save` wrote to `path`."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        needed = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        try:
+            data = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not a calibration Calibration.save wrote: it is not JSON ({err})") from None
+        if not isinstance(data, dict) or not needed <= set(data) <= fields:
+            has = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(
+                f"{path} is not a calibration Calibration.save wrote: it needs the keys {sorted(needed)} (and may have "
+                f"{sorted(fields - needed)}); it has {has}"
+            )
+        return cls(**data)
 
 
 def calibration_temperature(threshold, temperature, num_exits: int) -> list[float] | None:
