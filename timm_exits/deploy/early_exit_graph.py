@@ -24,14 +24,10 @@ from ..fx.modes import evaluating
 from ..model import MultiExitModel
 from ..runtime.criteria import (
     Calibration,
-    calibration_temperature,
-    check_ensemble,
-    check_logit_count,
-    confidence_thresholds,
     exit_confidence,
+    exit_rule,
     next_streak,
     passes_nobody,
-    patience_threshold,
 )
 from .export import ExportError, export_program
 
@@ -69,11 +65,7 @@ class EarlyExitGraph(nn.Module):
             ensemble = threshold.ensemble if ensemble is None else ensemble
         criterion = "max_prob" if criterion is None else criterion
         ensemble = False if ensemble is None else ensemble
-        check_logit_count(model, criterion)
-        threshold = patience_threshold(threshold, criterion, patience)
-        check_ensemble(ensemble, model.num_exits)
-        temperatures = calibration_temperature(threshold, temperature, model.num_exits)
-        thresholds = confidence_thresholds(threshold, criterion, model.num_exits, ensemble)
+        thresholds, temperatures = exit_rule(model, threshold, criterion, ensemble, temperature, patience)
         if not model.has_segments:
             raise ExportError(
                 f"{type(model.backbone).__name__} could not be traced by torch.fx (wrap() fell back to its forward_intermediates), "

@@ -270,6 +270,15 @@ def calibration_temperature(threshold, temperature, num_exits: int) -> list[floa
     return given
 
 
+def exit_rule(model, threshold, criterion, ensemble, temperature, patience) -> tuple[list[float], list[float] | None]:
+    """`early_exit`'s arguments checked against `model`: the thresholds on the confidence scale, and the temperatures (or None)."""
+    check_logit_count(model, criterion)
+    threshold = patience_threshold(threshold, criterion, patience)
+    check_ensemble(ensemble, model.num_exits)
+    temperatures = calibration_temperature(threshold, temperature, model.num_exits)
+    return confidence_thresholds(threshold, criterion, model.num_exits, ensemble), temperatures
+
+
 def passes_nobody(threshold: float, criterion) -> bool:
     """Whether no confidence of the built-in `criterion` can reach `threshold` (on the confidence scale): ``inf``.
 

@@ -14,14 +14,10 @@ import torch
 
 from ..model import MultiExitModel
 from .criteria import (
-    calibration_temperature,
-    check_ensemble,
-    check_logit_count,
-    confidence_thresholds,
     exit_confidence,
+    exit_rule,
     next_streak,
     passes_nobody,
-    patience_threshold,
     warn_at_caller,
 )
 from .rows import batch_kinds, exit_costs_on, split_rows, take_rows
@@ -91,11 +87,7 @@ def early_exit(model: MultiExitModel, x: torch.Tensor, threshold=0.9, criterion=
         raise ValueError(f"x must be a batch tensor (B, ...), got {getattr(x, 'shape', type(x).__name__)}")
     model.check_batch(x)
     model.check_channels(x.shape[1], f"x of shape {tuple(x.shape)}")
-    check_logit_count(model, criterion)
-    threshold = patience_threshold(threshold, criterion, patience)
-    check_ensemble(ensemble, model.num_exits)
-    temperatures = calibration_temperature(threshold, temperature, model.num_exits)
-    thresholds = confidence_thresholds(threshold, criterion, model.num_exits, ensemble)
+    thresholds, temperatures = exit_rule(model, threshold, criterion, ensemble, temperature, patience)
     if not model.has_segments:
         warn_at_caller(
             "this model runs through forward_intermediates (fx could not trace it): every exit is computed, then one is selected"
