@@ -207,3 +207,18 @@ def test_export_onnx_names_the_extra_it_needs(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
     with pytest.raises(ImportError, match=exactly("export_onnx needs onnxscript: pip install 'timm-exits[deploy]'")):
         timm_exits.export_onnx(model, "m.onnx", torch.randn(1, 3, 32, 32))
+
+
+def test_an_export_that_fails_leaves_the_model_as_it_was():
+    model, _ = resnet10t_exits(0)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def boom(z):
+        raise RuntimeError("the criterion failed")
+
+    failed = r"could not capture early exit in one graph of ResNet: RuntimeError: the criterion failed"
+    with pytest.raises(timm_exits.ExportError, match=failed):
+        timm_exits.export_early_exit(model, torch.randn(1, 3, 32, 32), 0.5, criterion=boom)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
