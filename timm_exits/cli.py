@@ -48,6 +48,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _stage_args(values: list[str]) -> list[int | str]:
+    """Stages as the command line gives them: indices as ints, module names as they are."""
+    return [int(v) if v.lstrip("-").isdigit() else v for v in values]
+
+
 def _demo(args: argparse.Namespace) -> int:
     _check_name(args.model)
     run_demo(model_name=args.model, stages=tuple(args.stages), head=args.head, loss=args.loss, epochs=args.epochs, seed=args.seed,
@@ -77,8 +82,7 @@ def _flops(args: argparse.Namespace) -> int:
     if args.at_flops:  # a size the model cannot run is named by the library (a ValueError: one line, exit 2)
         model = wrap(model, stages=at_flops(*args.at_flops), head=args.head, input_size=args.input_size)
     elif args.stages:
-        model = wrap(model, stages=[int(s) if s.lstrip("-").isdigit() else s for s in args.stages], head=args.head,
-                     input_size=args.input_size)
+        model = wrap(model, stages=_stage_args(args.stages), head=args.head, input_size=args.input_size)
     report = flops_report(model, input_size=args.input_size)
     report.model = args.model
     print(report.to_json() if args.json else report.to_markdown() if args.markdown else report)
@@ -106,9 +110,9 @@ def _export_onnx(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.source!r} is not a save_pretrained folder: to build it as a timm model name, give --stages "
                              "(and --checkpoint with the weights your training wrote)")
         _check_name(args.source)
-        stages = [int(s) if s.lstrip("-").isdigit() else s for s in args.stages]
         kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
-        model = create_model(args.source, stages, checkpoint_path=args.checkpoint, input_size=args.input_size, **kwargs).eval()
+        model = create_model(args.source, _stage_args(args.stages), checkpoint_path=args.checkpoint, input_size=args.input_size,
+                             **kwargs).eval()
     if args.calibration:
         threshold = Calibration.load(args.calibration)
     else:
