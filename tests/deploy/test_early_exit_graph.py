@@ -6,6 +6,8 @@ logits within float tolerance. The thresholds are calibrated to a FLOPs budget o
 images, so that samples leave at every exit.
 """
 import importlib.util
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,12 +46,23 @@ def budget_calibration(model, x, share=0.5, **kwargs):
     return timm_exits.calibrate_thresholds(cached, budget, **kwargs)
 
 
-def onnx_session(path):
+def onnx_session(path, profile_to=None):
     # onnxruntime is a test dependency (the dev extra): a missing one fails, never skips
     assert importlib.util.find_spec("onnxruntime"), "the ONNX tests need onnxruntime: pip install -e '.[dev]'"
     import onnxruntime
 
-    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    if profile_to is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_to)
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def conv_batches(session) -> set[int]:
+    """The batch sizes ONNX Runtime ran its convolutions at, read from its profile of the session's one run."""
+    events = json.loads(Path(session.end_profiling()).read_text())
+    return {e["args"]["input_type_shape"][0]["float"][0] for e in events
+            if e.get("cat") == "Node" and e["args"].get("op_name") in ("Conv", "FusedConv")}
 
 
 def assert_same_as_early_exit(run, model, x, threshold, **kwargs):
@@ -87,11 +100,13 @@ def test_onnx_file_of_a_cnn_exits_where_early_exit_does(tmp_path):
     session = onnx_session(path)
     counts = assert_same_as_early_exit(lambda xi: session.run(None, {"input": xi.numpy()}), model, x, calibration)
     assert all(c > 0 for c in counts), f"every exit taken by some image: {counts}"
-    # a whole batch: each sample still takes its own exit
-    logits, index = session.run(None, {"input": x.numpy()})
+    # a whole batch: each sample takes its own exit, and a later step computes only the samples still running
+    profiled = onnx_session(path, profile_to=tmp_path / "profile")
+    logits, index = profiled.run(None, {"input": x.numpy()})
     want = timm_exits.early_exit(model, x, calibration)
     assert index.tolist() == want.exit_index.tolist()
     np.testing.assert_allclose(logits, want.logits.numpy(), rtol=1e-4, atol=1e-4)
+    assert conv_batches(profiled) == {24, 24 - counts[0], counts[2]}
 
 
 @needs_onnx

@@ -6,11 +6,13 @@ Each sample takes the logits of the first exit it passed (the last exit takes th
 rule `timm_exits.early_exit` follows, so that a runtime without PyTorch (ONNX Runtime, on a
 phone or an edge box) exits early by itself.
 
-At batch 1 that is early exit exactly: the later steps never run once the image has left. For a
-batch, each sample still gets its own exit and logits, but a later step runs for the whole batch
-while any of its samples is still running: the graph does not gather the rows that stay, because
-a row count that depends on the data (``nonzero``) is a size `torch.export` must guard on inside
-every later segment.
+Inside the branch that runs step k+1, the rows that stay are gathered (``nonzero``, then
+``index_select`` of every value that follows the batch), so a later step computes only the
+samples still running, as `early_exit` does; their logits are scattered back into the batch's
+result by row index. The number of rows that stay is a size known only at run time; torch >= 2.10
+exports it (an unbacked size inside the branch). Older torch fails on ``nonzero`` inside a cond,
+so there the graph keeps the whole batch and a later step runs for all of it while any sample is
+still running (each sample still takes its own exit and logits).
 """
 from __future__ import annotations
 
@@ -29,11 +31,17 @@ from ..runtime.criteria import (
     next_streak,
     passes_nobody,
 )
+from ..runtime.rows import batch_kinds
 from .export import ExportError, export_program
 
 __all__ = ["EarlyExitGraph", "export_early_exit", "export_onnx"]
 
 ONNX_TORCH = (2, 10)  # torch.onnx's exporter of torch.cond (to ONNX If) with onnxscript >= 0.6
+GATHER_TORCH = (2, 10)  # torch.export of nonzero (an unbacked size) inside a cond branch; 2.5 fails to capture it
+
+
+def _torch_at_least(version: tuple[int, int]) -> bool:
+    return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= version
 
 
 class EarlyExitGraph(nn.Module):
@@ -41,23 +49,32 @@ class EarlyExitGraph(nn.Module):
 
     ``thresholds`` are on the confidence scale (`confidence_thresholds`: entropy negated), one per
     early exit; ``temperatures`` one per exit or None; ``ensemble`` False, True (the mean of the
-    logits so far) or a `GeometricEnsemble`. Build it with `EarlyExitGraph.of`, which checks
-    them as `early_exit` does.
+    logits so far) or a `GeometricEnsemble`. ``kinds`` says, for each cut, which carried values
+    follow the batch (`timm_exits.runtime.rows.batch_kinds`): with it, each later step runs on the
+    rows still running only; None keeps the whole batch. Build it with `EarlyExitGraph.of`, which
+    checks them as `early_exit` does.
     """
 
     def __init__(self, steps: list[nn.Module], thresholds: list[float], criterion, temperatures: list[float] | None = None,
-                 ensemble=False):
+                 ensemble=False, kinds: list | None = None):
         super().__init__()
         self.steps = nn.ModuleList(steps)
         self.thresholds = list(thresholds)
         self.criterion = criterion
         self.temperatures = temperatures
         self.ensemble = ensemble  # a GeometricEnsemble is a module: its weights travel with the graph
+        self.kinds = kinds
 
     @classmethod
-    def of(cls, model: MultiExitModel, threshold=0.9, criterion=None, ensemble=None, temperature=None, patience=None) -> EarlyExitGraph:
+    def of(cls, model: MultiExitModel, threshold=0.9, criterion=None, ensemble=None, temperature=None, patience=None, *,
+           example_input: torch.Tensor | None = None) -> EarlyExitGraph:
         """The graph of `model`'s eval steps, with `early_exit`'s arguments (a `Calibration` brings its criterion, ensemble
-        and temperatures when those are left out)."""
+        and temperatures when those are left out).
+
+        With ``example_input`` (a batch like the inputs) and torch >= 2.10, a later step runs on the
+        rows still running only, as in `early_exit`; without it, or on older torch, it runs for the
+        whole batch while any sample is still running.
+        """
         if not isinstance(model, MultiExitModel):
             raise TypeError(f"model must be a MultiExitModel (from timm_exits.wrap), got {type(model).__name__}")
         if isinstance(threshold, Calibration):
@@ -72,15 +89,26 @@ class EarlyExitGraph(nn.Module):
                 "so its first step computes every exit and leaving early would skip nothing: export the all-exits model instead, "
                 "export_exits(model, x, steps=False)"
             )
-        return cls(model.steps(training=False, portable=True), thresholds, criterion, temperatures, ensemble)
+        kinds = None
+        if example_input is not None:
+            _check_example(model, example_input)
+        if example_input is not None and _torch_at_least(GATHER_TORCH):
+            with evaluating(model), torch.no_grad():
+                kinds = batch_kinds(model, example_input)
+        return cls(model.steps(training=False, portable=True), thresholds, criterion, temperatures, ensemble, kinds)
 
     @property
     def last(self) -> int:
         return len(self.steps) - 1
 
+    @property
+    def gathers(self) -> bool:
+        """Whether a later step runs on the rows still running only (else on the whole batch)."""
+        return self.kinds is not None
+
     def forward(self, x: torch.Tensor):
-        running = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        return self._from(0, (x,), running, None, None, (), ())
+        live = torch.arange(x.shape[0], device=x.device) if self.gathers else torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        return self._from(0, (x,), live, None, None, (), ())
 
     def _scored(self, k: int, z: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
         """Exit k's logits as the criterion reads them (over its temperature, in the ensemble), and the state the next exit needs."""
@@ -102,10 +130,20 @@ class EarlyExitGraph(nn.Module):
             return streak >= self.thresholds[k], (predicted, streak)
         return exit_confidence(z, self.criterion) >= self.thresholds[k], ()
 
-    def _from(self, k: int, carried: tuple, running: torch.Tensor, logits, index, mixed: tuple, patience: tuple):
-        """Exit k onward. ``running`` marks the rows no exit before k took; ``logits`` and ``index`` hold what the rows
-        that left took (None before the first exit); ``mixed`` is the ensemble's state (the running sum, or the exits so
-        far), ``patience`` the previous prediction and its streak.
+    def _written(self, k: int, z: torch.Tensor, live: torch.Tensor, logits, index):
+        """The batch's result with exit k's logits in the rows that reached it (a later exit overwrites the rows that go on)."""
+        if logits is None:  # the first exit: the result takes its dtype, as when every exit is computed and selected
+            return z, torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+        z = z.to(logits.dtype)
+        if self.gathers:  # `live` holds the batch's row numbers of the rows step k computed
+            return logits.index_copy(0, live, z), index.index_fill(0, live, k)
+        return torch.where(live.unsqueeze(-1), z, logits), torch.where(live, k, index)
+
+    def _from(self, k: int, carried: tuple, live: torch.Tensor, logits, index, mixed: tuple, patience: tuple):
+        """Exit k onward. ``live`` says which rows step k runs for: their row numbers in the batch when the graph gathers,
+        else a mask over the batch of the rows no exit before k took. ``logits`` and ``index`` hold the batch's result so far
+        (None before the first exit); ``mixed`` is the ensemble's state (the running sum, or the exits so far), ``patience``
+        the previous prediction and its streak, each for the rows step k runs for.
 
         What a later exit decides goes into ``logits`` and ``index`` inside the branch that runs it, so that the
         result comes out of the `torch.cond` as it is: combining it with a value from outside the cond would make
@@ -113,38 +151,46 @@ class EarlyExitGraph(nn.Module):
         """
         z, onward = self.steps[k].run(carried)
         z, mixed = self._scored(k, z, mixed)
-        if logits is None:  # the first exit: the result takes its dtype, as when every exit is computed and selected
-            logits, index = z, torch.zeros_like(running, dtype=torch.long)
+        logits, index = self._written(k, z, live, logits, index)
         if k == self.last:
-            return torch.where(running.unsqueeze(-1), z.to(logits.dtype), logits), torch.where(running, k, index)
+            return logits, index
         if passes_nobody(self.thresholds[k], self.criterion):  # nobody can leave here: no decision in the graph
-            return self._from(k + 1, onward, running, logits, index, mixed, patience)
+            return self._from(k + 1, onward, live, logits, index, mixed, patience)
         passed, patience = self._passed(k, z, patience)
-        leaving = running & passed
-        logits = torch.where(leaving.unsqueeze(-1), z.to(logits.dtype), logits)
-        index = torch.where(leaving, k, index)
-        still = running & ~passed
+        still = ~passed if self.gathers else live & ~passed
         values = (*onward, *mixed, *patience)
         if not all(isinstance(v, torch.Tensor) for v in values):
             kinds = [type(v).__name__ for v in values if not isinstance(v, torch.Tensor)]
             raise ExportError(f"step {k} carries {kinds} to the next step: torch.cond passes tensors only")
         n, m = len(onward), len(mixed)
+        kinds = self.kinds[k] if self.gathers else None
 
-        def go(still, logits, index, *values):
-            return self._from(k + 1, values[:n], still, logits, index, values[n:n + m], values[n + m:])
+        def go(still, live, logits, index, *values):
+            if kinds is not None:  # run the next step on the rows that stay
+                stay = still.nonzero().squeeze(1)
+                torch._check(stay.shape[0] >= 1)  # the cond runs this branch only when someone stays
+                live = live.index_select(0, stay)
+                values = tuple(v.index_select(0, stay) if kind == "batch" else v
+                               for v, kind in zip(values, (*kinds, *["batch"] * (len(values) - n))))
+            else:
+                live = still
+            return self._from(k + 1, values[:n], live, logits, index, values[n:n + m], values[n + m:])
 
-        def stop(still, logits, index, *values):  # every row has left
+        def stop(still, live, logits, index, *values):  # every row has left
             return logits.clone(), index.clone()
 
-        return torch.cond(still.any(), go, stop, (still, logits, index, *values))
+        return torch.cond(still.any(), go, stop, (still, live, logits, index, *values))
 
 
-def _example(model: MultiExitModel, example_input, dynamic_batch: bool) -> torch.Tensor:
+def _check_example(model: MultiExitModel, example_input) -> None:
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
         got = getattr(example_input, "shape", type(example_input).__name__)
         raise ValueError(f"example_input must be a batch tensor (B, ...), got {got}")
     model.check_batch(example_input)
     model.check_channels(example_input.shape[1], f"example_input of shape {tuple(example_input.shape)}")
+
+
+def _traced_on(example_input: torch.Tensor, dynamic_batch: bool) -> torch.Tensor:
     if dynamic_batch and example_input.shape[0] < 2:  # torch.export specialises a dimension of size 1: trace on two copies
         return example_input.expand(2, *example_input.shape[1:]).contiguous()
     return example_input
@@ -155,7 +201,9 @@ def export_early_exit(model: MultiExitModel, example_input: torch.Tensor, thresh
     """Early exit as one `torch.export` program, ``x -> (logits, exit_index)``, with the exit decisions in its graph.
 
     For ExecuTorch and AOTInductor: `torch.cond` runs a step only while a sample of the batch has
-    passed no exit yet, so a batch of one image stops at its exit. The arguments are `early_exit`'s:
+    passed no exit yet, and (on torch >= 2.10) only for the samples still running, so each
+    sample stops computing at its exit, as in `early_exit`; on older torch a later step runs for
+    the whole batch while any of its samples is still running. The arguments are `early_exit`'s:
     a sample leaves at exit k when its confidence reaches ``threshold[k]``; ``exit_index`` counts
     from 0. A `Calibration` as `threshold` brings its criterion, ensemble and temperatures.
 
@@ -166,12 +214,11 @@ def export_early_exit(model: MultiExitModel, example_input: torch.Tensor, thresh
         example_input: an input batch; one image is fine (with ``dynamic_batch`` it is traced twice over).
         threshold, criterion, ensemble, temperature, patience: as `early_exit`; ``criterion=None``
             and ``ensemble=None`` mean a `Calibration`'s own, else ``"max_prob"`` and no ensemble.
-        dynamic_batch: let the batch dimension vary (each sample still takes its own exit; a batch
-            runs a later step while any of its samples is still running).
+        dynamic_batch: let the batch dimension vary.
         strict: torch.export's strict mode.
     """
-    graph = EarlyExitGraph.of(model, threshold, criterion, ensemble, temperature, patience)
-    example = _example(model, example_input, dynamic_batch)
+    graph = EarlyExitGraph.of(model, threshold, criterion, ensemble, temperature, patience, example_input=example_input)
+    example = _traced_on(example_input, dynamic_batch)
     with evaluating(model), torch.no_grad():  # inference only: both branches of a cond then agree that nothing needs a gradient
         graph.eval()
         return export_program(graph, (example,), "early exit in one graph", model, dynamic_batch, strict)
@@ -196,10 +243,8 @@ def export_onnx(model: MultiExitModel, path, example_input: torch.Tensor, thresh
     The file takes ``input`` and gives ``logits`` ``(B, C)`` and ``exit_index`` ``(B,)`` (int64,
     from 0 as in `early_exit`); its batch dimension is dynamic. The weights are inside the file,
     or in one external-data file beside it (``<name>.data``) when the model is too large for one
-    protobuf (2 GB). ONNX Runtime runs it without PyTorch: a batch of one image stops computing
-    at the exit it takes; in a larger batch each sample takes its own exit, but a later step runs
-    for the whole batch while any sample is still running (`timm_exits.deploy.early_exit_graph`
-    says why).
+    protobuf (2 GB). ONNX Runtime runs it without PyTorch: each sample of a batch stops computing
+    at the exit it takes (a later step runs on the rows still running, gathered in the graph).
 
     The arguments are `export_early_exit`'s (and `early_exit`'s): ``threshold`` is a number,
     one per early exit, or a `Calibration`, whose criterion, ensemble and per-exit temperatures
