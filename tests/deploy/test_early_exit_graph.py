@@ -75,6 +75,17 @@ def assert_same_as_early_exit(run, model, x, threshold, **kwargs):
     return want.exit_counts(model.num_exits)
 
 
+def convolutions_with_weights_elsewhere(graph) -> list[str]:
+    """Conv nodes whose weight is not an initializer of their own graph (ONNX Runtime's NCHWc layout then skips them)."""
+    own = {i.name for i in graph.initializer}
+    found = [n.name for n in graph.node if n.op_type == "Conv" and n.input[1] not in own]
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("g"):
+                found += convolutions_with_weights_elsewhere(a.g)
+    return found
+
+
 def if_nodes(graph) -> int:
     count = 0
     for node in graph.node:
@@ -96,6 +107,7 @@ def test_onnx_file_of_a_cnn_exits_where_early_exit_does(tmp_path):
     assert [i.name for i in program.graph.input] == ["input"]
     assert [o.name for o in program.graph.output] == ["logits", "exit_index"]
     assert if_nodes(program.graph) == model.num_exits - 1  # one decision per early exit
+    assert convolutions_with_weights_elsewhere(program.graph) == []
 
     session = onnx_session(path)
     counts = assert_same_as_early_exit(lambda xi: session.run(None, {"input": xi.numpy()}), model, x, calibration)
@@ -107,6 +119,22 @@ def test_onnx_file_of_a_cnn_exits_where_early_exit_does(tmp_path):
     assert index.tolist() == want.exit_index.tolist()
     np.testing.assert_allclose(logits, want.logits.numpy(), rtol=1e-4, atol=1e-4)
     assert conv_batches(profiled) == {24, 24 - counts[0], counts[2]}
+
+
+@needs_onnx
+def test_weights_too_large_for_one_protobuf_go_to_one_file_beside_it(tmp_path, monkeypatch):
+    """Most weights sit inside the If branches (where ONNX Runtime optimises their convolutions), and still count."""
+    from timm_exits.deploy import early_exit_graph
+
+    model, _ = resnet10t_exits(0)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    monkeypatch.setattr(early_exit_graph, "EXTERNAL_WEIGHTS", weights // 2)  # the first step alone holds far less than half
+    x = images(8)
+    path = timm_exits.export_onnx(model, tmp_path / "m.onnx", example_input=x[:1], threshold=[0.2, 0.2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert path.stat().st_size < weights // 10 < (tmp_path / "m.onnx.data").stat().st_size
+    session = onnx_session(path)
+    assert_same_as_early_exit(lambda xi: session.run(None, {"input": xi.numpy()}), model, x, [0.2, 0.2])
 
 
 @needs_onnx

@@ -37,6 +37,7 @@ from .export import ExportError, export_program
 __all__ = ["EarlyExitGraph", "export_early_exit", "export_onnx"]
 
 ONNX_TORCH = (2, 10)  # torch.onnx's exporter of torch.cond (to ONNX If) with onnxscript >= 0.6
+EXTERNAL_WEIGHTS = 1536 << 20  # weights in bytes above which they go to a .data file: a protobuf holds at most 2 GB in all
 GATHER_TORCH = (2, 10)  # torch.export of nonzero (an unbacked size) inside a cond branch; 2.5 fails to capture it
 
 
@@ -236,6 +237,31 @@ def _onnx_ready() -> None:
         raise ImportError(f"export_onnx needs {' and '.join(missing)}: pip install 'timm-exits[deploy]'")
 
 
+def _initializers_where_used(graph) -> None:
+    """Drop the initializers nothing reads, and move each one that only an `If` branch reads into that branch.
+
+    The exporter leaves zero biases its fusions no longer use (ONNX Runtime warns of each), and puts
+    every weight in the main graph. ONNX Runtime's layout optimiser (NCHWc convolutions on x86) only
+    rewrites a convolution whose weight is an initializer of its own graph, so a later step's
+    convolutions ran unoptimised inside their branch. For resnet18 at 64x64, batch 1, the file in
+    which nobody leaves took 7.0 ms with the weights in the main graph, 6.0 ms with them moved,
+    and the plain model's file 5.5 ms.
+    """
+    for name, value in list(graph.initializers.items()):
+        if value.is_graph_output():
+            continue
+        readers = {id(node.graph): node.graph for node, _ in value.uses()}
+        if not readers or (len(readers) == 1 and next(iter(readers.values())) is not graph):
+            del graph.initializers[name]
+            if readers:
+                next(iter(readers.values())).register_initializer(value)
+
+
+def _weight_bytes(graph) -> int:
+    """The bytes of every initializer, the branches' included."""
+    return sum(v.const_value.nbytes for g in (graph, *graph.subgraphs()) for v in g.initializers.values() if v.const_value is not None)
+
+
 def export_onnx(model: MultiExitModel, path, example_input: torch.Tensor, threshold=0.9, criterion=None, ensemble=None,
                 temperature=None, patience=None) -> Path:
     """Write early exit as ONE ONNX file whose graph holds the exit decisions; returns its path.
@@ -259,10 +285,8 @@ def export_onnx(model: MultiExitModel, path, example_input: torch.Tensor, thresh
         onnx_program = torch.onnx.export(program, dynamo=True, input_names=["input"], output_names=["logits", "exit_index"], verbose=False)
     except Exception as err:  # the exporter raises many types; each gets the same context
         raise ExportError(f"torch.onnx could not convert early exit in one graph of {type(model.backbone).__name__}: {err}") from err
-    graph = onnx_program.model.graph
-    for name, value in list(graph.initializers.items()):  # zero biases the exporter's fusions leave: ONNX Runtime warns of each
-        if not value.uses() and not value.is_graph_output():
-            del graph.initializers[name]
+    _initializers_where_used(onnx_program.model.graph)
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx_program.save(str(path))
+    # the exporter's own test of the size reads the main graph's initializers only, and the branches now hold most weights
+    onnx_program.save(str(path), external_data=_weight_bytes(onnx_program.model.graph) > EXTERNAL_WEIGHTS)
     return path
