@@ -159,6 +159,30 @@ def test_the_command_line_writes_a_vit_saved_folder_with_its_calibration(tmp_pat
     assert counts[0] > 0 and counts[-1] > 0, counts
 
 
+@needs_onnx
+def test_the_command_line_builds_a_timm_model_and_loads_what_timms_checkpoint_saver_wrote(tmp_path):
+    """The other route: a model name, its stages, and the checkpoint timm's train.py writes (its own CheckpointSaver)."""
+    import argparse
+
+    from timm.utils import CheckpointSaver
+
+    model, _ = resnet10t_exits(0)
+    with torch.no_grad():
+        for p in model.parameters():  # trained weights, unlike a fresh model's
+            p.add_(0.01 * torch.randn_like(p))
+    args = argparse.Namespace(model="resnet10t", num_classes=5, input_size=[3, 32, 32])
+    saver = CheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), args=args,
+                            checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))
+    saver.save_checkpoint(epoch=0, metric=1.0)
+    thresholds = budget_calibration(model, images(48, seed=2)).thresholds
+    out = tmp_path / "resnet10t.onnx"
+    assert main(["export-onnx", "resnet10t", str(out), "--stages", "1", "2", "--num-classes", "5", "--input-size", "3", "32", "32",
+                 "--checkpoint", str(tmp_path / "model_best.pth.tar"), "--threshold", *map(str, thresholds)]) == 0
+    session = onnx_session(out)
+    counts = assert_same_as_early_exit(lambda xi: session.run(None, {"input": xi.numpy()}), model, images(16), thresholds)
+    assert sum(c > 0 for c in counts) >= 2, counts
+
+
 def test_a_calibration_round_trips_through_its_file(tmp_path):
     calibration = timm_exits.Calibration([0.5, float("inf")], "entropy", True, 0.75, 1.5e6, [0.5, 0.0, 0.5], [0.5, 1.0, 2.0])
     assert timm_exits.Calibration.load(calibration.save(tmp_path / "c.json")) == calibration
