@@ -121,6 +121,32 @@ def test_onnx_file_of_a_cnn_exits_where_early_exit_does(tmp_path):
     assert conv_batches(profiled) == {24, 24 - counts[0], counts[2]}
 
 
+def op_count(graph, op: str) -> int:
+    count = 0
+    for node in graph.node:
+        count += node.op_type == op
+        count += sum(op_count(a.g, op) for a in node.attribute if a.HasField("g"))
+    return count
+
+
+@needs_onnx
+def test_a_file_for_one_image_at_a_time_leaves_the_row_bookkeeping_out(tmp_path):
+    import onnx
+
+    model, _ = resnet10t_exits(0)
+    x = images(16)
+    thresholds = budget_calibration(model, images(48, seed=2)).thresholds
+    batch = timm_exits.export_onnx(model, tmp_path / "batch.onnx", example_input=x[:1], threshold=thresholds)
+    one = timm_exits.export_onnx(model, tmp_path / "one.onnx", example_input=x[:1], threshold=thresholds, dynamic_batch=False)
+    assert op_count(onnx.load(str(batch)).graph, "NonZero") == model.num_exits - 1
+    program = onnx.load(str(one))
+    assert op_count(program.graph, "NonZero") == 0 and if_nodes(program.graph) == model.num_exits - 1
+    assert [d.dim_value for d in program.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 32, 32]
+    session = onnx_session(one)
+    counts = assert_same_as_early_exit(lambda xi: session.run(None, {"input": xi.numpy()}), model, x, thresholds)
+    assert sum(c > 0 for c in counts) >= 2, counts
+
+
 @needs_onnx
 def test_weights_too_large_for_one_protobuf_go_to_one_file_beside_it(tmp_path, monkeypatch):
     """Most weights sit inside the If branches (where ONNX Runtime optimises their convolutions), and still count."""
