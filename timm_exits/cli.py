@@ -118,8 +118,10 @@ def _export_onnx(args: argparse.Namespace) -> int:
     else:
         threshold = args.threshold[0] if len(args.threshold) == 1 else args.threshold
     size = tuple(args.input_size or model.input_size)
-    out = export_onnx(model, args.out, torch.zeros(1, *size), threshold=threshold, criterion=args.criterion)
-    print(f"wrote {out}: ONNX Runtime runs it on 'input' (N, {', '.join(map(str, size))}) and returns 'logits' and 'exit_index' "
+    out = export_onnx(model, args.out, torch.zeros(1, *size), threshold=threshold, criterion=args.criterion,
+                      dynamic_batch=not args.one_image)
+    batch = "1" if args.one_image else "N"
+    print(f"wrote {out}: ONNX Runtime runs it on 'input' ({batch}, {', '.join(map(str, size))}) and returns 'logits' and 'exit_index' "
           "(from 0), each sample leaving at the first exit it is confident at")
     return 0
 
@@ -248,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     onnx.add_argument("--num-classes", type=_positive_int, default=None, help="with a model name: classes of the head and the exits")
     onnx.add_argument("--input-size", type=_positive_int, nargs=3, default=None, metavar=("C", "H", "W"),
                       help="size of one input sample (default: the size the model was wrapped at)")
+    onnx.add_argument("--one-image", action="store_true",
+                      help="a file for one image at a time (its batch fixed at 1), without the row bookkeeping a batch needs")
     onnx.set_defaults(run=_export_onnx)
 
     args = parser.parse_args(argv)

@@ -186,7 +186,7 @@ def test_the_command_line_writes_a_vit_saved_folder_with_its_calibration(tmp_pat
 
 
 @needs_onnx
-def test_the_command_line_builds_a_timm_model_and_loads_what_timms_checkpoint_saver_wrote(tmp_path):
+def test_the_command_line_builds_a_timm_model_and_loads_what_timms_checkpoint_saver_wrote(tmp_path, capsys):
     """The other route: a model name, its stages, and the checkpoint timm's train.py writes (its own CheckpointSaver)."""
     import argparse
 
@@ -203,8 +203,10 @@ def test_the_command_line_builds_a_timm_model_and_loads_what_timms_checkpoint_sa
     thresholds = budget_calibration(model, images(48, seed=2)).thresholds
     out = tmp_path / "resnet10t.onnx"
     assert main(["export-onnx", "resnet10t", str(out), "--stages", "1", "2", "--num-classes", "5", "--input-size", "3", "32", "32",
-                 "--checkpoint", str(tmp_path / "model_best.pth.tar"), "--threshold", *map(str, thresholds)]) == 0
+                 "--checkpoint", str(tmp_path / "model_best.pth.tar"), "--threshold", *map(str, thresholds), "--one-image"]) == 0
+    assert "runs it on 'input' (1, 3, 32, 32)" in capsys.readouterr().out
     session = onnx_session(out)
+    assert session.get_inputs()[0].shape == [1, 3, 32, 32]
     counts = assert_same_as_early_exit(lambda xi: session.run(None, {"input": xi.numpy()}), model, images(16), thresholds)
     assert sum(c > 0 for c in counts) >= 2, counts
 
