@@ -230,8 +230,7 @@ def export_early_exit(model: MultiExitModel, example_input: torch.Tensor, thresh
 
 
 def _onnx_ready() -> None:
-    found = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-    if found < ONNX_TORCH:
+    if not _torch_at_least(ONNX_TORCH):
         raise RuntimeError(
             f"export_onnx needs torch >= {ONNX_TORCH[0]}.{ONNX_TORCH[1]} (its ONNX exporter writes torch.cond as an ONNX If); this is "
             f"torch {torch.__version__}: upgrade torch, or use export_early_exit for a torch.export program"
