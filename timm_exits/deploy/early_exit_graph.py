@@ -246,9 +246,7 @@ def _initializers_where_used(graph) -> None:
     The exporter leaves zero biases its fusions no longer use (ONNX Runtime warns of each), and puts
     every weight in the main graph. ONNX Runtime's layout optimiser (NCHWc convolutions on x86) only
     rewrites a convolution whose weight is an initializer of its own graph, so a later step's
-    convolutions ran unoptimised inside their branch. For resnet18 at 64x64, batch 1, the file in
-    which nobody leaves took 7.0 ms with the weights in the main graph, 6.0 ms with them moved,
-    and the plain model's file 5.5 ms.
+    convolutions ran unoptimised inside their branch (benchmarks/deploy.py measures the files).
     """
     for name, value in list(graph.initializers.items()):
         if value.is_graph_output():
@@ -278,8 +276,8 @@ def export_onnx(model: MultiExitModel, path, example_input: torch.Tensor, thresh
     The arguments are `export_early_exit`'s (and `early_exit`'s): ``threshold`` is a number,
     one per early exit, or a `Calibration`, whose criterion, ensemble and per-exit temperatures
     travel into the graph. ``dynamic_batch=False`` with a one-image example writes a file for
-    one image at a time, without the row bookkeeping a batch needs (on resnet18 at 64x64 in ONNX
-    Runtime, 0.13 ms less per image). Needs torch >= 2.10 and the ``deploy`` extra (onnx, onnxscript).
+    one image at a time, without the row bookkeeping a batch needs (benchmarks/deploy.py times
+    both). Needs torch >= 2.10 and the ``deploy`` extra (onnx, onnxscript).
     """
     path = Path(path)
     if path.suffix != ".onnx":
