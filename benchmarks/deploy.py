@@ -59,7 +59,7 @@ def session(path: Path, threads: int) -> onnxruntime.InferenceSession:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     # after a run, ONNX Runtime's worker threads spin for a while; with a dozen sessions taking turns on two cores, the
-    # spinning threads of the last session slow the next one (the chained steps' latency tripled)
+    # spinning threads of the last session slow the next one (the chained steps took three to five times as long)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # the exporter's unused initializers are warned about once per file
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -111,12 +111,12 @@ def measure(name: str, images: int, repeats: int, folder: Path, threads: int) ->
     sessions = {label: session(path, threads) for label, path in files.items()}
     steps = chained([session(path, threads) for path in step_files])
     batch = x.numpy()
-    got = {label: {i: [] for i in range(images)} for label in (*sessions, "steps")}
+    got = {label: {i: [] for i in range(images)} for label in sessions}
     step_s = [[[] for _ in range(images)] for _ in step_files]
     for round_ in range(repeats + 1):  # round 0 warms up
         for label, s in sessions.items():
             for i in range(images):
-                feed = {"input": batch[i : i + 1]} if label != "plain" else {s.get_inputs()[0].name: batch[i : i + 1]}
+                feed = {s.get_inputs()[0].name: batch[i : i + 1]}
                 begin = time.perf_counter()
                 s.run(None, feed)
                 if round_:
@@ -124,7 +124,6 @@ def measure(name: str, images: int, repeats: int, folder: Path, threads: int) ->
         for i in range(images):
             each = steps(batch[i : i + 1])
             if round_:
-                got["steps"][i].append(sum(each))
                 for k, t in enumerate(each):
                     step_s[k][i].append(t)
     latency = {label: [statistics.median(v[i]) for i in range(images)] for label, v in got.items()}
