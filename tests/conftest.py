@@ -57,6 +57,34 @@ def resnet10t_exits(images: int, cascade=False):
     return model, torch.randn(images, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def idx_bytes(array: torch.Tensor) -> bytes:
+    """MNIST's IDX format: 00 00 08 (unsigned bytes), the dimension count, each dimension as a big-endian int32, the data."""
+    header = bytes([0, 0, 8, array.dim()]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    return header + array.to(torch.uint8).contiguous().numpy().tobytes()
+
+
+def fashion_mnist_arrays(n_train: int = 300, n_test: int = 100, seed: int = 0) -> dict:
+    """Fashion-MNIST's four arrays by file name, random pixels, the classes in turn (every class equally often)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(zip(FASHION_MNIST_FILES, (torch.randint(0, 256, (n_train, 28, 28), generator=g), torch.arange(n_train) % 10,
+                                          torch.randint(0, 256, (n_test, 28, 28), generator=g), torch.arange(n_test) % 10)))
+
+
+def write_idx_files(folder, arrays: dict, gz: bool = True) -> None:
+    """Each array as the IDX file of its name in `folder` (gzipped as ``NAME.gz``, as distributed, or plain)."""
+    import gzip
+    import pathlib
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        data = idx_bytes(array)
+        (folder / (name + ".gz")).write_bytes(gzip.compress(data)) if gz else (folder / name).write_bytes(data)
+
+
 class DataDependent(nn.Module):
     """fx cannot trace control flow on tensor values."""
 

@@ -64,6 +64,14 @@ class DigitsTask:
     def num_classes(self) -> int:
         return 10
 
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(str(c) for c in range(10))
+
+    @property
+    def name(self) -> str:
+        return "corrupted digits"
+
     def limited(self, unlabeled: bool = True) -> DigitsSplit:
         """The training split with only `labels_per_class` labels per class.
 
