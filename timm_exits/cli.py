@@ -14,7 +14,7 @@ from tabulate import tabulate
 
 from .cost.flops import flops_report
 from .cost.placement import at_flops
-from .demo.run import run_demo
+from .demo.run import DATASETS, run_demo
 from .deploy import create_model, export_backbone, export_onnx, from_pretrained
 from .deploy.checkpoints import load_training_checkpoint
 from .fx.stages import list_stages
@@ -56,7 +56,7 @@ def _stage_args(values: list[str]) -> list[int | str]:
 def _demo(args: argparse.Namespace) -> int:
     _check_name(args.model)
     run_demo(model_name=args.model, stages=tuple(args.stages), head=args.head, loss=args.loss, epochs=args.epochs, seed=args.seed,
-             plot=args.plot or None, baselines=not args.no_baselines)
+             plot=args.plot or None, baselines=not args.no_baselines, data=args.data, data_root=args.data_root, train_size=args.train_size)
     return 0
 
 
@@ -172,9 +172,16 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = sub.add_parser(
         "demo",
-        help="train a multi-exit resnet18 on the corrupted digits (CPU, ~3 minutes) against the plain backbone and a narrower one; "
-        "print each exit's accuracy, FLOPs and early-exit speedup",
+        help="train a multi-exit resnet18 on the corrupted digits or Fashion-MNIST (CPU, minutes) against the plain backbone and a "
+        "narrower one; print each exit's accuracy, FLOPs and early-exit speedup",
     )
+    demo.add_argument("--data", default="digits", choices=sorted(DATASETS),
+                      help="digits: the corrupted digits, built from scikit-learn's bundled scans (default); fashion-mnist: read "
+                      "from --data-root or Debian's /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)")
+    demo.add_argument("--data-root", default=None,
+                      help="a folder with Fashion-MNIST's four IDX files (or torchvision's FashionMNIST/raw/ under it); never downloaded")
+    demo.add_argument("--train-size", type=_positive_int, default=None,
+                      help="Fashion-MNIST training images to train on (default: 10000 of the 55000 left after the validation split)")
     demo.add_argument("--model", default="resnet18", help="timm model name (default: resnet18)")
     demo.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], help="stage indices to attach exits to (default: 1 2 3)")
     demo.add_argument("--head", default="linear", choices=head_names(), help="exit head (default: linear)")

@@ -1,7 +1,11 @@
 """The main job runs end to end and learns something (one short epoch)."""
+import pathlib
+
 import pytest
 
+from conftest import fashion_mnist_arrays, write_idx_files
 from timm_exits.cli import main
+from timm_exits.data import DEBIAN_FASHION_MNIST
 from timm_exits.demo import load_digits_32, run_demo
 
 
@@ -104,3 +108,35 @@ def test_demo_refuses_a_final_stage_before_building_the_data(monkeypatch, capsys
         main(["demo", "--stages", "4"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("timm-exits demo: error: ") and "final" in err and "data was built" not in err, err
+
+
+def test_demo_on_fashion_mnist_files_a_user_has(tmp_path):
+    write_idx_files(tmp_path / "FashionMNIST" / "raw", fashion_mnist_arrays(n_train=5200, n_test=60))
+    lines = []
+    result = run_demo(data="fashion-mnist", data_root=tmp_path, train_size=200, epochs=1, baselines=False, log=lines.append,
+                      progress=False)
+    assert lines[0] == ("Fashion-MNIST: 200 train / 5000 validation (both from the training file) / 60 test images, 1x28x28, 10 classes "
+                        f"(read from {tmp_path})")
+    assert len(result["accuracy"]) == 4 and len(result["early_exit"]["budgets"]) == 5
+
+
+def test_demo_refuses_fashion_mnist_arguments_with_the_digits_and_a_folder_without_the_files(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"data_root=.* and train_size=None are Fashion-MNIST's: give data='fashion-mnist'"):
+        run_demo(data_root=tmp_path)
+    with pytest.raises(ValueError, match=r"data must be one of \['digits', 'fashion-mnist'\], got 'mnist'"):
+        run_demo(data="mnist")
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--data", "fashion-mnist", "--data-root", str(tmp_path), "--no-baselines", "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "timm-exits demo: error: Fashion-MNIST: train-images-idx3-ubyte" in err
+    assert "apt-get install dataset-fashion-mnist" in err and "Traceback" not in err
+
+
+@pytest.mark.slow  # a minute or two: 15,000 real images through resnet18 for the validation, test and timing
+@pytest.mark.skipif(not pathlib.Path(DEBIAN_FASHION_MNIST).is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_the_demo_command_on_the_real_fashion_mnist(tmp_path, capsys):
+    assert main(["demo", "--data", "fashion-mnist", "--train-size", "500", "--epochs", "1", "--no-baselines",
+                 "--plot", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    assert "Fashion-MNIST: 500 train / 5000 validation (both from the training file) / 10000 test images" in out
+    assert "takeaway: " in out and (tmp_path / "p.png").stat().st_size > 1000

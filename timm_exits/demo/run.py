@@ -1,4 +1,4 @@
-"""The main job: train a wrapped timm model on the corrupted digits, against honest baselines.
+"""The main job: train a wrapped timm model on the corrupted digits (or Fashion-MNIST), against honest baselines.
 
 The task (`timm_exits.data.corrupted_digits`) is built from scikit-learn's 1,797 digit scans,
 each in six corrupted variants from trivial to hard, split by scan. A timm resnet18 with exits
@@ -22,13 +22,17 @@ from .._progress import Progress
 from ..calibration import anytime_accuracy, budgeted_curve, calibrate_thresholds, collect_exit_logits, evaluate_thresholds
 from ..cost.flops import flops_report
 from ..cost.profile import profile_exits
-from ..data import corrupted_digits
+from ..data import DEBIAN_FASHION_MNIST, corrupted_digits, fashion_mnist
 from ..losses.presets import create_loss
 from ..model import wrap
 from ..plots import plot_tradeoff
 from ..runtime.stream import early_exit_stream
 
-__all__ = ["load_digits_32", "evaluate", "fit", "narrower", "run_demo", "early_exit_tradeoff"]
+__all__ = ["DATASETS", "load_digits_32", "evaluate", "fit", "narrower", "run_demo", "early_exit_tradeoff"]
+
+#: The demo's data by name, and each one's image size (channels, height, width).
+DATASETS = {"digits": (1, 32, 32), "fashion-mnist": (1, 28, 28)}
+FASHION_TRAIN = 10000  # training images the demo takes from Fashion-MNIST: about the digits' time
 
 
 def load_digits_32(seed: int = 0):
@@ -62,11 +66,12 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> 
 
 
 def fit(model, loss_fn, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int = 64, lr: float = 4e-3, teacher=None, on_epoch=None,
-        progress: str | None = None) -> None:
+        progress: str | None = None, features: bool = False) -> None:
     """Train `model` with `loss_fn(model(x), y)` (AdamW, one-cycle schedule), the loss's own parameters too.
 
     With a `teacher` (a module), the loss is called as ``loss_fn(outputs, y, teacher(x))``, the
     teacher in eval mode under ``no_grad``. ``on_epoch(epoch, mean_loss)`` is called after each epoch.
+    `features`: call ``model(x, return_features=True)``, for a loss with a feature term.
     `progress`: a name to report each epoch's batches under, on standard error: a tqdm bar on a
     terminal, else a line at the start, at most every 10 seconds and at each epoch's end
     (``training baseline: epoch 3/8, batch 40/84 (47%), 95s``, the seconds since the training began);
@@ -88,7 +93,7 @@ def fit(model, loss_fn, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_siz
         starts = range(0, len(order), batch_size)
         for i in report(starts, f"training {progress}: epoch {epoch + 1}/{epochs}"):
             idx = order[i : i + batch_size]
-            outputs = model(x[idx])
+            outputs = model(x[idx], return_features=True) if features else model(x[idx])
             if teacher is None:
                 loss = loss_fn(outputs, y[idx])
             else:
@@ -129,6 +134,7 @@ def run_demo(
     model_name: str = "resnet18", stages=(1, 2, 3), head: str = "linear", loss: str = "eed",
     epochs: int = 8, batch_size: int = 64, lr: float = 4e-3, seed: int = 0,
     log=print, plot: str | None = None, baselines: bool = True, variants: int = 6, progress: bool | None = None,
+    data: str = "digits", data_root=None, train_size: int | None = None,
 ) -> dict:
     """Train and evaluate; returns the per-exit accuracies, the baselines, the early-exit trade-off and timings (also
     printed through `log`).
@@ -140,21 +146,34 @@ def run_demo(
     trained on the same batches. `progress`: how far the training, the logits' collection and the
     timing have come, on standard error: a tqdm bar on a terminal, else a line at most every 10
     seconds (a log of the demo is not silent for minutes); the default, None, shows it both ways,
-    False nothing. `seed` fixes the weights and the batch order; the task is
-    always `corrupted_digits(seed=0, variants=variants)`. `plot`: a PNG path for the
-    accuracy-vs-FLOPs plot (needs matplotlib).
+    False nothing. `seed` fixes the weights and the batch order; the task is fixed: with
+    ``data="digits"`` (the default, bundled with scikit-learn) `corrupted_digits(seed=0, variants=variants)`,
+    with ``data="fashion-mnist"`` `fashion_mnist(data_root, seed=0, train_size=train_size)` read from
+    the files on disk (Debian's package when `data_root` is None), training on `train_size` images
+    (default 10,000 of the 55,000 left after the validation split: about as long as the digits).
+    `plot`: a PNG path for the accuracy-vs-FLOPs plot (needs matplotlib).
     """
     start = time.perf_counter()
     show = True if progress is None else bool(progress)  # the demo is watched, on a terminal or in a log
     bar = lambda name: name if show else None  # noqa: E731
-    size = (1, 32, 32)  # the corrupted digits' images: the model is built first, so a bad stage or loss is refused before the data
+    if data not in DATASETS:
+        raise ValueError(f"data must be one of {sorted(DATASETS)}, got {data!r}")
+    if data == "digits" and (data_root is not None or train_size is not None):
+        raise ValueError(f"data_root={data_root!r} and train_size={train_size!r} are Fashion-MNIST's: give data='fashion-mnist', "
+                         "or leave them None for the digits")
+    size = DATASETS[data]  # the model is built first, so a bad stage or loss is refused before the data is read
     make = lambda: timm.create_model(model_name, pretrained=False, num_classes=10, in_chans=size[0])  # noqa: E731
     torch.manual_seed(seed)
     model = wrap(make(), stages=list(stages), head=head, input_size=size)
     loss_fn = create_loss(loss, num_exits=model.num_exits, epochs=epochs)
-    task = corrupted_digits(seed=0, variants=variants, size=size[-1])
-    log(f"corrupted digits: {len(task.train)} train / {len(task.val)} validation / {len(task.test)} test images "
-        f"(1,797 scans x {variants} variants, corruptions at severity 1-5, split by scan), {'x'.join(map(str, size))}, 10 classes")
+    if data == "digits":
+        task = corrupted_digits(seed=0, variants=variants, size=size[-1])
+        log(f"corrupted digits: {len(task.train)} train / {len(task.val)} validation / {len(task.test)} test images "
+            f"(1,797 scans x {variants} variants, corruptions at severity 1-5, split by scan), {'x'.join(map(str, size))}, 10 classes")
+    else:
+        task = fashion_mnist(data_root, seed=0, train_size=FASHION_TRAIN if train_size is None else train_size)
+        log(f"Fashion-MNIST: {len(task.train)} train / {len(task.val)} validation (both from the training file) / {len(task.test)} test "
+            f"images, {'x'.join(map(str, size))}, 10 classes (read from {data_root or DEBIAN_FASHION_MNIST})")
     log(f"model: {model_name} with exits after {model.stages} ({head} heads) + its own head = {model.num_exits} exits")
     log(f"loss: {loss_fn}")
     x, y = task.train.tensors()
@@ -284,7 +303,7 @@ def early_exit_tradeoff(model, task, points: dict | None = None, budgets: int = 
         try:
             curve = budgeted_curve(val, evaluate_on=test)
             plot_tradeoff(curve, plot, anytime=anytime_accuracy(test), points=points,
-                          title=f"corrupted digits, {len(task.test)} test images")
+                          title=f"{task.name}, {len(task.test)} test images")
             out["plot"] = str(plot)
             log(f"accuracy-vs-FLOPs plot: {plot}")
         except ImportError as err:
