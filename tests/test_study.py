@@ -57,3 +57,36 @@ def test_a_report_of_a_resumed_study_with_uneven_seeds_runs(study, tmp_path, cap
     eed_row = next(line for line in out.splitlines() if line.startswith("| eed |"))
     assert "(n=" not in ce_row and eed_row.count("(n=2)") == 4  # a cell over fewer seeds than the header's says how many
     assert (tmp_path / "study.png").exists()
+
+
+def test_a_second_dataset_sets_each_verdict_beside_the_first_and_shows_presets_and_early_exit(study, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+
+    def run(acc):
+        return {"test": [acc] * 4, "anytime_ensemble": [acc] * 4, "val_by_epoch": [[acc] * 4] * 2, "curve": [acc] * 20,
+                "curve_flops": [1e6 * (i + 1) for i in range(20)], "seconds": 1.0}
+
+    def study_results(data, eed_gain):
+        meta = {"epochs": 2, "batch": 64, "stages": [1, 2, 3], "flops": [1e6, 2e6, 3e6, 4e6], "backbone_flops": 4e6,
+                "budgets": [1e6 * (i + 1) for i in range(20)], "train": 10, "val": 5, "test": 5, "labeled": 2}
+        if data:
+            meta["data"] = data
+        out = {"meta": meta, **{name: {s: run(0.80 + 0.01 * int(s)) for s in "012"} for name in study.LOSSES},
+               "baseline": {s: {"test": [0.8], "val_by_epoch": [[0.7], [0.8]], "seconds": 1.0} for s in "012"}}
+        out["eed"] = {s: run(0.80 + 0.01 * int(s) + eed_gain + 0.001 * int(s)) for s in "012"}
+        return out
+
+    digits, fashion = study_results(None, 0.02), study_results("Fashion-MNIST", -0.02)
+    fashion["sdn/authors"] = {s: run(0.9) for s in "012"}
+    fashion["early_exit"] = {"seed": 0, "loss": "eed", "repeats": 3, "batch": 64, "threads": 2, "segment_seconds": [1, 1, 1, 1],
+                             "budgets": [{"budget": 2e6, "accuracy": 0.8, "flops": 1.9e6, "exit_shares": [0.5, 0.2, 0.2, 0.1],
+                                          "measured": 1.5, "measured_per_batch": 1.4, "time_predicted": 1.6, "flops_predicted": 2.1}]}
+    study.report(fashion, str(tmp_path / "f.png"), beside=digits)
+    out = capsys.readouterr().out
+    assert out.startswith("Fashion-MNIST: 10 train")
+    assert "| sdn, authors' preset | 90.00 ± 0.00 |" in out
+    assert "| 2.00 | 80.00 | 1.90 | 1.50x | 1.40x | 1.60x | 2.10x | 50% / 20% / 20% / 10% |" in out
+    assert "| paper | claim | corrupted digits | Fashion-MNIST | carries over |" in out
+    eed = next(line for line in out.splitlines() if line.startswith("| EED (Lee et al.) |"))
+    assert "| confirmed | contradicted | no |" in eed  # better than ce on the digits, worse here
+    assert "Published for resnet18 on Fashion-MNIST" in out
