@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--data-root", default=None,
                       help="a folder with Fashion-MNIST's four IDX files (or torchvision's FashionMNIST/raw/ under it); never downloaded")
     demo.add_argument("--train-size", type=_positive_int, default=None,
-                      help="Fashion-MNIST training images to train on (default: 10000 of the 55000 left after the validation split)")
+                      help="Fashion-MNIST training images to train on (default: 6000 of the 55000 left after the validation split)")
     demo.add_argument("--model", default="resnet18", help="timm model name (default: resnet18)")
     demo.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], help="stage indices to attach exits to (default: 1 2 3)")
     demo.add_argument("--head", default="linear", choices=head_names(), help="exit head (default: linear)")
