@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from timm_exits.data.digits import CORRUPTIONS, UNLABELED, _scans, corrupted_digits
+from timm_exits.data.digits import CORRUPTIONS, _scans, corrupted_digits
+from timm_exits.data.splits import UNLABELED
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,16 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .splits import SplitMethods, TaskMethods
+
 __all__ = ["CORRUPTIONS", "DigitsSplit", "DigitsTask", "corrupted_digits"]
 
 #: The corruptions, in the order of `DigitsSplit.corruption`'s codes.
 CORRUPTIONS = ("affine", "blur", "elastic", "noise", "occlusion", "contrast")
-UNLABELED = -100  # the losses' default ignore_index
 
 
 @dataclasses.dataclass(frozen=True)
-class DigitsSplit:
+class DigitsSplit(SplitMethods):
     """One split: images ``x`` (N, 1, H, W), standardized with the training split's statistics, and labels ``y``.
 
     ``source`` is the index of the scan each image comes from (in scikit-learn's order),
@@ -37,21 +38,9 @@ class DigitsSplit:
     severity: torch.Tensor
     corruption: torch.Tensor
 
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, index):
-        return self.x[index], self.y[index]
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x, self.y
-
-    def subset(self, mask: torch.Tensor) -> DigitsSplit:
-        return DigitsSplit(*(t[mask] for t in dataclasses.astuple(self)))
-
 
 @dataclasses.dataclass(frozen=True)
-class DigitsTask:
+class DigitsTask(TaskMethods):
     """The train, validation and test splits, and which training images keep their label in the limited-label setting."""
 
     train: DigitsSplit
@@ -71,17 +60,6 @@ class DigitsTask:
     @property
     def name(self) -> str:
         return "corrupted digits"
-
-    def limited(self, unlabeled: bool = True) -> DigitsSplit:
-        """The training split with only `labels_per_class` labels per class.
-
-        With ``unlabeled=True`` the other images stay, labeled `UNLABELED` (-100, the losses'
-        ``ignore_index``); with ``False`` they are dropped.
-        """
-        if not unlabeled:
-            return self.train.subset(self.labeled)
-        y = torch.where(self.labeled, self.train.y, torch.full_like(self.train.y, UNLABELED))
-        return dataclasses.replace(self.train, y=y)
 
 
 def _scans(size: int) -> tuple[torch.Tensor, torch.Tensor]:

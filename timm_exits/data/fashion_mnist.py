@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .splits import SplitMethods, TaskMethods
+
 __all__ = ["FASHION_MNIST_CLASSES", "DEBIAN_FASHION_MNIST", "ImageSplit", "ImageTask", "fashion_mnist", "read_idx"]
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -33,11 +35,10 @@ _HOW_TO_GET = (
     f"{DEBIAN_FASHION_MNIST}, found without a root), or on a machine with a network "
     "`torchvision.datasets.FashionMNIST(ROOT, download=True)` and then fashion_mnist(root=ROOT)"
 )
-UNLABELED = -100  # the losses' default ignore_index
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageSplit:
+class ImageSplit(SplitMethods):
     """One split: images ``x`` (N, C, H, W), standardized with the training split's statistics, and labels ``y`` (N,).
 
     ``index`` is each image's position in the file it was read from (the training file for the
@@ -48,21 +49,9 @@ class ImageSplit:
     y: torch.Tensor
     index: torch.Tensor
 
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, index):
-        return self.x[index], self.y[index]
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x, self.y
-
-    def subset(self, mask: torch.Tensor) -> ImageSplit:
-        return ImageSplit(*(t[mask] for t in dataclasses.astuple(self)))
-
 
 @dataclasses.dataclass(frozen=True)
-class ImageTask:
+class ImageTask(TaskMethods):
     """Train, validation and test splits of an image dataset, and which training images keep their label in the limited-label setting."""
 
     train: ImageSplit
@@ -76,12 +65,6 @@ class ImageTask:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-    def limited(self, unlabeled: bool = True) -> ImageSplit:
-        """The training split with only the labeled images' labels (see `DigitsTask.limited`): the rest labeled -100, or dropped."""
-        if not unlabeled:
-            return self.train.subset(self.labeled)
-        return dataclasses.replace(self.train, y=torch.where(self.labeled, self.train.y, torch.full_like(self.train.y, UNLABELED)))
 
 
 def read_idx(path: str | os.PathLike) -> torch.Tensor:
