@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["figure_path", "is_real_number", "needs_newer", "positive_int", "real_number", "release"]
+__all__ = ["figure_path", "is_int", "is_real_number", "needs_newer", "positive_int", "real_number", "release", "require"]
 
 
 def release(package: str) -> tuple[int, ...]:
@@ -59,6 +59,17 @@ def positive_int(value, name: str, what: str = "") -> int:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
         return int(value)
     raise ValueError(f"{name} must be an int >= 1{f' ({what})' if what else ''}, got {value!r}")
+
+
+def is_int(value) -> bool:
+    """Whether `value` is a Python int and not a bool (a bool is an int to Python, never a count or a seed to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def require(name: str, value, valid: str, ok: bool) -> None:
+    """Raise a ValueError naming `name`, the `value` and what is `valid` unless `ok`."""
+    if not ok:
+        raise ValueError(f"{name} must be {valid}, got {value!r}")
 
 
 def figure_path(path, example: str):

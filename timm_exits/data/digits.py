@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .._checks import is_int, require
 from .splits import SplitMethods, TaskMethods
 
 __all__ = ["CORRUPTIONS", "DigitsSplit", "DigitsTask", "corrupted_digits"]
@@ -170,11 +171,6 @@ def _corrupt(x: torch.Tensor, severity: torch.Tensor, kind: torch.Tensor, g: tor
     return out.clamp(0, 1)
 
 
-def _check(name: str, value, valid: str, ok: bool) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {valid}, got {value!r}")
-
-
 def corrupted_digits(seed: int = 0, variants: int = 6, size: int = 32, labels_per_class: int = 20,
                      fractions: tuple[float, float] = (0.6, 0.15)) -> DigitsTask:
     """The corrupted-digits task: train, validation and test splits of 1 x `size` x `size` images, 10 classes.
@@ -193,20 +189,19 @@ def corrupted_digits(seed: int = 0, variants: int = 6, size: int = 32, labels_pe
         >>> len(task.train), len(task.val), len(task.test)
         (6468, 1614, 2700)
     """
-    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-    _check("seed", seed, "an int", integer(seed))
-    _check("variants", variants, "an int >= 1", integer(variants) and variants >= 1)
-    _check("size", size, "an int >= 8", integer(size) and size >= 8)
-    _check("labels_per_class", labels_per_class, "an int >= 1", integer(labels_per_class) and labels_per_class >= 1)
+    require("seed", seed, "an int", is_int(seed))
+    require("variants", variants, "an int >= 1", is_int(variants) and variants >= 1)
+    require("size", size, "an int >= 8", is_int(size) and size >= 8)
+    require("labels_per_class", labels_per_class, "an int >= 1", is_int(labels_per_class) and labels_per_class >= 1)
     shares = (isinstance(fractions, (tuple, list)) and len(fractions) == 2
               and all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in fractions))
-    _check("fractions", fractions, "(train, val) shares > 0 that sum below 1", shares and min(fractions) > 0 and sum(fractions) < 1)
+    require("fractions", fractions, "(train, val) shares > 0 that sum below 1", shares and min(fractions) > 0 and sum(fractions) < 1)
     g = torch.Generator().manual_seed(seed)
     scans, labels = _scans(size)
     part = _split_by_scan(labels, fractions, g)
     empty = [name for p, name in enumerate(("train", "validation", "test"))
              if any(not bool(((part == p) & (labels == c)).any()) for c in range(10))]
-    _check("fractions", fractions, "shares that leave every split a scan of every class", not empty)
+    require("fractions", fractions, "shares that leave every split a scan of every class", not empty)
     source = torch.arange(len(labels)).repeat_interleave(variants)
     severity = torch.randint(1, 6, (len(source),), generator=g)
     kind = torch.randint(0, len(CORRUPTIONS), (len(source),), generator=g)
@@ -220,7 +215,7 @@ def corrupted_digits(seed: int = 0, variants: int = 6, size: int = 32, labels_pe
         rows = torch.nonzero(splits[0].y == c).flatten()
         rows = rows[torch.randperm(len(rows), generator=g)]
         _, first = _first_per_scan(splits[0].source[rows])
-        _check("labels_per_class", labels_per_class, f"at most {len(first)} (the training scans of class {c})",
+        require("labels_per_class", labels_per_class, f"at most {len(first)} (the training scans of class {c})",
                labels_per_class <= len(first))
         labeled[rows[first[:labels_per_class]]] = True
     return DigitsTask(*splits, labeled=labeled, seed=seed)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .._checks import is_int, require
 from .splits import SplitMethods, TaskMethods
 
 __all__ = ["FASHION_MNIST_CLASSES", "DEBIAN_FASHION_MNIST", "ImageSplit", "ImageTask", "fashion_mnist", "read_idx"]
@@ -137,11 +138,6 @@ def _stratified(y: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
     return mask
 
 
-def _check(name: str, value, valid: str, ok: bool) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {valid}, got {value!r}")
-
-
 def fashion_mnist(root: str | os.PathLike | None = None, *, seed: int = 0, val_size: int = 5000, train_size: int | None = None,
                   test_size: int | None = None, size: int = 28, labels_per_class: int = 20) -> ImageTask:
     """Fashion-MNIST as train, validation and test splits of 1 x `size` x `size` images, 10 classes; nothing is downloaded.
@@ -168,21 +164,20 @@ def fashion_mnist(root: str | os.PathLike | None = None, *, seed: int = 0, val_s
         >>> len(task.train), len(task.val), len(task.test), task.num_classes
         (10000, 5000, 10000, 10)
     """
-    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-    _check("seed", seed, "an int", integer(seed))
-    _check("val_size", val_size, "an int >= 10 (one image per class at least)", integer(val_size) and val_size >= 10)
-    _check("train_size", train_size, "None or an int >= 10", train_size is None or (integer(train_size) and train_size >= 10))
-    _check("test_size", test_size, "None or an int >= 10", test_size is None or (integer(test_size) and test_size >= 10))
-    _check("size", size, "an int >= 8", integer(size) and size >= 8)
-    _check("labels_per_class", labels_per_class, "an int >= 1", integer(labels_per_class) and labels_per_class >= 1)
+    require("seed", seed, "an int", is_int(seed))
+    require("val_size", val_size, "an int >= 10 (one image per class at least)", is_int(val_size) and val_size >= 10)
+    require("train_size", train_size, "None or an int >= 10", train_size is None or (is_int(train_size) and train_size >= 10))
+    require("test_size", test_size, "None or an int >= 10", test_size is None or (is_int(test_size) and test_size >= 10))
+    require("size", size, "an int >= 8", is_int(size) and size >= 8)
+    require("labels_per_class", labels_per_class, "an int >= 1", is_int(labels_per_class) and labels_per_class >= 1)
     folders = _folders(root)
     train_images, train_labels = _read_split("train", folders)
     test_images, test_labels = _read_split("test", folders)
     available = len(train_labels) - val_size
-    _check("val_size", val_size, f"below the {len(train_labels)} training images in the files", available > 0)
-    _check("train_size", train_size, f"at most {available} (the training images left after val_size={val_size})",
+    require("val_size", val_size, f"below the {len(train_labels)} training images in the files", available > 0)
+    require("train_size", train_size, f"at most {available} (the training images left after val_size={val_size})",
            train_size is None or train_size <= available)
-    _check("test_size", test_size, f"at most {len(test_labels)} (the test images in the files)",
+    require("test_size", test_size, f"at most {len(test_labels)} (the test images in the files)",
            test_size is None or test_size <= len(test_labels))
     g = torch.Generator().manual_seed(seed)
     val_rows = _stratified(train_labels, val_size, g)
@@ -204,7 +199,7 @@ def fashion_mnist(root: str | os.PathLike | None = None, *, seed: int = 0, val_s
     labeled = torch.zeros(len(splits[0]), dtype=torch.bool)
     for c in range(len(FASHION_MNIST_CLASSES)):
         rows = torch.nonzero(splits[0].y == c).flatten()
-        _check("labels_per_class", labels_per_class, f"at most {len(rows)} (the training images of class {c})",
+        require("labels_per_class", labels_per_class, f"at most {len(rows)} (the training images of class {c})",
                labels_per_class <= len(rows))
         labeled[rows[torch.randperm(len(rows), generator=g)[:labels_per_class]]] = True
     return ImageTask(*splits, labeled=labeled, seed=seed, classes=FASHION_MNIST_CLASSES, name="Fashion-MNIST")
