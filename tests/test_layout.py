@@ -17,7 +17,8 @@ PACKAGE = pathlib.Path(timm_exits.__file__).parent
 # The layers, low to high: a module imports only from its own layer's folder or from lower layers.
 # Folders in one layer (losses and cost; plots and integrations) do not import each other.
 LAYERS = [
-    {"version", "_checks", "_progress", "ensemble", "data"},
+    {"version", "_checks", "_progress"},
+    {"ensemble", "data"},
     {"fx"},
     {"heads"},
     {"model"},
