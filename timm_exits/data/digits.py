@@ -216,7 +216,7 @@ def corrupted_digits(seed: int = 0, variants: int = 6, size: int = 32, labels_pe
         rows = rows[torch.randperm(len(rows), generator=g)]
         _, first = _first_per_scan(splits[0].source[rows])
         require("labels_per_class", labels_per_class, f"at most {len(first)} (the training scans of class {c})",
-               labels_per_class <= len(first))
+                labels_per_class <= len(first))
         labeled[rows[first[:labels_per_class]]] = True
     return DigitsTask(*splits, labeled=labeled, seed=seed)
 

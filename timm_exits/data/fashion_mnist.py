@@ -176,9 +176,9 @@ def fashion_mnist(root: str | os.PathLike | None = None, *, seed: int = 0, val_s
     available = len(train_labels) - val_size
     require("val_size", val_size, f"below the {len(train_labels)} training images in the files", available > 0)
     require("train_size", train_size, f"at most {available} (the training images left after val_size={val_size})",
-           train_size is None or train_size <= available)
+            train_size is None or train_size <= available)
     require("test_size", test_size, f"at most {len(test_labels)} (the test images in the files)",
-           test_size is None or test_size <= len(test_labels))
+            test_size is None or test_size <= len(test_labels))
     g = torch.Generator().manual_seed(seed)
     val_rows = _stratified(train_labels, val_size, g)
     rest = torch.nonzero(~val_rows).flatten()
@@ -200,6 +200,6 @@ def fashion_mnist(root: str | os.PathLike | None = None, *, seed: int = 0, val_s
     for c in range(len(FASHION_MNIST_CLASSES)):
         rows = torch.nonzero(splits[0].y == c).flatten()
         require("labels_per_class", labels_per_class, f"at most {len(rows)} (the training images of class {c})",
-               labels_per_class <= len(rows))
+                labels_per_class <= len(rows))
         labeled[rows[torch.randperm(len(rows), generator=g)[:labels_per_class]]] = True
     return ImageTask(*splits, labeled=labeled, seed=seed, classes=FASHION_MNIST_CLASSES, name="Fashion-MNIST")
