@@ -345,7 +345,7 @@ def report(results: dict, figure: str | None, beside: dict | None = None) -> Non
     else:
         theirs = {(paper, claim): seen for paper, claim, seen, _ in claims(beside, len(beside["meta"]["flops"]))}
         other = beside["meta"].get("data", "corrupted digits")
-        print(f"| paper | claim | {other} | {data} | carries over | numbers here (points of accuracy, mean ± 95 % interval) |")
+        print(f"| paper | claim | {other} | {data} | same verdict | numbers here (points of accuracy, mean ± 95 % interval) |")
         print("|---|---|---|---|---|---|")
         for paper, claim, seen, numbers in mine:
             there = theirs.get((paper, claim), "not run")

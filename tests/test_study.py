@@ -86,7 +86,7 @@ def test_a_second_dataset_sets_each_verdict_beside_the_first_and_shows_presets_a
     assert out.startswith("Fashion-MNIST: 10 train")
     assert "| sdn, authors' preset | 90.00 ± 0.00 |" in out
     assert "| 2.00 | 80.00 | 1.90 | 1.50x | 1.40x | 1.60x | 2.10x | 50% / 20% / 20% / 10% |" in out
-    assert "| paper | claim | corrupted digits | Fashion-MNIST | carries over |" in out
+    assert "| paper | claim | corrupted digits | Fashion-MNIST | same verdict |" in out
     eed = next(line for line in out.splitlines() if line.startswith("| EED (Lee et al.) |"))
     assert "| confirmed | contradicted | no |" in eed  # better than ce on the digits, worse here
     assert "Published for resnet18 on Fashion-MNIST" in out
