@@ -58,8 +58,10 @@ coverage: $(VENV)/.dev-installed
 	$(BIN)/python tools/coverage.py
 
 # How strong the suite is (docs/testing.md); neither runs in CI.
+# One torch thread per mutmut child: two children of two OpenMP threads each on two cores ran the same
+# 38 tests in 182 s instead of 24 s (threads spinning against each other), which made the run take hours.
 mutation: $(VENV)/.dev-installed
-	$(BIN)/mutmut run --max-children 2
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2
 	$(BIN)/mutmut export-cicd-stats
 
 planted-bugs: $(VENV)/.dev-installed
