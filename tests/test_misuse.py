@@ -198,7 +198,10 @@ def test_thresholds_no_confidence_can_reach_are_warned_about(threshold, criterio
     model = resnet().eval()
     with pytest.warns(UserWarning, match=message) as caught:
         model.early_exit(torch.randn(2, 3, 32, 32), threshold=threshold, criterion=criterion)
-    assert caught[0].filename == __file__  # the warning points at the caller's line
+    if "MUTANT_UNDER_TEST" in os.environ:  # mutmut's trampoline is one frame between this test and the library
+        assert not caught[0].filename.startswith(os.path.dirname(timm_exits.__file__))
+    else:
+        assert caught[0].filename == __file__  # the warning points at the caller's line
     import warnings
 
     with warnings.catch_warnings():
