@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import timm_exits
+from conftest import exactly
 from timm_exits import ExitEnsemble, anytime_ensemble, exit_ensemble
 
 
@@ -108,3 +109,21 @@ def test_weights_follow_the_logits_device():
     for mode in ("logits", "probs"):
         assert exit_ensemble(z, weights=[1.0, 2.0, 1.0], mode=mode).device.type == "meta"
         assert ExitEnsemble(3, mode=mode)(z).device.type == "meta"
+
+
+def test_geometric_ensemble_checks_its_sizes_and_is_seeded_by_the_generator():
+    for num_exits, num_classes in [(0, 5), (3, 0), (2.0, 5), (3, "5")]:
+        message = f"num_exits and num_classes must be ints >= 1, got {num_exits!r} and {num_classes!r}"
+        with pytest.raises(ValueError, match=exactly(message)):
+            timm_exits.GeometricEnsemble(num_exits, num_classes)
+    smallest = timm_exits.GeometricEnsemble(1, 1)  # one exit, one class: the least that is valid
+    assert smallest.num_exits == 1 and smallest.biases[0].shape == (1,)
+    a, b = (timm_exits.GeometricEnsemble(3, 7, generator=torch.Generator().manual_seed(4)) for _ in range(2))
+    assert all(torch.equal(wa, wb) for wa, wb in zip(a.weights, b.weights))  # the generator decides the initial weights
+    assert [w.shape for w in a.weights] == [(1,), (2,), (3,)]  # exit k weighs exits 0..k
+    z = logits(n=3)
+    assert a.combine(z).shape == (5, 7)  # the deepest exit's ensemble
+    with pytest.raises(ValueError, match=exactly("the ensemble has 3 exits, given the logits of 4")):
+        a.combine(logits(n=4))
+    with pytest.raises(ValueError, match=exactly("the ensemble has 3 exits, given the logits of 0")):
+        a.combine([])

@@ -820,3 +820,83 @@ def test_a_fresh_loss_has_no_components_and_counts_epochs_as_ints():
     loss_fn = ExitEnsembleLoss()
     assert loss_fn.components == {} and loss_fn.log_dict() == {}
     assert loss_fn.epoch.dtype == torch.long and int(loss_fn.epoch) == 0
+
+
+def test_byot_hints_on_chosen_exits_with_the_released_l2_norm_and_linear_adapters():
+    z, y = logits(), labels()
+    f = features()
+    a, T, b = 0.3, 3.0, 0.05
+    expected = ce(z[-1], y) + sum((1 - a) * ce(zi, y) + a * kd(zi, z[-1], T) for zi in z[:-1])
+    # BYOT's released torch.dist: the L2 norm of the whole (B, D) difference, not squared, not averaged
+    l2 = [((fi - f[-1].detach()) ** 2).sum().sqrt() for fi in f[:-1]]
+    loss_fn = SelfDistillationLoss(feature_weight=b, feature_distance="l2", hint_exits=[1, 0, 1])
+    assert loss_fn.hint_exits == [0, 1]  # sorted, each once
+    assert close(loss_fn(timm_exits.ExitOutputs(z, f), y), expected + b * (l2[0] + l2[1]))
+    assert close(loss_fn.components["feature"], torch.stack([l2[0], l2[1], torch.tensor(0.0)]))
+    assert repr(loss_fn) == ("SelfDistillationLoss(alpha=0.3, temperature=3.0, feature_weight=0.05, t_squared=True, "
+                             "feature_distance='l2', hint_exits=[0, 1])")
+    deepest = SelfDistillationLoss(feature_weight=b, hint_exits=[N - 2])  # the last early exit is a valid choice
+    mse = ((f[N - 2] - f[-1].detach()) ** 2).mean()
+    assert close(deepest(timm_exits.ExitOutputs(z, f), y), expected + b * mse)
+    with pytest.raises(ValueError, match=exactly(f"hint_exits=[{N - 1}] names early exits that do not exist: there are {N - 1}")):
+        SelfDistillationLoss(feature_weight=b, hint_exits=[N - 1])(timm_exits.ExitOutputs(z, f), y)
+    # linear_adapters: a Linear on every early exit, also where the widths already match (the released code's choice)
+    adapted = SelfDistillationLoss(feature_weight=b, feature_dims=[8] * N, linear_adapters=True)
+    assert [type(m).__name__ for m in adapted.adapters] == ["Linear"] * (N - 1)
+    assert [type(m).__name__ for m in SelfDistillationLoss(feature_weight=b, feature_dims=[8] * N).adapters] == ["Identity"] * (N - 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"feature_distance": "l1"}, "feature_distance must be one of ('mse', 'l2'), got 'l1'"),
+        ({"hint_exits": [0, -1]}, "hint_exits must list early-exit indices (0 = the shallowest), got [0, -1]"),
+        ({"hint_exits": [True]}, "hint_exits must list early-exit indices (0 = the shallowest), got [True]"),
+        ({"hint_exits": [0.5]}, "hint_exits must list early-exit indices (0 = the shallowest), got [0.5]"),
+        ({"linear_adapters": True}, "linear_adapters=True needs feature_dims, each exit's feature width, to build the adapters"),
+    ],
+)
+def test_hint_options_are_checked_at_construction(kwargs, message):
+    for cls in (SelfDistillationLoss, MultiSelfDistillationLoss):
+        with pytest.raises(ValueError, match=exactly(message)):
+            cls(feature_weight=0.1, **kwargs)
+    assert SelfDistillationLoss(hint_exits=[0]).hint_exits == [0]  # index 0, the shallowest exit, is valid
+
+
+def test_msd_reports_the_hint_weight_it_uses_each_epoch():
+    loss_fn = MultiSelfDistillationLoss(feature_weight=0.2, epochs=10)
+    for epoch in (0, 3, 5, 12):  # past `epochs` the weight stays at its end value
+        loss_fn.set_epoch(epoch)
+        b = 0.2 * 0.5 * (1 + math.cos(math.pi * min(epoch, 10) / 10))
+        assert loss_fn.current_feature_weight() == pytest.approx(b, abs=1e-12)
+        loss_fn(timm_exits.ExitOutputs(logits(), features()), labels())
+        assert float(loss_fn.components["feature_weight"]) == pytest.approx(b, abs=1e-6)
+    assert MultiSelfDistillationLoss(feature_weight=0.2).current_feature_weight() == 0.2  # no epochs: constant
+
+
+def test_distillation_based_scale_and_the_least_t_mult():
+    z, y = logits(), labels()
+    assert close(DistillationBasedLoss(scale=2.5)(z, y), 2.5 * DistillationBasedLoss()(z, y))
+    shown = "C=0.5, temperature=4.0, t_squared=True, scale=2.5"
+    assert repr(DistillationBasedLoss(temperature=4.0, scale=2.5)) == f"DistillationBasedLoss({shown})"
+    with pytest.raises(ValueError, match=exactly("scale must be a positive number, got 0.0")):
+        DistillationBasedLoss(scale=0.0)
+    assert DistillationBasedLoss(t_mult=1.0).t_mult == 1.0  # 1 keeps the temperature where it starts
+
+
+def test_multi_exit_ce_without_weights_or_depths_and_what_its_state_holds():
+    z, y = logits(), labels()
+    plain = MultiExitCELoss()
+    assert plain.current_weights(N) == [1.0] * N
+    assert close(plain(z, y), sum(ce(zi, y) for zi in z))
+    sdn = MultiExitCELoss(schedule="sdn", epochs=4)  # without depths, exit i of N sits at depth i / N
+    sdn.set_epoch(1)
+    ramp = [min(i / N, 0.01 + 2 * (i / N) / 4) for i in range(1, N)] + [1.0]
+    assert sdn.current_weights(N) == pytest.approx(ramp)
+    assert close(sdn(z, y), sum(r * ce(zi, y) for r, zi in zip(ramp, z)))
+    # weights and depths are the constructor's, not state: a checkpoint holds the epoch only, so it loads
+    # into a loss built with other weights
+    weighted = MultiExitCELoss(weights=[1, 2, 3, 4])
+    assert list(weighted.state_dict()) == ["epoch"]
+    assert list(MultiExitCELoss(schedule="sdn", epochs=4, depths=[0.2, 0.5, 0.8]).state_dict()) == ["epoch"]
+    plain.load_state_dict(weighted.state_dict())

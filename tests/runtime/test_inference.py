@@ -409,6 +409,27 @@ def test_budgeted_curve_is_monotone_and_anytime_accuracy_rises():
         timm_exits.budgeted_curve(cached, evaluate_on=cached_digits_like(num_exits=4))
 
 
+def test_a_calibration_round_trips_through_its_file(tmp_path):
+    calibration = timm_exits.Calibration([0.5, float("inf")], "entropy", True, 0.75, 1.5e6, [0.5, 0.0, 0.5], [0.5, 1.0, 2.0])
+    assert timm_exits.Calibration.load(calibration.save(tmp_path / "c.json")) == calibration
+    (tmp_path / "bad.json").write_text('{"thresholds": [0.5]}')
+    with pytest.raises(ValueError, match=r"bad.json is not a calibration Calibration.save wrote: it needs the keys \['accuracy', "):
+        timm_exits.Calibration.load(tmp_path / "bad.json")
+    (tmp_path / "text.json").write_text("thresholds 0.5")
+    with pytest.raises(ValueError, match=r"text.json is not a calibration Calibration.save wrote: it is not JSON"):
+        timm_exits.Calibration.load(tmp_path / "text.json")
+
+
+def test_budgeted_curve_passes_temperatures_and_costs_to_each_calibration():
+    cached, temperature, costs = cached_digits_like(), [2.0, 1.0, 0.5], [1.0, 3.0, 4.0]
+    curve = timm_exits.budgeted_curve(cached, budgets=4, temperature=temperature, costs=costs)
+    assert [p.budget for p in curve] == pytest.approx([1.0, 2.0, 3.0, 4.0])  # spread over the costs' range, not the FLOPs'
+    for point in curve:
+        alone = timm_exits.calibrate_thresholds(cached, point.budget, temperature=temperature, costs=costs)
+        assert point.thresholds == alone.thresholds and point.flops == pytest.approx(alone.flops)
+    assert [p.thresholds for p in curve] != [p.thresholds for p in timm_exits.budgeted_curve(cached, budgets=4, costs=costs)]
+
+
 @pytest.mark.parametrize("criterion", CRITERIA)
 @pytest.mark.parametrize("ensemble", [False, True], ids=["exit", "ensemble"])
 def test_accuracy_target_is_met_at_less_cost(criterion, ensemble):
