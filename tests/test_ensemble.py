@@ -98,6 +98,8 @@ def test_ensemble_weight_edge_cases():
     torch.testing.assert_close(zero.weights, torch.tensor([0.5, 0.0, 0.5]), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match=r"non-negative with a positive sum, got \[0.0, 0.0, 0.0\]"):
         ExitEnsemble(3, weights=[0, 0, 0])
+    small = [0.1, 0.0, 0.3]  # any positive sum is valid, also one below 1
+    torch.testing.assert_close(exit_ensemble(z, weights=small), 0.25 * z[0] + 0.75 * z[2], rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="combines 3 exits, got 2"):
         ExitEnsemble(3).anytime(z[:2])
     assert len(ExitEnsemble(3, learnable=True).anytime(z)) == 3

@@ -900,3 +900,12 @@ def test_multi_exit_ce_without_weights_or_depths_and_what_its_state_holds():
     assert list(weighted.state_dict()) == ["epoch"]
     assert list(MultiExitCELoss(schedule="sdn", epochs=4, depths=[0.2, 0.5, 0.8]).state_dict()) == ["epoch"]
     plain.load_state_dict(weighted.state_dict())
+
+
+def test_soft_targets_on_another_device_are_not_read_back():
+    # meta tensors hold no values, so the check that soft target rows are distributions is skipped there, as under
+    # torch.compile (where reading its answer would break the graph) and as for class indices
+    z = [zi.detach().to("meta") for zi in logits()]
+    soft_target = torch.empty(B, C, device="meta")
+    with torch.no_grad():
+        assert MultiExitCELoss()(z, soft_target).device.type == "meta"
