@@ -103,3 +103,16 @@ def test_calibrate_temperature_names_what_it_needs():
     unlabeled = timm_exits.CachedExits(torch.randn(2, 4, 3), torch.full((4,), -100), [1.0, 2.0], ["a", "b"])
     with pytest.raises(ValueError, match=r"^calibrate_temperature needs labeled samples"):
         timm_exits.calibrate_temperature(unlabeled)
+
+
+def test_evaluate_thresholds_reads_confidences_after_the_temperatures_a_calibration_brings():
+    cached, temperatures = overconfident(n=400), [3.0, 1.0, 2.0]
+    calibration = timm_exits.calibrate_thresholds(cached, 2.0, temperature=temperatures)
+    given = timm_exits.evaluate_thresholds(cached, calibration.thresholds, temperature=temperatures)
+    brought = timm_exits.evaluate_thresholds(cached, calibration)  # no temperature given: the calibration's own
+    assert given.temperature == brought.temperature == temperatures
+    assert (brought.accuracy, brought.flops, brought.exit_shares) == (given.accuracy, given.flops, given.exit_shares)
+    untempered = timm_exits.evaluate_thresholds(cached, calibration.thresholds)
+    assert untempered.temperature is None and untempered.exit_shares != given.exit_shares  # the temperatures matter
+    with pytest.raises(ValueError, match=exactly("give threshold (or, with criterion='patience', patience)")):
+        timm_exits.evaluate_thresholds(cached)
