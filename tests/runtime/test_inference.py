@@ -4,6 +4,7 @@ The reference throughout is written out here, not taken from the library: the cr
 (`confidence`), the anytime ensemble (`running_means`) and "compute every exit, then each sample
 takes the first exit it passes" (`select`).
 """
+import json
 import math
 import warnings
 
@@ -418,6 +419,29 @@ def test_a_calibration_round_trips_through_its_file(tmp_path):
     (tmp_path / "text.json").write_text("thresholds 0.5")
     with pytest.raises(ValueError, match=r"text.json is not a calibration Calibration.save wrote: it is not JSON"):
         timm_exits.Calibration.load(tmp_path / "text.json")
+
+
+def test_a_calibration_file_is_indented_json_and_names_what_it_lacks(tmp_path):
+    calibration = timm_exits.Calibration([0.5, 0.25], "max_prob", False, 0.75, 2.0e6, [0.25, 0.25, 0.5])
+    text = calibration.save(tmp_path / "c.json").read_text()
+    assert text.startswith('{\n  "thresholds": [\n    0.5,') and text.endswith("}\n")  # a file a person can read and edit
+    needed = {"thresholds": [0.5], "criterion": "max_prob", "ensemble": False, "accuracy": 0.5, "flops": 1.0, "exit_shares": [1.0, 0.0]}
+    (tmp_path / "needed.json").write_text(json.dumps(needed))  # the optional keys may be left out
+    assert timm_exits.Calibration.load(tmp_path / "needed.json") == timm_exits.Calibration(**needed)
+    prefix = f"{tmp_path / 'bad.json'} is not a calibration Calibration.save wrote: it needs the keys "
+    keys = "['accuracy', 'criterion', 'ensemble', 'exit_shares', 'flops', 'thresholds'] (and may have ['cost', 'temperature'])"
+    (tmp_path / "bad.json").write_text('{"thresholds": [0.5], "colour": "red"}')
+    with pytest.raises(ValueError, match=exactly(f"{prefix}{keys}; it has ['colour', 'thresholds']")):
+        timm_exits.Calibration.load(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text("[0.5]")
+    with pytest.raises(ValueError, match=exactly(f"{prefix}{keys}; it has list")):
+        timm_exits.Calibration.load(tmp_path / "bad.json")
+    geometric = timm_exits.Calibration([0.5], "max_prob", timm_exits.GeometricEnsemble(2, 3), 0.5, 1.0, [1.0, 0.0])
+    with pytest.raises(ValueError, match=exactly(
+            "a calibration made with a GeometricEnsemble cannot be saved as JSON (the ensemble is a module with weights): "
+            "keep it in Python, or torch.save the ensemble beside the thresholds")):
+        geometric.save(tmp_path / "g.json")
+    assert not (tmp_path / "g.json").exists()
 
 
 def test_budgeted_curve_passes_temperatures_and_costs_to_each_calibration():
