@@ -444,6 +444,24 @@ def test_a_calibration_file_is_indented_json_and_names_what_it_lacks(tmp_path):
     assert not (tmp_path / "g.json").exists()
 
 
+@pytest.mark.parametrize("costs, message", [
+    ([1.0, 2.0], "costs has 2 values; give one per exit (3): what a sample leaving there costs"),
+    (torch.tensor([1.0, 0.0, 2.0]), "costs must be finite numbers > 0, got [1.0, 0.0, 2.0]"),
+    ([1.0, float("inf"), 2.0], "costs must be finite numbers > 0, got [1.0, inf, 2.0]"),
+    ([1.0, float("nan"), 2.0], "costs must be finite numbers > 0, got [1.0, nan, 2.0]"),
+    ([True, 2.0, 3.0], "costs must be finite numbers > 0, got [True, 2.0, 3.0]"),
+    (["1", 2.0, 3.0], "costs must be finite numbers > 0, got ['1', 2.0, 3.0]"),
+    (timm_exits.ExitProfile(1, ["s0", "s2", "s1"], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], 3.0, "cpu", 1),
+     "costs is a profile of a model with exits at ['s0', 's2', 's1'], the cached exits are at ['s0', 's1', 's2']: profile the same model"),
+])
+def test_costs_in_another_unit_are_checked_against_the_cached_exits(costs, message):
+    with pytest.raises(ValueError, match=exactly(message)):
+        timm_exits.calibrate_thresholds(cached_digits_like(), 2.0, costs=costs)
+    profile = timm_exits.ExitProfile(1, ["s0", "s1", "s2"], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], 3.0, "cpu", 1)
+    as_tensor = timm_exits.calibrate_thresholds(cached_digits_like(), 2.0, costs=torch.tensor(profile.seconds))
+    assert timm_exits.calibrate_thresholds(cached_digits_like(), 2.0, costs=profile) == as_tensor  # a profile is its seconds
+
+
 def test_budgeted_curve_passes_temperatures_and_costs_to_each_calibration():
     cached, temperature, costs = cached_digits_like(), [2.0, 1.0, 0.5], [1.0, 3.0, 4.0]
     curve = timm_exits.budgeted_curve(cached, budgets=4, temperature=temperature, costs=costs)
