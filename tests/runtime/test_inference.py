@@ -457,9 +457,17 @@ def test_a_calibration_file_is_indented_json_and_names_what_it_lacks(tmp_path):
 def test_costs_in_another_unit_are_checked_against_the_cached_exits(costs, message):
     with pytest.raises(ValueError, match=exactly(message)):
         timm_exits.calibrate_thresholds(cached_digits_like(), 2.0, costs=costs)
+
+
+def test_costs_as_a_profile_or_a_tensor_give_the_cost_in_their_unit():
     profile = timm_exits.ExitProfile(1, ["s0", "s1", "s2"], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], 3.0, "cpu", 1)
     as_tensor = timm_exits.calibrate_thresholds(cached_digits_like(), 2.0, costs=torch.tensor(profile.seconds))
     assert timm_exits.calibrate_thresholds(cached_digits_like(), 2.0, costs=profile) == as_tensor  # a profile is its seconds
+    assert as_tensor.cost == pytest.approx(sum(share * cost for share, cost in zip(as_tensor.exit_shares, profile.seconds)))
+    assert timm_exits.calibrate_thresholds(cached_digits_like(), 201.0).cost is None  # FLOPs: no other unit to report
+    valid = "an average cost (in the unit of costs) per sample between the first exit's cost (1) and the full model's (3)"
+    with pytest.raises(ValueError, match=exactly(f"budget must be {valid}, got 5.0")):
+        timm_exits.calibrate_thresholds(cached_digits_like(), 5.0, costs=profile)
 
 
 def test_budgeted_curve_passes_temperatures_and_costs_to_each_calibration():
