@@ -62,12 +62,28 @@ def test_hoeffding_bentkus_p_values_match_their_definition():
     ({"max_accuracy_drop": 0.01, "delta": 1.5},
      "delta must be a probability in (0, 1): the chance the guarantee may fail (0.1 = 90 % confidence), got 1.5"),
     ({"budget": 2.0, "delta": 0.1}, "delta goes with max_accuracy_drop: the guarantee bounds the accuracy lost against the last exit"),
+    ({"max_accuracy_drop": 0.01, "delta": 1},
+     "delta must be a probability in (0, 1): the chance the guarantee may fail (0.1 = 90 % confidence), got 1"),
+    ({"max_accuracy_drop": 0.01, "delta": "0.1"},
+     "delta must be a probability in (0, 1): the chance the guarantee may fail (0.1 = 90 % confidence), got '0.1'"),
+    ({"max_accuracy_drop": 0.01, "delta": 0.1, "criterion": "patience"},
+     "delta (a guarantee) works with confidence criteria; the patience criterion's thresholds are counts"),
 ])
 def test_bad_delta_is_named(kwargs, message):
     logits, labels = population(n=100)
     cached = timm_exits.CachedExits(logits, labels, [1.0, 2.0, 3.0], ["a", "b", "c"])
     with pytest.raises(ValueError, match=exactly(message)):
         timm_exits.calibrate_thresholds(cached, **kwargs)
+
+
+def test_an_accuracy_target_needs_labels_and_class_0_is_one():
+    logits, labels = population(n=100)
+    unlabeled = timm_exits.CachedExits(logits, torch.full_like(labels, -100), [1.0, 2.0, 3.0], ["a", "b", "c"])
+    with pytest.raises(ValueError, match=exactly(
+            "max_accuracy_drop needs labeled samples: every label of the cached exits is negative (unlabeled)")):
+        timm_exits.calibrate_thresholds(unlabeled, max_accuracy_drop=0.01)
+    class_0 = timm_exits.CachedExits(logits, torch.zeros_like(labels), [1.0, 2.0, 3.0], ["a", "b", "c"])
+    assert timm_exits.calibrate_thresholds(class_0, max_accuracy_drop=0.01).criterion == "max_prob"
 
 
 def test_testing_stops_at_the_first_threshold_not_rejected(monkeypatch):
