@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import timm_exits
-from conftest import DataDependent, exactly
+from conftest import DataDependent, exactly, resnet10t_exits
 
 CRITERIA = ["max_prob", "margin", "entropy"]
 
@@ -468,6 +468,15 @@ def test_costs_as_a_profile_or_a_tensor_give_the_cost_in_their_unit():
     valid = "an average cost (in the unit of costs) per sample between the first exit's cost (1) and the full model's (3)"
     with pytest.raises(ValueError, match=exactly(f"budget must be {valid}, got 5.0")):
         timm_exits.calibrate_thresholds(cached_digits_like(), 5.0, costs=profile)
+
+
+def test_each_input_size_is_charged_its_own_flops():
+    model, _ = resnet10t_exits(images=0)
+    small, large = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 64, 64)
+    for x in (small, large, small):  # the costs are kept per input size: the second size must not reuse the first's
+        result = model.early_exit(x, threshold=math.inf)
+        exits = timm_exits.flops_report(model, input_size=tuple(x.shape[1:])).exits  # every head scored it, the backbone ran whole
+        assert result.flops.tolist() == [float(exits[-1].backbone_flops + sum(e.head_flops for e in exits))] * 2
 
 
 def test_budgeted_curve_passes_temperatures_and_costs_to_each_calibration():
