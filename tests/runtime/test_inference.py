@@ -451,6 +451,7 @@ def test_a_calibration_file_is_indented_json_and_names_what_it_lacks(tmp_path):
     ([1.0, float("nan"), 2.0], "costs must be finite numbers > 0, got [1.0, nan, 2.0]"),
     ([True, 2.0, 3.0], "costs must be finite numbers > 0, got [True, 2.0, 3.0]"),
     (["1", 2.0, 3.0], "costs must be finite numbers > 0, got ['1', 2.0, 3.0]"),
+    ([1.0, 3.0, 2.0], "costs must not decrease from exit to exit (leaving later computes more), got [1.0, 3.0, 2.0]"),
     (timm_exits.ExitProfile(1, ["s0", "s2", "s1"], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], 3.0, "cpu", 1),
      "costs is a profile of a model with exits at ['s0', 's2', 's1'], the cached exits are at ['s0', 's1', 's2']: profile the same model"),
 ])
@@ -468,6 +469,12 @@ def test_costs_as_a_profile_or_a_tensor_give_the_cost_in_their_unit():
     valid = "an average cost (in the unit of costs) per sample between the first exit's cost (1) and the full model's (3)"
     with pytest.raises(ValueError, match=exactly(f"budget must be {valid}, got 5.0")):
         timm_exits.calibrate_thresholds(cached_digits_like(), 5.0, costs=profile)
+
+
+def test_two_exits_may_cost_the_same():
+    # costs must not decrease, but may stay level: a timing profile can give two neighbouring exits the same seconds
+    c = timm_exits.calibrate_thresholds(cached_digits_like(), 1.5, costs=[1.0, 1.0, 2.0])
+    assert c.cost <= 1.5 and c.cost == pytest.approx(c.exit_shares[2] + 1.0)
 
 
 def test_each_input_size_is_charged_its_own_flops():
@@ -746,6 +753,60 @@ def test_fallback_warning_points_at_the_caller_and_bf16_keeps_its_dtype():
         for ensemble in (False, True):
             assert traced.early_exit(x, threshold=[0.0, math.inf], ensemble=ensemble).logits.dtype == torch.bfloat16
             assert traced.early_exit(x, threshold=math.inf, ensemble=ensemble).logits.dtype == torch.bfloat16
+
+
+class Float64(nn.Module):
+    def forward(self, x):
+        return x.double()
+
+
+@pytest.mark.parametrize("ensemble", [False, True, "geometric"])
+def test_exits_of_different_dtypes_give_the_first_exits_dtype(ensemble):
+    # a head of the user's may return another dtype than the backbone's own (a float32 head under bf16 autocast; here a
+    # float64 one at the first exit): the result takes the first exit's dtype, whichever exit each sample leaves at
+    model, x = resnet10t_exits(images=8)
+    model.exits[0] = nn.Sequential(model.exits[0], Float64())
+    ensemble = timm_exits.GeometricEnsemble(3, 5) if ensemble == "geometric" else ensemble
+    with torch.no_grad():
+        outputs = model(x)
+    half = threshold_between(confidence(outputs[0], "max_prob"))
+    for thresholds, left in (([math.inf, math.inf], {2}), ([math.inf, 0.0], {1}), ([half, 0.0], {0, 1}), ([half, math.inf], {0, 2})):
+        result = model.early_exit(x, threshold=thresholds, ensemble=ensemble)
+        assert result.logits.dtype == torch.float64 and result.logits.shape == (8, 5)
+        if ensemble is False:
+            assert set(result.exit_index.tolist()) == left
+            logits, index = select(outputs, thresholds)
+            assert torch.equal(result.exit_index, index) and torch.equal(result.logits, logits)
+            streamed = timm_exits.early_exit_stream(model, [x[:3], x[3:]], threshold=thresholds, batch_size=4)
+            assert torch.equal(streamed.exit_index, index) and torch.equal(streamed.logits, logits)
+
+
+class ReusedOutput(nn.Module):
+    """Hands out one output buffer, overwritten by each call, as a compiled step (CUDA graphs) does."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = None
+
+    def forward(self, x):
+        if self.out is None or self.out.shape != x.shape:
+            self.out = torch.empty_like(x)
+        return self.out.copy_(x)
+
+
+def test_a_result_outlives_the_next_call_of_a_step_that_reuses_its_output():
+    torch.manual_seed(0)
+    backbone = timm.create_model("resnet10t", num_classes=5)
+    backbone.fc = nn.Sequential(backbone.fc, ReusedOutput())
+    model = timm_exits.wrap(backbone, stages=[1, 2], input_size=(3, 32, 32), leaf_modules=[ReusedOutput]).eval()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        last = torch.cat([model(x[:4])[-1].clone(), model(x[4:])[-1].clone()])
+    first = model.early_exit(x[:4], threshold=math.inf)  # nobody leaves early: the last exit's logits are the result
+    model.early_exit(x[4:], threshold=math.inf)
+    assert torch.equal(first.logits, last[:4])
+    streamed = timm_exits.early_exit_stream(model, [x[:4], x[4:]], threshold=math.inf)  # each batch's last exit is kept
+    assert torch.equal(streamed.logits, last)
 
 
 def test_early_exit_keeps_channels_last_for_the_rows_that_stay():

@@ -122,7 +122,7 @@ def _early_exit(model: MultiExitModel, x, thresholds, criterion, ensemble, spent
             if rows is None:  # a copy, as the indexed result always was: a compiled step's output buffer is reused by its next call
                 logits = z.to(dtype, copy=True)
             else:
-                logits[rows] = z
+                logits[rows] = z.to(dtype)  # a head may return another dtype than the first exit's
             break
         if criterion == "patience":
             streak = next_streak(previous, streak, z.argmax(-1))
@@ -140,7 +140,7 @@ def _early_exit(model: MultiExitModel, x, thresholds, criterion, ensemble, spent
             rows = torch.arange(batch, device=x.device)
             logits = z.new_empty(batch, z.shape[1], dtype=dtype)
             exit_index = torch.full((batch,), last, dtype=torch.long, device=x.device)
-        logits[rows[leaving]] = z[leaving]
+        logits[rows[leaving]] = z[leaving].to(dtype)
         exit_index[rows[leaving]] = k
         if staying.numel() == 0:
             break  # everyone has left: the later steps never run

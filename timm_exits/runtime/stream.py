@@ -109,13 +109,15 @@ def early_exit_stream(model: MultiExitModel, batches: Iterable[torch.Tensor], th
     thresholds = confidence_thresholds(threshold, criterion, model.num_exits, False)
     queues: list[_Queue] = []
     done: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (positions, logits, exit)
-    seen, shape, spent = 0, None, None
+    seen, shape, spent, dtype = 0, None, None, None
 
     def run(k: int, ids: torch.Tensor, carried: tuple) -> None:
+        nonlocal dtype
         step = steps[k]
         z, after = step.run(carried)
-        if step.head is None:
-            done.append((ids, z / temperatures[k] if temperatures is not None else z, k))
+        dtype = dtype or z.dtype  # the result's dtype: the first exit's (every sample reaches it first), as in early_exit
+        if step.head is None:  # kept until the stream ends, so a copy: a compiled step's output buffer is reused by its next call
+            done.append((ids, z / temperatures[k] if temperatures is not None else z.clone(), k))
             return
         if temperatures is not None:
             z = z / temperatures[k]
@@ -155,9 +157,9 @@ def early_exit_stream(model: MultiExitModel, batches: Iterable[torch.Tensor], th
     for k, queue in enumerate(queues):  # the stream has ended: the last partial batches, shallow to deep
         while queue.size:
             run(k, *queue.pop(min(batch_size, queue.size)))
-    logits = done[0][1].new_empty(seen, done[0][1].shape[1])
+    logits = done[0][1].new_empty(seen, done[0][1].shape[1], dtype=dtype)
     exit_index = torch.empty(seen, dtype=torch.long, device=logits.device)
     for positions, z, k in done:
-        logits[positions] = z
+        logits[positions] = z.to(dtype)
         exit_index[positions] = k
     return EarlyExitResult(logits, exit_index, spent[exit_index])
