@@ -679,6 +679,23 @@ def test_losses_compute_where_the_logits_are(name):
         assert create_loss(name, num_exits=N, epochs=3)(z, labels().to("meta"), *extra).device.type == "meta"
 
 
+@pytest.mark.parametrize("kwargs", [
+    {"name": name} for name in ("ce", "sdn", "distillation", "eed", "byot", "msd", "mate", "ekd")
+] + [{"name": "ce", "weights": [0.5, 1.0, 1.0, 2.0]}, {"name": "sdn", "depths": [0.2, 0.4, 0.6]}])
+def test_a_loss_left_on_the_cpu_computes_on_a_gpu(kwargs, monkeypatch):
+    # meta tensors mix with CPU tensors freely; fake tensors on a "cuda" device check devices as a GPU does, so every
+    # buffer the loss keeps on the CPU (temperature, weights, depths, epoch, gates) must be moved to the logits. Fake
+    # tensors hold no values: the target checks skip their host read, as they do under torch.compile.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(timm_exits.losses.base, "_compiling", lambda: True)
+    loss_fn = create_loss(num_exits=N, epochs=3, **kwargs)
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        z = [zi.detach().to("cuda") for zi in logits()]
+        extra = (torch.empty(B, C, device="cuda"),) if kwargs["name"] == "ekd" else ()
+        assert loss_fn(z, labels().to("cuda"), *extra).device.type == "cuda"
+
+
 def test_feature_terms_with_adapters_for_byot_and_msd():
     z, y = logits(), labels()
     g = torch.Generator().manual_seed(8)
