@@ -1,7 +1,7 @@
 """The row mechanics of early exit, shared by `early_exit` and the stream, and what they learn about a model once.
 
-After an exit, the samples that leave are split from those that stay (`split_rows`, one host
-read), and the values carried to the next step keep only the staying rows (`take_rows`), for the
+After an exit, the samples that leave are split from those that stay (`split_rows`, given the one
+count read on the host), and the values carried to the next step keep only the staying rows (`take_rows`), for the
 parts that follow the batch (`batch_kinds`, learned on batches of 2 and 3). What leaving at each
 exit costs (`exit_costs`) is counted once per input size. Both facts live in one object per
 model, weakly keyed, with a lock, and are dropped when the model's steps change.
@@ -35,20 +35,19 @@ def _slot_kinds(a, b, na: int, nb: int):
     return "same"
 
 
-def split_rows(passed: torch.Tensor, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows where `passed` holds and those where it does not, each in order, at one host read.
+def split_rows(passed: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows where `passed` holds and those where it does not, each in order; `count` of them pass.
 
-    How many leave must be known on the host (it sizes the next segment's batch); that count is the
-    only read, and a caller that has read it already passes it as `count`. A stable sort puts the
-    passing rows first, so neither list needs a ``nonzero`` of its own (on a GPU, each is a wait for
-    the device).
+    How many leave must be known on the host (it sizes the next segment's batch): the caller has
+    read it, its one host read at this exit, and skips an exit nobody leaves. A stable sort puts
+    the passing rows first, so neither list needs a ``nonzero`` of its own (on a GPU, each is a
+    wait for the device).
     """
-    n = int(passed.sum()) if count is None else count
-    if n in (0, passed.numel()):
-        rows = torch.arange(passed.numel(), device=passed.device)
-        return (rows[:0], rows) if n == 0 else (rows, rows[:0])
+    if count == passed.numel():
+        rows = torch.arange(count, device=passed.device)
+        return rows, rows[:0]
     order = torch.argsort(passed.logical_not().to(torch.uint8), stable=True)
-    return order[:n], order[n:]
+    return order[:count], order[count:]
 
 
 def take_rows(value, kind, rows: torch.Tensor):
