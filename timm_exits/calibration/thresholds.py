@@ -68,9 +68,8 @@ def evaluate_thresholds(cached: CachedExits, threshold=None, criterion="max_prob
     temperature = calibration_temperature(threshold, temperature, cached.num_exits)
     conf_thresholds = confidence_thresholds(threshold, criterion, cached.num_exits, ensemble)
     scaled = cached.scaled(temperature)
-    out = _outcome(
-        scaled.confidences(criterion, ensemble), scaled.predictions(ensemble), cached.labels, torch.tensor(cached.flops), conf_thresholds
-    )
+    flops = torch.tensor(cached.flops, dtype=torch.float64)  # a large model's FLOPs are past float32's exact integers (2^24)
+    out = _outcome(scaled.confidences(criterion, ensemble), scaled.predictions(ensemble), cached.labels, flops, conf_thresholds)
     return _calibration(conf_thresholds, criterion, ensemble, out, temperature)
 
 
