@@ -1,5 +1,4 @@
 """profile_exits: each segment and head timed apart; the speedup it predicts follows from the parts (no timing asserted)."""
-import warnings
 
 import pytest
 import timm
@@ -8,7 +7,6 @@ import torch
 import timm_exits
 from conftest import exactly
 from timm_exits.cost import ExitProfile, profile_exits
-from timm_exits.runtime import exit_confidence
 
 
 def test_a_profile_has_one_part_per_segment_and_head_and_restores_the_mode():
@@ -194,32 +192,3 @@ def test_host_syncs_counts_the_ops_that_read_the_device_on_the_host():
     assert syncs.total == 10 and y.shape == (3,)
 
 
-def _median_thresholds(model, x):
-    """Thresholds at each early exit's median confidence on `x`: about half of those still running leave at each exit."""
-    with torch.no_grad():
-        return [exit_confidence(z).median().item() for z in model(x)[:-1]]
-
-
-def test_early_exit_reads_the_device_once_per_exit_it_decides_at():
-    """One read per early exit reached (how many stay: the next segment's batch size), none in the forward.
-    With a nonzero for each side it was two per exit; the stream, which decides the same way, is the reference."""
-    torch.manual_seed(0)
-    model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=10), stages=[1, 2, 3], input_size=(3, 32, 32)).eval()
-    x = torch.randn(32, 3, 32, 32)
-    median = _median_thresholds(model, x)
-    timm_exits.early_exit(model, x, threshold=median)  # learns the batch layout and the costs once
-    with timm_exits.host_syncs() as forward:
-        model(x)
-    assert forward.total == 0
-    inf = float("inf")  # keeps everyone: that exit's decision is known without reading its logits
-    for threshold, decided in [(median, 3), ([0.0, 0.0, 0.0], 1), ([2.0, 2.0, 2.0], 3), ([inf] * 3, 0), ([inf, 2.0, inf], 1)]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # 2.0 is above any probability: it warns, and keeps everyone
-            with timm_exits.host_syncs() as syncs:
-                result = timm_exits.early_exit(model, x, threshold=threshold)
-            with timm_exits.host_syncs() as streamed:
-                reference = timm_exits.early_exit_stream(model, [x], threshold=threshold)
-        assert dict(syncs.counts) == ({"_local_scalar_dense": decided} if decided else {}), threshold
-        assert streamed.counts.get("_local_scalar_dense", 0) == decided, (threshold, dict(streamed.counts))
-        assert torch.equal(result.exit_index, reference.exit_index) and torch.equal(result.logits, reference.logits)
-    assert len(set(timm_exits.early_exit(model, x, threshold=median).exit_index.tolist())) == 4  # the median case splits at every exit

@@ -216,6 +216,39 @@ def test_samples_that_left_are_not_computed_further(build):
 # -- values carried past the exits that are not plain batch tensors ---------------------------------
 
 
+def _median_thresholds(model, x):
+    """Thresholds at each early exit's median confidence on `x`: about half of those still running leave at each exit."""
+    from timm_exits.runtime import exit_confidence
+
+    with torch.no_grad():
+        return [exit_confidence(z).median().item() for z in model(x)[:-1]]
+
+
+def test_early_exit_reads_the_device_once_per_exit_it_decides_at():
+    """One read per early exit reached (how many stay: the next segment's batch size), none in the forward.
+    With a nonzero for each side it was two per exit; the stream, which decides the same way, is the reference."""
+    torch.manual_seed(0)
+    model = timm_exits.wrap(timm.create_model("resnet10t", num_classes=10), stages=[1, 2, 3], input_size=(3, 32, 32)).eval()
+    x = torch.randn(32, 3, 32, 32)
+    median = _median_thresholds(model, x)
+    timm_exits.early_exit(model, x, threshold=median)  # learns the batch layout and the costs once
+    with timm_exits.host_syncs() as forward:
+        model(x)
+    assert forward.total == 0
+    inf = float("inf")  # keeps everyone: that exit's decision is known without reading its logits
+    for threshold, decided in [(median, 3), ([0.0, 0.0, 0.0], 1), ([2.0, 2.0, 2.0], 3), ([inf] * 3, 0), ([inf, 2.0, inf], 1)]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # 2.0 is above any probability: it warns, and keeps everyone
+            with timm_exits.host_syncs() as syncs:
+                result = timm_exits.early_exit(model, x, threshold=threshold)
+            with timm_exits.host_syncs() as streamed:
+                reference = timm_exits.early_exit_stream(model, [x], threshold=threshold)
+        assert dict(syncs.counts) == ({"_local_scalar_dense": decided} if decided else {}), threshold
+        assert streamed.counts.get("_local_scalar_dense", 0) == decided, (threshold, dict(streamed.counts))
+        assert torch.equal(result.exit_index, reference.exit_index) and torch.equal(result.logits, reference.logits)
+    assert len(set(timm_exits.early_exit(model, x, threshold=median).exit_index.tolist())) == 4  # the median case splits at every exit
+
+
 class Pair(nn.Module):
     """Returns a nested tuple holding the batch size; as a leaf module it is one traced value, carried whole."""
 
@@ -512,6 +545,42 @@ def test_accuracy_target_is_met_at_less_cost(criterion, ensemble):
     assert loose.flops <= c.flops and loose.accuracy >= final - 0.1
 
 
+def test_an_accuracy_target_takes_the_cheapest_thresholds_not_the_least_accurate():
+    # a middle exit that is confident and mostly wrong: routing samples there loses accuracy and still costs more
+    # than letting them leave at the first exit, so the least accurate thresholds that meet a loose target are not the cheapest
+    g = torch.Generator().manual_seed(0)
+    n, classes = 400, 5
+    labels = torch.randint(0, classes, (n,), generator=g)
+    logits = torch.randn(3, n, classes, generator=g)
+    logits[0, torch.arange(n), labels] += 2.0
+    logits[1, torch.arange(n), (labels + 1) % classes] += 6.0
+    logits[2, torch.arange(n), labels] += 4.0
+    cached = timm_exits.CachedExits(logits, labels, [101.0, 201.0, 301.0], ["s0", "s1", "s2"])
+    c = timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.9)
+    assert c.exit_shares == [1.0, 0.0, 0.0] and c.flops == 101.0  # everyone leaves at the first exit: the least it can cost
+
+
+def test_average_flops_and_costs_stay_exact_past_float32():
+    # a resnet50's exits cost billions of FLOPs, past float32's exact integers (2^24), and seconds such as 0.1 are not
+    # exact in float32 either: the averages are taken in float64, and evaluating a calibration gives its FLOPs back
+    base = cached_digits_like()
+    flops, seconds = [1_300_000_001.0, 2_700_000_003.0, 4_100_000_005.0], [0.1, 0.3, 0.7]
+    cached = timm_exits.CachedExits(base.logits, base.labels, flops, base.stages)
+    c = timm_exits.calibrate_thresholds(cached, 2_000_000_000.0)
+    assert c.flops == pytest.approx(sum(s * f for s, f in zip(c.exit_shares, flops)), rel=1e-12, abs=0)
+    assert timm_exits.evaluate_thresholds(cached, c).flops == c.flops
+    timed = timm_exits.calibrate_thresholds(cached, 0.4, costs=seconds)
+    assert timed.cost == pytest.approx(sum(s * t for s, t in zip(timed.exit_shares, seconds)), rel=1e-12, abs=0)
+    assert timed.flops == pytest.approx(sum(s * f for s, f in zip(timed.exit_shares, flops)), rel=1e-12, abs=0)
+
+
+def test_a_budget_of_the_whole_model_runs_every_sample_to_the_end():
+    # at q = 1e4, the search's largest, 1 sample in 10^4 would still leave at exit 1: 20,000 samples see the difference
+    cached = cached_digits_like(n=20000)
+    c = timm_exits.calibrate_thresholds(cached, cached.flops[-1])
+    assert c.thresholds == [math.inf, math.inf] and c.exit_shares == [0.0, 0.0, 1.0]
+
+
 def test_calibration_bad_input():
     cached = cached_digits_like()
     with pytest.raises(ValueError, match="between the first exit's cost"):
@@ -758,6 +827,15 @@ def test_fallback_warning_points_at_the_caller_and_bf16_keeps_its_dtype():
 class Float64(nn.Module):
     def forward(self, x):
         return x.double()
+
+
+def test_only_a_built_in_confidence_at_inf_is_known_to_pass_nobody():
+    from timm_exits.runtime.criteria import passes_nobody
+
+    assert passes_nobody(math.inf, "max_prob") and passes_nobody(math.inf, "margin")
+    assert not passes_nobody(0.99, "max_prob")
+    assert not passes_nobody(math.inf, "patience")  # the streaks must still be counted for the exits after
+    assert not passes_nobody(math.inf, lambda z: z.amax(-1))  # a callable's score may be inf
 
 
 @pytest.mark.parametrize("ensemble", [False, True, "geometric"])
