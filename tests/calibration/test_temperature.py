@@ -56,6 +56,11 @@ def test_scaled_cache_keeps_predictions_and_changes_confidences():
     assert torch.allclose(scaled.logits[0], cached.logits[0] / 2) and torch.equal(scaled.logits[1], cached.logits[1])
     assert cached.scaled(None) is cached
 
+    # logits cached under bf16 autocast stay bf16 (a float32 temperature would promote them), and the rest is the cache's
+    half = timm_exits.CachedExits(cached.logits.bfloat16(), cached.labels, cached.flops, cached.stages).scaled([2.0, 1.0, 0.5])
+    assert half.logits.dtype == torch.bfloat16 and torch.equal(half.logits[0], cached.logits[0].bfloat16() / 2)
+    assert torch.equal(half.labels, cached.labels) and half.flops == cached.flops and half.stages == cached.stages
+
 
 def test_early_exit_with_temperatures_equals_the_cached_outcome():
     torch.manual_seed(0)

@@ -71,5 +71,8 @@ def test_bad_ensembles_are_named():
         model.early_exit(torch.randn(2, 3, 32, 32), ensemble=GeometricEnsemble(3, 5))
     with pytest.raises(TypeError, match=r"^ensemble must be True \(the mean of the exits so far\), False, or a GeometricEnsemble"):
         model.early_exit(torch.randn(2, 3, 32, 32), ensemble="geometric")
+    with pytest.raises(TypeError, match=exactly(
+            "ensemble must be True (the mean of the exits so far), False, or a GeometricEnsemble (fit_geometric_ensemble), got int")):
+        model.early_exit(torch.randn(2, 3, 32, 32), ensemble=1)
     with pytest.raises(ValueError, match=exactly("epochs must be an int >= 1, got 0")):
         timm_exits.fit_geometric_ensemble(cached_exits(), epochs=0)

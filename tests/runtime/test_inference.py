@@ -777,6 +777,9 @@ def test_defaults_and_argument_checks_of_early_exit(recwarn):
     torch.testing.assert_close(default.logits, torch.stack(outputs)[index, torch.arange(6)], rtol=1e-4, atol=1e-5)  # not the ensemble
     direct = timm_exits.early_exit(model, x)
     assert torch.equal(direct.exit_index, index) and torch.equal(direct.logits, default.logits)
+    sharp = [z / 1e-3 for z in outputs[:-1]] + [outputs[-1]]  # at temperature 1e-3 some samples pass 0.9 early
+    _, index = select(sharp, [0.9, 0.9])
+    assert torch.equal(model.early_exit(x, temperature=[1e-3, 1e-3, 1.0]).exit_index, index) and index.min() == 0
     assert torch.equal(model.early_exit(x, threshold=torch.tensor([0.25, 0.3])).exit_index, select(outputs, [0.25, 0.3])[1])
     with pytest.raises(ValueError, match=exactly("thresholds must be numbers (inf allowed, NaN not), got [True, 0.5]")):
         model.early_exit(x, threshold=[True, 0.5])
@@ -786,6 +789,16 @@ def test_defaults_and_argument_checks_of_early_exit(recwarn):
         model.early_exit("images")
     with pytest.raises(ValueError, match=exactly("x must be a batch tensor (B, ...), got torch.Size([3])")):
         model.early_exit(torch.randn(3))
+    with pytest.raises(ValueError, match=exactly(
+            "x of shape (3, 32, 32) has no batch dimension: the model takes (B, 3, 224, 224); for one image, x.unsqueeze(0)")):
+        model.early_exit(x[0])
+    with pytest.raises(ValueError, match=exactly("x of shape (6, 1, 32, 32) has 1 channel; the model's first layer (conv1) expects 3")):
+        model.early_exit(x[:, :1])
+    one_logit = timm_exits.wrap(timm.create_model("resnet10t", num_classes=1), stages=[1], input_size=(3, 32, 32)).eval()
+    with pytest.raises(ValueError, match=exactly(
+            "criterion='margin' reads a softmax, which is always 1 over one logit (every sample would leave at exit 1); "
+            "pass a callable criterion, e.g. lambda z: (z.sigmoid() - 0.5).abs().squeeze(1)")):
+        one_logit.early_exit(x, criterion="margin")
     with pytest.raises(RuntimeError,
                        match=exactly("early_exit runs in eval mode (batch norm statistics, dropout); call model.eval() first")):
         model.train().early_exit(x)
@@ -817,6 +830,8 @@ def test_fallback_warning_points_at_the_caller_and_bf16_keeps_its_dtype():
     with pytest.warns(UserWarning, match="every exit is computed") as caught:
         timm_exits.early_exit(model, x, threshold=0.5)
     assert caught[0].filename != timm_exits.runtime.criteria.__file__  # the caller's line, not the library's (stacklevel)
+    assert str(caught[0].message) == ("this model runs through forward_intermediates (fx could not trace it): "
+                                      "every exit is computed, then one is selected")
     traced = resnet()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for ensemble in (False, True):
