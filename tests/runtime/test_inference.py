@@ -249,6 +249,19 @@ def test_early_exit_reads_the_device_once_per_exit_it_decides_at():
     assert len(set(timm_exits.early_exit(model, x, threshold=median).exit_index.tolist())) == 4  # the median case splits at every exit
 
 
+def test_what_early_exit_learns_about_a_model_is_kept_until_its_steps_change():
+    # which carried values follow the batch, and what each exit costs: learned once per model, not on every call
+    from timm_exits.runtime import rows
+
+    model, x = resnet10t_exits(images=2)
+    model.early_exit(x)
+    learned = rows._learned(model)
+    model.early_exit(x)
+    assert rows._learned(model) is learned
+    model.exits[0] = nn.Sequential(*model.exits[0].children())  # a replaced head: the steps are rebuilt, and so is what they taught
+    assert rows._learned(model) is not learned
+
+
 class Pair(nn.Module):
     """Returns a nested tuple holding the batch size; as a leaf module it is one traced value, carried whole."""
 
