@@ -573,6 +573,20 @@ def test_an_accuracy_target_takes_the_cheapest_thresholds_not_the_least_accurate
     assert c.exit_shares == [1.0, 0.0, 0.0] and c.flops == 101.0  # everyone leaves at the first exit: the least it can cost
 
 
+def test_a_target_no_early_exit_can_meet_runs_every_sample_to_the_end():
+    # both early exits are confidently wrong: any sample leaving early costs accuracy, so with no drop allowed the only
+    # thresholds that qualify keep everyone (2,000 samples: MSDNet's most patient q still lets 2 leave at exit 1)
+    g = torch.Generator().manual_seed(0)
+    n, classes = 2000, 5
+    labels = torch.randint(0, classes, (n,), generator=g)
+    logits = torch.randn(3, n, classes, generator=g)
+    logits[:2, torch.arange(n), (labels + 1) % classes] += 6.0
+    logits[2, torch.arange(n), labels] += 4.0
+    cached = timm_exits.CachedExits(logits, labels, [101.0, 201.0, 301.0], ["s0", "s1", "s2"])
+    c = timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.0)
+    assert c.thresholds == [math.inf, math.inf] and c.exit_shares == [0.0, 0.0, 1.0]
+
+
 def test_average_flops_and_costs_stay_exact_past_float32():
     # a resnet50's exits cost billions of FLOPs, past float32's exact integers (2^24), and seconds such as 0.1 are not
     # exact in float32 either: the averages are taken in float64, and evaluating a calibration gives its FLOPs back
