@@ -637,6 +637,17 @@ def test_t_squared_false_drops_the_factor_from_the_distillation_term(name):
     assert with_t2.components["distill"].abs().max() > 0
 
 
+def test_kd_loss_scales_by_t_squared_unless_told_not_to():
+    # kd_loss is exported for losses of one's own: by default it carries Hinton's T^2, as every built-in loss does
+    from timm_exits.losses import kd_loss
+    from timm_exits.losses.base import kd_matrix, soft
+
+    z, teacher = logits(requires_grad=False), soft(logits(seed=5, n=1, requires_grad=False)[0], 3.0)
+    torch.testing.assert_close(kd_loss(z[0], teacher, 3.0), 9 * kd_loss(z[0], teacher, 3.0, t_squared=False))
+    torch.testing.assert_close(kd_matrix(z, teacher.unsqueeze(0), 3.0), 9 * kd_matrix(z, teacher.unsqueeze(0), 3.0, t_squared=False))
+    assert kd_loss(z[0], teacher, 3.0) > 0
+
+
 def test_components_hold_every_term_per_exit():
     z, y, f = logits(), labels(), features()
     expected = {
