@@ -2,6 +2,7 @@
 input is legal but almost surely a mistake) at the call, naming the argument and what is valid."""
 import copy
 import io
+import math
 import os
 import pickle
 import re
@@ -207,6 +208,23 @@ def test_thresholds_no_confidence_can_reach_are_warned_about(threshold, criterio
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.early_exit(torch.randn(2, 3, 32, 32), threshold=float("inf"), criterion=criterion)  # inf on purpose: silent
+
+
+def test_thresholds_at_the_ends_of_the_confidence_range_are_silent():
+    # 1 and 0 are confidences a sample can have, and -inf / inf are on purpose: only a value past the range is a mistake
+    model = resnet().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for criterion in ("max_prob", "margin", "entropy"):
+            model.early_exit(x, threshold=[-math.inf, 0.0, 0.5] if criterion == "entropy" else [1.0, 0.0, 0.5], criterion=criterion)
+            model.early_exit(x, threshold=-math.inf, criterion=criterion)
+    with pytest.warns(UserWarning, match="above 1") as caught:
+        model.early_exit(x, threshold=[0.5, 1.5, 90], criterion="max_prob")
+    assert [str(w.message) for w in caught] == [
+        "threshold 1.5 is above 1, the most a max_prob confidence can be: no sample leaves at that exit "
+        "(a probability: 0.9, not 90; inf keeps everyone on purpose)"
+    ]
 
 
 def test_thresholds_as_numpy_or_tensor_scalars():
