@@ -791,6 +791,11 @@ def test_calibration_messages_word_for_word():
         timm_exits.calibrate_thresholds(cached, max_accuracy_drop="0.1")
     with pytest.raises(ValueError, match=exactly("labels must be (N,) = (400,), got shape (5,)")):
         timm_exits.CachedExits(cached.logits, cached.labels[:5], cached.flops, cached.stages)
+    with pytest.raises(ValueError, match=exactly(
+            "logits hold one logit per sample (C = 1): thresholds read a prediction as the argmax over classes and a confidence "
+            "from a softmax, both constant over one logit; cache two-class logits instead, "
+            "torch.cat([torch.zeros_like(z), z], -1) (their softmax is sigmoid(z))")):
+        timm_exits.CachedExits(cached.logits[..., :1], cached.labels * 0, cached.flops, cached.stages)
 
 
 def test_defaults_and_argument_checks_of_early_exit(recwarn):
