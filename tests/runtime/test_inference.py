@@ -854,6 +854,22 @@ def test_exit_confidence_on_its_own():
         "unknown criterion 'top1'; use one of ('max_prob', 'entropy', 'margin', 'patience') or a callable (logits) -> (B,) confidence"
     )):
         exit_confidence(z, "top1")
+    with pytest.raises(ValueError, match=exactly(
+            "the patience criterion reads the exits before this one (how long the prediction has held): "
+            "use patience_streaks on every exit's logits")):
+        exit_confidence(z, "patience")
+
+
+def test_a_patience_calibration_may_hold_a_count_between_whole_ones():
+    # a shared threshold is a quantile of the streaks, which interpolates (1.5 takes streaks of 2 and more): what a
+    # calibration found is used as it is, where a count given by hand must be whole
+    cached = cached_digits_like()
+    calibration = timm_exits.Calibration([1.5, 1.5], "patience", False, 0.0, 0.0, [0.0, 0.0, 1.0])
+    found = timm_exits.evaluate_thresholds(cached, calibration, criterion="patience")
+    whole = timm_exits.evaluate_thresholds(cached, [2, 2], criterion="patience")
+    assert (found.accuracy, found.flops, found.exit_shares) == (whole.accuracy, whole.flops, whole.exit_shares)
+    with pytest.raises(ValueError, match="patience must be a whole number of exits from 1 to 2"):
+        timm_exits.evaluate_thresholds(cached, [1.5, 1.5], criterion="patience")
 
 
 def test_fallback_warning_points_at_the_caller_and_bf16_keeps_its_dtype():
