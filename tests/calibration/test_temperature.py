@@ -60,6 +60,14 @@ def test_scaled_cache_keeps_predictions_and_changes_confidences():
     half = timm_exits.CachedExits(cached.logits.bfloat16(), cached.labels, cached.flops, cached.stages).scaled([2.0, 1.0, 0.5])
     assert half.logits.dtype == torch.bfloat16 and torch.equal(half.logits[0], cached.logits[0].bfloat16() / 2)
     assert torch.equal(half.labels, cached.labels) and half.flops == cached.flops and half.stages == cached.stages
+    # a fit, or any sequence of numbers (an array.array has tolist but no ndim), gives the same scaling
+    import array
+
+    fit = timm_exits.calibrate_temperature(cached)
+    assert torch.equal(cached.scaled(fit).logits, cached.scaled(fit.temperatures).logits)
+    assert torch.equal(cached.scaled(array.array("d", [2.0, 1.0, 0.5])).logits, scaled.logits)
+    with pytest.raises(ValueError, match=exactly("each temperature must be a finite number > 0, got 'a'")):
+        cached.scaled([1.0, "a", 1.0])
 
 
 def test_early_exit_with_temperatures_equals_the_cached_outcome():

@@ -868,8 +868,10 @@ def test_a_patience_calibration_may_hold_a_count_between_whole_ones():
     found = timm_exits.evaluate_thresholds(cached, calibration, criterion="patience")
     whole = timm_exits.evaluate_thresholds(cached, [2, 2], criterion="patience")
     assert (found.accuracy, found.flops, found.exit_shares) == (whole.accuracy, whole.flops, whole.exit_shares)
-    with pytest.raises(ValueError, match="patience must be a whole number of exits from 1 to 2"):
-        timm_exits.evaluate_thresholds(cached, [1.5, 1.5], criterion="patience")
+    with pytest.raises(ValueError, match=exactly(
+            "patience must be a whole number of exits from 1 to 2 (the last exit takes every sample left; inf keeps everyone going), "
+            "got 1.5")):
+        timm_exits.evaluate_thresholds(cached, [1.5, 2], criterion="patience")
 
 
 def test_fallback_warning_points_at_the_caller_and_bf16_keeps_its_dtype():
