@@ -225,6 +225,13 @@ def test_thresholds_at_the_ends_of_the_confidence_range_are_silent():
         "threshold 1.5 is above 1, the most a max_prob confidence can be: no sample leaves at that exit "
         "(a probability: 0.9, not 90; inf keeps everyone on purpose)"
     ]
+    for criterion, message in [
+        ("margin", "threshold -0.5 is below 0: every sample leaves at that exit (margin is at least 0; -inf on purpose)"),
+        ("entropy", "entropy threshold -0.5 is below 0, the least an entropy can be: no sample leaves at that exit"),
+    ]:
+        with pytest.warns(UserWarning, match="below 0") as caught:
+            model.early_exit(x, threshold=[0.5, -0.5, -2.0], criterion=criterion)
+        assert [str(w.message) for w in caught] == [message]
 
 
 def test_thresholds_as_numpy_or_tensor_scalars():
