@@ -812,6 +812,7 @@ def test_defaults_and_argument_checks_of_early_exit(recwarn):
     sharp = [z / 1e-3 for z in outputs[:-1]] + [outputs[-1]]  # at temperature 1e-3 some samples pass 0.9 early
     _, index = select(sharp, [0.9, 0.9])
     assert torch.equal(model.early_exit(x, temperature=[1e-3, 1e-3, 1.0]).exit_index, index) and index.min() == 0
+    assert torch.equal(timm_exits.early_exit(model, x, temperature=[1e-3, 1e-3, 1.0]).exit_index, index)  # the function's own default
     assert torch.equal(model.early_exit(x, threshold=torch.tensor([0.25, 0.3])).exit_index, select(outputs, [0.25, 0.3])[1])
     with pytest.raises(ValueError, match=exactly("thresholds must be numbers (inf allowed, NaN not), got [True, 0.5]")):
         model.early_exit(x, threshold=[True, 0.5])
