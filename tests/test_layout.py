@@ -185,3 +185,16 @@ def test_the_version_is_written_once():
     assert timm_exits.__version__ == __version__
     pyproject = (PACKAGE.parent / "pyproject.toml").read_text()
     assert 'version = {attr = "timm_exits.version.__version__"}' in pyproject and '\nversion = "' not in pyproject
+
+
+def test_every_planted_bug_is_in_place():
+    # tools/planted_bugs.py plants each bug by replacing one exact text: a change that moves the text leaves
+    # `make planted-bugs` (not in CI) unable to plant it, which would otherwise show only when someone runs it
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("planted_bugs", PACKAGE.parent / "tools" / "planted_bugs.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("planted_bugs", module)
+    spec.loader.exec_module(module)
+    assert {bug.name: found for bug in module.BUGS if (found := module.problems(bug, PACKAGE.parent))} == {}
