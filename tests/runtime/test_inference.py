@@ -218,10 +218,8 @@ def test_samples_that_left_are_not_computed_further(build):
 
 def _median_thresholds(model, x):
     """Thresholds at each early exit's median confidence on `x`: about half of those still running leave at each exit."""
-    from timm_exits.runtime import exit_confidence
-
     with torch.no_grad():
-        return [exit_confidence(z).median().item() for z in model(x)[:-1]]
+        return [confidence(z, "max_prob").median().item() for z in model(x)[:-1]]
 
 
 def test_early_exit_reads_the_device_once_per_exit_it_decides_at():
@@ -558,17 +556,20 @@ def test_accuracy_target_is_met_at_less_cost(criterion, ensemble):
     assert loose.flops <= c.flops and loose.accuracy >= final - 0.1
 
 
+def cached_with_boosts(n, boosts, classes=5):
+    """Cached exits of random logits where exit k adds `boosts[k]` = (which, size) to the right class or to a wrong one."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    logits = torch.randn(len(boosts), n, classes, generator=g)
+    for k, (which, size) in enumerate(boosts):
+        logits[k, torch.arange(n), labels if which == "right" else (labels + 1) % classes] += size
+    return timm_exits.CachedExits(logits, labels, [100.0 * (k + 1) + 1 for k in range(len(boosts))], [f"s{k}" for k in range(len(boosts))])
+
+
 def test_an_accuracy_target_takes_the_cheapest_thresholds_not_the_least_accurate():
     # a middle exit that is confident and mostly wrong: routing samples there loses accuracy and still costs more
     # than letting them leave at the first exit, so the least accurate thresholds that meet a loose target are not the cheapest
-    g = torch.Generator().manual_seed(0)
-    n, classes = 400, 5
-    labels = torch.randint(0, classes, (n,), generator=g)
-    logits = torch.randn(3, n, classes, generator=g)
-    logits[0, torch.arange(n), labels] += 2.0
-    logits[1, torch.arange(n), (labels + 1) % classes] += 6.0
-    logits[2, torch.arange(n), labels] += 4.0
-    cached = timm_exits.CachedExits(logits, labels, [101.0, 201.0, 301.0], ["s0", "s1", "s2"])
+    cached = cached_with_boosts(400, [("right", 2.0), ("wrong", 6.0), ("right", 4.0)])
     c = timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.9)
     assert c.exit_shares == [1.0, 0.0, 0.0] and c.flops == 101.0  # everyone leaves at the first exit: the least it can cost
 
@@ -576,13 +577,7 @@ def test_an_accuracy_target_takes_the_cheapest_thresholds_not_the_least_accurate
 def test_a_target_no_early_exit_can_meet_runs_every_sample_to_the_end():
     # both early exits are confidently wrong: any sample leaving early costs accuracy, so with no drop allowed the only
     # thresholds that qualify keep everyone (2,000 samples: MSDNet's most patient q still lets 2 leave at exit 1)
-    g = torch.Generator().manual_seed(0)
-    n, classes = 2000, 5
-    labels = torch.randint(0, classes, (n,), generator=g)
-    logits = torch.randn(3, n, classes, generator=g)
-    logits[:2, torch.arange(n), (labels + 1) % classes] += 6.0
-    logits[2, torch.arange(n), labels] += 4.0
-    cached = timm_exits.CachedExits(logits, labels, [101.0, 201.0, 301.0], ["s0", "s1", "s2"])
+    cached = cached_with_boosts(2000, [("wrong", 6.0), ("wrong", 6.0), ("right", 4.0)])
     c = timm_exits.calibrate_thresholds(cached, max_accuracy_drop=0.0)
     assert c.thresholds == [math.inf, math.inf] and c.exit_shares == [0.0, 0.0, 1.0]
 
